@@ -1,0 +1,27 @@
+# The two commands of the README: `make run` (one round of the RLHF loop on the built-in
+# scenario) and `make test` (the suite). Each creates .venv and installs everything the first time.
+VENV   := .venv
+PYTHON := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+ARGS   ?=
+
+.PHONY: run test bench clean-run
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/rlhf run $(ARGS)
+	$(VENV)/bin/rlhf status
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q -ra
+
+bench: $(STAMP)
+	$(PYTHON) bench/ppo_throughput.py --shape tiny --device cpu
+
+# Forget this folder's runs: models, data versions, MLflow runs (the git history of rounds stays).
+clean-run:
+	rm -rf models data/collected data/validated reports mlruns mlflow.db .cache .dvcstore

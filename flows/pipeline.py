@@ -1,0 +1,117 @@
+"""The Prefect flow of the RLHF loop: thin orchestration over DVC stages.
+
+Each stage runs through `dvc repro --single-item`, so an unchanged stage is skipped and the
+lineage lands in dvc.lock; the stage itself logs to MLflow. Between `collect` and `validate`
+the round's feedback becomes a new immutable file under data/feedback/raw/ (DVC add, git
+commit, push). A validation failure stops the round before any training.
+"""
+from __future__ import annotations
+
+import json
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from tasks import promote, rounds, versioning
+from tasks.config import PipelineConfig, load_config
+from tasks.records import read_jsonl
+from tasks.workspace import Workspace, init_workspace
+
+STAGES_AFTER_VALIDATION = ["train_reward", "train_policy", "evaluate", "promote"]
+
+
+def _retry_transient(task_, task_run, state) -> bool:
+    """Retry a stage only for faults that a retry can fix, never for a stage's own clear error (exit 2)."""
+    try:
+        state.result()
+    except versioning.VersioningError as e:
+        return "(exit 2)" not in str(e)
+    except Exception:
+        return True
+    return False
+
+
+@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_transient, task_run_name="stage-{stage}",
+      cache_policy=NO_CACHE)
+def run_stage(workspace: str, stage: str) -> bool:
+    ran = versioning.repro(Workspace(workspace), stage)
+    get_run_logger().info("stage %s %s", stage, "ran" if ran else "unchanged, skipped by DVC")
+    return ran
+
+
+@task(cache_policy=NO_CACHE)
+def prepare_workspace(workspace: str, config: PipelineConfig | None) -> PipelineConfig:
+    ws = init_workspace(workspace)
+    if config is not None and rounds.write_params(ws, config):
+        get_run_logger().info("params.yaml updated from the run's parameters")
+    return load_config(ws.params)
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def bootstrap(workspace: str, config: PipelineConfig) -> str:
+    ws = Workspace(workspace)
+    return promote.bootstrap_champion(ws, config, ws.read_state())
+
+
+@task(cache_policy=NO_CACHE)
+def begin_round(workspace: str, config: PipelineConfig):
+    return rounds.begin_round(Workspace(workspace), config)
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def version_feedback(workspace: str, round_: int) -> str:
+    ws = Workspace(workspace)
+    n = sum(1 for _ in read_jsonl(ws.collected))
+    path = versioning.add_raw_feedback(ws, ws.collected, round_, "simulated", n)
+    get_run_logger().info("round %d feedback versioned as %s (%d records)", round_, path.name, n)
+    return str(path)
+
+
+@task(cache_policy=NO_CACHE)
+def finish_round(workspace: str, state) -> dict:
+    line = rounds.finish_round(Workspace(workspace), state)
+    rows = "\n".join(f"| {k} | {v} |" for k, v in line.items() if k != "reasons")
+    reasons = "\n".join(f"- {r}" for r in line["reasons"])
+    create_markdown_artifact(
+        key="rlhf-round", description=f"Round {state.round}",
+        markdown=f"# Round {state.round}: {'promoted' if line['promoted'] else 'not promoted'}\n\n"
+                 f"| metric | value |\n|---|---|\n{rows}\n\n## Gates\n{reasons}\n")
+    return line
+
+
+@task(cache_policy=NO_CACHE)
+def report_validation_failure(workspace: str) -> None:
+    ws = Workspace(workspace)
+    if ws.validation_report.exists():
+        summary = json.loads(ws.validation_report.read_text())
+        create_markdown_artifact(
+            key="rlhf-validation", description="Validation blocked the round",
+            markdown="# Validation blocked training\n\n" + "\n".join(f"- {f}" for f in summary["blocking_failures"])
+                     + "\n\n| reason | rows |\n|---|---|\n"
+                     + "\n".join(f"| {r} | {n} |" for r, n in summary["reasons"].items()))
+
+
+@flow(name="rlhf-round", log_prints=True)
+def rlhf_round(workspace: str = ".", config: PipelineConfig | None = None) -> dict:
+    """One round of the loop: collect, version, validate, train the reward model, PPO, evaluate, promote."""
+    cfg = prepare_workspace(workspace, config)
+    run_stage(workspace, "pretrain")
+    bootstrap(workspace, cfg)
+    state = begin_round(workspace, cfg)
+    run_stage(workspace, "collect")
+    version_feedback(workspace, state.round)
+    try:
+        run_stage(workspace, "validate")
+    except Exception:
+        report_validation_failure(workspace)
+        raise
+    for stage in STAGES_AFTER_VALIDATION:
+        run_stage(workspace, stage)
+    return finish_round(workspace, state)
+
+
+@flow(name="rlhf-loop", log_prints=True)
+def rlhf_loop(workspace: str = ".", rounds_: int = 1, config: PipelineConfig | None = None) -> list[dict]:
+    """`rounds_` rounds one after another, each starting from the champion the last one left."""
+    return [rlhf_round(workspace, config) for _ in range(rounds_)]

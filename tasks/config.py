@@ -1,0 +1,133 @@
+"""Typed configuration: one pydantic model per stage, defaults in params.yaml.
+
+Prefect renders these models as the run form in its UI; `load_config` is the one place a
+params file is read, and it names the bad key and the fix when a value is wrong.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tasks.ppo.trainer import PPOConfig  # a plain dataclass: the PPO core imports no pydantic
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, never ignored
+
+
+class ModelsConfig(_Strict):
+    policy: str | None = Field(None, description="Hugging Face id or folder of the starting policy; "
+                                                 "empty = pre-train the built-in scenario's tiny model")
+    reward: str | None = Field(None, description="Hugging Face id or folder to start the reward model "
+                                                 "from; empty = the base policy with a score head")
+
+
+class PretrainConfig(_Strict):
+    n_sentences: int = Field(6000, gt=0, description="sentences in the generated corpus")
+    neutral_rate: float = Field(0.08, ge=0, le=1, description="share of corpus sentences that say 'they'")
+    vocab_size: int = Field(512, ge=64, description="byte-level BPE vocabulary size")
+    n_layer: int = Field(2, gt=0, description="transformer blocks")
+    n_head: int = Field(2, gt=0, description="attention heads")
+    n_embd: int = Field(64, gt=0, description="hidden size")
+    steps: int = Field(300, gt=0, description="optimizer steps")
+    batch_size: int = Field(64, gt=0, description="sentences per step")
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate")
+
+
+class CollectConfig(_Strict):
+    pairs_per_prompt: int = Field(48, gt=0, description="response pairs sampled per feedback prompt")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    max_new_tokens: int = Field(10, gt=0, description="longest response, in tokens")
+    annotator_beta: float = Field(3.0, gt=0, description="simulated annotator's Bradley-Terry sharpness")
+
+
+class ValidateConfig(_Strict):
+    min_rows: int = Field(20, ge=1, description="fewer accepted pairs than this stops the round")
+    max_chars: int = Field(4000, gt=0, description="longest prompt or response, in characters")
+    max_quarantine_fraction: float = Field(0.5, ge=0, le=1,
+                                           description="more rows set aside than this stops the round")
+
+
+class RewardConfig(_Strict):
+    epochs: int = Field(3, gt=0, description="passes over the accepted pairs")
+    lr: float = Field(1e-3, gt=0, description="learning rate")
+    batch_size: int = Field(32, gt=0, description="pairs per step")
+    eval_fraction: float = Field(0.2, gt=0, lt=1, description="pairs held out for pairwise accuracy")
+    max_length: int = Field(64, gt=0, description="longest prompt+response, in tokens")
+
+
+class EvaluateConfig(_Strict):
+    samples_per_prompt: int = Field(32, gt=0, description="responses sampled per held-out prompt")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+
+
+class GatesConfig(_Strict):
+    min_win_rate: float = Field(0.5, ge=0, le=1, description="candidate's reward-model win-rate "
+                                                             "against the champion must reach this")
+    max_kl: float = Field(8.0, gt=0, description="KL budget to the reference, nats per sequence")
+    max_fluency_drop: float = Field(0.05, ge=0, description="how much the fluent-response rate may fall")
+    min_reward_accuracy: float = Field(0.6, ge=0, le=1, description="reward model's held-out pairwise accuracy floor")
+
+
+class PipelineConfig(_Strict):
+    """One round of the RLHF loop. Every field has a default (see params.yaml)."""
+
+    project: str = Field("rlhf", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                         description="registry names are <project>-reward and <project>-policy")
+    seed: int = Field(0, description="seed of every random draw")
+    models: ModelsConfig = ModelsConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    collect: CollectConfig = CollectConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    reward: RewardConfig = RewardConfig()
+    ppo: PPOConfig = PPOConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    gates: GatesConfig = GatesConfig()
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @property
+    def reward_name(self) -> str:
+        return f"{self.project}-reward"
+
+    @property
+    def policy_name(self) -> str:
+        return f"{self.project}-policy"
+
+    def to_params(self) -> dict:
+        return self.model_dump(by_alias=True)
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message names the key and the fix."""
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> PipelineConfig:
+    """Read a params.yaml (or none: the defaults) and apply dotted-key overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass the path of a params.yaml")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    for key, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        lines = [f"  {'.'.join(str(x) for x in err['loc'])}: {err['msg']} (got {err.get('input')!r})"
+                 for err in e.errors()]
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid config{where}:\n" + "\n".join(lines)) from None

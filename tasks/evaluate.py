@@ -1,0 +1,127 @@
+"""Stage `evaluate`: the candidate policy against the round's champion, on the same prompts.
+
+Both policies answer every held-out prompt `samples_per_prompt` times (same seeds). Reported:
+reward-model score, win-rate of the candidate (by the reward model and by the gold judge, with
+a Wilson interval), KL to the reference, perplexity of the responses under the reference,
+fluent and degenerate rates, response length, and the gold metric (neutral-pronoun rate on
+held-out professions). Responses side by side go to MLflow as a table.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import mlflow
+import torch
+
+from tasks import scenario, tracking
+from tasks.config import PipelineConfig
+from tasks.modeling import generate_texts, load_policy, load_reward, load_tokenizer
+from tasks.ppo.core import logprobs_from_logits, response_mask
+from tasks.stage import stage_main
+from tasks.train_reward import score_texts
+from tasks.workspace import RoundState, Workspace
+
+
+def wilson_interval(wins: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (ties counted as half a win)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = wins / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (centre - half, centre + half)
+
+
+def win_rate(a: list[float], b: list[float]) -> dict[str, float]:
+    """Share of paired samples where a beats b; ties count half."""
+    wins = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b))
+    low, high = wilson_interval(wins, len(a))
+    return {"rate": wins / max(len(a), 1), "low": low, "high": high}
+
+
+@torch.no_grad()
+def sequence_logprobs(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 128):
+    """Sum of log-probs of each response (with its EOS) given its prompt, and its token count. (N,), (N,)"""
+    totals, counts = [], []
+    for i in range(0, len(prompts), batch_size):
+        p_enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True)
+        r_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                 for r in responses[i:i + batch_size]]
+        T = max(len(r) for r in r_ids)
+        resp = torch.full((len(r_ids), T), tokenizer.pad_token_id)
+        for j, r in enumerate(r_ids):
+            resp[j, :len(r)] = torch.tensor(r)
+        mask = response_mask(resp, tokenizer.eos_token_id)
+        ids = torch.cat([p_enc["input_ids"], resp], 1)
+        att = torch.cat([p_enc["attention_mask"], mask.long()], 1)
+        pos = (att.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=att, position_ids=pos).logits[:, p_enc["input_ids"].shape[1] - 1:-1]
+        lp = logprobs_from_logits(logits, resp) * mask
+        totals.append(lp.sum(1))
+        counts.append(mask.sum(1))
+    return torch.cat(totals), torch.cat(counts)
+
+
+def describe(responses: list[str], scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor,
+             counts: torch.Tensor) -> dict[str, float]:
+    judged = [scenario.judge(r) for r in responses]
+    return {
+        "reward_mean": float(scores.mean()),
+        "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+        "kl_to_reference": float((logp - ref_logp).mean()),  # k1 estimate, nats per sequence
+        "perplexity_under_reference": float(torch.exp(-ref_logp.sum() / counts.sum())),
+        "neutral_rate": sum(j.neutral for j in judged) / len(judged),
+        "fluent_rate": sum(j.fluent for j in judged) / len(judged),
+        "degenerate_rate": sum(j.degenerate for j in judged) / len(judged),
+        "length_tokens": float(counts.float().mean()),
+    }
+
+
+def evaluate(candidate_ref: str, champion_ref: str, reference_ref: str, reward_ref: str,
+             prompts: list[str], samples_per_prompt: int, temperature: float, max_new_tokens: int,
+             seed: int) -> tuple[dict, list[dict]]:
+    tokenizer = load_tokenizer(reference_ref)
+    reference = load_policy(reference_ref).eval()
+    reward = load_reward(reward_ref, tokenizer.pad_token_id).eval()
+    batch = [p for p in prompts for _ in range(samples_per_prompt)]
+    results, responses, gold = {}, {}, {}
+    for name, ref in (("candidate", candidate_ref), ("champion", champion_ref)):
+        model = load_policy(ref).eval()
+        texts = generate_texts(model, tokenizer, batch, max_new_tokens, temperature, seed)
+        scores = score_texts(reward, tokenizer, batch, texts)
+        logp, counts = sequence_logprobs(model, tokenizer, batch, texts)
+        ref_logp, _ = sequence_logprobs(reference, tokenizer, batch, texts)
+        results[name] = describe(texts, scores, logp, ref_logp, counts)
+        responses[name] = (texts, scores.tolist())
+        gold[name] = [scenario.gold_score(t) for t in texts]
+    report = {
+        **{f"{side}/{k}": v for side in results for k, v in results[side].items()},
+        **{f"win_rate/{k}": v for k, v in win_rate(responses["candidate"][1], responses["champion"][1]).items()},
+        **{f"gold_win_rate/{k}": v for k, v in win_rate(gold["candidate"], gold["champion"]).items()},
+        "n_samples": len(batch),
+    }
+    table = [{"prompt": p, "champion": c, "champion_reward": cs, "candidate": n, "candidate_reward": ns}
+             for p, c, cs, n, ns in zip(batch, *responses["champion"], *responses["candidate"])]
+    return report, table
+
+
+def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
+    with tracking.stage_run(ws, cfg.project, "evaluate", state):
+        champion_ref = tracking.resolve_model(ws, state.policy)
+        report, table = evaluate(str(ws.policy_model), champion_ref, str(ws.base_model), str(ws.reward_model),
+                                 scenario.heldout_prompts(), cfg.evaluate.samples_per_prompt,
+                                 cfg.evaluate.temperature, cfg.ppo.max_new_tokens, cfg.seed * 1000 + state.round)
+        reward_metrics = json.loads((ws.reward_model / "metrics.json").read_text())
+        report["reward_model/accuracy"] = reward_metrics["held_out"]["accuracy"]
+        report["round"] = state.round
+        ws.evaluation_report.parent.mkdir(parents=True, exist_ok=True)
+        ws.evaluation_report.write_text(json.dumps(report, indent=2))
+        mlflow.log_metrics({k: v for k, v in report.items()
+                            if isinstance(v, (int, float)) and math.isfinite(v)})
+        mlflow.log_table({k: [row[k] for row in table] for k in table[0]}, "samples_side_by_side.json")
+    return report
+
+
+if __name__ == "__main__":
+    stage_main(run)

@@ -1,0 +1,104 @@
+"""Rollout engine: batched sampling with a KV cache, and batched scoring passes.
+
+Prompts are left-padded so every row's last prompt token sits at the same column and the
+response starts at column P for all rows. Position ids are computed from the attention mask,
+so padding never shifts a row's positions. Imports torch and transformers only.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tasks.ppo.core import entropy_from_logits, logprobs_from_logits
+
+
+class PolicyWithValue(nn.Module):
+    """A causal LM and a scalar value head on its last hidden state (one trunk, two heads)."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+        hidden = lm.config.hidden_size if hasattr(lm.config, "hidden_size") else lm.config.n_embd
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.value_head.weight)  # start from V = 0: no bias in the first advantages
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      output_hidden_states=True, use_cache=False)
+        values = self.value_head(out.hidden_states[-1]).squeeze(-1)  # (B, L)
+        return out.logits, values
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def sample(lm: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
+           temperature: float, eos_id: int, pad_id: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, P) left-padded prompts -> (B, T<=max_new_tokens) sampled responses, pad after EOS.
+
+    One forward over the prompts fills the KV cache, then one token per step for the whole
+    batch; it stops as soon as every row has emitted EOS.
+    """
+    B = prompt_ids.shape[0]
+    attention_mask = prompt_mask.long()
+    position_ids = position_ids_from_mask(attention_mask)
+    out = lm(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+    past, logits = out.past_key_values, out.logits[:, -1]
+    done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
+    tokens = []
+    for step in range(max_new_tokens):
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        next_token = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+        next_token = torch.where(done, torch.full_like(next_token, pad_id), next_token)
+        tokens.append(next_token)
+        done |= next_token == eos_id
+        if step + 1 == max_new_tokens or bool(done.all()):
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        position_ids = position_ids[:, -1:] + 1
+        out = lm(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=position_ids,
+                 past_key_values=past, use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1]
+    return torch.stack(tokens, dim=1)
+
+
+def response_forward(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                     responses: torch.Tensor, resp_mask: torch.Tensor, temperature: float,
+                     with_value: bool) -> dict[str, torch.Tensor]:
+    """Log-probabilities (and values, entropy) of the response tokens, all (B, T).
+
+    The logit at column P-1+t predicts response token t, and the value there is the value of
+    the state before token t is emitted.
+    """
+    P = prompt_ids.shape[1]
+    input_ids = torch.cat([prompt_ids, responses], dim=1)
+    attention_mask = torch.cat([prompt_mask.long(), resp_mask.long()], dim=1)
+    position_ids = position_ids_from_mask(attention_mask)
+    if with_value:
+        logits, values = model(input_ids, attention_mask, position_ids)
+        values = values[:, P - 1:-1].float()
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).logits
+        values = None
+    logits = logits[:, P - 1:-1] / temperature  # (B, T, V)
+    out = {"logprobs": logprobs_from_logits(logits, responses), "entropy": entropy_from_logits(logits)}
+    if values is not None:
+        out["values"] = values
+    return out
+
+
+@torch.no_grad()
+def reward_scores(reward_model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                  responses: torch.Tensor, resp_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) reward-model score of prompt + response, read at the last real token."""
+    input_ids = torch.cat([prompt_ids, responses], dim=1)
+    attention_mask = torch.cat([prompt_mask.long(), resp_mask.long()], dim=1)
+    position_ids = position_ids_from_mask(attention_mask)
+    # Same call as TRL's RewardTrainer makes in training: the model pools at its last non-pad token.
+    logits = reward_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).logits  # (B, 1)
+    return logits[:, 0].float()

@@ -1,0 +1,259 @@
+"""The PPO loop: rollout, score, advantages, minibatch epochs. Imports torch and transformers only.
+
+One iteration, numbered as in the code below:
+  1. sample a batch of prompts and generate responses with the policy;
+  2. score: policy log-probs and values, reference log-probs, reward-model scores;
+  3. rewards (per-token KL penalty + score on the last token), GAE, whitened advantages;
+  4. several PPO epochs over shuffled minibatches (clipped policy and value losses);
+  5. update the KL coefficient and report one flat dict of metrics.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from tasks.ppo import core
+from tasks.ppo.rollout import PolicyWithValue, response_forward, reward_scores, sample
+
+
+@dataclass
+class PPOConfig:
+    """PPO hyper-parameters (the `ppo` section of params.yaml)."""
+
+    steps: int = 40  # PPO iterations, one rollout batch each
+    batch_size: int = 128  # episodes per rollout
+    minibatches: int = 4  # minibatches per PPO epoch
+    epochs: int = 4  # PPO epochs over each rollout
+    lr: float = 1e-4  # Adam learning rate (policy and value head)
+    max_new_tokens: int = 10  # longest response, in tokens
+    temperature: float = 1.0  # sampling temperature
+    kl_estimator: Literal["k1", "k3"] = "k1"  # per-token KL estimator
+    kl_coef: float = 0.1  # initial KL penalty coefficient
+    target_kl: float | None = 3.0  # adaptive controller target, nats per sequence; None = fixed coefficient
+    kl_horizon: int = 2000  # adaptive controller horizon, in episodes
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE lambda
+    cliprange: float = 0.2  # policy ratio clip
+    cliprange_value: float = 0.2  # value clip
+    vf_coef: float = 0.5  # value loss weight
+    whiten_rewards: bool = False  # whiten per-token rewards before GAE
+    missing_eos_penalty: float | None = 1.0  # subtracted from the score of a response that never ends
+    max_grad_norm: float = 1.0  # gradient clipping
+    checkpoint_every: int = 10  # save a resumable checkpoint every N iterations; 0 = never
+
+    def __post_init__(self):
+        positive = ["steps", "batch_size", "minibatches", "epochs", "lr", "max_new_tokens", "temperature",
+                    "kl_horizon", "cliprange", "cliprange_value", "max_grad_norm"]
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ppo.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.batch_size % self.minibatches:
+            raise ValueError(f"ppo.batch_size ({self.batch_size}) must be a multiple of "
+                             f"ppo.minibatches ({self.minibatches})")
+        if self.kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"ppo.kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
+        if not 0 <= self.lam <= 1 or not 0 < self.gamma <= 1:
+            raise ValueError(f"ppo.lam must be in [0, 1] and ppo.gamma in (0, 1], got {self.lam}, {self.gamma}")
+        if self.kl_coef < 0 or self.vf_coef < 0 or self.checkpoint_every < 0:
+            raise ValueError("ppo.kl_coef, ppo.vf_coef and ppo.checkpoint_every must be >= 0")
+
+
+@dataclass
+class Rollout:
+    """One batch of episodes and everything PPO needs from it."""
+
+    prompt_ids: torch.Tensor  # (B, P) left-padded prompt tokens
+    prompt_mask: torch.Tensor  # (B, P) 1 on real prompt tokens
+    responses: torch.Tensor  # (B, T) response tokens, pad after the first EOS
+    mask: torch.Tensor  # (B, T) float, 1 up to and including the first EOS
+    logprobs: torch.Tensor  # (B, T) log pi_old(token)
+    ref_logprobs: torch.Tensor  # (B, T) log pi_ref(token)
+    values: torch.Tensor  # (B, T) V_old(state before token)
+    scores: torch.Tensor  # (B,) reward-model score (after the missing-EOS penalty)
+    kl: torch.Tensor  # (B, T) per-token KL estimate
+    rewards: torch.Tensor  # (B, T) -kl_coef * kl, plus the score on the last token
+    advantages: torch.Tensor  # (B, T) whitened GAE advantages
+    returns: torch.Tensor  # (B, T) advantages + values (before whitening)
+    entropy: torch.Tensor  # (B, T) policy entropy at each response position
+
+    def minibatch(self, idx: torch.Tensor) -> "Rollout":
+        return Rollout(**{f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)})
+
+
+class PPOTrainer:
+    """Fine-tunes `policy` (a PolicyWithValue) against `reward_model`, anchored to `ref_lm`.
+
+    Prompts are token lists; the reward model must share the policy's tokenizer (the built-in
+    scenario and the pipeline's reward stage both ensure it).
+    """
+
+    def __init__(self, policy: PolicyWithValue, ref_lm: torch.nn.Module, reward_model: torch.nn.Module,
+                 prompts: list[list[int]], eos_id: int, pad_id: int, cfg: PPOConfig, seed: int = 0,
+                 device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None,
+                 checkpoint_dir: str | Path | None = None):
+        if not prompts:
+            raise ValueError("PPO needs at least one prompt")
+        self.policy, self.ref_lm, self.reward_model = policy, ref_lm, reward_model
+        self.prompts, self.eos_id, self.pad_id, self.cfg = prompts, eos_id, pad_id, cfg
+        self.device = torch.device(device)
+        self.autocast_dtype = autocast_dtype
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        for frozen in (ref_lm, reward_model):
+            frozen.eval().requires_grad_(False)
+        disable_dropout(policy)  # else the training pass's log-probs differ from the rollout's (Huang et al.)
+        self.optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
+        self.kl_ctl = core.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+        self.step = 0
+        self.rng = random.Random(seed)  # prompt order
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)  # sampling and minibatches
+        self.history: list[dict[str, float]] = []
+
+    # -- 1. rollout ---------------------------------------------------------------------------
+    def _prompt_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = [self.prompts[self.rng.randrange(len(self.prompts))] for _ in range(self.cfg.batch_size)]
+        P = max(len(p) for p in batch)
+        ids = torch.full((len(batch), P), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), P), dtype=torch.long)
+        for i, p in enumerate(batch):  # left padding: every response starts at column P
+            ids[i, P - len(p):] = torch.tensor(p)
+            mask[i, P - len(p):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _autocast(self):
+        enabled = self.autocast_dtype is not None
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled)
+
+    @torch.no_grad()
+    def rollout(self) -> Rollout:
+        cfg = self.cfg
+        prompt_ids, prompt_mask = self._prompt_batch()
+        self.policy.eval()
+        with self._autocast():
+            responses = sample(self.policy.lm, prompt_ids, prompt_mask, cfg.max_new_tokens, cfg.temperature,
+                               self.eos_id, self.pad_id, self.generator)
+            responses = core.truncate_after_eos(responses, self.eos_id, self.pad_id)
+            mask = core.response_mask(responses, self.eos_id)
+            # -- 2. score ---------------------------------------------------------------------
+            pol = response_forward(self.policy, prompt_ids, prompt_mask, responses, mask, cfg.temperature, True)
+            ref = response_forward(self.ref_lm, prompt_ids, prompt_mask, responses, mask, cfg.temperature, False)
+            scores = reward_scores(self.reward_model, prompt_ids, prompt_mask, responses, mask)
+        scores = core.apply_missing_eos_penalty(scores, responses, self.eos_id, cfg.missing_eos_penalty)
+        # -- 3. rewards and advantages --------------------------------------------------------
+        kl = core.kl_penalty(pol["logprobs"], ref["logprobs"], cfg.kl_estimator) * mask
+        rewards = core.compute_rewards(scores, kl, mask, self.kl_ctl.value)
+        if cfg.whiten_rewards:
+            rewards = core.masked_whiten(rewards, mask, shift_mean=False) * mask
+        advantages, returns = core.compute_gae(rewards, pol["values"], mask, cfg.gamma, cfg.lam)
+        advantages = core.masked_whiten(advantages, mask) * mask
+        return Rollout(prompt_ids, prompt_mask, responses, mask, pol["logprobs"], ref["logprobs"],
+                       pol["values"] * mask, scores, kl, rewards, advantages, returns, pol["entropy"])
+
+    # -- 4. PPO epochs ------------------------------------------------------------------------
+    def optimize(self, ro: Rollout) -> dict[str, float]:
+        cfg = self.cfg
+        self.policy.train()
+        stats: dict[str, list[float]] = {}
+        mb_size = cfg.batch_size // cfg.minibatches
+        for _ in range(cfg.epochs):
+            order = torch.randperm(cfg.batch_size, generator=self.generator, device=self.device)
+            for start in range(0, cfg.batch_size, mb_size):
+                mb = ro.minibatch(order[start:start + mb_size])
+                with self._autocast():
+                    out = response_forward(self.policy, mb.prompt_ids, mb.prompt_mask, mb.responses, mb.mask,
+                                           cfg.temperature, True)
+                pg_loss, pg_stats = core.ppo_policy_loss(out["logprobs"], mb.logprobs, mb.advantages, mb.mask,
+                                                         cfg.cliprange)
+                vf_loss, vf_stats = core.ppo_value_loss(out["values"], mb.values, mb.returns, mb.mask,
+                                                        cfg.cliprange_value)
+                loss = pg_loss + cfg.vf_coef * vf_loss
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                for k, v in {"loss/policy": pg_loss, "loss/value": vf_loss, **pg_stats, **vf_stats}.items():
+                    stats.setdefault(k, []).append(float(v.detach()))
+        return {k: sum(v) / len(v) for k, v in stats.items()}
+
+    # -- 5. one iteration and the loop ---------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        ro = self.rollout()
+        t_rollout = time.perf_counter() - t0
+        train_stats = self.optimize(ro)
+        dt = time.perf_counter() - t0
+        seq_kl = core.masked_sum(ro.kl, ro.mask, dim=1)  # (B,) nats per sequence
+        metrics = {
+            "objective/kl": float(seq_kl.mean()),
+            "objective/kl_coef": self.kl_ctl.value,
+            "objective/scores": float(ro.scores.mean()),
+            "objective/rlhf_reward": float(ro.scores.mean() - self.kl_ctl.value * seq_kl.mean()),
+            "objective/non_score_reward": float(-self.kl_ctl.value * seq_kl.mean()),
+            "policy/entropy": float(core.masked_mean(ro.entropy, ro.mask)),
+            "val/explained_var": float(core.explained_variance(ro.values, ro.returns, ro.mask)),
+            "val/mean": float(core.masked_mean(ro.values, ro.mask)),
+            "response/length": float(ro.mask.sum(1).mean()),
+            "response/eos_rate": float((ro.responses == self.eos_id).any(1).float().mean()),
+            "perf/episodes_per_s": self.cfg.batch_size / dt,
+            "perf/gen_fraction": t_rollout / dt,
+            **train_stats,
+        }
+        self.kl_ctl.update(metrics["objective/kl"], self.cfg.batch_size)
+        self.step += 1
+        metrics["step"] = self.step
+        self.history.append(metrics)
+        return metrics
+
+    def train(self, on_step: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+        if self.checkpoint_dir and (self.checkpoint_dir / "trainer.pt").exists():
+            self.load_checkpoint(self.checkpoint_dir)
+        while self.step < self.cfg.steps:
+            metrics = self.train_step()
+            if on_step:
+                on_step(metrics)
+            if self.checkpoint_dir and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                self.save_checkpoint(self.checkpoint_dir)
+        return self.history
+
+    # -- checkpoints: everything a resumed run needs to continue exactly -----------------------
+    def save_checkpoint(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / "policy.safetensors.tmp"
+        save_model(self.policy, str(tmp))  # handles the tied embedding / LM-head weights
+        tmp.replace(folder / "policy.safetensors")
+        state = {
+            "step": self.step, "optimizer": self.optimizer.state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
+            "rng": self.rng.getstate(), "generator": self.generator.get_state(), "history": self.history,
+        }
+        torch.save(state, folder / "trainer.pt.tmp")
+        (folder / "trainer.pt.tmp").replace(folder / "trainer.pt")  # atomic: a kill never leaves half a file
+
+    def load_checkpoint(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        load_model(self.policy, str(folder / "policy.safetensors"), device=str(self.device))
+        state = torch.load(folder / "trainer.pt", weights_only=True)
+        self.step = state["step"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.rng.setstate(_as_random_state(state["rng"]))
+        self.generator.set_state(state["generator"])
+        self.history = state["history"]
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def _as_random_state(state) -> tuple:
+    # torch.save turns random.getstate()'s nested tuples into lists; random.setstate wants tuples.
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)

@@ -1,0 +1,86 @@
+"""Stage `pretrain`: the base policy in models/base.
+
+Built-in scenario: generate the stereotyped corpus, train a byte-level BPE tokenizer on it and
+a tiny GPT-2-style model with a plain next-token loop. With `models.policy` set, no training:
+the user's model is loaded with from_pretrained and saved as the base.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+
+import mlflow
+import torch
+from tokenizers import ByteLevelBPETokenizer
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from tasks import scenario, tracking
+from tasks.config import PipelineConfig, PretrainConfig
+from tasks.modeling import load_policy, load_tokenizer, save
+from tasks.stage import stage_main
+from tasks.workspace import RoundState, Workspace
+
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+
+
+def train_tokenizer(lines: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=1, special_tokens=[EOS, PAD])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS, pad_token=PAD)
+    tok.padding_side = "left"
+    return tok
+
+
+def train_model(tokenizer, lines: list[str], cfg: PretrainConfig, seed: int) -> tuple[GPT2LMHeadModel, list[float]]:
+    """Next-token training on whole sentences, each ending in EOS. Returns the model and losses."""
+    torch.manual_seed(seed)
+    enc = tokenizer([line + EOS for line in lines], padding="longest", return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]  # (N, L), left-padded
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                        n_head=cfg.n_head, bos_token_id=tokenizer.eos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = GPT2LMHeadModel(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for _ in range(cfg.steps):
+        idx = torch.randint(0, len(ids), (cfg.batch_size,), generator=gen)
+        batch_ids, batch_mask = ids[idx], mask[idx]
+        position_ids = (batch_mask.cumsum(-1) - 1).clamp(min=0)
+        labels = batch_ids.masked_fill(batch_mask == 0, -100)
+        loss = model(input_ids=batch_ids, attention_mask=batch_mask, position_ids=position_ids, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return model.eval(), losses
+
+
+def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> None:
+    with tracking.stage_run(ws, cfg.project, "pretrain", state):
+        if cfg.models.policy:
+            # The user's own model: no pre-training, the same from_pretrained path they use.
+            tokenizer = load_tokenizer(cfg.models.policy)
+            model = load_policy(cfg.models.policy)
+            mlflow.log_param("base_model", cfg.models.policy)
+        else:
+            lines = scenario.corpus(cfg.pretrain.n_sentences, cfg.pretrain.neutral_rate, cfg.seed)
+            # Save, then reload: the tokenizer goes through the same from_pretrained path as a user's.
+            with tempfile.TemporaryDirectory() as tmp:
+                train_tokenizer(lines, cfg.pretrain.vocab_size).save_pretrained(tmp)
+                tokenizer = load_tokenizer(tmp)
+            model, losses = train_model(tokenizer, lines, cfg.pretrain, cfg.seed)
+            mlflow.log_params({f"pretrain.{k}": v for k, v in cfg.pretrain.model_dump().items()})
+            for step, loss in enumerate(losses):
+                if step % 10 == 0 or step == len(losses) - 1:
+                    mlflow.log_metric("pretrain/loss", loss, step=step)
+        if ws.base_model.exists():
+            shutil.rmtree(ws.base_model)
+        save(model, tokenizer, ws.base_model)
+
+
+if __name__ == "__main__":
+    stage_main(run)

@@ -1,0 +1,111 @@
+"""Stage `promote`: register both models and move `champion` only when every gate passes.
+
+Every round registers its reward model and its policy (the policy gets the `challenger`
+alias). Gates (params.yaml `gates`): win-rate against the champion, KL budget, fluency not
+worse, no NaN, reward-model accuracy floor. On success the old champions become `previous`.
+The decision and each gate's value are logged on the run and as registry version tags.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import mlflow
+from mlflow import MlflowClient
+
+from tasks import tracking
+from tasks.config import GatesConfig, PipelineConfig
+from tasks.stage import stage_main
+from tasks.workspace import RoundState, Workspace
+
+
+@dataclass
+class Gate:
+    name: str
+    value: float
+    threshold: float
+    passed: bool
+
+    def reason(self) -> str:
+        verdict = "passed" if self.passed else "FAILED"
+        return f"{self.name} {verdict}: {self.value:.4g} (threshold {self.threshold:.4g})"
+
+
+def check_gates(report: dict, gates: GatesConfig) -> list[Gate]:
+    """Pure: the evaluation report against the gates, one Gate each."""
+    fluency_drop = report["champion/fluent_rate"] - report["candidate/fluent_rate"]
+    finite = all(math.isfinite(v) for v in report.values() if isinstance(v, float))
+    return [
+        Gate("win_rate", report["win_rate/rate"], gates.min_win_rate, report["win_rate/rate"] >= gates.min_win_rate),
+        Gate("kl_to_reference", report["candidate/kl_to_reference"], gates.max_kl,
+             report["candidate/kl_to_reference"] <= gates.max_kl),
+        Gate("fluency_drop", fluency_drop, gates.max_fluency_drop, fluency_drop <= gates.max_fluency_drop),
+        Gate("no_nan", float(finite), 1.0, finite),
+        Gate("reward_accuracy", report["reward_model/accuracy"], gates.min_reward_accuracy,
+             report["reward_model/accuracy"] >= gates.min_reward_accuracy),
+    ]
+
+
+def move_champion(client: MlflowClient, name: str, version: str, reason: str) -> str | None:
+    """champion -> version, old champion -> previous. Returns the old champion version."""
+    old = tracking.alias_version(client, name, tracking.CHAMPION)
+    if old == version:
+        return old
+    if old is not None:
+        client.set_registered_model_alias(name, tracking.PREVIOUS, old)
+    client.set_registered_model_alias(name, tracking.CHAMPION, version)
+    client.set_model_version_tag(name, version, "promotion_reason", reason)
+    return old
+
+
+def bootstrap_champion(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> str:
+    """Register the base policy as the first champion, once, so a champion always exists."""
+    client = tracking.setup(ws, cfg.project)
+    current = tracking.alias_version(client, cfg.policy_name, tracking.CHAMPION)
+    if current is not None:
+        return current
+    with tracking.stage_run(ws, cfg.project, "bootstrap", state):
+        version = tracking.log_model(ws.base_model, "policy", cfg.policy_name)
+    move_champion(client, cfg.policy_name, version, "bootstrap: the base policy before any feedback")
+    return version
+
+
+def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
+    report = json.loads(ws.evaluation_report.read_text())
+    gates = check_gates(report, cfg.gates)
+    promoted = all(g.passed for g in gates)
+    reasons = [g.reason() for g in gates]
+    client = tracking.setup(ws, cfg.project)
+    with tracking.stage_run(ws, cfg.project, "promote", state, data_file=ws.accepted) as run_:
+        reward_version = tracking.log_model(ws.reward_model, "reward", cfg.reward_name)
+        policy_version = tracking.log_model(ws.policy_model, "policy", cfg.policy_name)
+        client.set_registered_model_alias(cfg.policy_name, tracking.CHALLENGER, policy_version)
+        for g in gates:
+            mlflow.log_metric(f"gate/{g.name}", g.value)
+            mlflow.set_tag(f"gate.{g.name}", "passed" if g.passed else "failed")
+        mlflow.set_tag("promoted", str(promoted).lower())
+        decision = {"round": state.round, "promoted": promoted, "reasons": reasons,
+                    "gates": [asdict(g) for g in gates], "policy_version": policy_version,
+                    "reward_version": reward_version, "run_id": run_.info.run_id,
+                    "champion_policy_before": state.champion_policy_version,
+                    "champion_reward_before": state.champion_reward_version}
+        mlflow.log_dict(decision, "decision.json")
+    summary = "; ".join(reasons)
+    for name, version in ((cfg.policy_name, policy_version), (cfg.reward_name, reward_version)):
+        client.set_model_version_tag(name, version, "round", str(state.round))
+        client.set_model_version_tag(name, version, "promoted", str(promoted).lower())
+        client.set_model_version_tag(name, version, "gates", summary)
+    if promoted:
+        move_champion(client, cfg.policy_name, policy_version, f"round {state.round}: all gates passed")
+        move_champion(client, cfg.reward_name, reward_version, f"round {state.round}: trained the promoted policy")
+    decision["champion_policy_after"] = tracking.alias_version(client, cfg.policy_name, tracking.CHAMPION)
+    decision["champion_reward_after"] = tracking.alias_version(client, cfg.reward_name, tracking.CHAMPION)
+    ws.decision_report.parent.mkdir(parents=True, exist_ok=True)
+    ws.decision_report.write_text(json.dumps(decision, indent=2))
+    print(("PROMOTED" if promoted else "NOT promoted") + f" policy v{policy_version}: " + summary)
+    return decision
+
+
+if __name__ == "__main__":
+    stage_main(run)

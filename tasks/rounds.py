@@ -1,0 +1,103 @@
+"""The bookkeeping around a round: its number, the policy it starts from, its history line.
+
+A round is complete once its line is in reports/history.jsonl and its lineage is committed;
+a round that was killed before that is simply run again under the same number.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ruamel.yaml import YAML
+
+from tasks import tracking, versioning
+from tasks.config import PipelineConfig, load_config
+from tasks.workspace import RoundState, Workspace
+
+
+def write_params(ws: Workspace, cfg: PipelineConfig) -> bool:
+    """Make params.yaml say `cfg`, keeping its comments. Returns True if anything changed."""
+    if ws.params.exists() and load_config(ws.params) == cfg:
+        return False
+    yaml = YAML()
+    data = yaml.load(ws.params.read_text()) if ws.params.exists() else {}
+
+    def merge(node, values: dict):
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(node.get(key), dict):
+                merge(node[key], value)
+            else:
+                node[key] = value
+
+    merge(data, cfg.to_params())
+    with open(ws.params, "w") as f:
+        yaml.dump(data, f)
+    return True
+
+
+def completed_rounds(ws: Workspace) -> list[dict]:
+    if not ws.history_file.exists():
+        return []
+    return [json.loads(line) for line in ws.history_file.read_text().splitlines() if line.strip()]
+
+
+def begin_round(ws: Workspace, cfg: PipelineConfig) -> RoundState:
+    """The next round's state: numbered after the last completed round, starting from the champion."""
+    client = tracking.setup(ws, cfg.project)
+    done = completed_rounds(ws)
+    champion_policy = tracking.alias_version(client, cfg.policy_name, tracking.CHAMPION)
+    champion_reward = tracking.alias_version(client, cfg.reward_name, tracking.CHAMPION)
+    state = RoundState(
+        round=(done[-1]["round"] + 1) if done else 1,
+        policy=f"models:/{cfg.policy_name}/{champion_policy}" if champion_policy else "models/base",
+        champion_policy_version=champion_policy, champion_reward_version=champion_reward)
+    ws.write_state(state)
+    return state
+
+
+def finish_round(ws: Workspace, state: RoundState) -> dict:
+    """Append the round's line to the history and commit its lineage to git."""
+    evaluation = json.loads(ws.evaluation_report.read_text())
+    decision = json.loads(ws.decision_report.read_text())
+    line = {
+        "round": state.round,
+        "gold_before": evaluation["champion/neutral_rate"],
+        "gold_after": evaluation["candidate/neutral_rate"],
+        "fluent_before": evaluation["champion/fluent_rate"],
+        "fluent_after": evaluation["candidate/fluent_rate"],
+        "kl": evaluation["candidate/kl_to_reference"],
+        "reward_accuracy": evaluation["reward_model/accuracy"],
+        "win_rate": evaluation["win_rate/rate"],
+        "gold_win_rate": evaluation["gold_win_rate/rate"],
+        "promoted": decision["promoted"],
+        "reasons": decision["reasons"],
+        "policy_version": decision["policy_version"],
+        "reward_version": decision["reward_version"],
+        "champion_policy_before": state.champion_policy_version,
+        "champion_policy_after": decision["champion_policy_after"],
+    }
+    ws.history_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(ws.history_file, "a") as f:
+        f.write(json.dumps(line) + "\n")
+    verdict = "promoted" if line["promoted"] else "not promoted"
+    line["commit"] = versioning.commit_round(
+        ws, f"round {state.round}: policy v{line['policy_version']} {verdict}; held-out neutral rate "
+            f"{line['gold_before']:.2f} -> {line['gold_after']:.2f}, KL {line['kl']:.2f}")
+    return line
+
+
+def status(ws: Workspace, cfg: PipelineConfig) -> dict:
+    """What `rlhf status` prints: champion and previous versions, and the last round."""
+    client = tracking.setup(ws, cfg.project)
+    out = {
+        "workspace": str(ws.root),
+        "tracking_uri": ws.tracking_uri,
+        "champion": {"policy_version": tracking.alias_version(client, cfg.policy_name, tracking.CHAMPION),
+                     "reward_version": tracking.alias_version(client, cfg.reward_name, tracking.CHAMPION)},
+        "previous": {"policy_version": tracking.alias_version(client, cfg.policy_name, tracking.PREVIOUS),
+                     "reward_version": tracking.alias_version(client, cfg.reward_name, tracking.PREVIOUS)},
+    }
+    done = completed_rounds(ws)
+    out["last_round"] = done[-1] if done else None
+    out["rounds"] = [{k: r[k] for k in ("round", "gold_before", "gold_after", "kl", "promoted")} for r in done]
+    return out

@@ -1,0 +1,90 @@
+"""MLflow helpers: the experiment, stage runs with lineage tags, models and their registry aliases."""
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+
+import mlflow
+import yaml
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from tasks import versioning
+from tasks.workspace import RoundState, Workspace
+
+SERVING_CODE = Path(__file__).with_name("serving.py")
+PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "pandas"]
+CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
+
+
+def setup(ws: Workspace, experiment: str) -> MlflowClient:
+    """Point MLflow at the workspace (SQLite beside mlruns/) and create the experiment with its
+    artifacts under mlruns/, once."""
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    client = MlflowClient()
+    if client.get_experiment_by_name(experiment) is None:
+        ws.mlruns.mkdir(parents=True, exist_ok=True)
+        try:
+            client.create_experiment(experiment, artifact_location=ws.mlruns.as_uri())
+        except MlflowException:  # another process created it first
+            pass
+    mlflow.set_experiment(experiment)
+    return client
+
+
+@contextlib.contextmanager
+def stage_run(ws: Workspace, project: str, stage: str, state: RoundState, data_file: Path | None = None):
+    """One MLflow run per stage and round, tagged with its lineage."""
+    setup(ws, project)
+    tags = {
+        "stage": stage,
+        "round": str(state.round),
+        "git_commit": versioning.head_commit(ws) or "none",
+        "parent_champion_policy": state.champion_policy_version or "none",
+        "parent_champion_reward": state.champion_reward_version or "none",
+        "policy_source": state.policy,
+    }
+    if data_file is not None and Path(data_file).exists():
+        tags["dvc_data_md5"] = versioning.file_md5(data_file)
+    with mlflow.start_run(run_name=f"round-{state.round}-{stage}", tags=tags) as run:
+        yield run
+
+
+def log_model(folder: Path, kind: str, registered_name: str) -> str:
+    """Log a save_pretrained folder as an MLflow pyfunc model (code-based, no pickle) inside the
+    active run and register it. Returns the new registry version."""
+    info = mlflow.pyfunc.log_model(
+        name=kind,
+        python_model=str(SERVING_CODE),
+        artifacts={"hf_model": str(folder)},
+        model_config={"kind": kind},
+        pip_requirements=PIP_REQUIREMENTS,
+        code_paths=[str(Path(__file__).parent)],  # the `tasks` package, so a served model imports it
+        registered_model_name=registered_name,
+    )
+    return str(info.registered_model_version)
+
+
+def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def resolve_model(ws: Workspace, ref: str) -> str:
+    """A folder, HF id or models:/ URI -> something from_pretrained loads (a folder or HF id)."""
+    if not ref.startswith("models:/"):
+        path = ws.root / ref
+        return str(path) if path.exists() else ref
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    key = ref[len("models:/"):].replace("/", "_").replace("@", "_at_")
+    target = ws.model_cache / key
+    if "@" in ref or not (target / "MLmodel").exists():  # an alias can move: always fetch it anew
+        if target.exists():
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(target))
+    mlmodel = yaml.safe_load((target / "MLmodel").read_text())
+    return str(target / mlmodel["flavors"]["python_function"]["artifacts"]["hf_model"]["path"])

@@ -1,0 +1,122 @@
+"""Stage `train_reward`: a Bradley-Terry reward model with TRL's RewardTrainer.
+
+Starts from `models.reward` if given, else from the base policy with a fresh score head (so
+the reward model shares the policy's tokenizer). Every accepted pair goes to the training or
+the held-out split by a hash of its id, so a pair stays on its side round after round.
+Pairwise accuracy on the held-out split is computed by our own forward pass, the same way the
+evaluation stage scores responses.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlflow
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+from trl import RewardConfig as TRLRewardConfig
+from trl import RewardTrainer
+
+from tasks import tracking
+from tasks.config import PipelineConfig
+from tasks.modeling import load_reward, load_tokenizer, save
+from tasks.stage import StageError, stage_main
+from tasks.workspace import RoundState, Workspace
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """-log sigmoid(r_c - r_r): the loss RewardTrainer minimises, for tests and evaluation."""
+    return -torch.nn.functional.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def split(records: list[dict], eval_fraction: float) -> tuple[list[dict], list[dict]]:
+    train, held_out = [], []
+    for r in records:
+        (held_out if int(r["id"][:8], 16) % 1000 < eval_fraction * 1000 else train).append(r)
+    return train, held_out
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 64) -> torch.Tensor:
+    """Reward of prompt + response + EOS (as RewardTrainer saw them in training), (N,)."""
+    model.eval()
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        texts = [p + r + tokenizer.eos_token for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+        enc = tokenizer(texts, return_tensors="pt", padding=True)
+        out.append(model(**enc).logits[:, 0].float())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def pairwise_accuracy(model, tokenizer, records: list[dict]) -> dict[str, float]:
+    if not records:
+        return {"accuracy": float("nan"), "loss": float("nan"), "n": 0}
+    prompts = [r["prompt"] for r in records]
+    r_c = score_texts(model, tokenizer, prompts, [r["chosen"] for r in records])
+    r_r = score_texts(model, tokenizer, prompts, [r["rejected"] for r in records])
+    return {"accuracy": float((r_c > r_r).float().mean()), "loss": float(bradley_terry_loss(r_c, r_r)),
+            "n": len(records)}
+
+
+class _MlflowLoss(TrainerCallback):
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for k, v in (logs or {}).items():
+            if isinstance(v, (int, float)) and k in ("loss", "accuracy", "margin"):
+                mlflow.log_metric(f"reward/train_{k}", v, step=state.global_step)
+
+
+def train(init_ref: str, tokenizer_ref: str, records: list[dict], cfg: PipelineConfig, out: Path) -> dict:
+    tokenizer = load_tokenizer(tokenizer_ref)
+    model = load_reward(init_ref, tokenizer.pad_token_id)
+    train_set, held_out = split(records, cfg.reward.eval_fraction)
+    too_long = [r for r in train_set
+                if max(len(tokenizer(r["prompt"] + r[k])["input_ids"]) for k in ("chosen", "rejected"))
+                >= cfg.reward.max_length]
+    if too_long:  # RewardTrainer would drop them without a word: say so, loudly
+        print(f"warning: {len(too_long)} pairs exceed reward.max_length={cfg.reward.max_length} tokens "
+              "and are not trained on")
+    if len(train_set) - len(too_long) < 2:
+        raise StageError(f"only {len(train_set) - len(too_long)} trainable pairs; need more feedback")
+    data = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+                              for r in train_set])
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TRLRewardConfig(
+            output_dir=tmp, num_train_epochs=cfg.reward.epochs, per_device_train_batch_size=cfg.reward.batch_size,
+            learning_rate=cfg.reward.lr, max_length=cfg.reward.max_length, seed=cfg.seed,
+            use_cpu=not torch.cuda.is_available(), bf16=False, gradient_checkpointing=False,
+            report_to=[], save_strategy="no", logging_steps=5, disable_tqdm=True, dataset_num_proc=None,
+            lr_scheduler_type="linear", warmup_steps=0)
+        trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                                callbacks=[_MlflowLoss()])
+        trainer.train()
+    model = trainer.model.float().eval()
+    metrics = {"train": pairwise_accuracy(model, tokenizer, train_set),
+               "held_out": pairwise_accuracy(model, tokenizer, held_out),
+               "too_long": len(too_long)}
+    if out.exists():
+        shutil.rmtree(out)
+    save(model, tokenizer, out)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
+    records = [json.loads(line) for line in ws.accepted.read_text(encoding="utf-8").splitlines() if line.strip()]
+    with tracking.stage_run(ws, cfg.project, "train_reward", state, data_file=ws.accepted):
+        init = tracking.resolve_model(ws, cfg.models.reward) if cfg.models.reward else str(ws.base_model)
+        mlflow.log_params({f"reward.{k}": v for k, v in cfg.reward.model_dump().items()} | {"reward.init": init})
+        metrics = train(init, init, records, cfg, ws.reward_model)
+        mlflow.log_metrics({"reward/accuracy": metrics["held_out"]["accuracy"],
+                            "reward/held_out_loss": metrics["held_out"]["loss"],
+                            "reward/train_accuracy": metrics["train"]["accuracy"],
+                            "reward/pairs_train": metrics["train"]["n"],
+                            "reward/pairs_held_out": metrics["held_out"]["n"],
+                            "reward/too_long": metrics["too_long"]})
+    return metrics
+
+
+if __name__ == "__main__":
+    stage_main(run)

@@ -1,0 +1,166 @@
+"""Data versioning with DVC and git: immutable raw feedback files, stage runs, lineage.
+
+We call the `dvc` and `git` command lines (the same commands a user types) rather than
+DVC's Python internals: each call is its own process, so DVC's repository lock and state
+never leak between stages or tests.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+from tasks.workspace import Workspace
+
+DEFAULT_REMOTE = ".dvcstore"  # <workspace>/.dvcstore (dvc stores it relative to .dvc/config)
+_ENV = {"DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "TOKENIZERS_PARALLELISM": "false"}
+
+
+class VersioningError(RuntimeError):
+    pass
+
+
+def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, **_ENV}
+    # Stage commands say `python`: make it this interpreter (the project's venv), as an activated venv would.
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env.setdefault("DVC_SITE_CACHE_DIR", str(cwd / ".dvc" / "tmp" / "site-cache"))
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        shown = " ".join(a if " " not in a else repr(a) for a in args)
+        raise VersioningError(f"`{shown}` failed in {cwd} (exit {proc.returncode}):\n"
+                              f"{(proc.stderr or proc.stdout).strip()[-3000:]}")
+    return proc
+
+
+def dvc(ws: Workspace, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return _run([sys.executable, "-m", "dvc", *args], ws.root, check)
+
+
+def git(ws: Workspace, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    ident = ["-c", "user.name=rlhf-pipeline", "-c", "user.email=rlhf-pipeline@localhost"]
+    has_ident = _run(["git", "config", "user.email"], ws.root, check=False).stdout.strip()
+    return _run(["git", *([] if has_ident else ident), *args], ws.root, check)
+
+
+def lock(ws: Workspace) -> FileLock:
+    """Serialises every change to the data and git history of one workspace (imports, rounds)."""
+    (ws.root / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
+    return FileLock(str(ws.root / ".dvc" / "tmp" / "rlhf-versioning.lock"), timeout=600)
+
+
+def ensure_repos(ws: Workspace) -> None:
+    """git init, dvc init and a default local remote, each only if missing; a fresh set-up is
+    committed as the workspace's first commit."""
+    fresh = False
+    top = _run(["git", "rev-parse", "--show-toplevel"], ws.root, check=False)
+    if top.returncode != 0 or Path(top.stdout.strip()).resolve() != ws.root:
+        git(ws, "init", "-q")
+        fresh = True
+    if not (ws.root / ".dvc").is_dir():
+        dvc(ws, "init", "-q")
+        fresh = True
+    if not dvc(ws, "remote", "list").stdout.strip():
+        dvc(ws, "remote", "add", "-d", "local", DEFAULT_REMOTE)
+        fresh = True
+    gitignore = ws.root / ".gitignore"
+    wanted = ["/.dvcstore/", "/mlruns/", "/mlflow.db", "/.cache/", "/reports/validation/", "/.prefect/"]
+    present = gitignore.read_text().splitlines() if gitignore.exists() else []
+    missing = [w for w in wanted if w not in present]
+    if missing:
+        gitignore.write_text("\n".join(present + missing) + "\n")
+    if fresh:
+        setup = [p for p in (".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore", "dvc.yaml",
+                             "params.yaml", "state.yaml", "data/feedback/raw/.gitkeep") if (ws.root / p).exists()]
+        git(ws, "add", *setup)
+        git(ws, "commit", "-q", "-m", "workspace: pipeline definition, DVC repository and local remote")
+
+
+def file_md5(path: str | Path) -> str:
+    """The hash DVC 3 gives a file (md5 of its bytes): the training-data hash on MLflow runs."""
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def add_raw_feedback(ws: Workspace, src: str | Path, round_: int, source: str, n_records: int) -> Path:
+    """Copy `src` into data/feedback/raw/ under a new immutable name, `dvc add` it, commit the
+    pointer to git and push the data to the remote. The same bytes twice give the same file
+    (nothing is added twice); two writers never clobber each other (lock + unique name)."""
+    digest = file_md5(src)[:12]
+    safe_source = "".join(c if c.isalnum() or c in "-_" else "-" for c in source)
+    dest = ws.raw_dir / f"round-{round_:04d}-{safe_source}-{digest}.jsonl"
+    with lock(ws):
+        if not dest.exists():
+            ws.raw_dir.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_suffix(".tmp")
+            shutil.copyfile(src, tmp)
+            tmp.replace(dest)
+        pointer = dest.with_name(dest.name + ".dvc")
+        if not pointer.exists():
+            dvc(ws, "add", "-q", str(dest.relative_to(ws.root)))
+            git(ws, "add", str(pointer.relative_to(ws.root)), str((ws.raw_dir / ".gitignore").relative_to(ws.root)))
+            git(ws, "commit", "-q", "-m", f"data: round {round_} feedback ({source}, {n_records} records)",
+                "--", str(pointer.relative_to(ws.root)), str((ws.raw_dir / ".gitignore").relative_to(ws.root)))
+        dvc(ws, "push", "-q", str(pointer.relative_to(ws.root)))
+    return dest
+
+
+def repro(ws: Workspace, stage: str) -> bool:
+    """Run one stage through DVC. Returns False when DVC skipped it as unchanged."""
+    out = dvc(ws, "repro", "--single-item", stage)
+    return "didn't change, skipping" not in out.stdout
+
+
+def commit_round(ws: Workspace, message: str) -> str | None:
+    """Commit the round's lineage (dvc.lock, state.yaml, params.yaml); returns the commit, or None."""
+    with lock(ws):
+        paths = [p for p in ("dvc.lock", "state.yaml", "params.yaml", "dvc.yaml", "reports/validation.json",
+                             "reports/evaluation.json", "reports/decision.json", "reports/history.jsonl")
+                 if (ws.root / p).exists()]
+        git(ws, "add", *paths, ":(glob)**/.gitignore")  # the .gitignore files DVC writes beside stage outputs
+        if git(ws, "diff", "--cached", "--quiet", check=False).returncode == 0:
+            return None
+        git(ws, "commit", "-q", "-m", message)
+        dvc(ws, "push", "-q", check=False)  # stage outputs too, where a remote is reachable
+        return head_commit(ws)
+
+
+def head_commit(ws: Workspace) -> str | None:
+    out = git(ws, "rev-parse", "HEAD", check=False)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+@dataclass
+class DataVersion:
+    commit: str
+    date: str
+    message: str
+    files: list[str]
+
+
+def history(ws: Workspace) -> list[DataVersion]:
+    """Every commit that added raw feedback, newest first."""
+    out = git(ws, "log", "--format=%H%x09%cI%x09%s", "--name-only", "--",
+              str(ws.raw_dir.relative_to(ws.root)), check=False).stdout
+    versions: list[DataVersion] = []
+    for line in out.splitlines():
+        if "\t" in line:
+            commit, date, message = line.split("\t", 2)
+            versions.append(DataVersion(commit, date, message, []))
+        elif line.strip() and versions and line.endswith(".dvc"):
+            versions[-1].files.append(line.strip()[:-4])
+    return versions
+
+
+def raw_files(ws: Workspace) -> list[Path]:
+    return sorted(ws.raw_dir.glob("*.jsonl")) if ws.raw_dir.exists() else []
