@@ -26,7 +26,7 @@ def _retry_transient(task_, task_run, state) -> bool:
     try:
         state.result()
     except versioning.VersioningError as e:
-        return "(exit 2)" not in str(e)
+        return "exited with 2" not in str(e)  # tasks.stage exits 2 on a clear, final error
     except Exception:
         return True
     return False

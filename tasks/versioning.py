@@ -159,7 +159,7 @@ def history(ws: Workspace) -> list[DataVersion]:
             versions.append(DataVersion(commit, date, message, []))
         elif line.strip() and versions and line.endswith(".dvc"):
             versions[-1].files.append(line.strip()[:-4])
-    return versions
+    return [v for v in versions if v.files]
 
 
 def raw_files(ws: Workspace) -> list[Path]:

@@ -1,0 +1,83 @@
+"""Shared fixtures: an isolated environment, a fast config, tiny locally built models.
+
+Everything is real (Prefect, MLflow, DVC, Great Expectations, training); only the sizes are
+small. Nothing is downloaded: the tiny model is built here and loaded back with from_pretrained.
+"""
+import os
+import tempfile
+from pathlib import Path
+
+# Isolation first, before Prefect, MLflow or DVC are imported anywhere.
+_HOME = Path(tempfile.mkdtemp(prefix="rlhf-tests-"))
+os.environ.update({
+    "PREFECT_HOME": str(_HOME / "prefect"),
+    "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(_HOME / "prefect" / "results"),
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "DVC_NO_ANALYTICS": "1",
+    "DVC_SITE_CACHE_DIR": str(_HOME / "dvc-site"),
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "GIT_AUTHOR_NAME": "rlhf-tests", "GIT_AUTHOR_EMAIL": "tests@localhost",
+    "GIT_COMMITTER_NAME": "rlhf-tests", "GIT_COMMITTER_EMAIL": "tests@localhost",
+})
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+import pytest  # noqa: E402
+
+from tasks import scenario  # noqa: E402
+from tasks.config import load_config  # noqa: E402
+from tasks.stage import quiet_libraries  # noqa: E402
+
+quiet_libraries()
+
+HH_RLHF = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-sample.jsonl"
+
+# A round small enough for CI's 2 cores, large enough that every stage does real work.
+FAST = {
+    "collect.pairs_per_prompt": 48,
+    "reward.epochs": 3,
+    "ppo.steps": 30, "ppo.checkpoint_every": 5,
+    "evaluate.samples_per_prompt": 16,
+}
+
+
+@pytest.fixture
+def fast_cfg():
+    return load_config(None, FAST)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny GPT-2 pre-trained on the scenario corpus, saved as a user's model folder would be."""
+    from tasks.modeling import load_tokenizer, save
+    from tasks.pretrain import train_model, train_tokenizer
+
+    cfg = load_config(None, FAST)
+    folder = tmp_path_factory.mktemp("tiny-model")
+    lines = scenario.corpus(cfg.pretrain.n_sentences, cfg.pretrain.neutral_rate, seed=0)
+    train_tokenizer(lines, cfg.pretrain.vocab_size).save_pretrained(folder)
+    tokenizer = load_tokenizer(folder)
+    model, _ = train_model(tokenizer, lines, cfg.pretrain, seed=0)
+    return save(model, tokenizer, folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A reward model trained (TRL RewardTrainer) on simulated feedback about the tiny model."""
+    import json
+
+    from tasks.collect import annotate, sample_pairs
+    from tasks.train_reward import train
+
+    cfg = load_config(None, FAST)
+    triples = sample_pairs(str(tiny_model_dir), scenario.feedback_prompts(), 96, 10, 1.0, seed=1)
+    records = [json.loads(r.to_json()) for r in annotate(triples, 1, None, 3.0, seed=1) if r.label == "pair"]
+    folder = tmp_path_factory.mktemp("tiny-reward") / "reward"
+    train(str(tiny_model_dir), str(tiny_model_dir), records, cfg, folder)
+    return folder

@@ -1,0 +1,143 @@
+"""The whole round through the Prefect flow, on a fresh git + DVC workspace, with real MLflow.
+
+One round runs once for the module; the tests then check what every stage left behind.
+"""
+import json
+import subprocess
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+from prefect.testing.utilities import prefect_test_harness
+
+from tasks import rounds, versioning
+from tasks.config import load_config
+from tasks.workspace import Workspace
+
+from conftest import FAST
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def prefect():
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def finished_round(prefect, tmp_path_factory):
+    from flows.pipeline import rlhf_round
+
+    root = tmp_path_factory.mktemp("flow") / "ws"
+    line = rlhf_round(workspace=str(root), config=load_config(None, FAST))
+    return Workspace(root), line
+
+
+def git(ws, *args):
+    return subprocess.run(["git", *args], cwd=ws.root, capture_output=True, text=True, check=True).stdout
+
+
+def test_round_improves_the_held_out_gold_metric_and_promotes(finished_round):
+    ws, line = finished_round
+    assert line["round"] == 1
+    assert line["gold_after"] > line["gold_before"] + 0.2, line
+    assert line["promoted"] is True, line["reasons"]
+    assert 0 < line["kl"] < load_config(ws.params).gates.max_kl
+    assert line["reward_accuracy"] >= 0.6
+
+
+def test_both_models_registered_with_champion_and_previous(finished_round):
+    ws, line = finished_round
+    cfg = load_config(ws.params)
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    client = MlflowClient()
+    policy = client.get_model_version_by_alias(cfg.policy_name, "champion")
+    assert str(policy.version) == line["policy_version"] == "2"  # v1 is the bootstrapped base policy
+    assert str(client.get_model_version_by_alias(cfg.policy_name, "previous").version) == "1"
+    assert str(client.get_model_version_by_alias(cfg.reward_name, "champion").version) == line["reward_version"]
+    assert policy.tags["promoted"] == "true" and "win_rate passed" in policy.tags["gates"]
+    assert (ws.root / "mlflow.db").exists() and any((ws.root / "mlruns").iterdir())
+
+
+def test_every_stage_run_is_tagged_with_its_lineage(finished_round):
+    ws, _ = finished_round
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    runs = mlflow.search_runs(experiment_names=["rlhf"], output_format="list")
+    stages = {r.data.tags["stage"] for r in runs}
+    assert {"pretrain", "collect", "validate", "train_reward", "train_policy", "evaluate", "promote"} <= stages
+    for r in runs:
+        assert r.data.tags["round"] == "1"
+        assert len(r.data.tags["git_commit"]) == 40
+        assert "parent_champion_policy" in r.data.tags
+    trained = [r for r in runs if r.data.tags["stage"] in ("train_reward", "train_policy")]
+    assert all(r.data.tags["dvc_data_md5"] == versioning.file_md5(ws.accepted) for r in trained)
+    ppo = next(r for r in runs if r.data.tags["stage"] == "train_policy")
+    assert {"objective/kl", "objective/scores", "policy/entropy", "val/explained_var"} <= set(ppo.data.metrics)
+
+
+def test_feedback_is_versioned_committed_and_pushed(finished_round):
+    ws, _ = finished_round
+    raw = versioning.raw_files(ws)
+    assert len(raw) == 1 and raw[0].name.startswith("round-0001-simulated-")
+    pointer = raw[0].with_name(raw[0].name + ".dvc")
+    assert pointer.exists()
+    assert "data: round 1 feedback (simulated" in git(ws, "log", "--format=%s", "--", str(pointer))
+    md5 = versioning.file_md5(raw[0])
+    assert (ws.root / ".dvcstore" / "files" / "md5" / md5[:2] / md5[2:]).exists()  # pushed to the local remote
+    records = [json.loads(x) for x in raw[0].read_text().splitlines()]
+    assert {"id", "prompt", "chosen", "rejected", "source", "annotator", "round", "policy_version",
+            "created_at"} <= set(records[0])
+    assert records[0]["policy_version"] == "1"
+    # the round's lineage is committed, and DVC sees nothing out of date
+    assert "round 1: policy v2 promoted" in git(ws, "log", "-1", "--format=%s")
+    assert git(ws, "status", "--porcelain") == ""
+    assert "up to date" in versioning.dvc(ws, "status").stdout.lower()
+    assert [v.files for v in versioning.history(ws)] == [[str(raw[0].relative_to(ws.root))]]
+
+
+def test_validation_report_and_data_docs(finished_round):
+    ws, _ = finished_round
+    summary = json.loads(ws.validation_report.read_text())
+    assert summary["passed"] and summary["accepted"] >= 20
+    docs = ws.reports / "validation" / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
+    assert "preference_pairs" in docs.read_text()
+
+
+def test_status_json_holds_the_documented_keys(finished_round):
+    ws, line = finished_round
+    info = rounds.status(ws, load_config(ws.params))
+    assert info["champion"]["policy_version"] == "2" and info["previous"]["policy_version"] == "1"
+    assert info["champion"]["reward_version"] == line["reward_version"]
+    last = info["last_round"]
+    for key in ("round", "gold_before", "gold_after", "kl", "reward_accuracy", "win_rate", "promoted", "reasons"):
+        assert key in last
+    assert last["gold_after"] == line["gold_after"]
+
+
+def test_unchanged_stage_is_skipped_by_dvc(finished_round):
+    ws, _ = finished_round
+    assert versioning.repro(ws, "pretrain") is False
+
+
+def test_blocked_validation_stops_before_training_and_registers_nothing(finished_round):
+    from flows.pipeline import rlhf_round
+
+    ws, _ = finished_round
+    cfg = load_config(ws.params)
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    client = MlflowClient()
+    versions_before = {n: len(client.search_model_versions(f"name='{n}'")) for n in (cfg.policy_name, cfg.reward_name)}
+    reward_before = versioning.file_md5(ws.reward_model / "model.safetensors")
+    strict = cfg.model_copy(update={"validate_": cfg.validate_.model_copy(update={"min_rows": 100_000})})
+    with pytest.raises(versioning.VersioningError, match="validation blocked training"):
+        rlhf_round(workspace=str(ws.root), config=strict)
+    versions_after = {n: len(client.search_model_versions(f"name='{n}'")) for n in versions_before}
+    assert versions_after == versions_before
+    assert versioning.file_md5(ws.reward_model / "model.safetensors") == reward_before  # no training ran
+    assert str(client.get_model_version_by_alias(cfg.policy_name, "champion").version) == "2"
+    summary = json.loads(ws.validation_report.read_text())
+    assert not summary["passed"] and "min_rows" in summary["blocking_failures"][0]
+    # the round's feedback was still versioned: nothing is lost
+    assert len(versioning.raw_files(ws)) == 2
+    assert len(rounds.completed_rounds(ws)) == 1
