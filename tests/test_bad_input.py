@@ -1,0 +1,175 @@
+"""Bad input gets a clear error and loses nothing: configs, CLI arguments, feedback files, models."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from tasks.config import ConfigError, load_config
+from tasks.modeling import ModelLoadError, load_policy, load_tokenizer
+from tasks.validate import ValidationFailed, load_rows, validate_files
+from tasks.config import ValidateConfig
+
+
+# ---- configs ------------------------------------------------------------------------------
+@pytest.mark.parametrize("text,expected", [
+    ("ppo: [1, 2\n", "not valid YAML"),
+    ("- a list\n- not a mapping\n", "must hold a mapping"),
+    ("ppo:\n  stepz: 3\n", "ppo.stepz"),
+    ("ppo:\n  steps: many\n", "ppo.steps"),
+    ("ppo:\n  lr: -1\n", "ppo.lr must be > 0"),
+    ("ppo:\n  batch_size: 10\n  minibatches: 3\n", "multiple of"),
+    ("gates:\n  min_win_rate: 1.5\n", "gates.min_win_rate"),
+    ("project: 'has spaces'\n", "project"),
+    ("collect:\n  pairs_per_prompt: 0\n", "collect.pairs_per_prompt"),
+    ("unknown_section: {}\n", "unknown_section"),
+])
+def test_malformed_config_is_named(tmp_path, text, expected):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=expected.replace(".", r"\.").replace("[", r"\[")):
+        load_config(path)
+    assert path.read_text() == text  # the user's file is left as it was
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_project_params_yaml_is_the_documented_default():
+    root = Path(__file__).resolve().parents[1]
+    assert load_config(root / "params.yaml") == load_config(None)
+
+
+# ---- CLI arguments ----------------------------------------------------------------------------
+@pytest.mark.parametrize("argv,expected", [
+    (["run", "--rounds", "0"], "must be at least 1"),
+    (["run", "--rounds", "three"], "expected a whole number"),
+    (["frobnicate"], "invalid choice"),
+    (["run", "--unknown-flag"], "unrecognized arguments"),
+])
+def test_bad_cli_arguments_exit_2_with_a_message(capsys, argv, expected):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_cli_bad_config_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ppo:\n  steps: -4\n")
+    assert main(["run", "--config", str(bad), "--workspace", str(tmp_path / "ws")]) == 2
+    err = capsys.readouterr().err
+    assert "ppo.steps must be > 0" in err and "Traceback" not in err
+    assert not (tmp_path / "ws").exists()  # nothing started
+
+
+def test_cli_unknown_model_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="no such folder"):
+        main(["run", "--policy-model", str(tmp_path / "missing-model"), "--workspace", str(tmp_path / "ws")])
+    empty = tmp_path / "empty-folder"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="no config.json"):
+        main(["run", "--reward-model", str(empty), "--workspace", str(tmp_path / "ws")])
+    assert not (tmp_path / "ws").exists()
+
+
+def test_cli_status_outside_a_workspace(tmp_path):
+    with pytest.raises(SystemExit, match="not a workspace"):
+        main(["status", "--workspace", str(tmp_path)])
+
+
+def test_cli_entry_point_prints_no_traceback(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--rounds", "-1"], capture_output=True, text=True)
+    assert out.returncode == 2 and "must be at least 1" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_model_loading_errors_name_the_problem(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_policy(str(tmp_path / "nope"))
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="junk"):
+        load_tokenizer(str(tmp_path / "junk"))
+
+
+# ---- feedback files ----------------------------------------------------------------------------
+GOOD = {"prompt": "the doctor said", "chosen": " they were late .", "rejected": " he was late .",
+        "source": "simulated", "annotator": "a", "round": 1, "created_at": "2026-11-22T10:00:00+00:00"}
+
+
+def write_lines(path: Path, lines: list) -> Path:
+    with open(path, "wb") as f:
+        for line in lines:
+            f.write(line if isinstance(line, bytes) else (json.dumps(line) if isinstance(line, dict) else line)
+                    .encode("utf-8"))
+            f.write(b"\n")
+    return path
+
+
+def variant(**kw):
+    return {**GOOD, "chosen": f" they were late {len(kw)} {sorted(kw)} .", **kw}
+
+
+def test_every_bad_row_is_set_aside_with_its_reason_and_line(tmp_path):
+    rows = [
+        GOOD,                                                  # 1 kept
+        "{not json",                                           # 2
+        b"\xff\xfe broken utf-8",                              # 3
+        "[1, 2, 3]",                                           # 4 not an object
+        variant(prompt=""),                                    # 5 empty field
+        {k: v for k, v in GOOD.items() if k != "rejected"},    # 6 missing field
+        variant(chosen=5),                                     # 7 wrong type
+        variant(margin=float("nan")),                          # 8 NaN (json.dumps writes NaN)
+        variant(chosen=" x" * 3000),                           # 9 gigantic field
+        variant(rejected=" he was\x07 late ."),                # 10 control character
+        {**GOOD, "chosen": " they were ready .", "rejected": " they were ready ."},  # 11 chosen == rejected
+        GOOD,                                                  # 12 duplicate of line 1
+        variant(source="spreadsheet"),                         # 13 unknown source
+        variant(created_at="yesterday"),                       # 14 bad timestamp
+        {**variant(), "label": "tie"},                          # 15 a tie: kept in raw, not a pair
+    ]
+    path = write_lines(tmp_path / "feedback.jsonl", rows)
+    original = path.read_bytes()
+    result = validate_files([path], ValidateConfig(min_rows=1, max_chars=4000), tmp_path / "gx")
+    assert [r["prompt"] for r in result.accepted] == [GOOD["prompt"]]
+    by_line = {q["line"]: " | ".join(q["reasons"]) for q in result.quarantined}
+    expected = {2: "not JSON", 3: "not UTF-8", 4: "not a JSON object", 5: "missing or empty field 'prompt'",
+                6: "missing or empty field 'rejected'", 7: "field 'chosen' is not text",
+                8: "'margin' is not a finite number", 9: "'chosen' longer than max_chars",
+                10: "control characters in 'rejected'", 11: "chosen equals rejected",
+                12: "duplicate of an earlier pair", 13: "'source' not valid", 14: "'created_at' not valid"}
+    for line, reason in expected.items():
+        assert reason in by_line.get(line, ""), (line, by_line.get(line))
+    assert set(by_line) == set(expected)
+    assert result.not_pairs == 1
+    assert len(result.accepted) + len(result.quarantined) + result.not_pairs == len(rows)  # nothing lost
+    assert path.read_bytes() == original  # the raw file is preserved as received
+    assert (tmp_path / "gx" / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html").exists()
+
+
+def test_empty_and_binary_files_give_no_rows_and_a_clear_block(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(bytes(range(256)) * 4)
+    rows, quarantined, _ = load_rows([empty, binary])
+    assert rows == [] and quarantined and all(q["source_file"] == "binary.jsonl" for q in quarantined)
+
+
+def test_missing_or_empty_feedback_stops_validation_with_a_clear_error(tmp_path):
+    from tasks import validate
+    from tasks.workspace import init_workspace
+
+    ws = init_workspace(tmp_path / "ws")
+    cfg = load_config(ws.params)
+    with pytest.raises(ValidationFailed, match="no feedback to validate"):
+        validate.run(ws, cfg, ws.read_state())
+    (ws.raw_dir / "round-0001-import-empty.jsonl").write_bytes(b"")
+    with pytest.raises(ValidationFailed, match="only 0 usable pairs"):
+        validate.run(ws, cfg, ws.read_state())
+    assert json.loads(ws.validation_report.read_text())["passed"] is False
+    assert (ws.raw_dir / "round-0001-import-empty.jsonl").exists()

@@ -1,0 +1,57 @@
+"""Stages without Prefect: `dvc repro` runs the whole pipeline, here on a user's own model folder."""
+import json
+import random
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+
+from tasks import rounds, scenario, versioning
+from tasks.config import load_config
+from tasks.workspace import init_workspace
+
+from conftest import FAST
+
+pytestmark = pytest.mark.slow
+
+
+def test_dvc_repro_runs_every_stage_on_a_users_model(tiny_model_dir, tmp_path):
+    ws = init_workspace(tmp_path / "ws")
+    rounds.write_params(ws, load_config(None, {**FAST, "models.policy": str(tiny_model_dir)}))
+    out = versioning.dvc(ws, "repro")
+    for stage in ("pretrain", "collect", "validate", "train_reward", "train_policy", "evaluate", "promote"):
+        assert f"Running stage '{stage}'" in out.stdout
+    # pre-training was skipped: the base model is the user's model, loaded and saved as is
+    mine, base = load_file(tiny_model_dir / "model.safetensors"), load_file(ws.base_model / "model.safetensors")
+    assert mine.keys() == base.keys() and all((mine[k] == base[k]).all() for k in mine)
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    pretrain_run = mlflow.search_runs(experiment_names=["rlhf"], filter_string="tags.stage = 'pretrain'",
+                                      output_format="list")[0]
+    assert pretrain_run.data.params["base_model"] == str(tiny_model_dir)
+    assert "pretrain/loss" not in pretrain_run.data.metrics
+    decision = json.loads(ws.decision_report.read_text())
+    client = MlflowClient()
+    assert decision["policy_version"] == "1" and decision["reward_version"] == "1"  # no bootstrap without Prefect
+    assert len(client.search_model_versions("name='rlhf-policy'")) == 1
+    assert len(client.search_model_versions("name='rlhf-reward'")) == 1
+    evaluation = json.loads(ws.evaluation_report.read_text())
+    assert evaluation["candidate/neutral_rate"] > evaluation["champion/neutral_rate"]
+    assert "dvc.lock" in {p.name for p in ws.root.iterdir()}
+    # a second repro with nothing changed does nothing
+    assert "Running stage" not in versioning.dvc(ws, "repro").stdout
+
+
+def test_gold_judge_and_simulated_annotator():
+    assert scenario.judge(" they were late .") == scenario.Judgement(neutral=True, fluent=True, degenerate=False)
+    assert not scenario.judge(" they was late .").fluent  # no agreement
+    assert not scenario.judge(" he were late .").fluent
+    assert scenario.judge(" they they were late .").degenerate
+    assert scenario.judge("").degenerate
+    rng = random.Random(0)
+    votes = [scenario.simulated_preference(" they were late .", " he was late .", rng) for _ in range(2000)]
+    assert 0.9 < votes.count("a") / len(votes) < 0.99  # prefers neutral, but disagrees sometimes
+    assert scenario.simulated_preference(" he was late .", " she was late .", rng) == "tie"
+    assert set(scenario.FEEDBACK_PROFESSIONS).isdisjoint(scenario.HELDOUT_PROFESSIONS)
+    lines = scenario.corpus(2000, 0.1, seed=1)
+    assert 0.07 < sum(" they " in line for line in lines) / len(lines) < 0.13
