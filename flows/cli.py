@@ -2,6 +2,8 @@
 
     rlhf run [--rounds N] [--config FILE] [--workspace DIR] [--policy-model ID] [--reward-model ID]
     rlhf status [--json] [--workspace DIR]
+    rlhf import FILE [--format auto|jsonl|csv|parquet|hh-rlhf] [--map prompt=COL,...] [--json]
+    rlhf data history [--json]
 
 Bad arguments and bad configs end with one line that names the problem (exit 2), never a traceback.
 """
@@ -46,6 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--policy-model", help="your causal LM: Hugging Face id or folder (skips pre-training)")
     run.add_argument("--reward-model", help="start the reward model from this Hugging Face id or folder")
 
+    imp = sub.add_parser("import", help="import a preference file into the raw feedback (DVC-versioned)")
+    imp.add_argument("file", type=Path)
+    imp.add_argument("--format", default="auto", choices=["auto", "jsonl", "csv", "parquet", "hh-rlhf"])
+    imp.add_argument("--map", dest="mapping", help="column map for CSV/Parquet/JSONL: prompt=COL,chosen=COL,rejected=COL")
+    imp.add_argument("--max-bad-fraction", type=float, default=0.5,
+                     help="exit non-zero when more than this share of rows is set aside (default 0.5)")
+    imp.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    imp.add_argument("--workspace", type=Path, default=Path("."))
+
+    data = sub.add_parser("data", help="data versions")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    hist = data_sub.add_parser("history", help="every version of the raw feedback, newest first")
+    hist.add_argument("--json", action="store_true")
+    hist.add_argument("--workspace", type=Path, default=Path("."))
+
     status = sub.add_parser("status", help="champion versions and the last round's results")
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.add_argument("--workspace", type=Path, default=Path("."))
@@ -87,6 +104,52 @@ def _check_model_arg(value: str, flag: str) -> str:
     return value
 
 
+def cmd_import(args) -> int:
+    from tasks.importers import ImportError_, failed, import_file, parse_mapping
+    from tasks.workspace import init_workspace
+
+    if not 0 <= args.max_bad_fraction <= 1:
+        raise SystemExit(f"error: --max-bad-fraction must be between 0 and 1, got {args.max_bad_fraction}")
+    try:
+        mapping = parse_mapping(args.mapping)
+        ws = init_workspace(args.workspace)
+        summary = import_file(ws, args.file, args.format, mapping)
+    except ImportError_ as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    problem = failed(summary, args.max_bad_fraction)
+    if args.json:
+        print(json.dumps({**summary.as_dict(), "failed": problem}))
+    else:
+        print(f"{summary.source_file}: format {summary.format}; kept {summary.kept}, set aside {summary.set_aside}")
+        for reason, n in summary.reasons.most_common():
+            print(f"  {n:6d}  {reason}")
+        if summary.raw_file:
+            print(f"versioned as {summary.raw_file}")
+        if summary.quarantine_file:
+            print(f"set-aside rows with their line numbers: {summary.quarantine_file}")
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+    return 1 if problem else 0
+
+
+def cmd_data(args) -> int:
+    from tasks.versioning import history
+    from tasks.workspace import Workspace
+
+    versions = history(Workspace(args.workspace))
+    if args.json:
+        print(json.dumps([v.__dict__ for v in versions], indent=2))
+        return 0
+    if not versions:
+        print("no feedback versioned yet")
+    for v in versions:
+        print(f"{v.commit[:10]}  {v.date}  {v.message}")
+        for f in v.files:
+            print(f"            {f}")
+    return 0
+
+
 def cmd_status(args) -> int:
     from tasks.config import load_config
     from tasks.rounds import status
@@ -124,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.versioning import VersioningError
 
     try:
-        return {"run": cmd_run, "status": cmd_status}[args.command](args)
+        commands = {"run": cmd_run, "status": cmd_status, "import": cmd_import, "data": cmd_data}
+        return commands[args.command](args)
     except (ConfigError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -72,14 +72,17 @@ def train(init_ref: str, tokenizer_ref: str, records: list[dict], cfg: PipelineC
     tokenizer = load_tokenizer(tokenizer_ref)
     model = load_reward(init_ref, tokenizer.pad_token_id)
     train_set, held_out = split(records, cfg.reward.eval_fraction)
-    too_long = [r for r in train_set
-                if max(len(tokenizer(r["prompt"] + r[k])["input_ids"]) for k in ("chosen", "rejected"))
-                >= cfg.reward.max_length]
+    def fits(r: dict) -> bool:  # + 1 for the EOS RewardTrainer appends
+        return max(len(tokenizer(r["prompt"] + r[k])["input_ids"]) for k in ("chosen", "rejected")) + 1 \
+            <= cfg.reward.max_length
+
+    too_long = [r for r in records if not fits(r)]
     if too_long:  # RewardTrainer would drop them without a word: say so, loudly
         print(f"warning: {len(too_long)} pairs exceed reward.max_length={cfg.reward.max_length} tokens "
-              "and are not trained on")
-    if len(train_set) - len(too_long) < 2:
-        raise StageError(f"only {len(train_set) - len(too_long)} trainable pairs; need more feedback")
+              "and are neither trained on nor scored; raise reward.max_length to use them")
+        train_set, held_out = [r for r in train_set if fits(r)], [r for r in held_out if fits(r)]
+    if len(train_set) < 2:
+        raise StageError(f"only {len(train_set)} trainable pairs; need more feedback")
     data = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
                               for r in train_set])
     with tempfile.TemporaryDirectory() as tmp:

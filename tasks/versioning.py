@@ -27,8 +27,8 @@ class VersioningError(RuntimeError):
     pass
 
 
-def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, **_ENV}
+def _run(args: list[str], cwd: Path, check: bool = True, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **_ENV, **(env_extra or {})}
     # Stage commands say `python`: make it this interpreter (the project's venv), as an activated venv would.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env.setdefault("DVC_SITE_CACHE_DIR", str(cwd / ".dvc" / "tmp" / "site-cache"))
@@ -41,7 +41,8 @@ def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.Completed
 
 
 def dvc(ws: Workspace, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return _run([sys.executable, "-m", "dvc", *args], ws.root, check)
+    # stages log to this workspace's MLflow, whatever the parent process last pointed MLflow at
+    return _run([sys.executable, "-m", "dvc", *args], ws.root, check, {"MLFLOW_TRACKING_URI": ws.tracking_uri})
 
 
 def git(ws: Workspace, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -92,11 +93,12 @@ def file_md5(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def add_raw_feedback(ws: Workspace, src: str | Path, round_: int, source: str, n_records: int) -> Path:
+def add_raw_feedback(ws: Workspace, src: str | Path, round_: int, source: str, n_records: int,
+                     digest: str | None = None) -> Path:
     """Copy `src` into data/feedback/raw/ under a new immutable name, `dvc add` it, commit the
     pointer to git and push the data to the remote. The same bytes twice give the same file
     (nothing is added twice); two writers never clobber each other (lock + unique name)."""
-    digest = file_md5(src)[:12]
+    digest = (digest or file_md5(src))[:12]  # an import passes the hash of the file as received
     safe_source = "".join(c if c.isalnum() or c in "-_" else "-" for c in source)
     dest = ws.raw_dir / f"round-{round_:04d}-{safe_source}-{digest}.jsonl"
     with lock(ws):
@@ -113,6 +115,18 @@ def add_raw_feedback(ws: Workspace, src: str | Path, round_: int, source: str, n
                 "--", str(pointer.relative_to(ws.root)), str((ws.raw_dir / ".gitignore").relative_to(ws.root)))
         dvc(ws, "push", "-q", str(pointer.relative_to(ws.root)))
     return dest
+
+
+def add_files(ws: Workspace, files: list[Path], message: str) -> None:
+    """`dvc add` each file, commit the pointers and push the data (files stay where they are)."""
+    with lock(ws):
+        rel = [str(Path(f).relative_to(ws.root)) for f in files]
+        dvc(ws, "add", "-q", *rel)
+        ignores = {str(Path(r).parent / ".gitignore") for r in rel}
+        git(ws, "add", *[r + ".dvc" for r in rel], *ignores)
+        if git(ws, "diff", "--cached", "--quiet", check=False).returncode != 0:
+            git(ws, "commit", "-q", "-m", message, "--", *[r + ".dvc" for r in rel], *ignores)
+        dvc(ws, "push", "-q", *[r + ".dvc" for r in rel])
 
 
 def repro(ws: Workspace, stage: str) -> bool:

@@ -15,6 +15,9 @@ from pathlib import Path
 import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # holds the dvc.yaml and params.yaml templates
+# The user's MLflow server, if any, read once: mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI,
+# so reading it later would leak one workspace's database into the next.
+USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ class Workspace:
     def mlruns(self) -> Path: return self.root / "mlruns"
     @property
     def tracking_uri(self) -> str:
-        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.root / 'mlflow.db'}"
+        return USER_TRACKING_URI or f"sqlite:///{self.root / 'mlflow.db'}"
     @property
     def model_cache(self) -> Path: return self.root / ".cache" / "models"
 

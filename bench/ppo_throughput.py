@@ -1,0 +1,133 @@
+"""PPO throughput: ours against TRL 0.29's PPOTrainer (../shared/bench/), same shapes, same run.
+
+    python bench/ppo_throughput.py --shape tiny --device cpu
+    python bench/ppo_throughput.py --shape 124m --device cuda --reference-python /tmp/ref/bin/python --json
+
+Both sides get random-init GPT-2-shaped models, the same random prompts, a fixed response
+length (no early stop) and the same PPO shape (batch, minibatches, epochs), so the figure does
+not depend on weights. Ours: policy with value head, frozen reference, reward model. The
+reference: TRL 0.29 with a separate value model (its only design). Prints a table, and with
+--json one JSON object; writes bench/results/ppo_throughput.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tasks.ppo.rollout import PolicyWithValue  # noqa: E402
+from tasks.ppo.trainer import PPOConfig, PPOTrainer  # noqa: E402
+
+SHAPES = {  # the reference README's shapes
+    "tiny": dict(layers=2, dim=64, heads=2, vocab=1000, prompts=32, prompt_len=16, response_len=16, batch=8),
+    "124m": dict(layers=12, dim=768, heads=12, vocab=50257, prompts=512, prompt_len=64, response_len=128, batch=64),
+    "355m": dict(layers=24, dim=1024, heads=16, vocab=50257, prompts=256, prompt_len=64, response_len=128, batch=32),
+}
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "bench" / "trl_ppo_reference.py"
+
+
+def run_ours(s: dict, device: str, bf16: bool) -> dict:
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=s["layers"], n_embd=s["dim"], n_head=s["heads"], vocab_size=s["vocab"],
+                     n_positions=s["prompt_len"] + s["response_len"] + 8, pad_token_id=0, eos_token_id=1,
+                     bos_token_id=1)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    policy = PolicyWithValue(AutoModelForCausalLM.from_config(cfg, dtype=dtype)).to(device)
+    ref = AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device)
+    score_cfg = {k: v for k, v in cfg.to_dict().items() if k not in ("id2label", "label2id")}
+    reward = AutoModelForSequenceClassification.from_config(GPT2Config(**score_cfg, num_labels=1),
+                                                            dtype=dtype).to(device)
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(2, s["vocab"], (s["prompts"], s["prompt_len"]), generator=g).tolist()
+    ppo = PPOConfig(steps=s["prompts"] // s["batch"], batch_size=s["batch"], minibatches=1, epochs=1,
+                    max_new_tokens=s["response_len"], missing_eos_penalty=None, checkpoint_every=0)
+    # eos_id=-1: no token ends a response, so every one has the fixed length, as in the reference
+    trainer = PPOTrainer(policy, ref, reward, prompts, eos_id=-1, pad_id=0, cfg=ppo, seed=0, device=device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    history = trainer.train()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    gen_fraction = sum(h["perf/gen_fraction"] for h in history) / len(history)
+    return {"system": "rlhf-pipeline-ppo", "seconds": round(dt, 3),
+            "episodes_per_s": round(s["prompts"] / dt, 2),
+            "gen_tokens_per_s": round(s["prompts"] * s["response_len"] / dt, 1),
+            "gen_fraction": round(gen_fraction, 3),
+            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+
+
+def run_reference(s: dict, python: str, script: Path, bf16: bool) -> dict:
+    args = [python, str(script), "--layers", str(s["layers"]), "--dim", str(s["dim"]), "--heads", str(s["heads"]),
+            "--vocab", str(s["vocab"]), "--prompts", str(s["prompts"]), "--prompt-len", str(s["prompt_len"]),
+            "--response-len", str(s["response_len"]), "--batch", str(s["batch"])] + (["--bf16"] if bf16 else [])
+    proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"})
+    if proc.returncode != 0:
+        raise SystemExit(f"the reference failed ({python} {script}):\n{proc.stderr[-2000:]}")
+    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--reference-python", default=None,
+                   help="interpreter with trl==0.29 (TRL 0.29 cannot share an environment with TRL 1.x)")
+    p.add_argument("--reference-script", type=Path, default=REFERENCE)
+    p.add_argument("--no-reference", action="store_true", help="time ours alone")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each side; the best is reported")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    a = p.parse_args()
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    if a.repeats < 1:
+        raise SystemExit("--repeats must be at least 1")
+    bf16 = a.device == "cuda"  # the reference README's GPU figures are bf16
+    shape = SHAPES[a.shape]
+    torch.set_num_threads(os.cpu_count() or 1)
+    ours = max((run_ours(shape, a.device, bf16) for _ in range(a.repeats)), key=lambda r: r["episodes_per_s"])
+    reference = None
+    if not a.no_reference:
+        if a.reference_python is None:
+            raise SystemExit("pass --reference-python PATH (a venv with trl==0.29.0, see ../shared/bench/README.md) "
+                             "or --no-reference")
+        if not a.reference_script.exists():
+            raise SystemExit(f"reference script {a.reference_script} not found; pass --reference-script")
+        reference = max((run_reference(shape, a.reference_python, a.reference_script, bf16)
+                         for _ in range(a.repeats)), key=lambda r: r["episodes_per_s"])
+    device = torch.cuda.get_device_name() if a.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    result = {"shape": a.shape, **shape, "device": device, "bf16": bf16, "repeats": a.repeats,
+              "ours": ours, "reference": reference,
+              "ratio": round(ours["episodes_per_s"] / reference["episodes_per_s"], 2) if reference else None}
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "ppo_throughput.json").write_text(json.dumps(result, indent=2))
+    if a.json:
+        print(json.dumps(result))
+        return
+    print(f"PPO throughput, shape {a.shape} on {device} (best of {a.repeats})")
+    print(f"{'system':<22}{'episodes/s':>12}{'gen tok/s':>12}{'gen share':>11}{'peak GPU GiB':>14}{'peak RSS GiB':>14}")
+    for r in (ours, reference):
+        if r:
+            print(f"{r['system']:<22}{r['episodes_per_s']:>12}{r['gen_tokens_per_s']:>12}"
+                  f"{str(r.get('gen_fraction', '-')):>11}{str(r['peak_gpu_gib']):>14}{str(r['peak_rss_gib']):>14}")
+    if reference:
+        print(f"ratio (ours / reference): {result['ratio']}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""Importing preference files: our records, HH-RLHF dialogues, CSV and Parquet with a column map.
+
+Each reader streams its file and yields, per source row, either a PreferenceRecord or a
+BadLine (row number + reason). `import_file` writes the kept records to a new immutable raw
+file, the set-aside rows to a quarantine file beside it, keeps the received file as it came,
+and versions all three with DVC. Nothing is dropped without a line saying why.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from tasks import versioning
+from tasks.records import BadLine, PreferenceRecord, read_jsonl, utc_now
+from tasks.workspace import Workspace
+
+FORMATS = ("jsonl", "csv", "parquet", "hh-rlhf")
+ASSISTANT = "\n\nAssistant:"
+MAX_FIELD_CHARS = 100_000  # a field longer than this is a broken export, not a response
+Row = PreferenceRecord | BadLine
+
+
+class ImportError_(ValueError):
+    """The file cannot be imported at all (unknown format, unreadable); the message says why."""
+
+
+@dataclass
+class ImportSummary:
+    source_file: str
+    format: str
+    kept: int = 0
+    set_aside: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    raw_file: str | None = None
+    quarantine_file: str | None = None
+    received_file: str | None = None
+
+    def as_dict(self) -> dict:
+        return {"source_file": self.source_file, "format": self.format, "kept": self.kept,
+                "set_aside": self.set_aside, "reasons": dict(self.reasons), "raw_file": self.raw_file,
+                "quarantine_file": self.quarantine_file, "received_file": self.received_file}
+
+
+# ---- checks shared by every format --------------------------------------------------------------
+def _text_problem(name: str, value) -> str | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
+        return f"missing or empty field '{name}'"
+    if not isinstance(value, str):
+        return f"field '{name}' is not text"
+    if len(value) > MAX_FIELD_CHARS:
+        return f"field '{name}' longer than {MAX_FIELD_CHARS} characters"
+    if "\x00" in value:
+        return f"field '{name}' holds NUL characters"
+    return None
+
+
+def make_record(line: int, data: dict, source: str, round_: int) -> Row:
+    """A record from a dict holding at least prompt/chosen/rejected, or a BadLine naming the problem."""
+    problems = [p for p in (_text_problem(k, data.get(k)) for k in ("prompt", "chosen", "rejected")) if p]
+    margin = data.get("margin")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                               or not math.isfinite(margin)):
+        problems.append("field 'margin' is not a finite number")
+    label = data.get("label", "pair")
+    if label not in ("pair", "tie", "skip"):
+        problems.append(f"field 'label' is {label!r}, not pair, tie or skip")
+    if problems:
+        return BadLine(line, "; ".join(problems), json.dumps(data, ensure_ascii=False, default=str)[:2000])
+    return PreferenceRecord(
+        prompt=data["prompt"], chosen=data["chosen"], rejected=data["rejected"],
+        source=str(data.get("source") or source), annotator=str(data.get("annotator") or "unknown"),
+        round=int(data["round"]) if isinstance(data.get("round"), int) else round_,
+        policy_version=data.get("policy_version"), created_at=str(data.get("created_at") or utc_now()),
+        label=label, margin=margin, id=str(data.get("id") or ""))
+
+
+# ---- readers ---------------------------------------------------------------------------------
+def read_records_jsonl(path: Path, mapping: dict, round_: int) -> Iterator[Row]:
+    for item in read_jsonl(path):
+        if isinstance(item, BadLine):
+            yield item
+            continue
+        line, obj = item
+        yield make_record(line, {**obj, **{k: obj.get(v) for k, v in mapping.items()}}, "import:jsonl", round_)
+
+
+def split_dialogue(chosen: str, rejected: str) -> tuple[str, str, str] | str:
+    """HH-RLHF: the prompt is the shared dialogue up to the last Assistant turn. Returns
+    (prompt, chosen response, rejected response), or the reason it cannot be split."""
+    cut = chosen.rfind(ASSISTANT)
+    if cut < 0:
+        return "no '\\n\\nAssistant:' turn in 'chosen'"
+    prompt = chosen[:cut + len(ASSISTANT)]
+    if not rejected.startswith(prompt):
+        # the rejected side may end its dialogue earlier: use the common prefix's last Assistant turn
+        common = 0
+        while common < min(len(chosen), len(rejected)) and chosen[common] == rejected[common]:
+            common += 1
+        cut = chosen[:common].rfind(ASSISTANT)
+        if cut < 0:
+            return "'chosen' and 'rejected' share no dialogue up to an Assistant turn"
+        prompt = chosen[:cut + len(ASSISTANT)]
+    return prompt, chosen[len(prompt):], rejected[len(prompt):]
+
+
+def read_hh_rlhf(path: Path, mapping: dict, round_: int) -> Iterator[Row]:
+    for item in read_jsonl(path):
+        if isinstance(item, BadLine):
+            yield item
+            continue
+        line, obj = item
+        problems = [p for p in (_text_problem(k, obj.get(k)) for k in ("chosen", "rejected")) if p]
+        if problems:
+            yield BadLine(line, "; ".join(problems), json.dumps(obj, ensure_ascii=False, default=str)[:2000])
+            continue
+        split = split_dialogue(obj["chosen"], obj["rejected"])
+        if isinstance(split, str):
+            yield BadLine(line, split, json.dumps(obj, ensure_ascii=False)[:2000])
+            continue
+        prompt, chosen, rejected = split
+        yield make_record(line, {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                                 "annotator": "hh-rlhf"}, "import:hh-rlhf", round_)
+
+
+def read_csv(path: Path, mapping: dict, round_: int) -> Iterator[Row]:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            _check_columns(reader.fieldnames or [], mapping)
+            for n, row in enumerate(reader, start=2):  # line 1 is the header
+                if None in row:
+                    yield BadLine(n, f"{len(row[None])} more cells than the header has columns", str(row)[:2000])
+                    continue
+                yield make_record(n, _mapped(row, mapping), "import:csv", round_)
+    except UnicodeDecodeError as e:
+        raise ImportError_(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); re-export it as UTF-8") from None
+    except csv.Error as e:
+        raise ImportError_(f"{path} is not readable CSV: {e}") from None
+
+
+def read_parquet(path: Path, mapping: dict, round_: int) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+        raise ImportError_(f"{path} is not a Parquet file: {e}") from None
+    _check_columns(pf.schema_arrow.names, mapping)
+    n = 0
+    for batch in pf.iter_batches(batch_size=8192):  # streams: memory does not grow with the file
+        for row in batch.to_pylist():
+            n += 1
+            yield make_record(n, _mapped(row, mapping), "import:parquet", round_)
+
+
+def _mapped(row: dict, mapping: dict) -> dict:
+    return {**row, **{ours: row.get(theirs) for ours, theirs in mapping.items()}}
+
+
+def _check_columns(columns: list[str], mapping: dict) -> None:
+    needed = {k: mapping.get(k, k) for k in ("prompt", "chosen", "rejected")}
+    missing = [f"{theirs}" + (f" (for {ours})" if ours != theirs else "")
+               for ours, theirs in needed.items() if theirs not in columns]
+    if missing:
+        raise ImportError_(f"columns {', '.join(missing)} not found; the file has {', '.join(columns) or 'none'}. "
+                           "Map yours with --map prompt=COL,chosen=COL,rejected=COL")
+
+
+READERS: dict[str, Callable[[Path, dict, int], Iterator[Row]]] = {
+    "jsonl": read_records_jsonl, "hh-rlhf": read_hh_rlhf, "csv": read_csv, "parquet": read_parquet}
+
+
+def detect_format(path: Path) -> str:
+    """By extension, then (for JSON lines) by the keys of the first object."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return "parquet"
+    if suffix in (".csv", ".tsv"):
+        return "csv"
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if not head.strip():
+        raise ImportError_(f"{path} is empty: nothing to import")
+    for item in read_jsonl(path):
+        if isinstance(item, BadLine):
+            continue
+        keys = set(item[1])
+        if {"prompt", "chosen", "rejected"} <= keys:
+            return "jsonl"
+        if {"chosen", "rejected"} <= keys and ASSISTANT in str(item[1].get("chosen")):
+            return "hh-rlhf"
+        raise ImportError_(f"{path}: cannot tell the format from keys {sorted(keys)}; pass --format")
+    if b"\x00" in head:
+        raise ImportError_(f"{path} looks binary, not a JSON-lines, CSV or Parquet file")
+    raise ImportError_(f"{path}: no line of it is a JSON object; pass --format")
+
+
+def parse_mapping(text: str | None) -> dict:
+    """'prompt=question,chosen=good' -> {'prompt': 'question', 'chosen': 'good'}."""
+    if not text:
+        return {}
+    mapping = {}
+    for part in text.split(","):
+        ours, sep, theirs = part.partition("=")
+        if not sep or ours.strip() not in ("prompt", "chosen", "rejected") or not theirs.strip():
+            raise ImportError_(f"bad --map entry {part!r}: expected prompt=COL, chosen=COL or rejected=COL")
+        mapping[ours.strip()] = theirs.strip()
+    return mapping
+
+
+def convert(path: Path, fmt: str, mapping: dict, round_: int, kept_out: Path, bad_out: Path) -> ImportSummary:
+    """Stream `path` into kept records (JSON lines) and set-aside rows (JSON lines with reasons)."""
+    summary = ImportSummary(source_file=str(path), format=fmt)
+    seen: set[str] = set()
+    with open(kept_out, "w", encoding="utf-8") as kept, open(bad_out, "w", encoding="utf-8") as bad:
+        for row in READERS[fmt](path, mapping, round_):
+            if isinstance(row, PreferenceRecord) and row.id in seen:
+                row = BadLine(0, "duplicate of an earlier pair in the file", row.to_json()[:2000])
+            if isinstance(row, BadLine):
+                summary.set_aside += 1
+                summary.reasons[row.reason] += 1
+                bad.write(json.dumps({"source_file": path.name, "line": row.line, "reasons": [row.reason],
+                                      "record": row.raw}, ensure_ascii=False) + "\n")
+                continue
+            seen.add(row.id)
+            summary.kept += 1
+            kept.write(row.to_json() + "\n")
+    return summary
+
+
+def import_file(ws: Workspace, path: Path, fmt: str = "auto", mapping: dict | None = None,
+                round_: int | None = None) -> ImportSummary:
+    """Import one file into the workspace's raw feedback, versioned with DVC. Returns the summary;
+    the caller decides the exit code (see `failed`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImportError_(f"{path} does not exist or is not a file")
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt not in READERS:
+        raise ImportError_(f"unknown format {fmt!r}; use one of auto, {', '.join(FORMATS)}")
+    round_ = round_ if round_ is not None else ws.read_state().round
+    (ws.root / ".cache").mkdir(exist_ok=True)  # git-ignored scratch space on the same disk
+    with tempfile.TemporaryDirectory(dir=ws.root / ".cache") as tmp:
+        kept, bad = Path(tmp) / "kept.jsonl", Path(tmp) / "set-aside.jsonl"
+        summary = convert(path, fmt, mapping or {}, round_, kept, bad)
+        source = f"import-{fmt}"
+        if summary.kept:
+            summary.raw_file = str(versioning.add_raw_feedback(ws, kept, round_, source, summary.kept,
+                                                               digest=versioning.file_md5(path)))
+        received_dir = ws.root / "data" / "feedback" / "received"
+        received = received_dir / f"{versioning.file_md5(path)[:12]}-{path.name}"
+        extra = []
+        if not received.exists():  # the file as it came, byte for byte
+            received_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, received)
+            extra.append(received)
+        summary.received_file = str(received)
+        if summary.set_aside:
+            qdir = ws.root / "data" / "feedback" / "quarantine"
+            quarantine = qdir / f"{received.stem}.set-aside.jsonl"
+            if not quarantine.exists():  # same received bytes -> same set-aside rows
+                qdir.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(bad, quarantine)
+                extra.append(quarantine)
+            summary.quarantine_file = str(quarantine)
+        if extra:
+            versioning.add_files(ws, extra, f"data: received {path.name} ({fmt}), {summary.set_aside} rows set aside")
+    return summary
+
+
+def failed(summary: ImportSummary, max_bad_fraction: float) -> str | None:
+    """Why the import counts as failed (exit non-zero), or None."""
+    total = summary.kept + summary.set_aside
+    if summary.kept == 0:
+        return "no usable pair in the file"
+    if total and summary.set_aside / total > max_bad_fraction:
+        return f"{summary.set_aside} of {total} rows set aside, more than --max-bad-fraction={max_bad_fraction}"
+    return None

@@ -1,0 +1,203 @@
+"""Importers: HH-RLHF whole, round trips through every format, malformed files, DVC versioning."""
+import csv
+import json
+import os
+import subprocess
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flows.cli import main
+from tasks import versioning
+from tasks.importers import ImportError_, import_file, split_dialogue
+from tasks.records import PreferenceRecord
+from tasks.workspace import init_workspace
+
+from conftest import HH_RLHF
+
+needs_hh = pytest.mark.skipif(not HH_RLHF.exists(), reason=f"HH-RLHF sample not found at {HH_RLHF}")
+
+
+@pytest.fixture
+def ws(tmp_path):
+    return init_workspace(tmp_path / "ws")
+
+
+def records(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+@needs_hh
+def test_hh_rlhf_sample_imports_whole_with_prompts_split_right(ws):
+    summary = import_file(ws, HH_RLHF)
+    assert summary.format == "hh-rlhf"
+    assert (summary.kept, summary.set_aside) == (1812, 0)
+    source = [json.loads(line) for line in HH_RLHF.open(encoding="utf-8")]
+    imported = records(summary.raw_file)
+    last_turn_only = 0
+    for rec, orig in zip(imported, source):
+        assert rec["prompt"] + rec["chosen"] == orig["chosen"]
+        assert rec["prompt"] + rec["rejected"] == orig["rejected"]
+        # the prompt is the whole shared dialogue, up to its last Assistant turn
+        common = os.path.commonprefix([orig["chosen"], orig["rejected"]])
+        assert rec["prompt"] == common[:common.rfind("\n\nAssistant:") + len("\n\nAssistant:")]
+        last_turn_only += "\n\nAssistant:" not in rec["chosen"] + rec["rejected"]
+        assert rec["source"] == "import:hh-rlhf"
+    assert last_turn_only > 0.9 * len(imported)  # most pairs differ only in the final answer
+    # versioned: DVC pointer committed, data pushed, received file kept byte for byte
+    assert (versioning.history(ws)[0].message.startswith("data: round 1 feedback (import-hh-rlhf, 1812 records)"))
+    md5 = versioning.file_md5(summary.raw_file)
+    assert (ws.root / ".dvcstore" / "files" / "md5" / md5[:2] / md5[2:]).exists()
+    assert open(summary.received_file, "rb").read() == HH_RLHF.read_bytes()
+    # importing the same file again adds nothing new
+    again = import_file(ws, HH_RLHF)
+    assert again.raw_file == summary.raw_file and len(versioning.history(ws)) == 1
+
+
+@needs_hh
+def test_imported_hh_pairs_train_the_reward_model(ws, tmp_path):
+    """The reward stage trains on real human feedback (a tokenizer and tiny model sized for dialogues)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from tasks.config import load_config
+    from tasks.modeling import save
+    from tasks.train_reward import train
+
+    summary = import_file(ws, HH_RLHF)
+    pairs = records(summary.raw_file)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([p["prompt"] + p["chosen"] for p in pairs], vocab_size=2000,
+                            special_tokens=["<|endoftext|>", "<|pad|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=512, n_embd=64, n_layer=2, n_head=2,
+                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    base = save(model, tok, tmp_path / "hh-base")
+    cfg = load_config(None, {"reward.epochs": 1, "reward.max_length": 512, "reward.batch_size": 16})
+    metrics = train(str(base), str(base), pairs[:400], cfg, tmp_path / "hh-reward")
+    assert metrics["train"]["n"] + metrics["held_out"]["n"] + metrics["too_long"] == 400  # none lost silently
+    assert metrics["too_long"] < 400 and 0 <= metrics["held_out"]["accuracy"] <= 1
+    assert (tmp_path / "hh-reward" / "model.safetensors").exists()
+
+
+def sample_records(n=5):
+    return [PreferenceRecord(prompt=f"the pilot said {i}", chosen=f" they were late {i} .",
+                             rejected=f" he was late {i} .", source="simulated", annotator="bob", round=2,
+                             created_at="2026-11-01T00:00:00+00:00") for i in range(n)]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_each_format_round_trips(ws, tmp_path, fmt):
+    recs = sample_records()
+    rows = [json.loads(r.to_json()) for r in recs]
+    path = tmp_path / f"prefs.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif fmt == "csv":
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["question", "good", "bad"])
+            w.writeheader()
+            w.writerows({"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"]} for r in rows)
+    else:
+        pq.write_table(pa.Table.from_pylist([{"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"]}
+                                             for r in rows]), path)
+    mapping = {} if fmt == "jsonl" else {"prompt": "question", "chosen": "good", "rejected": "bad"}
+    summary = import_file(ws, path, "auto", mapping)
+    assert summary.format == fmt and (summary.kept, summary.set_aside) == (5, 0)
+    back = records(summary.raw_file)
+    assert [r["id"] for r in back] == [r.id for r in recs]
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in back] == \
+        [(r.prompt, r.chosen, r.rejected) for r in recs]
+    if fmt == "jsonl":  # our own format keeps every field
+        assert back == rows
+
+
+def test_bad_rows_are_set_aside_with_line_and_reason_and_cli_summarises(ws, tmp_path, capsys):
+    good = [json.loads(r.to_json()) for r in sample_records(3)]
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b"\n".join([json.dumps(good[0]).encode(), b"{broken", b"\xff\xfe\x00",
+                                 json.dumps({**good[1], "chosen": None}).encode(),
+                                 json.dumps({**good[1], "margin": "high"}).encode(),
+                                 json.dumps(good[0]).encode(), json.dumps(good[2]).encode()]) + b"\n")
+    code = main(["import", str(path), "--json", "--max-bad-fraction", "0.8", "--workspace", str(ws.root)])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["failed"] is None  # 5 of 7 set aside: under the 0.8 threshold
+    assert out["kept"] == 2 and out["set_aside"] == 5
+    assert set(out["reasons"]) == {"not JSON (Expecting property name enclosed in double quotes)",
+                                   "not UTF-8 (invalid start byte at byte 0)", "missing or empty field 'chosen'",
+                                   "field 'margin' is not a finite number", "duplicate of an earlier pair in the file"}
+    quarantined = records(out["quarantine_file"])
+    assert sorted(q["line"] for q in quarantined) == [0, 2, 3, 4, 5]
+    assert open(out["received_file"], "rb").read() == path.read_bytes()
+
+
+def test_mostly_bad_file_exits_non_zero(ws, tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    good = json.loads(sample_records(1)[0].to_json())
+    path.write_text(json.dumps(good) + "\n" + "nope\n" * 5)
+    assert main(["import", str(path), "--format", "jsonl", "--workspace", str(ws.root)]) == 1
+    assert "more than --max-bad-fraction" in capsys.readouterr().err
+    assert main(["import", str(path), "--format", "jsonl", "--max-bad-fraction", "0.9",
+                 "--workspace", str(ws.root)]) == 0
+
+
+@pytest.mark.parametrize("content,fmt,expected", [
+    (b"", "auto", "is empty"),
+    (bytes(range(256)), "auto", "looks binary"),
+    (b'{"foo": 1}\n', "auto", "cannot tell the format"),
+    (b"question,answer\nq,a\n", "csv", "columns prompt, chosen, rejected not found"),
+    (b"not parquet at all", "parquet", "not a Parquet file"),
+    (b"prompt,chosen,rejected\n\xff\xfe,b,c\n", "csv", "not UTF-8"),
+])
+def test_unreadable_files_give_a_clear_error_exit_2(ws, tmp_path, capsys, content, fmt, expected):
+    path = tmp_path / ("f.parquet" if fmt == "parquet" else "f.csv" if fmt == "csv" else "f.jsonl")
+    path.write_bytes(content)
+    assert main(["import", str(path), "--format", fmt, "--workspace", str(ws.root)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    assert versioning.raw_files(ws) == []  # nothing half-imported
+
+
+def test_bad_map_and_missing_file(ws, tmp_path, capsys):
+    assert main(["import", str(tmp_path / "none.jsonl"), "--workspace", str(ws.root)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    path = tmp_path / "x.csv"
+    path.write_text("a,b,c\n1,2,3\n")
+    assert main(["import", str(path), "--map", "prompt", "--workspace", str(ws.root)]) == 2
+    assert "bad --map entry" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="max-bad-fraction"):
+        main(["import", str(path), "--max-bad-fraction", "2", "--workspace", str(ws.root)])
+
+
+def test_csv_row_with_extra_cells_is_set_aside(ws, tmp_path):
+    path = tmp_path / "x.csv"
+    path.write_text("prompt,chosen,rejected\np, a, b\np2, a2, b2, surplus\n")
+    summary = import_file(ws, path)
+    assert (summary.kept, summary.set_aside) == (1, 1)
+    assert "more cells than the header" in next(iter(summary.reasons))
+
+
+def test_split_dialogue_edge_cases():
+    assert split_dialogue("\n\nHuman: hi\n\nAssistant: a", "\n\nHuman: hi\n\nAssistant: b") == \
+        ("\n\nHuman: hi\n\nAssistant:", " a", " b")
+    assert "no '\\n\\nAssistant:'" in split_dialogue("just text", "other")
+    # rejected ends earlier: the prompt is the shared dialogue up to the last common Assistant turn
+    p, c, r = split_dialogue("\n\nHuman: q\n\nAssistant: x\n\nHuman: more\n\nAssistant: y",
+                             "\n\nHuman: q\n\nAssistant: z")
+    assert p == "\n\nHuman: q\n\nAssistant:" and c.startswith(" x") and r == " z"
+
+
+def test_data_history_lists_versions(ws, tmp_path, capsys):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(r.to_json() + "\n" for r in sample_records(2)))
+    import_file(ws, path)
+    assert main(["data", "history", "--json", "--workspace", str(ws.root)]) == 0
+    versions = json.loads(capsys.readouterr().out)
+    assert len(versions) == 1 and versions[0]["files"][0].startswith("data/feedback/raw/round-0001-import-jsonl-")
+    # and dvc can bring that version back after the working copy is lost
+    raw = ws.root / versions[0]["files"][0]
+    raw.unlink()
+    subprocess.run(["rm", "-rf", str(ws.root / ".dvc" / "cache")], check=True)
+    versioning.dvc(ws, "pull", "-q", versions[0]["files"][0] + ".dvc")
+    assert len(records(raw)) == 2
