@@ -4,6 +4,7 @@
     rlhf status [--json] [--workspace DIR]
     rlhf import FILE [--format auto|jsonl|csv|parquet|hh-rlhf] [--map prompt=COL,...] [--json]
     rlhf data history [--json]
+    rlhf compare [A B] [--json]       rlhf promote VERSION --reason TEXT [--force]       rlhf rollback
 
 Bad arguments and bad configs end with one line that names the problem (exit 2), never a traceback.
 """
@@ -62,6 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
     hist = data_sub.add_parser("history", help="every version of the raw feedback, newest first")
     hist.add_argument("--json", action="store_true")
     hist.add_argument("--workspace", type=Path, default=Path("."))
+
+    cmp_ = sub.add_parser("compare", help="two policy versions side by side (default: champion vs latest)")
+    cmp_.add_argument("a", nargs="?", default="champion", help="version number or alias (default: champion)")
+    cmp_.add_argument("b", nargs="?", default="latest", help="version number, alias or 'latest' (default)")
+    cmp_.add_argument("--json", action="store_true")
+    cmp_.add_argument("--workspace", type=Path, default=Path("."))
+
+    prom = sub.add_parser("promote", help="make a policy version champion by hand (logged with its reason)")
+    prom.add_argument("version", help="version number or alias")
+    prom.add_argument("--reason", required=True, help="why: kept on the version and the MLflow run")
+    prom.add_argument("--force", action="store_true", help="promote even though its gates failed")
+    prom.add_argument("--workspace", type=Path, default=Path("."))
+
+    rb = sub.add_parser("rollback", help="champion back to previous (policy and reward model)")
+    rb.add_argument("--reason", default="rollback requested", help="why: kept on the versions")
+    rb.add_argument("--workspace", type=Path, default=Path("."))
 
     status = sub.add_parser("status", help="champion versions and the last round's results")
     status.add_argument("--json", action="store_true", help="print one JSON object")
@@ -150,6 +167,46 @@ def cmd_data(args) -> int:
     return 0
 
 
+def _workspace_config(args):
+    from tasks.config import load_config
+    from tasks.workspace import Workspace
+
+    ws = Workspace(args.workspace)
+    if not ws.params.exists():
+        raise SystemExit(f"error: {ws.root} is not a workspace (no params.yaml); run `rlhf run` first")
+    return ws, load_config(ws.params)
+
+
+def cmd_registry(args) -> int:
+    from tasks import registry
+
+    ws, cfg = _workspace_config(args)
+    try:
+        if args.command == "compare":
+            out = registry.compare(ws, cfg, args.a, args.b)
+            if args.json:
+                print(json.dumps(out, indent=2))
+                return 0
+            (la, a), (lb, b) = out.items()
+            print(f"{'':34}{la + ' v' + a['version']:>18}{lb + ' v' + b['version']:>18}")
+            for key in ("round", "promoted"):
+                print(f"{key:34}{str(a[key]):>18}{str(b[key]):>18}")
+            for key in sorted(set(a["metrics"]) | set(b["metrics"])):
+                fa, fb = a["metrics"].get(key), b["metrics"].get(key)
+                print(f"{key:34}{'-' if fa is None else f'{fa:.4g}':>18}{'-' if fb is None else f'{fb:.4g}':>18}")
+        elif args.command == "promote":
+            out = registry.force_promote(ws, cfg, args.version, args.reason, args.force)
+            print(f"{cfg.policy_name}: champion is now v{out['champion']} (previous: v{out['previous']})")
+        else:
+            out = registry.rollback(ws, cfg, args.reason)
+            for name, change in out.items():
+                print(f"{name}: champion v{change['from']} -> v{change['to']}")
+    except registry.RegistryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_status(args) -> int:
     from tasks.config import load_config
     from tasks.rounds import status
@@ -187,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.versioning import VersioningError
 
     try:
-        commands = {"run": cmd_run, "status": cmd_status, "import": cmd_import, "data": cmd_data}
+        commands = {"run": cmd_run, "status": cmd_status, "import": cmd_import, "data": cmd_data,
+                    "compare": cmd_registry, "promote": cmd_registry, "rollback": cmd_registry}
         return commands[args.command](args)
     except (ConfigError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,6 +8,7 @@ held-out professions). Responses side by side go to MLflow as a table.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 
@@ -106,6 +107,62 @@ def evaluate(candidate_ref: str, champion_ref: str, reference_ref: str, reward_r
     return report, table
 
 
+def figures(report: dict, table: list[dict], past_rounds: list[dict]):
+    """Reward distributions of both policies, and reward / gold against sqrt(KL) over the rounds
+    (the over-optimisation view of Gao et al., 2022). Returns {name: matplotlib figure}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dist, ax = plt.subplots(figsize=(5, 3.2))
+    ax.hist([row["champion_reward"] for row in table], bins=30, alpha=0.6, label="champion")
+    ax.hist([row["candidate_reward"] for row in table], bins=30, alpha=0.6, label="candidate")
+    ax.set_xlabel("reward-model score")
+    ax.set_ylabel("responses")
+    ax.legend()
+    dist.tight_layout()
+
+    points = [(r["kl"], r["reward"], r["gold_after"]) for r in past_rounds if "reward" in r]
+    points.append((report["candidate/kl_to_reference"], report["candidate/reward_mean"],
+                   report["candidate/neutral_rate"]))
+    over, ax = plt.subplots(figsize=(5, 3.2))
+    xs = [math.sqrt(max(kl, 0.0)) for kl, _, _ in points]
+    ax.plot(xs, [p[1] for p in points], "o-", label="reward model score")
+    ax.set_xlabel("sqrt(KL to reference)")
+    ax.set_ylabel("reward-model score")
+    gold_ax = ax.twinx()
+    gold_ax.plot(xs, [p[2] for p in points], "s--", color="tab:green", label="gold: held-out neutral rate")
+    gold_ax.set_ylabel("gold metric")
+    for i, x in enumerate(xs):
+        ax.annotate(f"r{i + 1}", (x, points[i][1]))
+    over.legend(loc="lower right", fontsize=8)
+    over.tight_layout()
+    return {"reward_distribution.png": dist, "reward_vs_sqrt_kl.png": over}
+
+
+def html_report(report: dict, table: list[dict], images: dict[str, bytes], n_rows: int = 40) -> str:
+    """One self-contained page: metrics, plots, responses side by side."""
+    import base64
+    import html
+
+    metrics = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>" if isinstance(v, float)
+                      else f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
+                      for k, v in report.items())
+    pictures = "".join(f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+                       for name, png in images.items())
+    rows = "".join(
+        f"<tr><td>{html.escape(r['prompt'])}</td><td>{html.escape(r['champion'])}</td><td>{r['champion_reward']:.3f}</td>"
+        f"<td>{html.escape(r['candidate'])}</td><td>{r['candidate_reward']:.3f}</td></tr>" for r in table[:n_rows])
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Evaluation, round {report.get('round')}</title>"
+            "<style>body{font-family:sans-serif;margin:2em}td,th{border:1px solid #ccc;padding:3px 8px}"
+            "table{border-collapse:collapse;margin-bottom:2em}</style></head><body>"
+            f"<h1>Candidate against champion, round {report.get('round')}</h1>"
+            f"<h2>Metrics</h2><table>{metrics}</table><h2>Plots</h2>{pictures}"
+            f"<h2>Responses side by side (first {n_rows})</h2><table><tr><th>prompt</th><th>champion</th>"
+            f"<th>reward</th><th>candidate</th><th>reward</th></tr>{rows}</table></body></html>")
+
+
 def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
     with tracking.stage_run(ws, cfg.project, "evaluate", state):
         champion_ref = tracking.resolve_model(ws, state.policy)
@@ -120,6 +177,17 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
         mlflow.log_metrics({k: v for k, v in report.items()
                             if isinstance(v, (int, float)) and math.isfinite(v)})
         mlflow.log_table({k: [row[k] for row in table] for k in table[0]}, "samples_side_by_side.json")
+        from tasks.rounds import completed_rounds
+
+        images = {}
+        for name, fig in figures(report, table, [r for r in completed_rounds(ws) if r["round"] < state.round]).items():
+            mlflow.log_figure(fig, f"plots/{name}")
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=100)
+            images[name] = buf.getvalue()
+        page = html_report(report, table, images)
+        (ws.reports / "evaluation.html").write_text(page, encoding="utf-8")
+        mlflow.log_text(page, "evaluation_report.html")
     return report
 
 

@@ -37,7 +37,8 @@ def check_gates(report: dict, gates: GatesConfig) -> list[Gate]:
     fluency_drop = report["champion/fluent_rate"] - report["candidate/fluent_rate"]
     finite = all(math.isfinite(v) for v in report.values() if isinstance(v, float))
     return [
-        Gate("win_rate", report["win_rate/rate"], gates.min_win_rate, report["win_rate/rate"] >= gates.min_win_rate),
+        Gate("win_rate_lower_bound", report["win_rate/low"], gates.min_win_rate,
+             report["win_rate/low"] >= gates.min_win_rate),
         Gate("kl_to_reference", report["candidate/kl_to_reference"], gates.max_kl,
              report["candidate/kl_to_reference"] <= gates.max_kl),
         Gate("fluency_drop", fluency_drop, gates.max_fluency_drop, fluency_drop <= gates.max_fluency_drop),

@@ -66,6 +66,7 @@ def finish_round(ws: Workspace, state: RoundState) -> dict:
         "fluent_before": evaluation["champion/fluent_rate"],
         "fluent_after": evaluation["candidate/fluent_rate"],
         "kl": evaluation["candidate/kl_to_reference"],
+        "reward": evaluation["candidate/reward_mean"],
         "reward_accuracy": evaluation["reward_model/accuracy"],
         "win_rate": evaluation["win_rate/rate"],
         "gold_win_rate": evaluation["gold_win_rate/rate"],

@@ -51,14 +51,26 @@ def score_texts(model, tokenizer, prompts: list[str], responses: list[str], batc
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def pairwise_accuracy(model, tokenizer, records: list[dict]) -> dict[str, float]:
+def calibration(r_c: torch.Tensor, r_r: torch.Tensor, buckets: int = 4) -> list[dict]:
+    """Accuracy by |margin| quartile: a calibrated reward model is more often right when it is surer."""
+    margin = (r_c - r_r).abs()
+    order = torch.argsort(margin)
+    out = []
+    for chunk in torch.tensor_split(order, buckets):
+        if len(chunk):
+            out.append({"margin_low": float(margin[chunk].min()), "margin_high": float(margin[chunk].max()),
+                        "accuracy": float((r_c[chunk] > r_r[chunk]).float().mean()), "n": len(chunk)})
+    return out
+
+
+def pairwise_accuracy(model, tokenizer, records: list[dict]) -> dict:
     if not records:
-        return {"accuracy": float("nan"), "loss": float("nan"), "n": 0}
+        return {"accuracy": float("nan"), "loss": float("nan"), "n": 0, "calibration": []}
     prompts = [r["prompt"] for r in records]
     r_c = score_texts(model, tokenizer, prompts, [r["chosen"] for r in records])
     r_r = score_texts(model, tokenizer, prompts, [r["rejected"] for r in records])
     return {"accuracy": float((r_c > r_r).float().mean()), "loss": float(bradley_terry_loss(r_c, r_r)),
-            "n": len(records)}
+            "n": len(records), "calibration": calibration(r_c, r_r)}
 
 
 class _MlflowLoss(TrainerCallback):
@@ -118,6 +130,9 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
                             "reward/pairs_train": metrics["train"]["n"],
                             "reward/pairs_held_out": metrics["held_out"]["n"],
                             "reward/too_long": metrics["too_long"]})
+        for i, bucket in enumerate(metrics["held_out"]["calibration"]):
+            mlflow.log_metric("reward/calibration_accuracy", bucket["accuracy"], step=i)
+        mlflow.log_dict(metrics, "reward_metrics.json")
     return metrics
 
 

@@ -139,7 +139,8 @@ def commit_round(ws: Workspace, message: str) -> str | None:
     """Commit the round's lineage (dvc.lock, state.yaml, params.yaml); returns the commit, or None."""
     with lock(ws):
         paths = [p for p in ("dvc.lock", "state.yaml", "params.yaml", "dvc.yaml", "reports/validation.json",
-                             "reports/evaluation.json", "reports/decision.json", "reports/history.jsonl")
+                             "reports/evaluation.json", "reports/evaluation.html", "reports/decision.json",
+                             "reports/history.jsonl")
                  if (ws.root / p).exists()]
         git(ws, "add", *paths, ":(glob)**/.gitignore")  # the .gitignore files DVC writes beside stage outputs
         if git(ws, "diff", "--cached", "--quiet", check=False).returncode == 0:

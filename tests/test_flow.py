@@ -56,7 +56,7 @@ def test_both_models_registered_with_champion_and_previous(finished_round):
     assert str(policy.version) == line["policy_version"] == "2"  # v1 is the bootstrapped base policy
     assert str(client.get_model_version_by_alias(cfg.policy_name, "previous").version) == "1"
     assert str(client.get_model_version_by_alias(cfg.reward_name, "champion").version) == line["reward_version"]
-    assert policy.tags["promoted"] == "true" and "win_rate passed" in policy.tags["gates"]
+    assert policy.tags["promoted"] == "true" and "win_rate_lower_bound passed" in policy.tags["gates"]
     assert (ws.root / "mlflow.db").exists() and any((ws.root / "mlruns").iterdir())
 
 
@@ -118,6 +118,115 @@ def test_status_json_holds_the_documented_keys(finished_round):
 def test_unchanged_stage_is_skipped_by_dvc(finished_round):
     ws, _ = finished_round
     assert versioning.repro(ws, "pretrain") is False
+
+
+def test_evaluation_report_plots_and_calibration(finished_round):
+    ws, _ = finished_round
+    page = (ws.reports / "evaluation.html").read_text()
+    assert "Candidate against champion, round 1" in page and page.count("data:image/png;base64,") == 2
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    run = mlflow.search_runs(experiment_names=["rlhf"], filter_string="tags.stage = 'evaluate'", output_format="list")[0]
+    artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "plots")}
+    assert artifacts == {"plots/reward_distribution.png", "plots/reward_vs_sqrt_kl.png"}
+    metrics = json.loads((ws.reward_model / "metrics.json").read_text())
+    buckets = metrics["held_out"]["calibration"]
+    assert sum(b["n"] for b in buckets) == metrics["held_out"]["n"]
+    assert buckets[-1]["accuracy"] >= buckets[0]["accuracy"]  # surer means more often right
+
+
+def test_worse_candidate_is_evaluated_and_not_promoted(finished_round):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    ws, _ = finished_round
+    weights = load_file(ws.policy_model / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    save_file({k: v + 0.5 * v.std() * torch.randn(v.shape, generator=g) if v.dim() > 1 else v
+               for k, v in weights.items()}, ws.policy_model / "model.safetensors", metadata={"format": "pt"})
+    versioning.repro(ws, "evaluate")
+    versioning.repro(ws, "promote")
+    decision = json.loads(ws.decision_report.read_text())
+    assert decision["promoted"] is False
+    failed = [g["name"] for g in decision["gates"] if not g["passed"]]
+    assert failed and all(any(f"{name} FAILED" in r for r in decision["reasons"]) for name in failed)
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    client = MlflowClient()
+    worse = client.get_model_version("rlhf-policy", decision["policy_version"])
+    assert worse.tags["promoted"] == "false" and f"{failed[0]} FAILED" in worse.tags["gates"]
+    assert str(client.get_model_version_by_alias("rlhf-policy", "champion").version) == "2"
+
+
+def test_champion_loads_with_pyfunc_and_generates(finished_round):
+    ws, _ = finished_round
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    policy = mlflow.pyfunc.load_model("models:/rlhf-policy@champion")
+    out = policy.predict(["the ceo said", "the cashier said"])
+    assert len(out) == 2 and out[0].startswith("the ceo said ") and len(out[0]) > len("the ceo said ")
+    reward = mlflow.pyfunc.load_model("models:/rlhf-reward@champion")
+    import pandas as pd
+
+    scores = reward.predict(pd.DataFrame({"prompt": ["the ceo said"] * 2,
+                                          "response": [" they were late .", " he was late ."]}))
+    assert scores[0] > scores[1]  # the reward model learned the feedback, on a held-out profession
+
+
+def test_compare_rollback_and_manual_promotion_are_logged(finished_round, capsys):
+    from flows.cli import main
+
+    ws, _ = finished_round
+    root = str(ws.root)
+    assert main(["compare", "champion", "latest", "--json", "--workspace", root]) == 0
+    cmp_ = json.loads(capsys.readouterr().out)
+    assert cmp_["champion"]["version"] == "2" and cmp_["latest"]["version"] == "3"
+    assert cmp_["champion"]["metrics"]["candidate/neutral_rate"] > 0
+    assert main(["rollback", "--reason", "bad outputs reported", "--workspace", root]) == 0
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias("rlhf-policy", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("rlhf-policy", "previous").version) == "2"
+    assert client.get_model_version("rlhf-policy", "2").tags["rolled_back"] == "bad outputs reported"
+    assert main(["promote", "3", "--reason", "try it", "--workspace", root]) == 2
+    assert "failed its gates" in capsys.readouterr().err
+    assert main(["promote", "2", "--reason", "issue fixed upstream", "--workspace", root]) == 0
+    assert str(client.get_model_version_by_alias("rlhf-policy", "champion").version) == "2"
+    assert client.get_model_version("rlhf-policy", "2").tags["manual_promotion"] == "issue fixed upstream"
+    runs = mlflow.search_runs(experiment_names=["rlhf"], filter_string="tags.stage = 'manual-promote'",
+                              output_format="list")
+    assert runs[0].data.params["reason"] == "issue fixed upstream"
+
+
+def test_served_champion_answers_on_loopback(finished_round):
+    import os
+    import socket
+    import sys
+    import time
+    import urllib.request
+
+    ws, _ = finished_round
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # as from an activated venv: mlflow starts `uvicorn` by name
+    env = {**os.environ, "MLFLOW_TRACKING_URI": ws.tracking_uri,
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/rlhf-policy@champion",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps({"inputs": ["the ceo said"]}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=30).read())
+        assert answer["predictions"][0].startswith("the ceo said ")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def test_blocked_validation_stops_before_training_and_registers_nothing(finished_round):

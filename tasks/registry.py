@@ -1,0 +1,93 @@
+"""Registry operations a person runs by hand: compare two policy versions, force a promotion,
+roll back. Each change is tagged on the versions it touches and logged as an MLflow run."""
+from __future__ import annotations
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from tasks import tracking
+from tasks.config import PipelineConfig
+from tasks.promote import move_champion
+from tasks.workspace import Workspace
+
+COMPARED = ["candidate/reward_mean", "candidate/neutral_rate", "candidate/fluent_rate", "candidate/kl_to_reference",
+            "candidate/perplexity_under_reference", "candidate/degenerate_rate", "candidate/length_tokens",
+            "win_rate/rate", "win_rate/low", "reward_model/accuracy"]
+
+
+class RegistryError(ValueError):
+    pass
+
+
+def _version(client: MlflowClient, name: str, ref: str):
+    """'3', 'champion', 'previous', 'latest' -> the ModelVersion."""
+    try:
+        if ref == "latest":
+            versions = client.search_model_versions(f"name='{name}'")
+            if not versions:
+                raise RegistryError(f"{name} has no versions yet; run a round first")
+            return max(versions, key=lambda v: int(v.version))
+        if ref.isdigit():
+            return client.get_model_version(name, ref)
+        return client.get_model_version_by_alias(name, ref)
+    except MlflowException:
+        raise RegistryError(f"{name} has no version or alias {ref!r}") from None
+
+
+def _evaluation(client: MlflowClient, version) -> dict:
+    """The metrics of the evaluate run of the round that registered `version`."""
+    round_ = version.tags.get("round")
+    run = client.get_run(version.run_id)
+    found = client.search_runs([run.info.experiment_id], f"tags.stage = 'evaluate' and tags.round = '{round_}'",
+                               order_by=["attributes.start_time DESC"], max_results=1) if round_ else []
+    return found[0].data.metrics if found else {}
+
+
+def compare(ws: Workspace, cfg: PipelineConfig, a: str = "champion", b: str = "latest") -> dict:
+    client = tracking.setup(ws, cfg.project)
+    va, vb = _version(client, cfg.policy_name, a), _version(client, cfg.policy_name, b)
+    out = {}
+    for label, v in ((a, va), (b, vb)):
+        out[label] = {"version": str(v.version), "aliases": list(v.aliases), "round": v.tags.get("round"),
+                      "promoted": v.tags.get("promoted"), "gates": v.tags.get("gates"),
+                      "metrics": {k: m for k, m in _evaluation(client, v).items() if k in COMPARED}}
+    return out
+
+
+def force_promote(ws: Workspace, cfg: PipelineConfig, version: str, reason: str, force: bool) -> dict:
+    """Make a policy version champion by hand. One whose gates failed needs force=True."""
+    if not reason.strip():
+        raise RegistryError("a manual promotion needs a reason (--reason)")
+    client = tracking.setup(ws, cfg.project)
+    v = _version(client, cfg.policy_name, version)
+    if v.tags.get("promoted") == "false" and not force:
+        raise RegistryError(f"{cfg.policy_name} v{v.version} failed its gates ({v.tags.get('gates')}); "
+                            "pass --force with a --reason to promote it anyway")
+    with mlflow.start_run(run_name=f"manual-promote-v{v.version}", tags={"stage": "manual-promote"}):
+        old = move_champion(client, cfg.policy_name, str(v.version), f"manual: {reason}")
+        mlflow.log_params({"version": v.version, "previous_champion": old, "forced": force, "reason": reason})
+    client.set_model_version_tag(cfg.policy_name, str(v.version), "manual_promotion", reason)
+    return {"champion": str(v.version), "previous": old}
+
+
+def rollback(ws: Workspace, cfg: PipelineConfig, reason: str) -> dict:
+    """champion <-> previous, for the policy and for the reward model."""
+    client = tracking.setup(ws, cfg.project)
+    result = {}
+    with mlflow.start_run(run_name="rollback", tags={"stage": "rollback"}):
+        for name in (cfg.policy_name, cfg.reward_name):
+            champion = tracking.alias_version(client, name, tracking.CHAMPION)
+            previous = tracking.alias_version(client, name, tracking.PREVIOUS)
+            if previous is None:
+                if name == cfg.policy_name:
+                    raise RegistryError(f"{name} has no previous champion to roll back to")
+                continue
+            client.set_registered_model_alias(name, tracking.CHAMPION, previous)
+            client.set_registered_model_alias(name, tracking.PREVIOUS, champion)
+            client.set_model_version_tag(name, previous, "promotion_reason", f"rollback: {reason}")
+            client.set_model_version_tag(name, champion, "rolled_back", reason)
+            mlflow.log_params({f"{name}.from": champion, f"{name}.to": previous})
+            result[name] = {"from": champion, "to": previous}
+        mlflow.log_param("reason", reason)
+    return result
