@@ -57,6 +57,8 @@ class RewardConfig(_Strict):
     batch_size: int = Field(32, gt=0, description="pairs per step")
     eval_fraction: float = Field(0.2, gt=0, lt=1, description="pairs held out for pairwise accuracy")
     max_length: int = Field(64, gt=0, description="longest prompt+response, in tokens")
+    eval_file: str | None = Field(None, description="a preference file (our records, HH-RLHF, CSV, Parquet) "
+                                                    "to report the reward model's pairwise accuracy on as well")
 
 
 class EvaluateConfig(_Strict):

@@ -80,6 +80,19 @@ class _MlflowLoss(TrainerCallback):
                 mlflow.log_metric(f"reward/train_{k}", v, step=state.global_step)
 
 
+def accuracy_on_file(model, tokenizer, path: str, max_length: int) -> dict:
+    """Pairwise accuracy on another preference file; pairs longer than max_length are counted, not scored."""
+    from tasks.importers import READERS, detect_format
+    from tasks.records import PreferenceRecord
+
+    pairs = [{"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected}
+             for r in READERS[detect_format(Path(path))](Path(path), {}, 0)
+             if isinstance(r, PreferenceRecord) and r.label == "pair"]
+    fit = [r for r in pairs if max(len(tokenizer(r["prompt"] + r[k])["input_ids"]) for k in ("chosen", "rejected"))
+           + 1 <= max_length]
+    return {**pairwise_accuracy(model, tokenizer, fit), "file": str(path), "too_long": len(pairs) - len(fit)}
+
+
 def train(init_ref: str, tokenizer_ref: str, records: list[dict], cfg: PipelineConfig, out: Path) -> dict:
     tokenizer = load_tokenizer(tokenizer_ref)
     model = load_reward(init_ref, tokenizer.pad_token_id)
@@ -111,6 +124,8 @@ def train(init_ref: str, tokenizer_ref: str, records: list[dict], cfg: PipelineC
     metrics = {"train": pairwise_accuracy(model, tokenizer, train_set),
                "held_out": pairwise_accuracy(model, tokenizer, held_out),
                "too_long": len(too_long)}
+    if cfg.reward.eval_file:
+        metrics["eval_file"] = accuracy_on_file(model, tokenizer, cfg.reward.eval_file, cfg.reward.max_length)
     if out.exists():
         shutil.rmtree(out)
     save(model, tokenizer, out)
@@ -130,6 +145,9 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
                             "reward/pairs_train": metrics["train"]["n"],
                             "reward/pairs_held_out": metrics["held_out"]["n"],
                             "reward/too_long": metrics["too_long"]})
+        if "eval_file" in metrics:
+            mlflow.log_metrics({"reward/eval_file_accuracy": metrics["eval_file"]["accuracy"],
+                                "reward/eval_file_pairs": metrics["eval_file"]["n"]})
         for i, bucket in enumerate(metrics["held_out"]["calibration"]):
             mlflow.log_metric("reward/calibration_accuracy", bucket["accuracy"], step=i)
         mlflow.log_dict(metrics, "reward_metrics.json")
