@@ -3,7 +3,7 @@
     rlhf run [--rounds N] [--config FILE] [--workspace DIR] [--policy-model ID] [--reward-model ID]
     rlhf status [--json] [--workspace DIR]
     rlhf import FILE [--format auto|jsonl|csv|parquet|hh-rlhf] [--map prompt=COL,...] [--json]
-    rlhf data history [--json]
+    rlhf data history [--json]        rlhf validate [FILE ...] [--json]
     rlhf compare [A B] [--json]       rlhf promote VERSION --reason TEXT [--force]       rlhf rollback
 
 Bad arguments and bad configs end with one line that names the problem (exit 2), never a traceback.
@@ -57,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exit non-zero when more than this share of rows is set aside (default 0.5)")
     imp.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     imp.add_argument("--workspace", type=Path, default=Path("."))
+
+    val = sub.add_parser("validate", help="run the validation gate alone (exit 1 on a blocking failure)")
+    val.add_argument("files", nargs="*", type=Path, help="preference files in our format (default: the "
+                                                         "workspace's raw feedback)")
+    val.add_argument("--out", type=Path, help="folder for accepted, quarantine, report and Data Docs "
+                                              "(default: <workspace>/reports/validate-cli)")
+    val.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    val.add_argument("--workspace", type=Path, default=Path("."))
 
     data = sub.add_parser("data", help="data versions")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -148,6 +156,65 @@ def cmd_import(args) -> int:
         if problem:
             print(f"error: {problem}", file=sys.stderr)
     return 1 if problem else 0
+
+
+def cmd_validate(args) -> int:
+    from tasks.config import load_config
+    from tasks.records import write_jsonl_atomic
+    from tasks.validate import blocking_failures, validate_files
+    from tasks.versioning import raw_files
+    from tasks.workspace import Workspace
+
+    ws = Workspace(args.workspace)
+    cfg = load_config(ws.params if ws.params.exists() else None)
+    files = args.files or raw_files(ws)
+    missing = [str(f) for f in files if not Path(f).is_file()]
+    if missing:
+        raise SystemExit(f"error: no such file: {', '.join(missing)}")
+    if not files:
+        raise SystemExit(f"error: nothing to validate: no files given and {ws.raw_dir} holds no feedback")
+    tokenizer = None
+    if cfg.validate_.max_tokens is not None and (ws.base_model / "tokenizer_config.json").exists():
+        from tasks.modeling import load_tokenizer
+        tokenizer = load_tokenizer(ws.base_model)
+    out = args.out or ws.reports / "validate-cli"
+    from tasks.importers import ImportError_, convert, detect_format
+
+    to_check, converted_bad = [], []
+    for f in map(Path, files):  # other formats (HH-RLHF, CSV, Parquet) are converted to records first
+        try:
+            fmt = detect_format(f)
+        except ImportError_ as e:
+            raise SystemExit(f"error: {e}") from None
+        if fmt == "jsonl":
+            to_check.append(f)
+            continue
+        (out / "converted").mkdir(parents=True, exist_ok=True)
+        kept, bad = out / "converted" / f"{f.stem}.jsonl", out / "converted" / f"{f.stem}.set-aside.jsonl"
+        convert(f, fmt, {}, 0, kept, bad)
+        to_check.append(kept)
+        converted_bad += [json.loads(line) for line in bad.read_text(encoding="utf-8").splitlines()]
+    result = validate_files(to_check, cfg.validate_, out / "gx", tokenizer)
+    result.quarantined += converted_bad
+    failures = blocking_failures(result, cfg.validate_)
+    write_jsonl_atomic(out / "accepted.jsonl", (json.dumps(r, ensure_ascii=False) for r in result.accepted))
+    write_jsonl_atomic(out / "quarantine.jsonl", (json.dumps(q, ensure_ascii=False, default=str)
+                                                  for q in result.quarantined))
+    summary = {**result.summary, "files": [str(f) for f in files], "blocking_failures": failures,
+               "passed": not failures, "out": str(out)}
+    (out / "validation.json").write_text(json.dumps(summary, indent=2, default=str))
+    if args.json:
+        print(json.dumps(summary, default=str))
+    else:
+        print(f"accepted {summary['accepted']}, set aside {summary['quarantined']}, ties/skips {summary['not_pairs']}")
+        for reason, n in summary["reasons"].items():
+            print(f"  {n:6d}  {reason}")
+        for c in summary["checks"]:
+            print(f"  {'ok  ' if c['passed'] else 'FAIL'}  {c['name']} ({c['severity']}): {c['observed']}")
+        print(f"report: {out / 'validation.json'}; Data Docs: {summary['docs']}")
+        for f in failures:
+            print(f"error: blocking: {f}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def cmd_data(args) -> int:
@@ -245,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         commands = {"run": cmd_run, "status": cmd_status, "import": cmd_import, "data": cmd_data,
+                    "validate": cmd_validate,
                     "compare": cmd_registry, "promote": cmd_registry, "rollback": cmd_registry}
         return commands[args.command](args)
     except (ConfigError, ModelLoadError) as e:

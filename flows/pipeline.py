@@ -81,15 +81,24 @@ def finish_round(workspace: str, state) -> dict:
 
 
 @task(cache_policy=NO_CACHE)
-def report_validation_failure(workspace: str) -> None:
+def report_validation(workspace: str) -> None:
+    """The validation summary as a Prefect artifact: what a person sees in the run's UI."""
     ws = Workspace(workspace)
-    if ws.validation_report.exists():
-        summary = json.loads(ws.validation_report.read_text())
-        create_markdown_artifact(
-            key="rlhf-validation", description="Validation blocked the round",
-            markdown="# Validation blocked training\n\n" + "\n".join(f"- {f}" for f in summary["blocking_failures"])
-                     + "\n\n| reason | rows |\n|---|---|\n"
-                     + "\n".join(f"| {r} | {n} |" for r, n in summary["reasons"].items()))
+    if not ws.validation_report.exists():
+        return
+    summary = json.loads(ws.validation_report.read_text())
+    verdict = "passed" if summary["passed"] else "BLOCKED training"
+    lines = [f"# Validation {verdict}", "",
+             f"accepted {summary['accepted']}, set aside {summary['quarantined']}, ties/skips {summary['not_pairs']}",
+             "", "| check | severity | passed | observed |", "|---|---|---|---|"]
+    lines += [f"| {c['name']} | {c['severity']} | {c['passed']} | {c['observed']} |" for c in summary["checks"]]
+    lines += ["", "| set-aside reason | rows |", "|---|---|"]
+    lines += [f"| {r} | {n} |" for r, n in summary["reasons"].items()]
+    lines += [""] + [f"- blocking: {f}" for f in summary["blocking_failures"]]
+    lines += [f"- warning: {w}" for w in summary["warnings"]]
+    if summary.get("docs"):
+        lines += ["", f"Data Docs: {summary['docs']}"]
+    create_markdown_artifact(key="rlhf-validation", description=f"Validation {verdict}", markdown="\n".join(lines))
 
 
 @flow(name="rlhf-round", log_prints=True)
@@ -103,9 +112,8 @@ def rlhf_round(workspace: str = ".", config: PipelineConfig | None = None) -> di
     version_feedback(workspace, state.round)
     try:
         run_stage(workspace, "validate")
-    except Exception:
-        report_validation_failure(workspace)
-        raise
+    finally:
+        report_validation(workspace)
     for stage in STAGES_AFTER_VALIDATION:
         run_stage(workspace, stage)
     return finish_round(workspace, state)

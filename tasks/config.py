@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.ppo.trainer import PPOConfig  # a plain dataclass: the PPO core imports no pydantic
@@ -44,11 +46,32 @@ class CollectConfig(_Strict):
     annotator_beta: float = Field(3.0, gt=0, description="simulated annotator's Bradley-Terry sharpness")
 
 
+class ValidateSeverity(_Strict):
+    label_balance: Literal["blocking", "warning"] = Field("warning", description="chosen-longer share out of bounds")
+    annotator_agreement: Literal["blocking", "warning"] = Field("warning", description="an annotator disagrees "
+                                                                                       "with the majority too often")
+    drift: Literal["blocking", "warning"] = Field("warning", description="this round's data unlike the previous version")
+
+
 class ValidateConfig(_Strict):
-    min_rows: int = Field(20, ge=1, description="fewer accepted pairs than this stops the round")
-    max_chars: int = Field(4000, gt=0, description="longest prompt or response, in characters")
+    min_rows: int = Field(20, ge=1, description="fewer accepted pairs than this stops the round (blocking)")
+    max_rows: int = Field(10_000_000, ge=1, description="more accepted pairs than this stops the round (blocking)")
+    max_chars: int = Field(4000, gt=0, description="longest prompt or response, in characters (row set aside)")
+    max_tokens: int | None = Field(None, gt=0, description="longest prompt + response in tokens of the policy's "
+                                                           "tokenizer (row set aside); empty = no token bound")
     max_quarantine_fraction: float = Field(0.5, ge=0, le=1,
-                                           description="more rows set aside than this stops the round")
+                                           description="more rows set aside than this stops the round (blocking)")
+    chosen_longer_min: float = Field(0.1, ge=0, le=1, description="label balance: least share of pairs whose "
+                                                                  "chosen response is the longer one")
+    chosen_longer_max: float = Field(0.9, ge=0, le=1, description="label balance: largest such share (length "
+                                                                  "bias is the classic reward-hacking seed)")
+    min_annotator_agreement: float = Field(0.6, ge=0, le=1, description="each annotator's agreement with the "
+                                                                        "majority, where pairs were labelled twice")
+    max_length_drift: float = Field(0.5, ge=0, description="relative change of the mean response length of this "
+                                                           "round's data against the previous version")
+    min_vocab_overlap: float = Field(0.5, ge=0, le=1, description="share of this round's words seen in the "
+                                                                  "previous version")
+    severity: ValidateSeverity = ValidateSeverity()
 
 
 class RewardConfig(_Strict):

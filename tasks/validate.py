@@ -42,6 +42,7 @@ class ValidationResult:
     not_pairs: int  # ties and skips
     expectations: list[dict] = field(default_factory=list)  # one per GE expectation: type, column, success
     docs_index: str | None = None
+    checks: list[dict] = field(default_factory=list)  # dataset checks: name, severity, passed, observed
 
     @property
     def summary(self) -> dict:
@@ -52,6 +53,9 @@ class ValidationResult:
         return {"accepted": len(self.accepted), "quarantined": len(self.quarantined),
                 "not_pairs": self.not_pairs, "reasons": reasons,
                 "failed_expectations": [e["name"] for e in self.expectations if not e["success"]],
+                "checks": self.checks,
+                "warnings": [f"{c['name']}: {c['observed']}" for c in self.checks
+                             if not c["passed"] and c["severity"] == "warning"],
                 "docs": self.docs_index}
 
 
@@ -92,7 +96,7 @@ def load_rows(files: list[Path]) -> tuple[list[dict], list[dict], int]:
     return rows, quarantined, not_pairs
 
 
-def _suite(cfg: ValidateConfig) -> list:
+def _row_suite(cfg: ValidateConfig, with_tokens: bool) -> list:
     E = gx.expectations
     exps = [E.ExpectSelectColumnValuesToBeUniqueWithinRecord(column_list=["chosen", "rejected"]),
             E.ExpectColumnValuesToBeInSet(column="_repeat", value_set=[False]),
@@ -101,7 +105,21 @@ def _suite(cfg: ValidateConfig) -> list:
     for col in TEXT_FIELDS:
         exps.append(E.ExpectColumnValueLengthsToBeBetween(column=col, min_value=1, max_value=cfg.max_chars))
         exps.append(E.ExpectColumnValuesToNotMatchRegex(column=col, regex=CONTROL_CHARS))
+    if with_tokens:
+        exps.append(E.ExpectColumnValuesToBeBetween(column="_tokens", min_value=1, max_value=cfg.max_tokens))
     return exps
+
+
+def _dataset_suite(cfg: ValidateConfig, has_overlap: bool) -> list[tuple[str, object]]:
+    """(check name, expectation) over the accepted pairs; severity comes from the check name."""
+    E = gx.expectations
+    checks = [("row_count", E.ExpectTableRowCountToBeBetween(min_value=cfg.min_rows, max_value=cfg.max_rows)),
+              ("label_balance", E.ExpectColumnMeanToBeBetween(column="_chosen_longer", min_value=cfg.chosen_longer_min,
+                                                              max_value=cfg.chosen_longer_max))]
+    if has_overlap:
+        checks.append(("annotator_agreement", E.ExpectColumnMinToBeBetween(
+            column="_annotator_agreement", min_value=cfg.min_annotator_agreement)))
+    return checks
 
 
 REASONS = {
@@ -110,61 +128,136 @@ REASONS = {
     "expect_column_value_lengths_to_be_between": "'{column}' longer than max_chars",
     "expect_column_values_to_not_match_regex": "control characters in '{column}'",
     "expect_column_values_to_match_regex": "'{column}' not valid",
+    "expect_column_values_to_be_between": "longer than max_tokens",
 }
 
 
-def run_expectations(frame: pd.DataFrame, cfg: ValidateConfig, gx_root: Path):
-    """Run the suite in a file context under `gx_root`; returns (per-row reasons, expectation results, docs)."""
+def _context(gx_root: Path):
     gx_root.mkdir(parents=True, exist_ok=True)
     ctx = gx.get_context(mode="file", project_root_dir=str(gx_root))
     ctx.variables.progress_bars = {"globally": False}
+    return ctx
+
+
+def run_suite(ctx, name: str, expectations: list, frame: pd.DataFrame) -> list:
+    """Run one named suite on a dataframe in the file context; returns GE's expectation results."""
     source = ctx.data_sources.add_or_update_pandas("preferences")
-    asset = next((a for a in source.assets if a.name == "pairs"), None) or source.add_dataframe_asset("pairs")
+    asset = next((a for a in source.assets if a.name == name), None) or source.add_dataframe_asset(name)
     batch = next((b for b in asset.batch_definitions if b.name == "all"), None) or \
         asset.add_batch_definition_whole_dataframe("all")
-    suite = gx.ExpectationSuite(name="preference_pairs")
-    for e in _suite(cfg):
+    suite = gx.ExpectationSuite(name=name)
+    for e in expectations:
         suite.add_expectation(e)
     suite = ctx.suites.add_or_update(suite)
-    definition = ctx.validation_definitions.add_or_update(
-        gx.ValidationDefinition(name="preference_pairs", data=batch, suite=suite))
+    definition = ctx.validation_definitions.add_or_update(gx.ValidationDefinition(name=name, data=batch, suite=suite))
     checkpoint = ctx.checkpoints.add_or_update(gx.Checkpoint(
-        name="preference_pairs", validation_definitions=[definition],
+        name=name, validation_definitions=[definition],
         actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")], result_format={"result_format": "COMPLETE"}))
     result = checkpoint.run(batch_parameters={"dataframe": frame})
+    return [r for run_result in result.run_results.values() for r in run_result.results]
+
+
+def row_reasons_from(results: list) -> tuple[dict[int, list[str]], list[dict]]:
     row_reasons: dict[int, list[str]] = {}
     expectations = []
-    for run_result in result.run_results.values():
-        for r in run_result.results:
-            kwargs = r.expectation_config.kwargs
-            column = kwargs.get("column") or ",".join(kwargs.get("column_list", []))
-            expectations.append({"name": f"{r.expectation_config.type}({column})", "success": bool(r.success),
-                                 "unexpected": r.result.get("unexpected_count")})
-            reason = REASONS.get(r.expectation_config.type, r.expectation_config.type).format(column=column)
-            for idx in r.result.get("unexpected_index_list") or []:
-                row_reasons.setdefault(int(idx), []).append(reason)
-    docs = ctx.get_docs_sites_urls()
-    return row_reasons, expectations, docs[0]["site_url"] if docs else None
+    for r in results:
+        kwargs = r.expectation_config.kwargs
+        column = kwargs.get("column") or ",".join(kwargs.get("column_list", []))
+        expectations.append({"name": f"{r.expectation_config.type}({column})", "success": bool(r.success),
+                             "unexpected": r.result.get("unexpected_count")})
+        reason = REASONS.get(r.expectation_config.type, r.expectation_config.type).format(column=column)
+        for idx in r.result.get("unexpected_index_list") or []:
+            row_reasons.setdefault(int(idx), []).append(reason)
+    return row_reasons, expectations
 
 
-def validate_files(files: list[Path], cfg: ValidateConfig, gx_root: Path) -> ValidationResult:
+def annotator_agreement(frame: pd.DataFrame) -> pd.Series:
+    """Per row: its annotator's agreement with the majority over pairs labelled more than once
+    (NaN where the annotator labelled no such pair). A pair is its prompt and its two responses,
+    in either order; the majority is the response chosen most often."""
+    key = frame["prompt"] + "\0" + frame[["chosen", "rejected"]].apply(lambda r: "\0".join(sorted(r)), axis=1)
+    counts = key.map(key.value_counts())
+    overlap = frame[counts > 1]
+    if overlap.empty:
+        return pd.Series(float("nan"), index=frame.index)
+    majority = overlap.groupby(key[counts > 1])["chosen"].agg(lambda c: c.mode().iloc[0])
+    agrees = (overlap["chosen"] == key[counts > 1].map(majority)).astype(float)
+    per_annotator = agrees.groupby(overlap["annotator"].astype(str)).mean()
+    return frame["annotator"].astype(str).map(per_annotator)
+
+
+def drift(frame: pd.DataFrame, new_files: set[str], cfg: ValidateConfig) -> dict:
+    """This round's rows (from new files) against the previous version's rows."""
+    new = frame[frame["_source_file"].isin(new_files)]
+    old = frame[~frame["_source_file"].isin(new_files)]
+    if new.empty or old.empty:
+        return {"checked": False, "passed": True, "detail": "no previous version to compare with"}
+    def mean_len(f):
+        return float((f["chosen"].str.len() + f["rejected"].str.len()).mean() / 2)
+    def words(f):
+        return set(" ".join(pd.concat([f["prompt"], f["chosen"], f["rejected"]])).lower().split())
+    old_len, new_len = mean_len(old), mean_len(new)
+    change = abs(new_len - old_len) / max(old_len, 1e-9)
+    new_words = words(new)
+    overlap = len(new_words & words(old)) / max(len(new_words), 1)
+    passed = change <= cfg.max_length_drift and overlap >= cfg.min_vocab_overlap
+    return {"checked": True, "passed": passed, "mean_length_previous": old_len, "mean_length_new": new_len,
+            "length_change": change, "vocab_overlap": overlap,
+            "detail": f"mean response length {old_len:.1f} -> {new_len:.1f} chars ({change:.0%} change, "
+                      f"limit {cfg.max_length_drift:.0%}); {overlap:.0%} of this round's words seen before "
+                      f"(floor {cfg.min_vocab_overlap:.0%})"}
+
+
+def validate_files(files: list[Path], cfg: ValidateConfig, gx_root: Path, tokenizer=None,
+                   previous_files: set[str] | None = None) -> ValidationResult:
+    """Row checks (bad rows set aside), then dataset checks on what is left.
+    `previous_files`: the files of the previous version, for the drift check."""
     rows, quarantined, not_pairs = load_rows(files)
     if not rows:
         return ValidationResult([], quarantined, not_pairs)
     frame = pd.DataFrame(rows)
-    for col in ("source", "created_at"):
+    for col in ("source", "created_at", "annotator"):
         frame[col] = frame[col].astype("string") if col in frame else pd.Series([""] * len(frame), dtype="string")
-    frame["_repeat"] = frame.duplicated(subset=list(TEXT_FIELDS), keep="first")
-    row_reasons, expectations, docs = run_expectations(frame, cfg, gx_root)
-    accepted = []
+    frame["_repeat"] = frame.duplicated(subset=[*TEXT_FIELDS, "annotator"], keep="first")
+    with_tokens = tokenizer is not None and cfg.max_tokens is not None
+    if with_tokens:
+        frame["_tokens"] = [max(len(tokenizer(p + c)["input_ids"]), len(tokenizer(p + r)["input_ids"]))
+                            for p, c, r in zip(frame["prompt"], frame["chosen"], frame["rejected"])]
+    ctx = _context(gx_root)
+    row_reasons, expectations = row_reasons_from(run_suite(ctx, "preference_rows", _row_suite(cfg, with_tokens), frame))
+    accepted_mask = ~frame.index.isin(list(row_reasons))
     for i, row in enumerate(rows):
-        record = {k: v for k, v in row.items() if not k.startswith("_")}
         if i in row_reasons:
             quarantined.append({"source_file": row["_source_file"], "line": row["_line"],
-                                "reasons": row_reasons[i], "record": record})
-        else:
-            accepted.append(record)
-    return ValidationResult(accepted, quarantined, not_pairs, expectations, docs)
+                                "reasons": row_reasons[i], "record": {k: v for k, v in row.items()
+                                                                      if not k.startswith("_")}})
+    good = frame[accepted_mask].reset_index(drop=True)
+    good["_chosen_longer"] = (good["chosen"].str.len() > good["rejected"].str.len()).astype(float)
+    good["_annotator_agreement"] = annotator_agreement(good)
+    has_overlap = bool(good["_annotator_agreement"].notna().any())
+    checks = []
+    dataset = _dataset_suite(cfg, has_overlap) if len(good) else []
+    results = run_suite(ctx, "preference_dataset", [e for _, e in dataset], good) if dataset else []
+    by_type = {r.expectation_config.type: r for r in results}
+    for name, expectation in dataset:
+        r = by_type[expectation.expectation_type]  # one expectation of each type: results come back unordered
+        checks.append({"name": name, "severity": "blocking" if name == "row_count" else getattr(cfg.severity, name),
+                       "passed": bool(r.success), "observed": r.result.get("observed_value")})
+        expectations.append({"name": f"{r.expectation_config.type}", "success": bool(r.success), "unexpected": None})
+    if has_overlap:
+        per = good.groupby(good["annotator"].astype(str))["_annotator_agreement"].first().dropna()
+        checks[-1]["per_annotator"] = {k: float(v) for k, v in per.items()}
+    if previous_files is not None:
+        new_files = {f.name for f in files} - previous_files
+        d = drift(good, new_files, cfg)
+        if d["checked"]:
+            checks.append({"name": "drift", "severity": cfg.severity.drift, "passed": d["passed"],
+                           "observed": d["detail"], **{k: v for k, v in d.items() if k not in ("checked", "detail")}})
+    accepted = [{k: v for k, v in row.items() if not k.startswith("_")}
+                for i, row in enumerate(rows) if i not in row_reasons]
+    docs = ctx.get_docs_sites_urls()
+    return ValidationResult(accepted, quarantined, not_pairs, expectations, docs[0]["site_url"] if docs else None,
+                            checks)
 
 
 def blocking_failures(result: ValidationResult, cfg: ValidateConfig) -> list[str]:
@@ -172,9 +265,13 @@ def blocking_failures(result: ValidationResult, cfg: ValidateConfig) -> list[str
     failures = []
     if len(result.accepted) < cfg.min_rows:
         failures.append(f"only {len(result.accepted)} usable pairs, fewer than validate.min_rows={cfg.min_rows}")
+    if len(result.accepted) > cfg.max_rows:
+        failures.append(f"{len(result.accepted)} pairs, more than validate.max_rows={cfg.max_rows}")
     if total and len(result.quarantined) / total > cfg.max_quarantine_fraction:
         failures.append(f"{len(result.quarantined)} of {total} rows set aside, more than "
                         f"validate.max_quarantine_fraction={cfg.max_quarantine_fraction}")
+    failures += [f"{c['name']} failed (blocking): {c['observed']}" for c in result.checks
+                 if not c["passed"] and c["severity"] == "blocking" and c["name"] != "row_count"]
     return failures
 
 
@@ -183,8 +280,14 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> ValidationResu
     if not files:
         raise ValidationFailed(f"no feedback to validate: {ws.raw_dir} holds no .jsonl file and no round was "
                                "collected; run the collect stage or `rlhf import FILE`")
+    previous = json.loads(ws.validation_report.read_text()) if ws.validation_report.exists() else None
+    previous_files = set(previous["files"]) if previous and previous.get("passed") else None
+    tokenizer = None
+    if cfg.validate_.max_tokens is not None and (ws.base_model / "tokenizer_config.json").exists():
+        from tasks.modeling import load_tokenizer
+        tokenizer = load_tokenizer(ws.base_model)
     with tracking.stage_run(ws, cfg.project, "validate", state):
-        result = validate_files(files, cfg.validate_, ws.reports / "validation")
+        result = validate_files(files, cfg.validate_, ws.reports / "validation", tokenizer, previous_files)
         failures = blocking_failures(result, cfg.validate_)
         write_jsonl_atomic(ws.accepted, (json.dumps(r, ensure_ascii=False) for r in result.accepted))
         write_jsonl_atomic(ws.quarantine, (json.dumps(q, ensure_ascii=False, default=str)
@@ -197,6 +300,9 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> ValidationResu
                             "validate/not_pairs": result.not_pairs})
         mlflow.log_dict(summary, "validation/summary.json")
         mlflow.set_tag("validation_passed", str(not failures).lower())
+        mlflow.log_metric("validate/warnings", len(summary["warnings"]))
+        for warning in summary["warnings"]:
+            print(f"warning: {warning}")
         if result.docs_index:
             mlflow.set_tag("validation_docs", result.docs_index)
     if failures:

@@ -30,7 +30,8 @@ def finished_round(prefect, tmp_path_factory):
     from flows.pipeline import rlhf_round
 
     root = tmp_path_factory.mktemp("flow") / "ws"
-    line = rlhf_round(workspace=str(root), config=load_config(None, FAST))
+    # a label-balance bound the scenario cannot meet: a warning, which must not stop the round
+    line = rlhf_round(workspace=str(root), config=load_config(None, {**FAST, "validate.chosen_longer_max": 0.05}))
     return Workspace(root), line
 
 
@@ -96,12 +97,20 @@ def test_feedback_is_versioned_committed_and_pushed(finished_round):
     assert [v.files for v in versioning.history(ws)] == [[str(raw[0].relative_to(ws.root))]]
 
 
-def test_validation_report_and_data_docs(finished_round):
-    ws, _ = finished_round
+def test_validation_report_artifact_and_data_docs(finished_round):
+    ws, line = finished_round
     summary = json.loads(ws.validation_report.read_text())
     assert summary["passed"] and summary["accepted"] >= 20
+    assert summary["warnings"] and summary["warnings"][0].startswith("label_balance")
+    assert line["promoted"]  # the warning did not stop the round
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["rlhf-validation"])))
+    assert artifacts and "warning: label_balance" in artifacts[-1].data
     docs = ws.reports / "validation" / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
-    assert "preference_pairs" in docs.read_text()
+    assert "preference_rows" in docs.read_text() and "preference_dataset" in docs.read_text()
 
 
 def test_status_json_holds_the_documented_keys(finished_round):

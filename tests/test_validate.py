@@ -1,0 +1,135 @@
+"""The Great Expectations gate: each dataset check fails on data built to break it and passes on
+clean data; severity decides whether a failure blocks; the HH-RLHF sample passes; Data Docs open."""
+import json
+import random
+
+import pytest
+
+from flows.cli import main
+from tasks import scenario
+from tasks.config import ValidateConfig, load_config
+from tasks.modeling import load_tokenizer
+from tasks.records import PreferenceRecord
+from tasks.validate import blocking_failures, validate_files
+
+from conftest import HH_RLHF
+
+
+def clean_records(n=60, annotator="ann-1", seed=0, chosen_longer=0.5):
+    """Balanced, fluent, varied pairs: every check passes on these."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        prof = rng.choice(list(scenario.FEEDBACK_PROFESSIONS))
+        s, p = rng.choice(scenario.CONTINUATIONS)
+        long_, short = f" they {p} today {i} .", f" he {s} {i} ."
+        chosen, rejected = (long_, short) if rng.random() < chosen_longer else (short, long_)
+        out.append(PreferenceRecord(prompt=scenario.prompt_for(prof), chosen=chosen, rejected=rejected,
+                                    source="simulated", annotator=annotator, round=1))
+    return out
+
+
+def write(path, recs):
+    path.write_text("".join(r.to_json() + "\n" for r in recs))
+    return path
+
+
+def check(result, name):
+    return next(c for c in result.checks if c["name"] == name)
+
+
+def test_clean_data_passes_every_check(tmp_path):
+    result = validate_files([write(tmp_path / "a.jsonl", clean_records())], ValidateConfig(), tmp_path / "gx")
+    assert len(result.accepted) == 60 and not result.quarantined
+    assert all(c["passed"] for c in result.checks)
+    assert blocking_failures(result, ValidateConfig()) == []
+
+
+def test_row_count_bounds_block(tmp_path):
+    f = write(tmp_path / "a.jsonl", clean_records(10))
+    result = validate_files([f], ValidateConfig(min_rows=20), tmp_path / "gx")
+    assert not check(result, "row_count")["passed"]
+    assert any("min_rows" in x for x in blocking_failures(result, ValidateConfig(min_rows=20)))
+    result = validate_files([f], ValidateConfig(max_rows=5, min_rows=1), tmp_path / "gx2")
+    assert any("max_rows" in x for x in blocking_failures(result, ValidateConfig(max_rows=5, min_rows=1)))
+
+
+def test_length_bias_fails_label_balance_and_severity_decides(tmp_path):
+    f = write(tmp_path / "a.jsonl", clean_records(chosen_longer=1.0))
+    warn = ValidateConfig()
+    result = validate_files([f], warn, tmp_path / "gx")
+    c = check(result, "label_balance")
+    assert not c["passed"] and c["observed"] == 1.0 and c["severity"] == "warning"
+    assert blocking_failures(result, warn) == [] and "label_balance" in result.summary["warnings"][0]
+    block = ValidateConfig(severity={"label_balance": "blocking"})
+    result = validate_files([f], block, tmp_path / "gx2")
+    assert any("label_balance failed (blocking)" in x for x in blocking_failures(result, block))
+
+
+def test_annotator_who_disagrees_with_the_majority_fails_agreement(tmp_path):
+    base = clean_records(40, "alice")
+    agree = [PreferenceRecord(**{**r.__dict__, "annotator": "bob", "id": ""}) for r in base]
+    contrarian = [PreferenceRecord(**{**r.__dict__, "annotator": "carol", "chosen": r.rejected,
+                                      "rejected": r.chosen, "id": ""}) for r in base]
+    result = validate_files([write(tmp_path / "a.jsonl", base + agree + contrarian)], ValidateConfig(),
+                            tmp_path / "gx")
+    c = check(result, "annotator_agreement")
+    assert not c["passed"] and c["per_annotator"] == {"alice": 1.0, "bob": 1.0, "carol": 0.0}
+    assert len(result.accepted) == 120  # the same pair from another annotator is a label, not a duplicate
+    result = validate_files([write(tmp_path / "b.jsonl", base + agree)], ValidateConfig(), tmp_path / "gx2")
+    assert check(result, "annotator_agreement")["passed"]
+
+
+def test_drift_against_the_previous_version_warns(tmp_path):
+    old = write(tmp_path / "round-1.jsonl", clean_records(40))
+    same = write(tmp_path / "round-2.jsonl", clean_records(40, seed=1))
+    result = validate_files([old, same], ValidateConfig(), tmp_path / "gx", previous_files={"round-1.jsonl"})
+    assert check(result, "drift")["passed"]
+    odd = [PreferenceRecord(prompt="quarterly revenue forecast", chosen=" synergy " * 30 + f"q{i}",
+                            rejected=" paradigm " * 30 + f"q{i}", source="simulated", annotator="x", round=2)
+           for i in range(40)]
+    new = write(tmp_path / "round-3.jsonl", odd)
+    result = validate_files([old, new], ValidateConfig(), tmp_path / "gx2", previous_files={"round-1.jsonl"})
+    c = check(result, "drift")
+    assert not c["passed"] and c["severity"] == "warning" and c["length_change"] > 0.5 and c["vocab_overlap"] < 0.5
+    assert blocking_failures(result, ValidateConfig()) == []  # a warning: the round goes on
+
+
+def test_token_bound_uses_the_policy_tokenizer(tmp_path, tiny_model_dir):
+    recs = clean_records(30)
+    long_one = PreferenceRecord(prompt="the pilot said", chosen=" they were late ." * 20, rejected=" he was late .",
+                                source="simulated", annotator="a", round=1)
+    cfg = ValidateConfig(max_tokens=24, min_rows=1)
+    result = validate_files([write(tmp_path / "a.jsonl", recs + [long_one])], cfg, tmp_path / "gx",
+                            tokenizer=load_tokenizer(tiny_model_dir))
+    assert [q["reasons"] for q in result.quarantined] == [["longer than max_tokens"]]
+    assert len(result.accepted) == 30
+
+
+@pytest.mark.skipif(not HH_RLHF.exists(), reason="HH-RLHF sample not found")
+def test_hh_rlhf_sample_passes_and_data_docs_open(tmp_path, capsys):
+    assert main(["validate", str(HH_RLHF), "--json", "--out", str(tmp_path / "v"),
+                 "--workspace", str(tmp_path)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["passed"] and summary["accepted"] == 1812 and summary["quarantined"] == 0
+    docs = (tmp_path / "v" / "gx" / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html").read_text()
+    assert "preference_rows" in docs and "preference_dataset" in docs
+    assert len((tmp_path / "v" / "accepted.jsonl").read_text().splitlines()) == 1812
+
+
+def test_cli_validate_exits_1_on_a_blocking_failure(tmp_path, capsys):
+    f = write(tmp_path / "few.jsonl", clean_records(5))
+    assert main(["validate", str(f), "--workspace", str(tmp_path)]) == 1
+    assert "min_rows" in capsys.readouterr().err
+
+
+def test_cli_validate_missing_file(tmp_path):
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["validate", str(tmp_path / "missing.jsonl"), "--workspace", str(tmp_path)])
+
+
+def test_severity_config_is_validated(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("validate:\n  severity:\n    drift: fatal\n")
+    with pytest.raises(Exception, match="validate.severity.drift"):
+        load_config(p)
