@@ -2,8 +2,9 @@
 
     rlhf run [--rounds N] [--config FILE] [--workspace DIR] [--policy-model ID] [--reward-model ID]
     rlhf status [--json] [--workspace DIR]
-    rlhf import FILE [--format auto|jsonl|csv|parquet|hh-rlhf] [--map prompt=COL,...] [--json]
+    rlhf import FILE [--format auto|jsonl|csv|parquet|hh-rlhf|label-studio|argilla] [--map prompt=COL,...] [--json]
     rlhf data history [--json]        rlhf validate [FILE ...] [--json]
+    rlhf label [--pairs N] [--batch-size N] [--timeout S]
     rlhf compare [A B] [--json]       rlhf promote VERSION --reason TEXT [--force]       rlhf rollback
 
 Bad arguments and bad configs end with one line that names the problem (exit 2), never a traceback.
@@ -51,12 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     imp = sub.add_parser("import", help="import a preference file into the raw feedback (DVC-versioned)")
     imp.add_argument("file", type=Path)
-    imp.add_argument("--format", default="auto", choices=["auto", "jsonl", "csv", "parquet", "hh-rlhf"])
+    imp.add_argument("--format", default="auto",
+                     choices=["auto", "jsonl", "csv", "parquet", "hh-rlhf", "label-studio", "argilla"])
     imp.add_argument("--map", dest="mapping", help="column map for CSV/Parquet/JSONL: prompt=COL,chosen=COL,rejected=COL")
     imp.add_argument("--max-bad-fraction", type=float, default=0.5,
                      help="exit non-zero when more than this share of rows is set aside (default 0.5)")
     imp.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     imp.add_argument("--workspace", type=Path, default=Path("."))
+
+    lab = sub.add_parser("label", help="label response pairs in the Prefect UI (the run pauses for a form)")
+    lab.add_argument("--pairs", type=_positive_int, default=8, help="pairs to label (default 8)")
+    lab.add_argument("--batch-size", type=_positive_int, default=4, help="pairs per form (default 4)")
+    lab.add_argument("--timeout", type=_positive_int, default=3600, help="seconds to wait for each form")
+    lab.add_argument("--annotator", default="prefect-ui", help="name kept on every label")
+    lab.add_argument("--workspace", type=Path, default=Path("."))
 
     val = sub.add_parser("validate", help="run the validation gate alone (exit 1 on a blocking failure)")
     val.add_argument("files", nargs="*", type=Path, help="preference files in our format (default: the "
@@ -217,6 +226,18 @@ def cmd_validate(args) -> int:
     return 1 if failures else 0
 
 
+def cmd_label(args) -> int:
+    if not os.environ.get("PREFECT_API_URL"):
+        print("note: no PREFECT_API_URL set: the form lives on a temporary server. Start `prefect server start` "
+              "and set PREFECT_API_URL=http://127.0.0.1:4200/api to answer it in the UI.", file=sys.stderr)
+    from flows.labelling import label
+
+    summary = label(workspace=str(args.workspace.resolve()), pairs=args.pairs, batch_size=args.batch_size,
+                    timeout_seconds=args.timeout, annotator=args.annotator)
+    print(json.dumps(summary))
+    return 0
+
+
 def cmd_data(args) -> int:
     from tasks.versioning import history
     from tasks.workspace import Workspace
@@ -312,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         commands = {"run": cmd_run, "status": cmd_status, "import": cmd_import, "data": cmd_data,
-                    "validate": cmd_validate,
+                    "validate": cmd_validate, "label": cmd_label,
                     "compare": cmd_registry, "promote": cmd_registry, "rollback": cmd_registry}
         return commands[args.command](args)
     except (ConfigError, ModelLoadError) as e:

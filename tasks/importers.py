@@ -21,7 +21,7 @@ from tasks import versioning
 from tasks.records import BadLine, PreferenceRecord, read_jsonl, utc_now
 from tasks.workspace import Workspace
 
-FORMATS = ("jsonl", "csv", "parquet", "hh-rlhf")
+FORMATS = ("jsonl", "csv", "parquet", "hh-rlhf", "label-studio", "argilla")
 ASSISTANT = "\n\nAssistant:"
 MAX_FIELD_CHARS = 100_000  # a field longer than this is a broken export, not a response
 Row = PreferenceRecord | BadLine
@@ -160,6 +160,80 @@ def read_parquet(path: Path, mapping: dict, round_: int) -> Iterator[Row]:
             yield make_record(n, _mapped(row, mapping), "import:parquet", round_)
 
 
+def read_label_studio(path: Path, mapping: dict, round_: int) -> Iterator[Row]:
+    """A Label Studio pairwise export (JSON array of tasks; `data` holds prompt / answer1 / answer2,
+    each annotation's `pairwise` result says left or right). One record per annotation; the row
+    number is the task's position in the array."""
+    keys = {"prompt": mapping.get("prompt", "prompt"), "a": mapping.get("chosen", "answer1"),
+            "b": mapping.get("rejected", "answer2")}
+    for n, task in enumerate(_json_array(path), start=1):
+        if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+            yield BadLine(n, "task without a 'data' object", json.dumps(task, default=str)[:2000])
+            continue
+        data = task["data"]
+        annotations = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
+        if not annotations:
+            yield BadLine(n, "task has no annotation", json.dumps(task, default=str)[:2000])
+            continue
+        for ann in annotations:
+            picks = [r.get("value", {}).get("selected") for r in ann.get("result") or [] if r.get("type") == "pairwise"]
+            if not picks or picks[0] not in ("left", "right"):
+                yield BadLine(n, "annotation has no pairwise choice (left or right)", json.dumps(ann, default=str)[:2000])
+                continue
+            a, b = data.get(keys["a"]), data.get(keys["b"])
+            chosen, rejected = (a, b) if picks[0] == "left" else (b, a)
+            yield make_record(n, {"prompt": data.get(keys["prompt"]), "chosen": chosen, "rejected": rejected,
+                                  "annotator": f"label-studio:{ann.get('completed_by', 'unknown')}",
+                                  "created_at": ann.get("created_at")}, "import:label-studio", round_)
+
+
+def read_argilla(path: Path, mapping: dict, round_: int) -> Iterator[Row]:
+    """An Argilla ranking export (JSON lines or a JSON array of records with `fields` and
+    `responses`; each submitted response ranks the candidate fields). The best-ranked response is
+    chosen against each lower-ranked one; equal ranks are a tie."""
+    prompt_key = mapping.get("prompt", "prompt")
+    items = _json_array(path) if path.read_bytes()[:1] == b"[" else (
+        item if isinstance(item, BadLine) else item[1] for item in read_jsonl(path))
+    for n, rec in enumerate(items, start=1):
+        if isinstance(rec, BadLine):
+            yield rec
+            continue
+        fields = rec.get("fields") if isinstance(rec, dict) else None
+        if not isinstance(fields, dict):
+            yield BadLine(n, "record without a 'fields' object", json.dumps(rec, default=str)[:2000])
+            continue
+        submitted = [r for r in rec.get("responses") or [] if r.get("status", "submitted") == "submitted"]
+        if not submitted:
+            yield BadLine(n, "record has no submitted response", json.dumps(rec, default=str)[:2000])
+            continue
+        for resp in submitted:
+            ranking = next((v.get("value") for v in (resp.get("values") or {}).values()
+                            if isinstance(v.get("value"), list)), None)
+            if not ranking or len(ranking) < 2 or not all(isinstance(r, dict) and "rank" in r for r in ranking):
+                yield BadLine(n, "response has no ranking of two or more fields", json.dumps(resp, default=str)[:2000])
+                continue
+            ranked = sorted(ranking, key=lambda r: r["rank"])
+            best = ranked[0]
+            for other in ranked[1:]:
+                yield make_record(n, {"prompt": fields.get(prompt_key), "chosen": fields.get(best["value"]),
+                                      "rejected": fields.get(other["value"]),
+                                      "label": "tie" if other["rank"] == best["rank"] else "pair",
+                                      "annotator": f"argilla:{resp.get('user_id', 'unknown')}"},
+                                  "import:argilla", round_)
+
+
+def _json_array(path: Path) -> list:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ImportError_(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ImportError_(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, list):
+        raise ImportError_(f"{path} must hold a JSON array of tasks/records, got a {type(data).__name__}")
+    return data
+
+
 def _mapped(row: dict, mapping: dict) -> dict:
     return {**row, **{ours: row.get(theirs) for ours, theirs in mapping.items()}}
 
@@ -174,7 +248,8 @@ def _check_columns(columns: list[str], mapping: dict) -> None:
 
 
 READERS: dict[str, Callable[[Path, dict, int], Iterator[Row]]] = {
-    "jsonl": read_records_jsonl, "hh-rlhf": read_hh_rlhf, "csv": read_csv, "parquet": read_parquet}
+    "jsonl": read_records_jsonl, "hh-rlhf": read_hh_rlhf, "csv": read_csv, "parquet": read_parquet,
+    "label-studio": read_label_studio, "argilla": read_argilla}
 
 
 def detect_format(path: Path) -> str:
@@ -188,6 +263,13 @@ def detect_format(path: Path) -> str:
         head = f.read(1 << 16)
     if not head.strip():
         raise ImportError_(f"{path} is empty: nothing to import")
+    if head.lstrip()[:1] == b"[":  # a JSON array: Label Studio tasks or Argilla records
+        first = next(iter(_json_array(path)), None)
+        if isinstance(first, dict) and "annotations" in first and "data" in first:
+            return "label-studio"
+        if isinstance(first, dict) and "fields" in first and "responses" in first:
+            return "argilla"
+        raise ImportError_(f"{path}: a JSON array, but neither Label Studio tasks nor Argilla records; pass --format")
     for item in read_jsonl(path):
         if isinstance(item, BadLine):
             continue
@@ -196,6 +278,8 @@ def detect_format(path: Path) -> str:
             return "jsonl"
         if {"chosen", "rejected"} <= keys and ASSISTANT in str(item[1].get("chosen")):
             return "hh-rlhf"
+        if {"fields", "responses"} <= keys:
+            return "argilla"
         raise ImportError_(f"{path}: cannot tell the format from keys {sorted(keys)}; pass --format")
     if b"\x00" in head:
         raise ImportError_(f"{path} looks binary, not a JSON-lines, CSV or Parquet file")

@@ -40,6 +40,8 @@ class PreferenceRecord:
     created_at: str = field(default_factory=utc_now)  # ISO-8601 UTC
     label: str = "pair"  # "pair", "tie" or "skip"
     margin: float | None = None
+    comment: str | None = None  # the annotator's note, if any
+    shown_as_a: str | None = None  # which response a person saw first ("chosen" or "rejected"), if recorded
     id: str = ""
 
     def __post_init__(self):
@@ -48,8 +50,9 @@ class PreferenceRecord:
 
     def to_json(self) -> str:
         d = asdict(self)
-        if d["margin"] is None:
-            del d["margin"]
+        for optional in ("margin", "comment", "shown_as_a"):
+            if d[optional] is None:
+                del d[optional]
         return json.dumps(d, ensure_ascii=False)
 
 

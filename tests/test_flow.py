@@ -259,3 +259,39 @@ def test_blocked_validation_stops_before_training_and_registers_nothing(finished
     # the round's feedback was still versioned: nothing is lost
     assert len(versioning.raw_files(ws)) == 2
     assert len(rounds.completed_rounds(ws)) == 1
+
+
+def test_label_flow_pauses_resumes_with_answers_and_keeps_them_on_timeout(finished_round):
+    """A person's labels through the Prefect form: batch 1 answered from another thread, batch 2
+    left unanswered until its timeout; the answers given land in DVC."""
+    import threading
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.flow_runs import resume_flow_run
+
+    from flows.labelling import label
+
+    ws, _ = finished_round
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(
+        label(workspace=str(ws.root), pairs=4, batch_size=2, timeout_seconds=15, annotator="alice")))
+    worker.start()
+    paused_filter = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
+    with get_client(sync_client=True) as client:
+        deadline, runs = time.time() + 120, []
+        while time.time() < deadline and not runs:
+            runs = client.read_flow_runs(flow_run_filter=paused_filter)
+            time.sleep(0.5)
+        assert runs, "the label flow never paused for input"
+        resume_flow_run(runs[0].id, run_input={"choices": ["A", "tie"], "comments": ["clearer", ""]})
+    worker.join(timeout=180)
+    assert not worker.is_alive()
+    assert result["labelled"] == 2 and result["pairs"] == 1  # batch 2 timed out; batch 1 kept
+    recs = [json.loads(x) for x in open(result["raw_file"], encoding="utf-8")]
+    assert [r["label"] for r in recs] == ["pair", "tie"]
+    assert recs[0]["source"] == "prefect-ui" and recs[0]["annotator"] == "alice" and recs[0]["comment"] == "clearer"
+    assert recs[0]["shown_as_a"] == "chosen" and recs[0]["policy_version"] == "2"
+    assert "prefect-ui, 2 records" in git(ws, "log", "-1", "--format=%s", "--", result["raw_file"] + ".dvc")

@@ -205,3 +205,67 @@ def test_data_history_lists_versions(ws, tmp_path, capsys):
     subprocess.run(["rm", "-rf", str(ws.root / ".dvc" / "cache")], check=True)
     versioning.dvc(ws, "pull", "-q", versions[0]["files"][0] + ".dvc")
     assert len(records(raw)) == 2
+
+
+def test_label_studio_pairwise_export(ws, tmp_path):
+    tasks = [
+        {"id": 1, "data": {"prompt": "the nurse said", "answer1": " they were late .", "answer2": " she was late ."},
+         "annotations": [{"completed_by": 7, "created_at": "2026-11-20T10:00:00Z",
+                          "result": [{"type": "pairwise", "value": {"selected": "left"}}]},
+                         {"completed_by": 8, "result": [{"type": "pairwise", "value": {"selected": "right"}}]}]},
+        {"id": 2, "data": {"prompt": "the pilot said", "answer1": " he was ready .", "answer2": " they were ready ."},
+         "annotations": []},
+        {"id": 3, "data": {"prompt": "the chef said", "answer1": " a .", "answer2": " b ."},
+         "annotations": [{"completed_by": 7, "result": [{"type": "choices", "value": {"choices": ["x"]}}]}]},
+    ]
+    path = tmp_path / "label-studio-export.json"
+    path.write_text(json.dumps(tasks))
+    summary = import_file(ws, path)
+    assert summary.format == "label-studio" and (summary.kept, summary.set_aside) == (2, 2)
+    recs = records(summary.raw_file)
+    assert (recs[0]["chosen"], recs[0]["annotator"]) == (" they were late .", "label-studio:7")
+    assert recs[1]["chosen"] == " she was late ." and recs[0]["source"] == "import:label-studio"
+    assert set(summary.reasons) == {"task has no annotation", "annotation has no pairwise choice (left or right)"}
+
+
+def test_argilla_ranking_export(ws, tmp_path):
+    rows = [
+        {"fields": {"prompt": "the ceo said", "response1": " he was late .", "response2": " they were late .",
+                    "response3": " they was late ."},
+         "responses": [{"user_id": "u1", "status": "submitted", "values": {"ranking": {"value": [
+             {"value": "response2", "rank": 1}, {"value": "response1", "rank": 2}, {"value": "response3", "rank": 3}]}}},
+             {"user_id": "u2", "status": "discarded", "values": {}}]},
+        {"fields": {"prompt": "the cashier said"}, "responses": []},
+    ]
+    path = tmp_path / "argilla.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = import_file(ws, path)
+    assert summary.format == "argilla" and (summary.kept, summary.set_aside) == (2, 1)
+    recs = records(summary.raw_file)
+    assert [(r["chosen"], r["rejected"]) for r in recs] == [(" they were late .", " he was late ."),
+                                                             (" they were late .", " they was late .")]
+    assert recs[0]["annotator"] == "argilla:u1"
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"neither": 1}]')
+    with pytest.raises(ImportError_, match="neither Label Studio tasks nor Argilla records"):
+        import_file(ws, bad)
+
+
+def test_concurrent_imports_never_clobber_each_other(ws, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = []
+    for i in range(4):
+        p = tmp_path / f"batch-{i}.jsonl"
+        p.write_text("".join(r.to_json() + "\n" for r in sample_records(3 + i)))
+        paths.append(p)
+    with ThreadPoolExecutor(4) as pool:
+        summaries = list(pool.map(lambda p: import_file(ws, p), paths))
+    assert len({s.raw_file for s in summaries}) == 4
+    assert [len(records(s.raw_file)) for s in summaries] == [3, 4, 5, 6]
+    assert len(versioning.history(ws)) == 4
+    assert git_clean(ws)
+
+
+def git_clean(ws):
+    return subprocess.run(["git", "status", "--porcelain"], cwd=ws.root, capture_output=True, text=True).stdout == ""

@@ -1,0 +1,98 @@
+"""The `rlhf-label` flow: a person labels response pairs in the Prefect UI.
+
+The flow samples pairs from the champion policy, then pauses once per batch with a typed form
+(a RunInput): the batch's prompts and responses are shown above it, in a random order that is
+recorded, and the form takes A / B / tie / skip and an optional comment per pair. Resuming the
+run (the UI's Resume button, or `resume_flow_run(id, run_input=...)`) hands the answers back.
+A batch left unanswered past the timeout ends the session; every answer given before it is kept.
+The labels become a new raw feedback file, versioned with DVC like any other round.
+"""
+from __future__ import annotations
+
+import random
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from prefect import flow, get_run_logger
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+
+from tasks import scenario, tracking, versioning
+from tasks.collect import sample_pairs
+from tasks.config import load_config
+from tasks.records import PreferenceRecord
+from tasks.workspace import Workspace, init_workspace
+
+
+class PairLabels(RunInput):
+    """One answer per pair shown above the form, in the order shown."""
+
+    choices: list[Literal["A", "B", "tie", "skip"]]
+    comments: list[str] = []
+
+
+def batch_markdown(batch: list[dict], first: int) -> str:
+    parts = ["Pick the better response for each pair: **A**, **B**, **tie** or **skip**, in order.\n"]
+    for i, pair in enumerate(batch, start=first):
+        parts.append(f"### Pair {i}\n**Prompt:** `{pair['prompt']}`\n\n**A:** `{pair['A']}`\n\n**B:** `{pair['B']}`\n")
+    return "\n".join(parts)
+
+
+def to_records(batch: list[dict], answer: PairLabels, annotator: str, round_: int,
+               policy_version: str | None) -> list[PreferenceRecord]:
+    """Answers -> records. A tie or skip keeps A / B as chosen / rejected with its label."""
+    if len(answer.choices) != len(batch):
+        raise ValueError(f"expected {len(batch)} choices, one per pair, got {len(answer.choices)}")
+    out = []
+    for i, (pair, choice) in enumerate(zip(batch, answer.choices)):
+        chosen, rejected = (pair["B"], pair["A"]) if choice == "B" else (pair["A"], pair["B"])
+        comment = answer.comments[i] if i < len(answer.comments) and answer.comments[i] else None
+        out.append(PreferenceRecord(
+            prompt=pair["prompt"], chosen=chosen, rejected=rejected, source="prefect-ui", annotator=annotator,
+            round=round_, policy_version=policy_version, label={"tie": "tie", "skip": "skip"}.get(choice, "pair"),
+            comment=comment, shown_as_a="chosen" if chosen == pair["A"] else "rejected"))
+    return out
+
+
+@flow(name="rlhf-label", log_prints=True)
+def label(workspace: str = ".", pairs: int = 8, batch_size: int = 4, timeout_seconds: int = 3600,
+          annotator: str = "prefect-ui", seed: int = 0) -> dict:
+    """Sample `pairs` response pairs from the champion and ask a person to label them, a batch at a time."""
+    if pairs < 1 or batch_size < 1 or timeout_seconds < 1:
+        raise ValueError("pairs, batch_size and timeout_seconds must each be at least 1")
+    ws = init_workspace(workspace)
+    cfg = load_config(ws.params)
+    client = tracking.setup(ws, cfg.project)
+    champion = tracking.alias_version(client, cfg.policy_name, tracking.CHAMPION)
+    if champion is None and not (ws.base_model / "config.json").exists():
+        raise ValueError(f"no champion policy and no {ws.base_model}: run `rlhf run` first")
+    policy_ref = tracking.resolve_model(ws, f"models:/{cfg.policy_name}/{champion}") if champion else str(ws.base_model)
+    prompts = scenario.feedback_prompts()
+    triples = sample_pairs(policy_ref, prompts, -(-pairs // len(prompts)), cfg.collect.max_new_tokens,
+                           cfg.collect.temperature, seed)
+    rng = random.Random(seed)
+    rng.shuffle(triples)
+    shown = [{"prompt": p, "A": a, "B": b} for p, a, b in triples[:pairs]]  # two samples: already in random order
+    round_ = ws.read_state().round
+    records: list[PreferenceRecord] = []
+    for start in range(0, len(shown), batch_size):
+        batch = shown[start:start + batch_size]
+        form = PairLabels.with_initial_data(description=batch_markdown(batch, start + 1),
+                                            choices=["skip"] * len(batch), comments=[""] * len(batch))
+        try:
+            answer = pause_flow_run(wait_for_input=form, timeout=timeout_seconds, poll_interval=1)
+        except FlowPauseTimeout:
+            get_run_logger().warning("batch %d unanswered after %ds: ending the session, keeping %d labels",
+                                     start // batch_size + 1, timeout_seconds, len(records))
+            break
+        records += to_records(batch, answer, annotator, round_, champion)
+    summary = {"labelled": len(records), "pairs": sum(r.label == "pair" for r in records), "raw_file": None}
+    if records:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "labels.jsonl"
+            path.write_text("".join(r.to_json() + "\n" for r in records), encoding="utf-8")
+            summary["raw_file"] = str(versioning.add_raw_feedback(ws, path, round_, "prefect-ui", len(records)))
+    print(f"{summary['labelled']} labels saved ({summary['pairs']} pairs): {summary['raw_file']}")
+    return summary
