@@ -308,8 +308,11 @@ def cmd_status(args) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"workspace      {info['workspace']}")
-    print(f"champion       policy v{info['champion']['policy_version']}, reward v{info['champion']['reward_version']}")
-    print(f"previous       policy v{info['previous']['policy_version']}, reward v{info['previous']['reward_version']}")
+    def v(x):
+        return "none" if x is None else f"v{x}"
+
+    print(f"champion       policy {v(info['champion']['policy_version'])}, reward {v(info['champion']['reward_version'])}")
+    print(f"previous       policy {v(info['previous']['policy_version'])}, reward {v(info['previous']['reward_version'])}")
     last = info["last_round"]
     if not last:
         print("no round completed yet")
