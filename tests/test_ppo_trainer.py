@@ -83,3 +83,25 @@ def test_ppo_config_rejects_bad_values():
         PPOConfig(kl_estimator="k2")
     with pytest.raises(ValueError, match="ppo.lr must be > 0"):
         PPOConfig(lr=0)
+
+
+def test_ppo_on_two_processes_with_accelerate(tiny_model_dir, tmp_path):
+    """DDP through accelerate on 2 CPU processes (gloo): each rolls out its own batch, the
+    weights stay identical on both, and they do change."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "ddp.json"
+    worker = Path(__file__).with_name("ppo_ddp_worker.py")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(worker), str(tiny_model_dir), str(out)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parents[1])})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["processes"] == 2 and result["backend"] == "DistributedType.MULTI_CPU"
+    assert result["weights_in_sync"] and result["weights_changed"] and result["own_samples"]
+    assert len(result["kl_coef"]) == 3

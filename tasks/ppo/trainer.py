@@ -97,7 +97,7 @@ class PPOTrainer:
     def __init__(self, policy: PolicyWithValue, ref_lm: torch.nn.Module, reward_model: torch.nn.Module,
                  prompts: list[list[int]], eos_id: int, pad_id: int, cfg: PPOConfig, seed: int = 0,
                  device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None,
-                 checkpoint_dir: str | Path | None = None):
+                 checkpoint_dir: str | Path | None = None, accelerator=None):
         if not prompts:
             raise ValueError("PPO needs at least one prompt")
         self.policy, self.ref_lm, self.reward_model = policy, ref_lm, reward_model
@@ -109,11 +109,22 @@ class PPOTrainer:
             frozen.eval().requires_grad_(False)
         disable_dropout(policy)  # else the training pass's log-probs differ from the rollout's (Huang et al.)
         self.optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
+        # Several processes (accelerate: DDP on GPUs, gloo on CPUs): each rolls out its own batch
+        # (its own seed), gradients are averaged, metrics are averaged so the KL controller agrees.
+        self.accelerator = accelerator
+        if accelerator is not None:
+            self.policy, self.optimizer = accelerator.prepare(policy, self.optimizer)
+            self.device = accelerator.device
+            seed = seed + accelerator.process_index
         self.kl_ctl = core.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
         self.step = 0
         self.rng = random.Random(seed)  # prompt order
         self.generator = torch.Generator(device=self.device).manual_seed(seed)  # sampling and minibatches
         self.history: list[dict[str, float]] = []
+
+    @property
+    def unwrapped(self) -> PolicyWithValue:
+        return self.accelerator.unwrap_model(self.policy) if self.accelerator else self.policy
 
     # -- 1. rollout ---------------------------------------------------------------------------
     def _prompt_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +147,7 @@ class PPOTrainer:
         prompt_ids, prompt_mask = self._prompt_batch()
         self.policy.eval()
         with self._autocast():
-            responses = sample(self.policy.lm, prompt_ids, prompt_mask, cfg.max_new_tokens, cfg.temperature,
+            responses = sample(self.unwrapped.lm, prompt_ids, prompt_mask, cfg.max_new_tokens, cfg.temperature,
                                self.eos_id, self.pad_id, self.generator)
             responses = core.truncate_after_eos(responses, self.eos_id, self.pad_id)
             mask = core.response_mask(responses, self.eos_id)
@@ -174,8 +185,12 @@ class PPOTrainer:
                                                         cfg.cliprange_value)
                 loss = pg_loss + cfg.vf_coef * vf_loss
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+                if self.accelerator is not None:
+                    self.accelerator.backward(loss)
+                    self.accelerator.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+                else:
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
                 for k, v in {"loss/policy": pg_loss, "loss/value": vf_loss, **pg_stats, **vf_stats}.items():
                     stats.setdefault(k, []).append(float(v.detach()))
@@ -204,6 +219,11 @@ class PPOTrainer:
             "perf/gen_fraction": t_rollout / dt,
             **train_stats,
         }
+        if self.accelerator is not None and self.accelerator.num_processes > 1:
+            keys = sorted(metrics)
+            values = self.accelerator.reduce(torch.tensor([metrics[k] for k in keys], device=self.device), "mean")
+            metrics = dict(zip(keys, values.tolist()))
+            metrics["perf/episodes_per_s"] *= self.accelerator.num_processes  # all processes together
         self.kl_ctl.update(metrics["objective/kl"], self.cfg.batch_size)
         self.step += 1
         metrics["step"] = self.step
@@ -211,7 +231,7 @@ class PPOTrainer:
         return metrics
 
     def train(self, on_step: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
-        if self.checkpoint_dir and (self.checkpoint_dir / "trainer.pt").exists():
+        if self.checkpoint_dir and (self.checkpoint_dir / self._state_name).exists():
             self.load_checkpoint(self.checkpoint_dir)
         while self.step < self.cfg.steps:
             metrics = self.train_step()
@@ -222,23 +242,35 @@ class PPOTrainer:
         return self.history
 
     # -- checkpoints: everything a resumed run needs to continue exactly -----------------------
+    @property
+    def _is_main(self) -> bool:
+        return self.accelerator is None or self.accelerator.is_main_process
+
+    @property
+    def _state_name(self) -> str:  # optimizer and RNG states differ per process
+        return "trainer.pt" if self.accelerator is None else f"trainer-rank{self.accelerator.process_index}.pt"
+
     def save_checkpoint(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / "policy.safetensors.tmp"
-        save_model(self.policy, str(tmp))  # handles the tied embedding / LM-head weights
-        tmp.replace(folder / "policy.safetensors")
+        if self._is_main:
+            tmp = folder / "policy.safetensors.tmp"
+            save_model(self.unwrapped, str(tmp))  # handles the tied embedding / LM-head weights
+            tmp.replace(folder / "policy.safetensors")
         state = {
             "step": self.step, "optimizer": self.optimizer.state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
             "rng": self.rng.getstate(), "generator": self.generator.get_state(), "history": self.history,
         }
-        torch.save(state, folder / "trainer.pt.tmp")
-        (folder / "trainer.pt.tmp").replace(folder / "trainer.pt")  # atomic: a kill never leaves half a file
+        name = self._state_name
+        torch.save(state, folder / f"{name}.tmp")
+        (folder / f"{name}.tmp").replace(folder / name)  # atomic: a kill never leaves half a file
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
 
     def load_checkpoint(self, folder: str | Path) -> None:
         folder = Path(folder)
-        load_model(self.policy, str(folder / "policy.safetensors"), device=str(self.device))
-        state = torch.load(folder / "trainer.pt", weights_only=True)
+        load_model(self.unwrapped, str(folder / "policy.safetensors"), device=str(self.device))
+        state = torch.load(folder / self._state_name, weights_only=True)
         self.step = state["step"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
