@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="run the validation gate alone (exit 1 on a blocking failure)")
     val.add_argument("files", nargs="*", type=Path, help="preference files in our format (default: the "
                                                          "workspace's raw feedback)")
+    val.add_argument("--version", dest="rev", help="validate the raw feedback as it was at this data version "
+                                                  "(a commit from `rlhf data history`)")
     val.add_argument("--out", type=Path, help="folder for accepted, quarantine, report and Data Docs "
                                               "(default: <workspace>/reports/validate-cli)")
     val.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -176,7 +178,16 @@ def cmd_validate(args) -> int:
 
     ws = Workspace(args.workspace)
     cfg = load_config(ws.params if ws.params.exists() else None)
-    files = args.files or raw_files(ws)
+    out = args.out or ws.reports / "validate-cli"
+    if args.rev:
+        from tasks.versioning import VersioningError, raw_files_at
+
+        try:
+            files = raw_files_at(ws, args.rev, out / f"version-{args.rev[:10]}")
+        except VersioningError as e:
+            raise SystemExit(f"error: {e}") from None
+    else:
+        files = args.files or raw_files(ws)
     missing = [str(f) for f in files if not Path(f).is_file()]
     if missing:
         raise SystemExit(f"error: no such file: {', '.join(missing)}")
@@ -186,7 +197,6 @@ def cmd_validate(args) -> int:
     if cfg.validate_.max_tokens is not None and (ws.base_model / "tokenizer_config.json").exists():
         from tasks.modeling import load_tokenizer
         tokenizer = load_tokenizer(ws.base_model)
-    out = args.out or ws.reports / "validate-cli"
     from tasks.importers import ImportError_, convert, detect_format
 
     to_check, converted_bad = [], []

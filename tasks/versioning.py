@@ -177,5 +177,21 @@ def history(ws: Workspace) -> list[DataVersion]:
     return [v for v in versions if v.files]
 
 
+def raw_files_at(ws: Workspace, rev: str, dest: Path) -> list[Path]:
+    """The raw feedback as it was at git revision `rev`, brought back by DVC into `dest`."""
+    listing = git(ws, "ls-tree", "-r", "--name-only", rev, "--", str(ws.raw_dir.relative_to(ws.root)), check=False)
+    if listing.returncode != 0:
+        raise VersioningError(f"unknown data version {rev!r}: {listing.stderr.strip()}; see `rlhf data history`")
+    pointers = [p for p in listing.stdout.split() if p.endswith(".jsonl.dvc")]
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    for pointer in pointers:
+        target = dest / Path(pointer[:-4]).name
+        if not target.exists():
+            dvc(ws, "get", ".", pointer[:-4], "--rev", rev, "-o", str(target), "-q")
+        out.append(target)
+    return out
+
+
 def raw_files(ws: Workspace) -> list[Path]:
     return sorted(ws.raw_dir.glob("*.jsonl")) if ws.raw_dir.exists() else []

@@ -133,3 +133,19 @@ def test_severity_config_is_validated(tmp_path):
     p.write_text("validate:\n  severity:\n    drift: fatal\n")
     with pytest.raises(Exception, match="validate.severity.drift"):
         load_config(p)
+
+
+def test_cli_validates_a_past_data_version(tmp_path, capsys):
+    from tasks.importers import import_file
+    from tasks.versioning import history
+    from tasks.workspace import init_workspace
+
+    ws = init_workspace(tmp_path / "ws")
+    import_file(ws, write(tmp_path / "first.jsonl", clean_records(30)))
+    first = history(ws)[0].commit
+    import_file(ws, write(tmp_path / "second.jsonl", clean_records(30, seed=5)))
+    assert main(["validate", "--version", first, "--json", "--workspace", str(ws.root)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["accepted"] == 30 and len(summary["files"]) == 1  # only what existed at that version
+    with pytest.raises(SystemExit, match="unknown data version"):
+        main(["validate", "--version", "not-a-commit", "--workspace", str(ws.root)])
