@@ -23,7 +23,7 @@ from tasks import scenario, tracking, versioning
 from tasks.collect import sample_pairs
 from tasks.config import load_config
 from tasks.records import PreferenceRecord
-from tasks.workspace import Workspace, init_workspace
+from tasks.workspace import init_workspace
 
 
 class PairLabels(RunInput):

@@ -9,8 +9,6 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.ppo.trainer import PPOConfig  # a plain dataclass: the PPO core imports no pydantic

@@ -6,7 +6,6 @@ a round that was killed before that is simply run again under the same number.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from ruamel.yaml import YAML
 

@@ -1,6 +1,5 @@
 """PPO math against hand-computed tensors and plain-loop float64 references."""
 import math
-import random
 
 import pytest
 import torch
