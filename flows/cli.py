@@ -171,8 +171,7 @@ def cmd_import(args) -> int:
 
 def cmd_validate(args) -> int:
     from tasks.config import load_config
-    from tasks.records import write_jsonl_atomic
-    from tasks.validate import blocking_failures, validate_files
+    from tasks.validate import policy_tokenizer, validate_files, write_outputs
     from tasks.versioning import raw_files
     from tasks.workspace import Workspace
 
@@ -193,10 +192,7 @@ def cmd_validate(args) -> int:
         raise SystemExit(f"error: no such file: {', '.join(missing)}")
     if not files:
         raise SystemExit(f"error: nothing to validate: no files given and {ws.raw_dir} holds no feedback")
-    tokenizer = None
-    if cfg.validate_.max_tokens is not None and (ws.base_model / "tokenizer_config.json").exists():
-        from tasks.modeling import load_tokenizer
-        tokenizer = load_tokenizer(ws.base_model)
+    tokenizer = policy_tokenizer(ws, cfg.validate_)
     from tasks.importers import ImportError_, convert, detect_format
 
     to_check, converted_bad = [], []
@@ -215,13 +211,9 @@ def cmd_validate(args) -> int:
         converted_bad += [json.loads(line) for line in bad.read_text(encoding="utf-8").splitlines()]
     result = validate_files(to_check, cfg.validate_, out / "gx", tokenizer)
     result.quarantined += converted_bad
-    failures = blocking_failures(result, cfg.validate_)
-    write_jsonl_atomic(out / "accepted.jsonl", (json.dumps(r, ensure_ascii=False) for r in result.accepted))
-    write_jsonl_atomic(out / "quarantine.jsonl", (json.dumps(q, ensure_ascii=False, default=str)
-                                                  for q in result.quarantined))
-    summary = {**result.summary, "files": [str(f) for f in files], "blocking_failures": failures,
-               "passed": not failures, "out": str(out)}
-    (out / "validation.json").write_text(json.dumps(summary, indent=2, default=str))
+    summary = write_outputs(result, cfg.validate_, [str(f) for f in files], out / "accepted.jsonl",
+                            out / "quarantine.jsonl", out / "validation.json", out=str(out))
+    failures = summary["blocking_failures"]
     if args.json:
         print(json.dumps(summary, default=str))
     else:

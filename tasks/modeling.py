@@ -58,6 +58,11 @@ def load_reward(ref: str | Path, pad_token_id: int, dtype: torch.dtype = torch.f
     return model
 
 
+def pair_token_length(tokenizer, prompt: str, chosen: str, rejected: str) -> int:
+    """Tokens of the longer of prompt+chosen and prompt+rejected (as the reward model reads them)."""
+    return max(len(tokenizer(prompt + chosen)["input_ids"]), len(tokenizer(prompt + rejected)["input_ids"]))
+
+
 def save(model, tokenizer, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from trl import RewardTrainer
 
 from tasks import tracking
 from tasks.config import PipelineConfig
-from tasks.modeling import load_reward, load_tokenizer, save
+from tasks.modeling import load_reward, load_tokenizer, pair_token_length, save
 from tasks.stage import StageError, stage_main
 from tasks.workspace import RoundState, Workspace
 
@@ -80,6 +80,11 @@ class _MlflowLoss(TrainerCallback):
                 mlflow.log_metric(f"reward/train_{k}", v, step=state.global_step)
 
 
+def fits(tokenizer, record: dict, max_length: int) -> bool:
+    """Whether RewardTrainer keeps the pair: + 1 for the EOS it appends."""
+    return pair_token_length(tokenizer, record["prompt"], record["chosen"], record["rejected"]) + 1 <= max_length
+
+
 def accuracy_on_file(model, tokenizer, path: str, max_length: int) -> dict:
     """Pairwise accuracy on another preference file; pairs longer than max_length are counted, not scored."""
     from tasks.importers import READERS, detect_format
@@ -88,8 +93,7 @@ def accuracy_on_file(model, tokenizer, path: str, max_length: int) -> dict:
     pairs = [{"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected}
              for r in READERS[detect_format(Path(path))](Path(path), {}, 0)
              if isinstance(r, PreferenceRecord) and r.label == "pair"]
-    fit = [r for r in pairs if max(len(tokenizer(r["prompt"] + r[k])["input_ids"]) for k in ("chosen", "rejected"))
-           + 1 <= max_length]
+    fit = [r for r in pairs if fits(tokenizer, r, max_length)]
     return {**pairwise_accuracy(model, tokenizer, fit), "file": str(path), "too_long": len(pairs) - len(fit)}
 
 
@@ -97,15 +101,13 @@ def train(init_ref: str, tokenizer_ref: str, records: list[dict], cfg: PipelineC
     tokenizer = load_tokenizer(tokenizer_ref)
     model = load_reward(init_ref, tokenizer.pad_token_id)
     train_set, held_out = split(records, cfg.reward.eval_fraction)
-    def fits(r: dict) -> bool:  # + 1 for the EOS RewardTrainer appends
-        return max(len(tokenizer(r["prompt"] + r[k])["input_ids"]) for k in ("chosen", "rejected")) + 1 \
-            <= cfg.reward.max_length
-
-    too_long = [r for r in records if not fits(r)]
+    max_length = cfg.reward.max_length
+    too_long = [r for r in records if not fits(tokenizer, r, max_length)]
     if too_long:  # RewardTrainer would drop them without a word: say so, loudly
         print(f"warning: {len(too_long)} pairs exceed reward.max_length={cfg.reward.max_length} tokens "
               "and are neither trained on nor scored; raise reward.max_length to use them")
-        train_set, held_out = [r for r in train_set if fits(r)], [r for r in held_out if fits(r)]
+        train_set = [r for r in train_set if fits(tokenizer, r, max_length)]
+        held_out = [r for r in held_out if fits(tokenizer, r, max_length)]
     if len(train_set) < 2:
         raise StageError(f"only {len(train_set)} trainable pairs; need more feedback")
     data = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}

@@ -21,6 +21,7 @@ import pandas as pd
 
 from tasks import tracking, versioning
 from tasks.config import PipelineConfig, ValidateConfig
+from tasks.modeling import load_tokenizer, pair_token_length
 from tasks.records import BadLine, read_jsonl, write_jsonl_atomic
 from tasks.stage import StageError, stage_main
 from tasks.workspace import RoundState, Workspace
@@ -221,17 +222,19 @@ def validate_files(files: list[Path], cfg: ValidateConfig, gx_root: Path, tokeni
     frame["_repeat"] = frame.duplicated(subset=[*TEXT_FIELDS, "annotator"], keep="first")
     with_tokens = tokenizer is not None and cfg.max_tokens is not None
     if with_tokens:
-        frame["_tokens"] = [max(len(tokenizer(p + c)["input_ids"]), len(tokenizer(p + r)["input_ids"]))
+        frame["_tokens"] = [pair_token_length(tokenizer, p, c, r)
                             for p, c, r in zip(frame["prompt"], frame["chosen"], frame["rejected"])]
     ctx = _context(gx_root)
     row_reasons, expectations = row_reasons_from(run_suite(ctx, "preference_rows", _row_suite(cfg, with_tokens), frame))
-    accepted_mask = ~frame.index.isin(list(row_reasons))
+    accepted = []
     for i, row in enumerate(rows):
+        record = {k: v for k, v in row.items() if not k.startswith("_")}
         if i in row_reasons:
             quarantined.append({"source_file": row["_source_file"], "line": row["_line"],
-                                "reasons": row_reasons[i], "record": {k: v for k, v in row.items()
-                                                                      if not k.startswith("_")}})
-    good = frame[accepted_mask].reset_index(drop=True)
+                                "reasons": row_reasons[i], "record": record})
+        else:
+            accepted.append(record)
+    good = frame[~frame.index.isin(list(row_reasons))].reset_index(drop=True)
     good["_chosen_longer"] = (good["chosen"].str.len() > good["rejected"].str.len()).astype(float)
     good["_annotator_agreement"] = annotator_agreement(good)
     has_overlap = bool(good["_annotator_agreement"].notna().any())
@@ -253,8 +256,6 @@ def validate_files(files: list[Path], cfg: ValidateConfig, gx_root: Path, tokeni
         if d["checked"]:
             checks.append({"name": "drift", "severity": cfg.severity.drift, "passed": d["passed"],
                            "observed": d["detail"], **{k: v for k, v in d.items() if k not in ("checked", "detail")}})
-    accepted = [{k: v for k, v in row.items() if not k.startswith("_")}
-                for i, row in enumerate(rows) if i not in row_reasons]
     docs = ctx.get_docs_sites_urls()
     return ValidationResult(accepted, quarantined, not_pairs, expectations, docs[0]["site_url"] if docs else None,
                             checks)
@@ -275,6 +276,25 @@ def blocking_failures(result: ValidationResult, cfg: ValidateConfig) -> list[str
     return failures
 
 
+def policy_tokenizer(ws: Workspace, cfg: ValidateConfig):
+    """The tokenizer `max_tokens` counts in (the base policy's), or None when no bound is set or no base exists."""
+    if cfg.max_tokens is None or not (ws.base_model / "tokenizer_config.json").exists():
+        return None
+    return load_tokenizer(ws.base_model)
+
+
+def write_outputs(result: ValidationResult, cfg: ValidateConfig, files: list[str], accepted: Path,
+                  quarantine: Path, report: Path, **extra) -> dict:
+    """Accepted pairs, set-aside rows and the summary report; returns the summary."""
+    failures = blocking_failures(result, cfg)
+    write_jsonl_atomic(accepted, (json.dumps(r, ensure_ascii=False) for r in result.accepted))
+    write_jsonl_atomic(quarantine, (json.dumps(q, ensure_ascii=False, default=str) for q in result.quarantined))
+    summary = {**result.summary, "files": files, "blocking_failures": failures, "passed": not failures, **extra}
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
 def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> ValidationResult:
     files = input_files(ws)
     if not files:
@@ -282,20 +302,12 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> ValidationResu
                                "collected; run the collect stage or `rlhf import FILE`")
     previous = json.loads(ws.validation_report.read_text()) if ws.validation_report.exists() else None
     previous_files = set(previous["files"]) if previous and previous.get("passed") else None
-    tokenizer = None
-    if cfg.validate_.max_tokens is not None and (ws.base_model / "tokenizer_config.json").exists():
-        from tasks.modeling import load_tokenizer
-        tokenizer = load_tokenizer(ws.base_model)
+    tokenizer = policy_tokenizer(ws, cfg.validate_)
     with tracking.stage_run(ws, cfg.project, "validate", state):
         result = validate_files(files, cfg.validate_, ws.reports / "validation", tokenizer, previous_files)
-        failures = blocking_failures(result, cfg.validate_)
-        write_jsonl_atomic(ws.accepted, (json.dumps(r, ensure_ascii=False) for r in result.accepted))
-        write_jsonl_atomic(ws.quarantine, (json.dumps(q, ensure_ascii=False, default=str)
-                                           for q in result.quarantined))
-        summary = {**result.summary, "files": [f.name for f in files], "blocking_failures": failures,
-                   "passed": not failures}
-        ws.validation_report.parent.mkdir(parents=True, exist_ok=True)
-        ws.validation_report.write_text(json.dumps(summary, indent=2))
+        summary = write_outputs(result, cfg.validate_, [f.name for f in files], ws.accepted, ws.quarantine,
+                                ws.validation_report)
+        failures = summary["blocking_failures"]
         mlflow.log_metrics({"validate/accepted": len(result.accepted), "validate/quarantined": len(result.quarantined),
                             "validate/not_pairs": result.not_pairs})
         mlflow.log_dict(summary, "validation/summary.json")
