@@ -35,7 +35,7 @@ SHAPES = {  # the reference README's shapes
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "bench" / "trl_ppo_reference.py"
 
 
-def run_ours(s: dict, device: str, bf16: bool) -> dict:
+def run_ours(s: dict, device: str, bf16: bool, profile: bool = False) -> dict:
     torch.manual_seed(0)
     cfg = GPT2Config(n_layer=s["layers"], n_embd=s["dim"], n_head=s["heads"], vocab_size=s["vocab"],
                      n_positions=s["prompt_len"] + s["response_len"] + 8, pad_token_id=0, eos_token_id=1,
@@ -60,11 +60,24 @@ def run_ours(s: dict, device: str, bf16: bool) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
+    if profile:  # one more step under the profiler: where the time goes, kernel by kernel
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        trainer.cfg.steps += 1
+        with torch_profile(activities=activities) as prof:
+            trainer.train_step()
+        sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=25), file=sys.stderr)
     gen_fraction = sum(h["perf/gen_fraction"] for h in history) / len(history)
+    later = history[1:] or history  # after the first step (CUDA graph capture, allocator warm-up)
     return {"system": "rlhf-pipeline-ppo", "seconds": round(dt, 3),
             "episodes_per_s": round(s["prompts"] / dt, 2),
             "gen_tokens_per_s": round(s["prompts"] * s["response_len"] / dt, 1),
             "gen_fraction": round(gen_fraction, 3),
+            "steady_episodes_per_s": round(len(later) / sum(1 / h["perf/episodes_per_s"] for h in later), 2),
+            "first_step_s": round(history[0]["perf/step_s"], 3),
+            **{f"steady_{k}": round(sum(h[f"perf/{k}"] for h in later) / len(later), 4)
+               for k in ("generate_s", "score_s", "train_s")},
             "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 
@@ -91,6 +104,7 @@ def main() -> None:
     p.add_argument("--no-reference", action="store_true", help="time ours alone")
     p.add_argument("--repeats", type=int, default=3, help="runs of each side; the best is reported")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--profile", action="store_true", help="profile one extra step of ours (stderr)")
     a = p.parse_args()
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
@@ -99,7 +113,7 @@ def main() -> None:
     bf16 = a.device == "cuda"  # the reference README's GPU figures are bf16
     shape = SHAPES[a.shape]
     torch.set_num_threads(os.cpu_count() or 1)
-    ours = max((run_ours(shape, a.device, bf16) for _ in range(a.repeats)), key=lambda r: r["episodes_per_s"])
+    ours = max((run_ours(shape, a.device, bf16, a.profile) for _ in range(a.repeats)), key=lambda r: r["episodes_per_s"])
     reference = None
     if not a.no_reference:
         if a.reference_python is None:

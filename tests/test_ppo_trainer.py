@@ -5,7 +5,7 @@ import torch
 from tasks import scenario
 from tasks.config import load_config
 from tasks.modeling import generate_texts, load_policy, load_tokenizer
-from tasks.ppo import core
+from tasks.ppo import core, static_decode
 from tasks.ppo.rollout import PolicyWithValue, response_forward, sample
 from tasks.ppo.trainer import PPOConfig
 from tasks.train_policy import build_trainer
@@ -105,3 +105,66 @@ def test_ppo_on_two_processes_with_accelerate(tiny_model_dir, tmp_path):
     assert result["processes"] == 2 and result["backend"] == "DistributedType.MULTI_CPU"
     assert result["weights_in_sync"] and result["weights_changed"] and result["own_samples"]
     assert len(result["kl_coef"]) == 3
+
+
+def _two_prompts(tok):
+    enc = tok(["the doctor said", "the ceo said that"], return_tensors="pt", padding=True)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def test_static_decoder_samples_what_the_dynamic_sampler_samples(tiny_model_dir):
+    """Same model, same generator: the static-cache decoder draws the same tokens as HF's cache path."""
+    tok = load_tokenizer(tiny_model_dir)
+    lm = load_policy(tiny_model_dir).eval()
+    ids, mask = _two_prompts(tok)
+    assert static_decode.supports(lm)
+    dec = static_decode.StaticDecoder(lm, batch=2, prompt_len=ids.shape[1], max_new_tokens=12)
+    assert not dec.use_graph  # CPU: no graphs, the same step code runs eagerly
+    for seed in range(3):
+        fast = dec.sample(ids, mask, 1.0, tok.eos_token_id, tok.pad_token_id, torch.Generator().manual_seed(seed))
+        slow = sample(lm, ids, mask, 12, 1.0, tok.eos_token_id, tok.pad_token_id, torch.Generator().manual_seed(seed))
+        assert torch.equal(fast, slow)
+    checked_late = dec.sample(ids, mask, 1.0, tok.eos_token_id, tok.pad_token_id, torch.Generator().manual_seed(0),
+                              check_every=8)  # as on a GPU: may run past the end, with pads only
+    assert torch.equal(checked_late[:, :slow.shape[1]], sample(lm, ids, mask, 12, 1.0, tok.eos_token_id,
+                       tok.pad_token_id, torch.Generator().manual_seed(0)))
+    assert (checked_late[:, slow.shape[1]:] == tok.pad_token_id).all()
+    with pytest.raises(ValueError, match="built for prompts of shape"):
+        dec.sample(ids[:1], mask[:1], 1.0, tok.eos_token_id, tok.pad_token_id)
+    with pytest.raises(ValueError, match="exceed the model's"):
+        static_decode.StaticDecoder(lm, 2, lm.config.n_positions, 1)
+
+
+def test_static_decoder_logits_match_the_model_at_every_step(tiny_model_dir):
+    """Greedy-free check of the cache itself: each step's logits equal a full forward's, padded rows included."""
+    tok = load_tokenizer(tiny_model_dir)
+    lm = load_policy(tiny_model_dir).eval()
+    ids, mask = _two_prompts(tok)
+    T = 6
+    dec = static_decode.StaticDecoder(lm, batch=2, prompt_len=ids.shape[1], max_new_tokens=T)
+    with torch.no_grad():
+        dec.refresh_head()
+        logits = [dec._prefill(ids, mask)]
+        fed = torch.randint(3, lm.config.vocab_size, (2, T - 1), generator=torch.Generator().manual_seed(0))
+        for t in range(T - 1):
+            dec.token.copy_(fed[:, t])
+            dec._step()
+            logits.append(dec.logits.clone())
+        full_ids = torch.cat([ids, fed], 1)
+        full_mask = torch.cat([mask, torch.ones_like(fed)], 1)
+        pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        ref = lm(input_ids=full_ids, attention_mask=full_mask, position_ids=pos).logits
+    P = ids.shape[1]
+    for t in range(T):
+        assert torch.allclose(logits[t], ref[:, P - 1 + t], atol=1e-5), t
+
+
+def test_ppo_uses_the_static_decoder_for_gpt2_and_can_be_told_not_to(tiny_model_dir, tiny_reward_dir):
+    fast, _ = make_trainer(tiny_model_dir, tiny_reward_dir, steps=2, batch_size=16)
+    slow, _ = make_trainer(tiny_model_dir, tiny_reward_dir, steps=2, batch_size=16, generation="dynamic")
+    assert fast.decoder is not None and slow.decoder is None
+    # the same seed gives the same rollouts, so the same training
+    hf, hs = fast.train(), slow.train()
+    assert [h["objective/scores"] for h in hf] == pytest.approx([h["objective/scores"] for h in hs], abs=1e-5)
+    with pytest.raises(ValueError, match="ppo.generation"):
+        PPOConfig(generation="fast")

@@ -6,6 +6,8 @@ so padding never shifts a row's positions. Imports torch and transformers only.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -19,15 +21,32 @@ class PolicyWithValue(nn.Module):
         super().__init__()
         self.lm = lm
         hidden = lm.config.hidden_size if hasattr(lm.config, "hidden_size") else lm.config.n_embd
-        self.value_head = nn.Linear(hidden, 1)
+        self.value_head = nn.Linear(hidden, 1, dtype=next(lm.parameters()).dtype)  # bf16 weights -> bf16 head
         nn.init.zeros_(self.value_head.weight)  # start from V = 0: no bias in the first advantages
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, attention_mask, position_ids):
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      output_hidden_states=True, use_cache=False)
+                      output_hidden_states=True, use_cache=False, **_keep(self.lm, logits_to_keep))
         values = self.value_head(out.hidden_states[-1]).squeeze(-1)  # (B, L)
         return out.logits, values
+
+
+def _keep(lm: nn.Module, n: int) -> dict:
+    """HF's `logits_to_keep`: the LM head runs on the last n positions only (the response's)."""
+    return {"logits_to_keep": n} if n and "logits_to_keep" in inspect.signature(lm.forward).parameters else {}
+
+
+def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, V) logits -> (B,) one token per row drawn from softmax(logits / temperature).
+
+    The exponential race: argmax of p_i / E_i with E_i ~ Exp(1) picks i with probability p_i.
+    Unlike torch.multinomial it never waits for the GPU, and it draws one number per logit, so
+    both samplers consume a generator identically.
+    """
+    probs = torch.softmax(logits / temperature, dim=-1)
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / race).argmax(dim=-1)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -50,8 +69,7 @@ def sample(lm: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, m
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
     tokens = []
     for step in range(max_new_tokens):
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
-        next_token = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+        next_token = sample_token(logits.float(), temperature, generator)  # (B,)
         next_token = torch.where(done, torch.full_like(next_token, pad_id), next_token)
         tokens.append(next_token)
         done |= next_token == eos_id
@@ -67,27 +85,27 @@ def sample(lm: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, m
 
 def response_forward(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                      responses: torch.Tensor, resp_mask: torch.Tensor, temperature: float,
-                     with_value: bool) -> dict[str, torch.Tensor]:
+                     with_value: bool, with_entropy: bool = True) -> dict[str, torch.Tensor]:
     """Log-probabilities (and values, entropy) of the response tokens, all (B, T).
 
     The logit at column P-1+t predicts response token t, and the value there is the value of
-    the state before token t is emitted.
+    the state before token t is emitted. The LM head runs on those T columns only.
     """
-    P = prompt_ids.shape[1]
+    P, T = prompt_ids.shape[1], responses.shape[1]
     input_ids = torch.cat([prompt_ids, responses], dim=1)
     attention_mask = torch.cat([prompt_mask.long(), resp_mask.long()], dim=1)
     position_ids = position_ids_from_mask(attention_mask)
+    out = {}
     if with_value:
-        logits, values = model(input_ids, attention_mask, position_ids)
-        values = values[:, P - 1:-1].float()
+        logits, values = model(input_ids, attention_mask, position_ids, logits_to_keep=T + 1)
+        out["values"] = values[:, P - 1:-1].float()
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False).logits
-        values = None
-    logits = logits[:, P - 1:-1] / temperature  # (B, T, V)
-    out = {"logprobs": logprobs_from_logits(logits, responses), "entropy": entropy_from_logits(logits)}
-    if values is not None:
-        out["values"] = values
+                       use_cache=False, **_keep(model, T + 1)).logits
+    logits = logits[:, -(T + 1):-1] / temperature  # (B, T, V): all columns, or the T + 1 kept
+    out["logprobs"] = logprobs_from_logits(logits, responses)
+    if with_entropy:
+        out["entropy"] = entropy_from_logits(logits)
     return out
 
 
