@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+from filelock import Timeout
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -60,9 +61,12 @@ def begin_round(workspace: str, config: PipelineConfig):
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def version_feedback(workspace: str, round_: int) -> str:
+def version_feedback(workspace: str, round_: int) -> str | None:
     ws = Workspace(workspace)
     n = sum(1 for _ in read_jsonl(ws.collected))
+    if n == 0:
+        get_run_logger().info("round %d collected no simulated feedback", round_)
+        return None
     path = versioning.add_raw_feedback(ws, ws.collected, round_, "simulated", n)
     get_run_logger().info("round %d feedback versioned as %s (%d records)", round_, path.name, n)
     return str(path)
@@ -104,19 +108,26 @@ def report_validation(workspace: str) -> None:
 @flow(name="rlhf-round", log_prints=True)
 def rlhf_round(workspace: str = ".", config: PipelineConfig | None = None) -> dict:
     """One round of the loop: collect, version, validate, train the reward model, PPO, evaluate, promote."""
-    cfg = prepare_workspace(workspace, config)
-    run_stage(workspace, "pretrain")
-    bootstrap(workspace, cfg)
-    state = begin_round(workspace, cfg)
-    run_stage(workspace, "collect")
-    version_feedback(workspace, state.round)
+    init_workspace(workspace)
     try:
-        run_stage(workspace, "validate")
-    finally:
-        report_validation(workspace)
-    for stage in STAGES_AFTER_VALIDATION:
-        run_stage(workspace, stage)
-    return finish_round(workspace, state)
+        lock = rounds.round_lock(Workspace(workspace)).acquire()
+    except Timeout:
+        raise rounds.RoundBusy(f"another round is running in {Workspace(workspace).root}; "
+                               "at most one round runs at a time") from None
+    with lock:
+        cfg = prepare_workspace(workspace, config)
+        run_stage(workspace, "pretrain")
+        bootstrap(workspace, cfg)
+        state = begin_round(workspace, cfg)
+        run_stage(workspace, "collect")
+        version_feedback(workspace, state.round)
+        try:
+            run_stage(workspace, "validate")
+        finally:
+            report_validation(workspace)
+        for stage in STAGES_AFTER_VALIDATION:
+            run_stage(workspace, stage)
+        return finish_round(workspace, state)
 
 
 @flow(name="rlhf-loop", log_prints=True)

@@ -44,6 +44,10 @@ def annotate(triples: list[tuple[str, str, str]], round_: int, policy_version: s
 
 def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> list[PreferenceRecord]:
     c = cfg.collect
+    if not c.simulate:  # people's feedback arrives by the label flow, imports and the inbox
+        write_jsonl_atomic(ws.collected, iter(()))
+        print("collect.simulate is false: no simulated feedback this round")
+        return []
     with tracking.stage_run(ws, cfg.project, "collect", state):
         policy_ref = tracking.resolve_model(ws, state.policy)
         seed = cfg.seed * 1000 + state.round

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tasks.ppo.trainer import PPOConfig  # a plain dataclass: the PPO core imports no pydantic
 
@@ -42,6 +42,9 @@ class CollectConfig(_Strict):
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
     max_new_tokens: int = Field(10, gt=0, description="longest response, in tokens")
     annotator_beta: float = Field(3.0, gt=0, description="simulated annotator's Bradley-Terry sharpness")
+    simulate: bool = Field(True, description="the simulated annotator labels pairs from the round's policy; "
+                                             "false: the round trains on feedback people gave (the label "
+                                             "flow, `rlhf import`, the refinement inbox)")
 
 
 class ValidateSeverity(_Strict):
@@ -95,11 +98,40 @@ class GatesConfig(_Strict):
     min_reward_accuracy: float = Field(0.6, ge=0, le=1, description="reward model's held-out pairwise accuracy floor")
 
 
+class RefinementConfig(_Strict):
+    cron: str = Field("0 3 * * *", description="when `rlhf serve` schedules a refinement round (cron)")
+    timezone: str = Field("UTC", description="time zone of the cron schedule (IANA name)")
+    inbox: str = Field("inbox", description="folder (relative to the workspace) whose preference files each "
+                                            "refinement round imports first; done/ and failed/ keep them after")
+    skip_without_new_feedback: bool = Field(True, description="when collect.simulate is false, skip a round "
+                                                              "that has no feedback newer than the last round")
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        from prefect.client.schemas.schedules import CronSchedule  # Prefect's own parser: what serve uses
+        try:
+            CronSchedule(cron=value)
+        except ValidationError:
+            raise ValueError(f"not a cron expression: {value!r} (five fields, e.g. '0 3 * * *')") from None
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (an IANA name such as 'Europe/Paris')") from None
+        return value
+
+
 class PipelineConfig(_Strict):
     """One round of the RLHF loop. Every field has a default (see params.yaml)."""
 
     project: str = Field("rlhf", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-                         description="registry names are <project>-reward and <project>-policy")
+                         description="registry names: PROJECT-reward and PROJECT-policy")
     seed: int = Field(0, description="seed of every random draw")
     models: ModelsConfig = ModelsConfig()
     pretrain: PretrainConfig = PretrainConfig()
@@ -109,6 +141,7 @@ class PipelineConfig(_Strict):
     ppo: PPOConfig = PPOConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     gates: GatesConfig = GatesConfig()
+    refinement: RefinementConfig = RefinementConfig()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

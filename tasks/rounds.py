@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+from filelock import FileLock, Timeout
 from ruamel.yaml import YAML
 
 from tasks import tracking, versioning
@@ -32,6 +33,25 @@ def write_params(ws: Workspace, cfg: PipelineConfig) -> bool:
     with open(ws.params, "w") as f:
         yaml.dump(data, f)
     return True
+
+
+class RoundBusy(RuntimeError):
+    """Another round holds the workspace."""
+
+
+def round_lock(ws: Workspace) -> FileLock:
+    """Held for a whole round: a second round in the same workspace is refused, never interleaved.
+    The operating system drops it when its process dies, so a killed round leaves no stale lock."""
+    (ws.root / ".cache").mkdir(exist_ok=True)
+    return FileLock(str(ws.root / ".cache" / "round.lock"), timeout=0)
+
+
+def round_in_progress(ws: Workspace) -> bool:
+    try:
+        with round_lock(ws).acquire():
+            return False
+    except Timeout:
+        return True
 
 
 def completed_rounds(ws: Workspace) -> list[dict]:
@@ -75,6 +95,7 @@ def finish_round(ws: Workspace, state: RoundState) -> dict:
         "reward_version": decision["reward_version"],
         "champion_policy_before": state.champion_policy_version,
         "champion_policy_after": decision["champion_policy_after"],
+        "feedback_files": [p.name for p in versioning.raw_files(ws)],  # what this round trained on
     }
     ws.history_file.parent.mkdir(parents=True, exist_ok=True)
     with open(ws.history_file, "a") as f:
