@@ -61,7 +61,8 @@ class ValidateConfig(_Strict):
     max_tokens: int | None = Field(None, gt=0, description="longest prompt + response in tokens of the policy's "
                                                            "tokenizer (row set aside); empty = no token bound")
     max_quarantine_fraction: float = Field(0.5, ge=0, le=1,
-                                           description="more rows set aside than this stops the round (blocking)")
+                                           description="more rows set aside than this stops the round (blocking); "
+                                                       "repeats of earlier pairs are set aside but not counted")
     chosen_longer_min: float = Field(0.1, ge=0, le=1, description="label balance: least share of pairs whose "
                                                                   "chosen response is the longer one")
     chosen_longer_max: float = Field(0.9, ge=0, le=1, description="label balance: largest such share (length "

@@ -261,16 +261,25 @@ def validate_files(files: list[Path], cfg: ValidateConfig, gx_root: Path, tokeni
                             checks)
 
 
+DUPLICATE = REASONS["expect_column_values_to_be_in_set"]
+
+
 def blocking_failures(result: ValidationResult, cfg: ValidateConfig) -> list[str]:
-    total = len(result.accepted) + len(result.quarantined)
+    # A row set aside only because it repeats an earlier pair is not bad data: a converged policy
+    # shows annotators the same pairs again, round after round. Such rows stay in the quarantine
+    # file with their reason but do not count toward max_quarantine_fraction.
+    bad = [q for q in result.quarantined if q["reasons"] != [DUPLICATE]]
+    total = len(result.accepted) + len(bad)
     failures = []
     if len(result.accepted) < cfg.min_rows:
         failures.append(f"only {len(result.accepted)} usable pairs, fewer than validate.min_rows={cfg.min_rows}")
     if len(result.accepted) > cfg.max_rows:
         failures.append(f"{len(result.accepted)} pairs, more than validate.max_rows={cfg.max_rows}")
-    if total and len(result.quarantined) / total > cfg.max_quarantine_fraction:
-        failures.append(f"{len(result.quarantined)} of {total} rows set aside, more than "
-                        f"validate.max_quarantine_fraction={cfg.max_quarantine_fraction}")
+    if total and len(bad) / total > cfg.max_quarantine_fraction:
+        repeats = len(result.quarantined) - len(bad)
+        failures.append(f"{len(bad)} of {total} rows set aside, more than validate.max_quarantine_fraction="
+                        f"{cfg.max_quarantine_fraction}" + (f" (besides {repeats} repeats of earlier pairs)"
+                                                            if repeats else ""))
     failures += [f"{c['name']} failed (blocking): {c['observed']}" for c in result.checks
                  if not c["passed"] and c["severity"] == "blocking" and c["name"] != "row_count"]
     return failures

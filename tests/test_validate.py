@@ -1,5 +1,6 @@
 """The Great Expectations gate: each dataset check fails on data built to break it and passes on
 clean data; severity decides whether a failure blocks; the HH-RLHF sample passes; Data Docs open."""
+import dataclasses
 import json
 import random
 
@@ -52,6 +53,22 @@ def test_row_count_bounds_block(tmp_path):
     assert any("min_rows" in x for x in blocking_failures(result, ValidateConfig(min_rows=20)))
     result = validate_files([f], ValidateConfig(max_rows=5, min_rows=1), tmp_path / "gx2")
     assert any("max_rows" in x for x in blocking_failures(result, ValidateConfig(max_rows=5, min_rows=1)))
+
+
+def test_repeats_of_earlier_pairs_are_set_aside_but_do_not_block_while_bad_rows_do(tmp_path):
+    """A converged policy shows the same pairs round after round: the repeats are set aside with
+    their reason, but only bad rows count toward max_quarantine_fraction."""
+    recs = clean_records(30)
+    first = write(tmp_path / "round-1.jsonl", recs)
+    again = write(tmp_path / "round-2.jsonl", recs + recs)  # 60 repeats: 2/3 of all rows
+    result = validate_files([first, again], ValidateConfig(), tmp_path / "gx")
+    assert len(result.accepted) == 30 and len(result.quarantined) == 60
+    assert all(q["reasons"] == ["duplicate of an earlier pair"] for q in result.quarantined)
+    assert blocking_failures(result, ValidateConfig()) == []
+    bad = [dataclasses.replace(r, rejected=r.chosen) for r in clean_records(40, seed=1)]  # chosen == rejected
+    result = validate_files([first, again, write(tmp_path / "bad.jsonl", bad)], ValidateConfig(), tmp_path / "gx2")
+    (failure,) = blocking_failures(result, ValidateConfig())
+    assert failure.startswith("40 of 70 rows set aside") and "besides 60 repeats" in failure
 
 
 def test_length_bias_fails_label_balance_and_severity_decides(tmp_path):
