@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from tasks import versioning
-from tasks.records import BadLine, PreferenceRecord, read_jsonl, utc_now
+from tasks.records import SOURCE_PATTERN, BadLine, PreferenceRecord, read_jsonl, utc_now
 from tasks.workspace import Workspace
 
 FORMATS = ("jsonl", "csv", "parquet", "hh-rlhf", "label-studio", "argilla")
@@ -61,6 +62,12 @@ def _text_problem(name: str, value) -> str | None:
     return None
 
 
+def _source(given, importer: str) -> str:
+    """The file's own `source` when it is one of the contract's (our exports round-trip), else the
+    importer's `import:<format>`: another tool's value would only get every row set aside later."""
+    return given if isinstance(given, str) and re.fullmatch(SOURCE_PATTERN, given) else importer
+
+
 def make_record(line: int, data: dict, source: str, round_: int) -> Row:
     """A record from a dict holding at least prompt/chosen/rejected, or a BadLine naming the problem."""
     problems = [p for p in (_text_problem(k, data.get(k)) for k in ("prompt", "chosen", "rejected")) if p]
@@ -75,7 +82,7 @@ def make_record(line: int, data: dict, source: str, round_: int) -> Row:
         return BadLine(line, "; ".join(problems), json.dumps(data, ensure_ascii=False, default=str)[:2000])
     return PreferenceRecord(
         prompt=data["prompt"], chosen=data["chosen"], rejected=data["rejected"],
-        source=str(data.get("source") or source), annotator=str(data.get("annotator") or "unknown"),
+        source=_source(data.get("source"), source), annotator=str(data.get("annotator") or "unknown"),
         round=int(data["round"]) if isinstance(data.get("round"), int) else round_,
         policy_version=data.get("policy_version"), created_at=str(data.get("created_at") or utc_now()),
         label=label, margin=margin, id=str(data.get("id") or ""))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 SOURCES_FIXED = {"simulated", "prefect-ui"}  # plus "import:<format>"
+SOURCE_PATTERN = r"^(simulated|prefect-ui|import:[a-z0-9-]+)$"  # the data contract's `source` values
 LABELS = {"pair", "tie", "skip"}  # ties and skips are kept in the raw labels but are not pairs
 
 

@@ -22,13 +22,12 @@ import pandas as pd
 from tasks import tracking, versioning
 from tasks.config import PipelineConfig, ValidateConfig
 from tasks.modeling import load_tokenizer, pair_token_length
-from tasks.records import BadLine, read_jsonl, write_jsonl_atomic
+from tasks.records import SOURCE_PATTERN, BadLine, read_jsonl, write_jsonl_atomic
 from tasks.stage import StageError, stage_main
 from tasks.workspace import RoundState, Workspace
 
 TEXT_FIELDS = ("prompt", "chosen", "rejected")
 CONTROL_CHARS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
-SOURCE_PATTERN = r"^(simulated|prefect-ui|import:[a-z0-9-]+)$"
 ISO_UTC_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}"
 
 

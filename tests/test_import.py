@@ -3,6 +3,7 @@ import csv
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,8 +11,10 @@ import pytest
 
 from flows.cli import main
 from tasks import versioning
+from tasks.config import ValidateConfig
 from tasks.importers import ImportError_, import_file, split_dialogue
 from tasks.records import PreferenceRecord
+from tasks.validate import validate_files
 from tasks.workspace import init_workspace
 
 from conftest import HH_RLHF
@@ -115,6 +118,21 @@ def test_each_format_round_trips(ws, tmp_path, fmt):
         [(r.prompt, r.chosen, r.rejected) for r in recs]
     if fmt == "jsonl":  # our own format keeps every field
         assert back == rows
+
+
+def test_a_foreign_source_becomes_the_importers_and_ours_is_kept(ws, tmp_path):
+    """Another tool's `source` is not one of the contract's: kept as is, validation would set every
+    row aside later; the importer's `import:jsonl` replaces it. Our own values round-trip."""
+    rows = [json.loads(r.to_json()) for r in sample_records()]
+    for row, source in zip(rows, ["labelbox-team", "prefect-ui", "", "import:csv", "Simulated"]):
+        row["source"] = source
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = import_file(ws, path)
+    assert [r["source"] for r in records(summary.raw_file)] == \
+        ["import:jsonl", "prefect-ui", "import:jsonl", "import:csv", "import:jsonl"]
+    result = validate_files([Path(summary.raw_file)], ValidateConfig(min_rows=1), tmp_path / "gx")
+    assert len(result.accepted) == 5 and not result.quarantined
 
 
 def test_bad_rows_are_set_aside_with_line_and_reason_and_cli_summarises(ws, tmp_path, capsys):
