@@ -9,6 +9,11 @@ ARGS   ?=
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
+	@# the browser test drives Debian's Chromium; installed here when we are root on Debian/Ubuntu
+	@command -v chromium >/dev/null || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
+	  apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null 2>&1) || \
+	  echo "chromium could not be installed: the browser test will be skipped"
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 

@@ -6,6 +6,8 @@
     rlhf data history [--json]        rlhf validate [FILE ...] [--json]
     rlhf label [--pairs N] [--batch-size N] [--timeout S]
     rlhf compare [A B] [--json]       rlhf promote VERSION --reason TEXT [--force]       rlhf rollback
+    rlhf server [--host H] [--prefect-port P] [--mlflow-port P] [--mlflow-auth]
+    rlhf serve [--workspace DIR] [--prefect-port P] [--mlflow-port P]
 
 Bad arguments and bad configs end with one line that names the problem (exit 2), never a traceback.
 """
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 
@@ -35,6 +38,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is between 1 and 65535, got {value}")
     return value
 
 
@@ -98,6 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
     rb = sub.add_parser("rollback", help="champion back to previous (policy and reward model)")
     rb.add_argument("--reason", default="rollback requested", help="why: kept on the versions")
     rb.add_argument("--workspace", type=Path, default=Path("."))
+
+    srv = sub.add_parser("server", help="start the Prefect and MLflow servers with their UIs (loopback by default)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind; beyond loopback both servers need auth")
+    srv.add_argument("--prefect-port", type=_port, default=4200, help="Prefect API and UI port (default 4200)")
+    srv.add_argument("--mlflow-port", type=_port, default=5000, help="MLflow tracking and UI port (default 5000)")
+    srv.add_argument("--mlflow-auth", action="store_true", help="MLflow's basic-auth app (needed beyond loopback)")
+    srv.add_argument("--workspace", type=Path, default=Path("."), help="whose MLflow store the UI shows")
+
+    serve = sub.add_parser("serve", help="serve the deployments (scheduled refinement, on-demand round and "
+                                         "labelling) against PREFECT_API_URL, or servers started here")
+    serve.add_argument("--workspace", type=Path, default=Path("."), help="git + DVC folder the rounds use")
+    serve.add_argument("--prefect-port", type=_port, default=4200, help="port of the embedded Prefect server")
+    serve.add_argument("--mlflow-port", type=_port, default=5000, help="port of the embedded MLflow server")
 
     status = sub.add_parser("status", help="champion versions and the last round's results")
     status.add_argument("--json", action="store_true", help="print one JSON object")
@@ -329,6 +355,60 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_server(args) -> int:
+    from flows.serve import ServerError, start_servers
+    from tasks.workspace import init_workspace
+
+    ws = init_workspace(args.workspace.resolve())
+    try:
+        servers = start_servers(ws, args.host, args.prefect_port, args.mlflow_port, args.mlflow_auth)
+    except ServerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ui = servers.prefect_url.removesuffix("/api")
+    print(f"Prefect UI  {ui}\nMLflow UI   {servers.mlflow_url}\n"
+          f"Point flows at it: export PREFECT_API_URL={servers.prefect_url} "
+          f"MLFLOW_TRACKING_URI={servers.mlflow_url}\nCtrl-C stops both.", flush=True)
+    try:
+        while servers.prefect.poll() is None and (servers.mlflow is None or servers.mlflow.poll() is None):
+            time.sleep(1)
+        print("error: a server stopped; see .cache/servers/*.log", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        servers.stop()
+
+
+def cmd_serve(args) -> int:
+    from tasks.config import load_config
+    from tasks.workspace import init_workspace
+
+    ws_root = args.workspace.resolve()
+    params = ws_root / "params.yaml"  # what every round of the workspace reads, and the cron
+    cfg = load_config(params if params.exists() else None)  # a bad cron or config fails here, before anything starts
+    servers = None
+    if not os.environ.get("PREFECT_API_URL"):  # the embedded servers, started here and stopped with us
+        from flows.serve import ServerError, start_servers
+
+        ws = init_workspace(ws_root)
+        try:
+            servers = start_servers(ws, prefect_port=args.prefect_port, mlflow_port=args.mlflow_port)
+        except ServerError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        os.environ["PREFECT_API_URL"] = servers.prefect_url
+        print(f"Prefect UI {servers.prefect_url.removesuffix('/api')}, MLflow UI {servers.mlflow_url}", flush=True)
+    from flows.serve import serve
+
+    try:
+        serve(str(ws_root), cfg)
+    finally:
+        if servers is not None:
+            servers.stop()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     _defaults_for_local_run()
     args = build_parser().parse_args(argv)
@@ -339,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"run": cmd_run, "status": cmd_status, "import": cmd_import, "data": cmd_data,
                     "validate": cmd_validate, "label": cmd_label,
-                    "compare": cmd_registry, "promote": cmd_registry, "rollback": cmd_registry}
+                    "compare": cmd_registry, "promote": cmd_registry, "rollback": cmd_registry,
+                    "server": cmd_server, "serve": cmd_serve}
         return commands[args.command](args)
     except (ConfigError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -248,8 +248,11 @@ def test_blocked_validation_stops_before_training_and_registers_nothing(finished
     versions_before = {n: len(client.search_model_versions(f"name='{n}'")) for n in (cfg.policy_name, cfg.reward_name)}
     reward_before = versioning.file_md5(ws.reward_model / "model.safetensors")
     strict = cfg.model_copy(update={"validate_": cfg.validate_.model_copy(update={"min_rows": 100_000})})
+    state = rlhf_round(workspace=str(ws.root), config=strict, return_state=True)
+    assert state.is_failed() and "validation blocked training" in state.message  # the reason, in the UI
+    assert "min_rows" in state.message
     with pytest.raises(versioning.VersioningError, match="validation blocked training"):
-        rlhf_round(workspace=str(ws.root), config=strict)
+        state.result()
     versions_after = {n: len(client.search_model_versions(f"name='{n}'")) for n in versions_before}
     assert versions_after == versions_before
     assert versioning.file_md5(ws.reward_model / "model.safetensors") == reward_before  # no training ran

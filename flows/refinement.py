@@ -1,0 +1,130 @@
+"""Continuous refinement: the flow `rlhf serve` runs on a schedule, one round per run.
+
+Each run: check that MLflow answers (retried with backoff), take the workspace's round lock
+(an overlapping run is cancelled, never run beside it), import the preference files dropped in
+the inbox, then one round of the loop (`rlhf-round`): new feedback on the champion's outputs,
+validation, the reward model retrained on all feedback so far, PPO from the champion,
+evaluation, gated promotion.
+
+A round killed at any point leaves the champion untouched (only `promote` moves it, last) and
+the next run redoes it under the same number: DVC skips the stages whose inputs did not change
+(so no model is registered twice) and PPO resumes from its last checkpoint.
+"""
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+from mlflow import MlflowClient
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Cancelled, Completed
+from prefect.tasks import exponential_backoff
+
+from flows.pipeline import rlhf_round
+from tasks import importers, rounds, versioning
+from tasks.config import PipelineConfig, load_config
+from tasks.workspace import Workspace, init_workspace
+
+
+class TrackingUnavailable(RuntimeError):
+    """MLflow's tracking store did not answer."""
+
+
+@task(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_jitter_factor=0.5,
+      cache_policy=NO_CACHE)
+def check_tracking(workspace: str) -> str:
+    """Fail early, and clearly, when the tracking server is unreachable; retried with backoff."""
+    ws = Workspace(workspace)
+    try:
+        MlflowClient(tracking_uri=ws.tracking_uri).search_experiments(max_results=1)
+    except Exception as e:  # MlflowException, connection errors: all mean "not reachable now"
+        raise TrackingUnavailable(f"MLflow tracking store {ws.tracking_uri} is unreachable: "
+                                  f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+    return ws.tracking_uri
+
+
+@task(cache_policy=NO_CACHE)
+def import_inbox(workspace: str, inbox: str) -> dict:
+    """Import every file in the inbox; move each to inbox/done/ or inbox/failed/ (with the reason)."""
+    ws = Workspace(workspace)
+    folder = (ws.root / inbox).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    logger = get_run_logger()
+    result = {"imported": [], "failed": []}
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        try:
+            summary = importers.import_file(ws, path)
+            problem = importers.failed(summary, max_bad_fraction=0.5)
+        except importers.ImportError_ as e:
+            problem = str(e)
+        target = folder / ("failed" if problem else "done")
+        target.mkdir(exist_ok=True)
+        shutil.move(str(path), target / path.name)
+        if problem:
+            (target / f"{path.name}.reason.txt").write_text(problem + "\n")
+            logger.warning("inbox file %s not imported: %s", path.name, problem)
+            result["failed"].append({"file": path.name, "reason": problem})
+        else:
+            logger.info("inbox file %s imported: %d kept, %d set aside", path.name, summary.kept,
+                        summary.set_aside)
+            result["imported"].append({"file": path.name, "kept": summary.kept, "set_aside": summary.set_aside})
+    return result
+
+
+def new_feedback_since_last_round(ws: Workspace) -> list[str]:
+    """Raw feedback files committed after the last completed round's commit."""
+    done = rounds.completed_rounds(ws)
+    files = [p.name for p in versioning.raw_files(ws)]
+    seen = set(done[-1].get("feedback_files", [])) if done else set()
+    return [f for f in files if f not in seen]
+
+
+@flow(name="rlhf-refinement", log_prints=True)
+def rlhf_refinement(workspace: str = ".", config: PipelineConfig | None = None,
+                    overrides: dict[str, Any] | None = None):
+    """One scheduled round of continuous refinement (see the module's docstring).
+
+    `config` is the whole typed configuration (the Prefect UI renders it as a form; empty = the
+    workspace's params.yaml); `overrides` sets single dotted keys on top, e.g. {"ppo.steps": 20}.
+    """
+    logger = get_run_logger()
+    ws = init_workspace(workspace)
+    if config is None:
+        cfg = load_config(ws.params if ws.params.exists() else None, overrides)
+    else:
+        cfg = load_config(None, {**_flatten(config.to_params()), **(overrides or {})})
+    check_tracking(str(ws.root))
+    if rounds.round_in_progress(ws):  # rlhf_round takes the lock itself; this makes the skip a clean one
+        message = f"another round is running in {ws.root}; this run is skipped (at most one round at a time)"
+        logger.warning(message)
+        return Cancelled(message=message)
+    inbox = import_inbox(str(ws.root), cfg.refinement.inbox)
+    if not cfg.collect.simulate and cfg.refinement.skip_without_new_feedback:
+        new = new_feedback_since_last_round(ws)
+        if not new:
+            message = "no feedback since the last round (collect.simulate is false): nothing to train on"
+            logger.info(message)
+            return Completed(message=message)
+        logger.info("new feedback since the last round: %s", ", ".join(new))
+    line = rlhf_round(str(ws.root), cfg)
+    line["inbox"] = inbox
+    create_markdown_artifact(
+        key="rlhf-refinement", description=f"Refinement round {line['round']}",
+        markdown=f"# Refinement round {line['round']}: {'promoted' if line['promoted'] else 'not promoted'}\n\n"
+                 f"held-out neutral rate {line['gold_before']:.3f} -> {line['gold_after']:.3f}, "
+                 f"KL {line['kl']:.2f}, win-rate {line['win_rate']:.2f}\n\n"
+                 f"inbox: {len(inbox['imported'])} imported, {len(inbox['failed'])} failed\n")
+    return line
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+

@@ -1,0 +1,433 @@
+"""Continuous refinement against a real Prefect server started here, served by `rlhf serve`.
+
+One workspace, in order: the deployments exist (with the schedule); two overlapping triggers run
+one round and cancel the other; a round killed during PPO changes no champion and no history,
+and the next run redoes it, registering nothing twice; an unreachable MLflow is retried, then
+reported clearly. Rounds use the tiny locally built model and small sizes: this module tests the
+orchestration, test_flow.py the learning.
+"""
+import asyncio
+import concurrent.futures
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow import MlflowClient
+
+from flows.serve import ServerError, check_exposure, start_servers
+from tasks import rounds, tracking, versioning
+from tasks.config import load_config
+from tasks.workspace import Workspace, init_workspace
+
+from conftest import FAST
+
+pytestmark = pytest.mark.slow
+
+SMALL = {**FAST, "collect.pairs_per_prompt": 16, "reward.epochs": 2, "ppo.steps": 12, "ppo.batch_size": 32,
+         "ppo.minibatches": 2, "ppo.checkpoint_every": 2, "evaluate.samples_per_prompt": 4}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SECRET = "rlhf-test-secret-5f0c9e"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model_dir):
+    ws = init_workspace(tmp_path_factory.mktemp("refine") / "ws")
+    rounds.write_params(ws, load_config(None, {**SMALL, "models.policy": str(tiny_model_dir),
+                                               "refinement.cron": "0 3 * * 1"}))
+    servers = start_servers(ws, prefect_port=free_port(), mlflow_port=free_port())
+    # a remote's credential, as users give it (the environment): it must never land anywhere we write
+    env = {**os.environ, "PREFECT_API_URL": servers.prefect_url, "AWS_SECRET_ACCESS_KEY": SECRET}
+    log = open(ws.root / ".cache" / "serve.log", "ab")
+    serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--workspace", str(ws.root)],
+                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                             cwd=Path(__file__).resolve().parents[1])
+    try:
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: servers.prefect_url}):
+            names = ["rlhf-refinement/scheduled", "rlhf-round/on-demand", "rlhf-label/on-demand"]
+            _wait(lambda: all(_deployment(n) is not None for n in names), 120, serve, ws)
+            yield ws, serve, servers
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        try:
+            serve.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+        servers.stop()
+
+
+def _serve_log(ws):
+    return (ws.root / ".cache" / "serve.log").read_text(errors="replace")[-3000:]
+
+
+def _wait(cond, timeout, serve, ws, every=1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if serve.poll() is not None:
+            pytest.fail(f"rlhf serve exited ({serve.returncode}):\n{_serve_log(ws)}")
+        value = cond()
+        if value:
+            return value
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout} s; rlhf serve log:\n{_serve_log(ws)}")
+
+
+def _in_thread(fn, *args, **kwargs):
+    """Run a Prefect client call on its own thread: Playwright's sync API holds this one's event loop."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
+
+
+def _api(coro_fn):
+    from prefect.client.orchestration import get_client
+
+    async def go():
+        async with get_client() as client:
+            return await coro_fn(client)
+    return _in_thread(asyncio.run, go())
+
+
+def _deployment(name):
+    from prefect.exceptions import ObjectNotFound
+
+    async def read(client):
+        try:
+            return await client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            return None
+    try:
+        return _api(read)
+    except Exception:
+        return None
+
+
+def _scheduled_runs(deployment_id):
+    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
+                                                FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+
+    return _api(lambda c: c.read_flow_runs(
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+        flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+            type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))), limit=10))
+
+
+def _trigger(name):
+    from prefect.deployments import run_deployment
+
+    return _in_thread(run_deployment, name, timeout=0)
+
+
+def _flow_run(run_id):
+    return _api(lambda c: c.read_flow_run(run_id))
+
+
+def _final(run_id):
+    run = _flow_run(run_id)
+    return run if run.state.is_final() else None
+
+
+def _cmdline(proc):
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _versions(ws, name):
+    client = MlflowClient(tracking_uri=ws.tracking_uri)
+    return sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+
+
+def _stage_runs(ws, cfg, stage):
+    client = tracking.setup(ws, cfg.project)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.project).experiment_id], f"tags.stage = '{stage}'")
+    return sorted(r.info.run_id for r in runs)
+
+
+def test_deployments_are_served_with_the_schedule_and_the_limit(served):
+    ws, serve, _ = served
+    refinement = _deployment("rlhf-refinement/scheduled")
+    assert [s.schedule.cron for s in refinement.schedules] == ["0 3 * * 1"]
+    assert refinement.schedules[0].active
+    assert refinement.global_concurrency_limit.limit == 1
+    assert refinement.concurrency_options.collision_strategy.value == "CANCEL_NEW"
+    assert refinement.parameters["workspace"] == str(ws.root)
+    assert _deployment("rlhf-round/on-demand") is not None
+    assert _deployment("rlhf-label/on-demand") is not None
+    # the run form: the typed config is part of the flow's parameter schema
+    assert "config" in refinement.parameter_openapi_schema["properties"]
+    # the server's scheduler turns the cron into upcoming runs (it failed on SQLAlchemy 2.1)
+    upcoming = _wait(lambda: _scheduled_runs(refinement.id), 150, serve, ws, every=2)
+    for run in upcoming:
+        start = run.expected_start_time
+        assert (start.weekday(), start.hour, start.minute) == (0, 3, 0), start  # Mondays 03:00 UTC
+
+
+def test_two_overlapping_triggers_run_one_round(served):
+    ws, serve, _ = served
+    first, second = _trigger("rlhf-refinement/scheduled"), _trigger("rlhf-refinement/scheduled")
+    runs = [_wait(lambda r=r: _final(r.id), 600, serve, ws, every=2) for r in (first, second)]
+    states = sorted(r.state.type.value for r in runs)
+    assert states == ["CANCELLED", "COMPLETED"], [(r.state.type, r.state.message) for r in runs]
+    assert len(rounds.completed_rounds(ws)) == 1
+    cfg = load_config(ws.params)
+    client = tracking.setup(ws, cfg.project)
+    runs_ppo = client.search_runs([client.get_experiment_by_name(cfg.project).experiment_id],
+                                  "tags.stage = 'train_policy'")
+    assert len(runs_ppo) == 1  # never two rounds side by side
+    assert not rounds.round_in_progress(ws)
+
+
+def test_a_round_killed_during_ppo_changes_nothing_and_the_next_redoes_it(served):
+    ws, serve, _ = served
+    cfg = load_config(ws.params)
+    client = MlflowClient(tracking_uri=ws.tracking_uri)
+    champion_before = tracking.alias_version(client, cfg.policy_name, tracking.CHAMPION)
+    policies_before, rewards_before = _versions(ws, cfg.policy_name), _versions(ws, cfg.reward_name)
+    history_before = ws.history_file.read_text()
+
+    run = _trigger("rlhf-refinement/scheduled")
+    checkpoints = ws.root / ".cache" / "ppo-checkpoints" / "round-2"
+    _wait(lambda: (checkpoints / "policy.safetensors").exists(), 600, serve, ws, every=0.5)
+    # kill the round's whole process tree (flow run, dvc, the PPO stage), as a lost machine would
+    ours = psutil.Process(serve.pid)
+    ppo = _wait(lambda: [p for p in ours.children(recursive=True)
+                         if "tasks.train_policy" in " ".join(_cmdline(p))], 30, serve, ws, every=0.2)
+    flow_proc = next(p for p in ppo[0].parents() if p.ppid() == serve.pid)  # the flow run's own process
+    victims = [flow_proc, *flow_proc.children(recursive=True)]
+    for p in victims:
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(victims, timeout=30)
+    final = _wait(lambda: _final(run.id), 120, serve, ws, every=2)
+    assert final.state.type.value in ("CRASHED", "FAILED")
+
+    assert tracking.alias_version(client, cfg.policy_name, tracking.CHAMPION) == champion_before
+    assert _versions(ws, cfg.policy_name) == policies_before  # no candidate registered
+    assert ws.history_file.read_text() == history_before
+    assert _versions(ws, cfg.reward_name) == rewards_before  # models are registered only by `promote`
+    assert not rounds.round_in_progress(ws)  # the OS dropped the dead round's lock
+    reward_runs_killed = _stage_runs(ws, cfg, "train_reward")  # round 2's reward model, trained before the kill
+
+    run = _trigger("rlhf-refinement/scheduled")
+    final = _wait(lambda: _final(run.id), 600, serve, ws, every=2)
+    assert final.state.is_completed(), final.state.message
+    done = rounds.completed_rounds(ws)
+    assert [r["round"] for r in done] == [1, 2]  # redone under the same number
+    assert _stage_runs(ws, cfg, "train_reward") == reward_runs_killed  # DVC skipped it: trained once
+    assert len(_versions(ws, cfg.reward_name)) == len(rewards_before) + 1  # one version per round
+    assert len(_versions(ws, cfg.policy_name)) == len(policies_before) + 1
+
+def _people_feedback(path: Path) -> None:
+    """Labels as people give them: the neutral continuation preferred, one pair per line."""
+    from tasks import scenario
+    from tasks.records import PreferenceRecord
+
+    lines = []
+    for profession in sorted(scenario.FEEDBACK_PROFESSIONS):
+        for singular, plural in scenario.CONTINUATIONS:
+            for pronoun in ("he", "she"):
+                lines.append(PreferenceRecord(
+                    prompt=scenario.prompt_for(profession), chosen=f" they {plural} .",
+                    rejected=f" {pronoun} {singular} .", source="inbox", annotator="reviewer-1", round=0,
+                    created_at="2026-11-20T09:00:00+00:00").to_json())
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_a_run_while_a_round_holds_the_workspace_is_cancelled(served):
+    from flows.pipeline import rlhf_round
+    from flows.refinement import rlhf_refinement
+
+    ws, _, _ = served
+    history = ws.history_file.read_text()
+    with rounds.round_lock(ws):
+        state = rlhf_refinement(workspace=str(ws.root), return_state=True)
+        assert state.is_cancelled() and "another round is running" in state.message
+        with pytest.raises(rounds.RoundBusy, match="at most one round runs at a time"):
+            rlhf_round(str(ws.root))
+    assert ws.history_file.read_text() == history
+
+
+def test_people_feedback_from_the_inbox_trains_a_round_and_without_new_feedback_none_runs(served):
+    """collect.simulate false: the round trains on what people gave (here, files dropped into the
+    inbox); a bad file is set aside with its reason; with nothing new, the next run is skipped."""
+    from flows.refinement import rlhf_refinement
+
+    ws, _, _ = served
+    inbox = ws.root / "inbox"
+    inbox.mkdir(exist_ok=True)
+    _people_feedback(inbox / "reviews.jsonl")
+    (inbox / "broken.jsonl").write_text("this is not json\n{\"prompt\": 1}\n")
+    done_before = len(rounds.completed_rounds(ws))
+    overrides = {"collect.simulate": False}
+
+    state = rlhf_refinement(workspace=str(ws.root), overrides=overrides, return_state=True)
+    assert state.is_completed(), state.message
+    line = state.result()
+    assert [f["file"] for f in line["inbox"]["imported"]] == ["reviews.jsonl"]
+    assert [f["file"] for f in line["inbox"]["failed"]] == ["broken.jsonl"]
+    assert (inbox / "done" / "reviews.jsonl").exists() and not (inbox / "reviews.jsonl").exists()
+    reason = (inbox / "failed" / "broken.jsonl.reason.txt").read_text()
+    assert reason.strip(), "a failed inbox file keeps its reason"
+    done = rounds.completed_rounds(ws)
+    assert len(done) == done_before + 1 and done[-1]["round"] == line["round"]
+    assert not any(f"round-{line['round']:04d}-simulated-" in name
+                   for name in done[-1]["feedback_files"])  # nothing simulated this round
+
+    state = rlhf_refinement(workspace=str(ws.root), overrides=overrides, return_state=True)
+    assert state.is_completed() and "no feedback since the last round" in state.message
+    assert len(rounds.completed_rounds(ws)) == done_before + 1
+
+
+
+def test_an_unreachable_mlflow_is_retried_then_reported(served, monkeypatch):
+    from prefect.states import State
+
+    import flows.refinement as refinement
+    import tasks.workspace
+
+    ws, _, _ = served
+    monkeypatch.setattr(tasks.workspace, "USER_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setattr(refinement, "check_tracking",
+                        refinement.check_tracking.with_options(retry_delay_seconds=[0.2, 0.4, 0.8]))
+    state: State = refinement.rlhf_refinement(workspace=str(ws.root), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(refinement.TrackingUnavailable, match="MLflow tracking store http://127.0.0.1:.* is unreachable"):
+        state.result()
+    flow_run = _flow_run(state.state_details.flow_run_id)
+    assert "unreachable" in flow_run.state.message
+    task_runs = _api(lambda c: c.read_task_runs())
+    attempts = [t.run_count for t in task_runs if t.flow_run_id == flow_run.id and t.name.startswith("check_tracking")]
+    assert attempts == [4]  # the first try and three retries
+
+
+ARTIFACTS = Path(os.environ.get("RLHF_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+
+
+@pytest.fixture
+def page():
+    """A page of Debian's headless Chromium, driven by Playwright (`make test` installs Chromium as root)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on PATH (Debian: apt-get install chromium)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1200})
+        page.set_default_timeout(60_000)
+        yield page
+        browser.close()
+
+
+def test_the_uis_show_the_deployment_a_paused_label_form_and_the_champion(served, page):
+    """Prefect's UI lists the deployments with the schedule and renders the typed config as a run
+    form; a paused label run shows its pairs and form, and submitting it finishes the run; MLflow's
+    UI shows the champion alias on the registered policy. Screenshots land in test-artifacts/browser."""
+    from playwright.sync_api import expect
+
+    ws, serve, servers = served
+    shots = ARTIFACTS / "browser"
+    shots.mkdir(parents=True, exist_ok=True)
+    ui = servers.prefect_url.removesuffix("/api")
+    from prefect.deployments import run_deployment
+
+    raw_before = set(versioning.raw_files(ws))
+    run = _in_thread(run_deployment, "rlhf-label/on-demand", parameters={"pairs": 2, "batch_size": 2}, timeout=0)
+
+    page.goto(f"{ui}/deployments")
+    row = page.get_by_role("row").filter(has_text="rlhf-refinement")
+    expect(row).to_contain_text("scheduled")
+    page.screenshot(path=shots / "prefect-deployments.png")
+    row.get_by_role("link", name="scheduled").click()
+    expect(page.get_by_text("At 03:00 AM, only on Monday")).to_be_visible()  # the cron of params.yaml
+    page.screenshot(path=shots / "prefect-refinement-deployment.png")
+    page.goto(page.url.split("?")[0] + "/run")  # the custom run form: the typed config as fields
+    page.get_by_role("button", name="PipelineConfig").click()
+    expect(page.get_by_text("Missing Eos Penalty")).to_be_visible()
+    expect(page.get_by_text("simulated annotator's Bradley-Terry sharpness")).to_be_visible()
+    page.screenshot(path=shots / "prefect-run-form.png", full_page=True)
+
+    _wait(lambda: _flow_run(run.id).state.is_paused(), 300, serve, ws)
+    page.goto(f"{ui}/runs/flow-run/{run.id}")
+    page.get_by_role("button", name="Resume").click()
+    form = page.get_by_role("dialog")
+    expect(form).to_contain_text("Pick the better response for each pair")
+    expect(form).to_contain_text("Pair 2")
+    expect(form).to_contain_text("Choices")
+    page.screenshot(path=shots / "prefect-label-form.png", full_page=True)
+    form.get_by_role("button", name="Submit").click()  # the initial answers: skip, skip
+    final = _wait(lambda: _final(run.id), 120, serve, ws)
+    assert final.state.is_completed(), final.state.message
+    (labels,) = set(versioning.raw_files(ws)) - raw_before  # the form's answers, versioned
+    records = [json.loads(line) for line in labels.read_text().splitlines()]
+    assert [(r["label"], r["source"]) for r in records] == [("skip", "prefect-ui")] * 2
+
+    cfg = load_config(ws.params)
+    champion = tracking.alias_version(MlflowClient(tracking_uri=ws.tracking_uri), cfg.policy_name, tracking.CHAMPION)
+    assert champion is not None
+    page.goto(f"{servers.mlflow_url}/#/models/{cfg.policy_name}")
+    version = page.get_by_role("row").filter(has_text=f"Version {champion}")
+    expect(version).to_contain_text("champion")
+    page.screenshot(path=shots / "mlflow-champion.png", full_page=True)
+
+def test_the_credential_in_the_environment_lands_nowhere(served):
+    """After every round above: not in the workspace (git history, DVC, MLflow's store and
+    artifacts, params, logs), not in the Prefect server's database (flow-run logs, parameters)."""
+    ws, _, _ = served
+    prefect_home = Path(os.environ["PREFECT_HOME"])
+    scanned, found = 0, []
+    for folder in (ws.root, prefect_home):
+        for path in folder.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                scanned += 1
+                if SECRET.encode() in path.read_bytes():
+                    found.append(str(path))
+    assert scanned > 100 and (ws.root / ".git").is_dir() and (ws.root / "mlflow.db").exists()
+    assert not found, f"the credential was written to {found}"
+
+
+
+def test_servers_refuse_to_bind_beyond_loopback_without_auth(tmp_path):
+    with pytest.raises(ServerError, match="PREFECT_SERVER_API_AUTH_STRING.*--mlflow-auth"):
+        check_exposure("0.0.0.0", mlflow_auth=False, environ={})
+    with pytest.raises(ServerError, match="--mlflow-auth"):
+        check_exposure("10.1.2.3", mlflow_auth=False, environ={"PREFECT_SERVER_API_AUTH_STRING": "a:b"})
+    check_exposure("0.0.0.0", mlflow_auth=True, environ={"PREFECT_SERVER_API_AUTH_STRING": "a:b"})
+    check_exposure("127.0.0.1", mlflow_auth=False, environ={})
+    check_exposure("localhost", mlflow_auth=False, environ={})
+    with pytest.raises(ServerError, match="refusing"):
+        start_servers(Workspace(tmp_path), host="0.0.0.0")
+
+
+def test_cli_rejects_bad_serve_and_server_arguments(tmp_path, capsys):
+    from flows.cli import main
+
+    for argv in (["server", "--prefect-port", "0"], ["server", "--mlflow-port", "http"],
+                 ["serve", "--prefect-port", "70000"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+    (tmp_path / "params.yaml").write_text("refinement:\n  cron: every day\n")
+    assert main(["serve", "--workspace", str(tmp_path)]) == 2
+    assert "not a cron expression" in capsys.readouterr().err
+    (tmp_path / "params.yaml").write_text("refinement:\n  timezone: Mars/Olympus\n")
+    assert main(["serve", "--workspace", str(tmp_path)]) == 2
+    assert "unknown time zone" in capsys.readouterr().err
