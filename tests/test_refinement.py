@@ -362,6 +362,7 @@ def test_the_uis_show_the_deployment_a_paused_label_form_and_the_champion(served
     page.goto(page.url.split("?")[0] + "/run")  # the custom run form: the typed config as fields
     page.get_by_role("button", name="PipelineConfig").click()
     expect(page.get_by_text("Missing Eos Penalty")).to_be_visible()
+    expect(page.get_by_text("adaptive controller target, nats per sequence", exact=False)).to_be_visible()
     expect(page.get_by_text("simulated annotator's Bradley-Terry sharpness")).to_be_visible()
     page.screenshot(path=shots / "prefect-run-form.png", full_page=True)
 

@@ -26,29 +26,53 @@ from tasks.ppo.rollout import PolicyWithValue, response_forward, reward_scores, 
 
 @dataclass
 class PPOConfig:
-    """PPO hyper-parameters (the `ppo` section of params.yaml)."""
+    """PPO hyper-parameters (the `ppo` section of params.yaml). Each field's docstring is its
+    description in the Prefect run form (pydantic reads them; this module does not import it)."""
 
-    steps: int = 40  # PPO iterations, one rollout batch each
-    batch_size: int = 128  # episodes per rollout
-    minibatches: int = 4  # minibatches per PPO epoch
-    epochs: int = 4  # PPO epochs over each rollout
-    lr: float = 1e-4  # Adam learning rate (policy and value head)
-    max_new_tokens: int = 10  # longest response, in tokens
-    temperature: float = 1.0  # sampling temperature
-    kl_estimator: Literal["k1", "k3"] = "k1"  # per-token KL estimator
-    kl_coef: float = 0.1  # initial KL penalty coefficient
-    target_kl: float | None = 3.0  # adaptive controller target, nats per sequence; None = fixed coefficient
-    kl_horizon: int = 2000  # adaptive controller horizon, in episodes
-    gamma: float = 1.0  # discount
-    lam: float = 0.95  # GAE lambda
-    cliprange: float = 0.2  # policy ratio clip
-    cliprange_value: float = 0.2  # value clip
-    vf_coef: float = 0.5  # value loss weight
-    whiten_rewards: bool = False  # whiten per-token rewards before GAE
-    missing_eos_penalty: float | None = 1.0  # subtracted from the score of a response that never ends
-    max_grad_norm: float = 1.0  # gradient clipping
-    checkpoint_every: int = 10  # save a resumable checkpoint every N iterations; 0 = never
-    generation: Literal["auto", "static", "dynamic"] = "auto"  # static KV cache (+ CUDA graph on GPU) for GPT-2 models
+    __pydantic_config__ = {"use_attribute_docstrings": True}
+
+    steps: int = 40
+    """PPO iterations, one rollout batch each"""
+    batch_size: int = 128
+    """episodes per rollout"""
+    minibatches: int = 4
+    """minibatches per PPO epoch"""
+    epochs: int = 4
+    """PPO epochs over each rollout"""
+    lr: float = 1e-4
+    """Adam learning rate (policy and value head)"""
+    max_new_tokens: int = 10
+    """longest response, in tokens"""
+    temperature: float = 1.0
+    """sampling temperature"""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """per-token KL estimator"""
+    kl_coef: float = 0.1
+    """initial KL penalty coefficient"""
+    target_kl: float | None = 3.0
+    """adaptive controller target, nats per sequence; None = fixed coefficient"""
+    kl_horizon: int = 2000
+    """adaptive controller horizon, in episodes"""
+    gamma: float = 1.0
+    """discount"""
+    lam: float = 0.95
+    """GAE lambda"""
+    cliprange: float = 0.2
+    """policy ratio clip"""
+    cliprange_value: float = 0.2
+    """value clip"""
+    vf_coef: float = 0.5
+    """value loss weight"""
+    whiten_rewards: bool = False
+    """whiten per-token rewards before GAE"""
+    missing_eos_penalty: float | None = 1.0
+    """subtracted from the score of a response that never ends"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+    checkpoint_every: int = 10
+    """save a resumable checkpoint every N iterations; 0 = never"""
+    generation: Literal["auto", "static", "dynamic"] = "auto"
+    """static KV cache (+ CUDA graph on GPU) for GPT-2 models"""
 
     def __post_init__(self):
         positive = ["steps", "batch_size", "minibatches", "epochs", "lr", "max_new_tokens", "temperature",
