@@ -67,15 +67,29 @@ class Servers:
     mlflow_url: str | None
 
     def stop(self) -> None:
-        for proc in (self.prefect, self.mlflow):
-            if proc is not None and proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in (self.prefect, self.mlflow):
-            if proc is not None:
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(self.prefect, self.mlflow, timeout=20)
+
+
+def stop_group(*procs: subprocess.Popen | None, timeout: float = 30) -> None:
+    """SIGTERM each process group (started with start_new_session), SIGKILL what outlives `timeout`."""
+    live = [p for p in procs if p is not None]
+    for proc in live:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in live:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def spawn_serve(workspace: Path, prefect_url: str, log: Path, env: dict | None = None) -> subprocess.Popen:
+    """`rlhf serve` for `workspace` against `prefect_url`, in its own process group (tests, soak)."""
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--workspace", str(workspace)],
+                            env={**os.environ, **(env or {}), "PREFECT_API_URL": prefect_url},
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+                            cwd=Path(__file__).resolve().parents[1])
 
 
 def _bin(name: str) -> str:

@@ -13,8 +13,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
-from flows.serve import ServerError, check_exposure, start_servers
+from flows.serve import ServerError, check_exposure, spawn_serve, start_servers, stop_group
 from tasks import rounds, tracking, versioning
 from tasks.config import load_config
 from tasks.workspace import Workspace, init_workspace
@@ -51,11 +49,8 @@ def served(tmp_path_factory, tiny_model_dir):
                                                "refinement.cron": "0 3 * * 1"}))
     servers = start_servers(ws, prefect_port=free_port(), mlflow_port=free_port())
     # a remote's credential, as users give it (the environment): it must never land anywhere we write
-    env = {**os.environ, "PREFECT_API_URL": servers.prefect_url, "AWS_SECRET_ACCESS_KEY": SECRET}
-    log = open(ws.root / ".cache" / "serve.log", "ab")
-    serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--workspace", str(ws.root)],
-                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                             cwd=Path(__file__).resolve().parents[1])
+    serve = spawn_serve(ws.root, servers.prefect_url, ws.root / ".cache" / "serve.log",
+                        env={"AWS_SECRET_ACCESS_KEY": SECRET})
     try:
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -64,11 +59,7 @@ def served(tmp_path_factory, tiny_model_dir):
             _wait(lambda: all(_deployment(n) is not None for n in names), 120, serve, ws)
             yield ws, serve, servers
     finally:
-        os.killpg(serve.pid, signal.SIGTERM)
-        try:
-            serve.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
+        stop_group(serve)
         servers.stop()
 
 
