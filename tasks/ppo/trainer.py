@@ -29,7 +29,7 @@ class PPOConfig:
     """PPO hyper-parameters (the `ppo` section of params.yaml). Each field's docstring is its
     description in the Prefect run form (pydantic reads them; this module does not import it)."""
 
-    __pydantic_config__ = {"use_attribute_docstrings": True}
+    __pydantic_config__ = {"use_attribute_docstrings": True, "extra": "forbid"}  # unknown keys: an error
 
     steps: int = 40
     """PPO iterations, one rollout batch each"""
