@@ -48,6 +48,7 @@ def served(tmp_path_factory, tiny_model_dir):
     rounds.write_params(ws, load_config(None, {**SMALL, "models.policy": str(tiny_model_dir),
                                                "refinement.cron": "0 3 * * 1"}))
     servers = start_servers(ws, prefect_port=free_port(), mlflow_port=free_port())
+    API_URL["prefect"] = servers.prefect_url
     # a remote's credential, as users give it (the environment): it must never land anywhere we write
     serve = spawn_serve(ws.root, servers.prefect_url, ws.root / ".cache" / "serve.log",
                         env={"AWS_SECRET_ACCESS_KEY": SECRET})
@@ -85,11 +86,14 @@ def _in_thread(fn, *args, **kwargs):
         return pool.submit(fn, *args, **kwargs).result()
 
 
+API_URL = {}  # the served server's, set by the fixture: helpers name it, never rely on ambient settings
+
+
 def _api(coro_fn):
-    from prefect.client.orchestration import get_client
+    from prefect.client.orchestration import PrefectClient
 
     async def go():
-        async with get_client() as client:
+        async with PrefectClient(api=API_URL["prefect"]) as client:
             return await coro_fn(client)
     return _in_thread(asyncio.run, go())
 
@@ -102,10 +106,7 @@ def _deployment(name):
             return await client.read_deployment_by_name(name)
         except ObjectNotFound:
             return None
-    try:
-        return _api(read)
-    except Exception:
-        return None
+    return _api(read)
 
 
 def _scheduled_runs(deployment_id):
@@ -120,9 +121,13 @@ def _scheduled_runs(deployment_id):
 
 
 def _trigger(name):
-    from prefect.deployments import run_deployment
+    return _run_deployment(name)
 
-    return _in_thread(run_deployment, name, timeout=0)
+
+def _run_deployment(name, parameters=None):
+    from prefect.deployments.flow_runs import arun_deployment
+
+    return _api(lambda c: arun_deployment(name, client=c, parameters=parameters, timeout=0))
 
 
 def _flow_run(run_id):
@@ -338,10 +343,8 @@ def test_the_uis_show_the_deployment_a_paused_label_form_and_the_champion(served
     shots = ARTIFACTS / "browser"
     shots.mkdir(parents=True, exist_ok=True)
     ui = servers.prefect_url.removesuffix("/api")
-    from prefect.deployments import run_deployment
-
     raw_before = set(versioning.raw_files(ws))
-    run = _in_thread(run_deployment, "rlhf-label/on-demand", parameters={"pairs": 2, "batch_size": 2}, timeout=0)
+    run = _run_deployment("rlhf-label/on-demand", {"pairs": 2, "batch_size": 2})
 
     page.goto(f"{ui}/deployments")
     row = page.get_by_role("row").filter(has_text="rlhf-refinement")
