@@ -10,9 +10,12 @@ import asyncio
 import concurrent.futures
 import json
 import os
+import re
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -44,6 +47,10 @@ SECRET = "rlhf-test-secret-5f0c9e"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_model_dir):
+    # mlflow.set_tracking_uri() in earlier tests exports MLFLOW_TRACKING_URI (their stores): the
+    # served rounds would take it for the user's tracking server. A user's shell has no such leftover.
+    env = pytest.MonkeyPatch()
+    env.delenv("MLFLOW_TRACKING_URI", raising=False)
     ws = init_workspace(tmp_path_factory.mktemp("refine") / "ws")
     rounds.write_params(ws, load_config(None, {**SMALL, "models.policy": str(tiny_model_dir),
                                                "refinement.cron": "0 3 * * 1"}))
@@ -53,15 +60,13 @@ def served(tmp_path_factory, tiny_model_dir):
     serve = spawn_serve(ws.root, servers.prefect_url, ws.root / ".cache" / "serve.log",
                         env={"AWS_SECRET_ACCESS_KEY": SECRET})
     try:
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
-        with temporary_settings({PREFECT_API_URL: servers.prefect_url}):
-            names = ["rlhf-refinement/scheduled", "rlhf-round/on-demand", "rlhf-label/on-demand"]
-            _wait(lambda: all(_deployment(n) is not None for n in names), 120, serve, ws)
-            yield ws, serve, servers
+        names = ["rlhf-refinement/scheduled", "rlhf-round/on-demand", "rlhf-label/on-demand"]
+        _wait(lambda: all(_deployment(n) is not None for n in names), 120, serve, ws)
+        yield ws, serve, servers
     finally:
         stop_group(serve)
         servers.stop()
+        env.undo()
 
 
 def _serve_log(ws):
@@ -247,73 +252,70 @@ def _people_feedback(path: Path) -> None:
 
 
 def test_a_run_while_a_round_holds_the_workspace_is_cancelled(served):
-    from flows.pipeline import rlhf_round
-    from flows.refinement import rlhf_refinement
-
-    ws, _, _ = served
+    ws, serve, _ = served
     history = ws.history_file.read_text()
-    with rounds.round_lock(ws):
-        state = rlhf_refinement(workspace=str(ws.root), return_state=True)
-        assert state.is_cancelled() and "another round is running" in state.message
-        with pytest.raises(rounds.RoundBusy, match="at most one round runs at a time"):
-            rlhf_round(str(ws.root))
+    with rounds.round_lock(ws):  # as a round started any other way (rlhf run, dvc repro) would
+        refine, round_ = _run_deployment("rlhf-refinement/scheduled"), _run_deployment("rlhf-round/on-demand")
+        refine = _wait(lambda: _final(refine.id), 300, serve, ws, every=2)
+        round_ = _wait(lambda: _final(round_.id), 300, serve, ws, every=2)
+    assert refine.state.is_cancelled() and "another round is running" in refine.state.message
+    assert round_.state.is_failed() and "at most one round runs at a time" in round_.state.message
     assert ws.history_file.read_text() == history
 
 
 def test_people_feedback_from_the_inbox_trains_a_round_and_without_new_feedback_none_runs(served):
     """collect.simulate false: the round trains on what people gave (here, files dropped into the
     inbox); a bad file is set aside with its reason; with nothing new, the next run is skipped."""
-    from flows.refinement import rlhf_refinement
-
-    ws, _, _ = served
+    ws, serve, _ = served
     inbox = ws.root / "inbox"
     inbox.mkdir(exist_ok=True)
     _people_feedback(inbox / "reviews.jsonl")
     (inbox / "broken.jsonl").write_text("this is not json\n{\"prompt\": 1}\n")
     done_before = len(rounds.completed_rounds(ws))
-    overrides = {"collect.simulate": False}
+    people_only = {"overrides": {"collect.simulate": False}}
 
-    state = rlhf_refinement(workspace=str(ws.root), overrides=overrides, return_state=True)
-    assert state.is_completed(), state.message
-    line = state.result()
-    assert [f["file"] for f in line["inbox"]["imported"]] == ["reviews.jsonl"]
-    assert [f["file"] for f in line["inbox"]["failed"]] == ["broken.jsonl"]
+    run = _run_deployment("rlhf-refinement/scheduled", people_only)
+    run = _wait(lambda: _final(run.id), 600, serve, ws, every=2)
+    assert run.state.is_completed(), run.state.message
     assert (inbox / "done" / "reviews.jsonl").exists() and not (inbox / "reviews.jsonl").exists()
-    reason = (inbox / "failed" / "broken.jsonl.reason.txt").read_text()
-    assert reason.strip(), "a failed inbox file keeps its reason"
+    assert "cannot tell the format" in (inbox / "failed" / "broken.jsonl.reason.txt").read_text()
     done = rounds.completed_rounds(ws)
-    assert len(done) == done_before + 1 and done[-1]["round"] == line["round"]
-    assert not any(f"round-{line['round']:04d}-simulated-" in name
-                   for name in done[-1]["feedback_files"])  # nothing simulated this round
+    assert len(done) == done_before + 1
+    new_files = set(done[-1]["feedback_files"]) - set(done[-2]["feedback_files"])
+    assert len(new_files) == 1 and "import-jsonl" in new_files.pop()  # the inbox file, nothing simulated
 
-    state = rlhf_refinement(workspace=str(ws.root), overrides=overrides, return_state=True)
-    assert state.is_completed() and "no feedback since the last round" in state.message
+    run = _run_deployment("rlhf-refinement/scheduled", people_only)
+    run = _wait(lambda: _final(run.id), 300, serve, ws, every=2)
+    assert run.state.is_completed() and "no feedback since the last round" in run.state.message
     assert len(rounds.completed_rounds(ws)) == done_before + 1
 
 
+UNREACHABLE = """
+import json, sys
+import flows.refinement as refinement
+refinement.check_tracking = refinement.check_tracking.with_options(retry_delay_seconds=[0.2, 0.4, 0.8])
+state = refinement.rlhf_refinement(workspace=sys.argv[1], return_state=True)
+print(json.dumps({"failed": state.is_failed(), "message": state.message,
+                  "flow_run_id": str(state.state_details.flow_run_id)}))
+"""
 
-def test_an_unreachable_mlflow_is_retried_then_reported(served, monkeypatch):
-    from prefect.states import State
 
-    import flows.refinement as refinement
-    import tasks.workspace
-
-    ws, _, _ = served
-    monkeypatch.setattr(tasks.workspace, "USER_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    monkeypatch.setattr(refinement, "check_tracking",
-                        refinement.check_tracking.with_options(retry_delay_seconds=[0.2, 0.4, 0.8]))
-    state: State = refinement.rlhf_refinement(workspace=str(ws.root), return_state=True)
-    assert state.is_failed()
-    with pytest.raises(refinement.TrackingUnavailable, match="MLflow tracking store http://127.0.0.1:.* is unreachable"):
-        state.result()
-    flow_run = _flow_run(state.state_details.flow_run_id)
-    assert "unreachable" in flow_run.state.message
+def test_an_unreachable_mlflow_is_retried_then_reported(served):
+    """The flow in its own process, pointed at an MLflow server nobody listens on."""
+    ws, _, servers = served
+    env = {**os.environ, "PREFECT_API_URL": servers.prefect_url, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
+    out = subprocess.run([sys.executable, "-c", UNREACHABLE, str(ws.root)], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["failed"]
+    assert re.search(r"TrackingUnavailable: MLflow tracking store http://127.0.0.1:\d+ is unreachable", result["message"])
+    flow_run = _flow_run(result["flow_run_id"])
+    assert "unreachable" in flow_run.state.message  # what the Prefect UI shows
     task_runs = _api(lambda c: c.read_task_runs())
     attempts = [t.run_count for t in task_runs if t.flow_run_id == flow_run.id and t.name.startswith("check_tracking")]
     assert attempts == [4]  # the first try and three retries
-
 
 ARTIFACTS = Path(os.environ.get("RLHF_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
 
