@@ -108,12 +108,11 @@ def report_validation(workspace: str) -> None:
 @flow(name="rlhf-round", log_prints=True)
 def rlhf_round(workspace: str = ".", config: PipelineConfig | None = None) -> dict:
     """One round of the loop: collect, version, validate, train the reward model, PPO, evaluate, promote."""
-    init_workspace(workspace)
+    ws = init_workspace(workspace)
     try:
-        lock = rounds.round_lock(Workspace(workspace)).acquire()
+        lock = rounds.round_lock(ws).acquire()
     except Timeout:
-        raise rounds.RoundBusy(f"another round is running in {Workspace(workspace).root}; "
-                               "at most one round runs at a time") from None
+        raise rounds.RoundBusy(f"another round is running in {ws.root}; at most one round runs at a time") from None
     with lock:
         cfg = prepare_workspace(workspace, config)
         run_stage(workspace, "pretrain")

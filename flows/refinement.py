@@ -24,7 +24,7 @@ from prefect.tasks import exponential_backoff
 
 from flows.pipeline import rlhf_round
 from tasks import importers, rounds, versioning
-from tasks.config import PipelineConfig, load_config
+from tasks.config import PipelineConfig, load_config, with_overrides
 from tasks.workspace import Workspace, init_workspace
 
 
@@ -74,7 +74,7 @@ def import_inbox(workspace: str, inbox: str) -> dict:
 
 
 def new_feedback_since_last_round(ws: Workspace) -> list[str]:
-    """Raw feedback files committed after the last completed round's commit."""
+    """Raw feedback files that the last completed round did not train on."""
     done = rounds.completed_rounds(ws)
     files = [p.name for p in versioning.raw_files(ws)]
     seen = set(done[-1].get("feedback_files", [])) if done else set()
@@ -94,7 +94,7 @@ def rlhf_refinement(workspace: str = ".", config: PipelineConfig | None = None,
     if config is None:
         cfg = load_config(ws.params if ws.params.exists() else None, overrides)
     else:
-        cfg = load_config(None, {**_flatten(config.to_params()), **(overrides or {})})
+        cfg = with_overrides(config, overrides)
     check_tracking(str(ws.root))
     if rounds.round_in_progress(ws):  # rlhf_round takes the lock itself; this makes the skip a clean one
         message = f"another round is running in {ws.root}; this run is skipped (at most one round at a time)"
@@ -117,14 +117,4 @@ def rlhf_refinement(workspace: str = ".", config: PipelineConfig | None = None,
                  f"KL {line['kl']:.2f}, win-rate {line['win_rate']:.2f}\n\n"
                  f"inbox: {len(inbox['imported'])} imported, {len(inbox['failed'])} failed\n")
     return line
-
-
-def _flatten(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 

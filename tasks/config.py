@@ -175,6 +175,15 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return _build(data, overrides, f" in {path}" if path else "")
+
+
+def with_overrides(cfg: PipelineConfig, overrides: dict | None) -> PipelineConfig:
+    """`cfg` with dotted-key overrides applied, validated as a params file would be."""
+    return _build(cfg.to_params(), overrides, "")
+
+
+def _build(data: dict, overrides: dict | None, where: str) -> PipelineConfig:
     for key, value in (overrides or {}).items():
         node = data
         *parents, leaf = key.split(".")
@@ -186,5 +195,4 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     except ValidationError as e:
         lines = [f"  {'.'.join(str(x) for x in err['loc'])}: {err['msg']} (got {err.get('input')!r})"
                  for err in e.errors()]
-        where = f" in {path}" if path else ""
         raise ConfigError(f"invalid config{where}:\n" + "\n".join(lines)) from None
