@@ -15,10 +15,7 @@ from pathlib import Path
 
 import mlflow
 import torch
-from datasets import Dataset
 from transformers import TrainerCallback
-from trl import RewardConfig as TRLRewardConfig
-from trl import RewardTrainer
 
 from tasks import tracking
 from tasks.config import PipelineConfig
@@ -98,6 +95,11 @@ def accuracy_on_file(model, tokenizer, path: str, max_length: int) -> dict:
 
 
 def train(init_ref: str, tokenizer_ref: str, records: list[dict], cfg: PipelineConfig, out: Path) -> dict:
+    # imported here: TRL takes ~3 s to import, and evaluation (which uses score_texts) never trains
+    from datasets import Dataset
+    from trl import RewardConfig as TRLRewardConfig
+    from trl import RewardTrainer
+
     tokenizer = load_tokenizer(tokenizer_ref)
     model = load_reward(init_ref, tokenizer.pad_token_id)
     train_set, held_out = split(records, cfg.reward.eval_fraction)
