@@ -1,5 +1,5 @@
-"""The Prefect server's SQLite files under load: a pool that grows with concurrent requests and
-shrinks after, not a leak.
+"""The Prefect server's SQLite files under load: their number follows the peak of concurrent
+requests (the connection pool, and the descriptors SQLite keeps for reuse), not the number of runs.
 
     python bench/prefect_db_pool.py [--bursts 6] [--concurrency 60]
 

@@ -12,8 +12,9 @@ hand. The benchmark watches and checks:
 - no growth per round in the resident memory or the open files of the long-lived processes
   (`rlhf serve` and the Prefect server), sampled after each round (open files: the fewest seen
   over 10 s, so that a request in flight does not count; a leak stays and counts). The Prefect
-  server's SQLite files are reported apart and not judged: they are its connection pool, which
-  grows with concurrent requests and shrinks after (bench/prefect_db_pool.py shows it). The
+  server's SQLite files are reported apart and not judged: their number follows the peak of
+  concurrent requests the server has served (its connection pool, and the descriptors SQLite
+  keeps for reuse), not the number of rounds; bench/prefect_db_pool.py shows it. The
   peak memory of the round's process tree is reported beside them;
 - the gold metric (the champion's neutral-pronoun rate on held-out prompts, as the round's
   evaluation measured it) never below its first-round value, less two standard errors of the
@@ -84,7 +85,7 @@ DATABASE_FILE = re.compile(r"\.db(-wal|-shm|-journal)?$")
 
 def open_files(proc: psutil.Process) -> dict:
     """A process's open file descriptors by kind: `database` (SQLite files: Prefect's connection pool,
-    which follows the load), `sockets`, `other`; and their `total`."""
+    which follows the peak load), `sockets`, `other`; and their `total`."""
     total = proc.num_fds()
     database = sum(1 for f in proc.open_files() if DATABASE_FILE.search(f.path))
     sockets = len(proc.net_connections(kind="all"))
