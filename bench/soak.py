@@ -250,8 +250,8 @@ def judge(result: dict, n_rounds: int) -> dict:
     for key, limit in (("serve_rss_mib", 1.0), ("server_rss_mib", 2.0)):
         s = slope([r[key] for r in steady])
         checks[f"{key}_per_round"] = {"value": round(s, 3), "want": f"< {limit}", "ok": s < limit}
-    # open files: serve's all, the Prefect server's less its SQLite pool (which grows with concurrent
-    # requests and shrinks after, see bench/prefect_db_pool.py); the pool is reported beside them
+    # open files: serve's all, the Prefect server's less its SQLite files (their number follows the peak
+    # of concurrent requests, not the rounds: see bench/prefect_db_pool.py); those are reported beside
     series = {"serve_open_files": [r["serve_open_files"] for r in steady],
               "server_open_files_but_database": [r["server_open_files"] - r["server_database_files"] for r in steady]}
     for key, ys in series.items():
