@@ -21,8 +21,9 @@ run: $(STAMP)
 	$(VENV)/bin/rlhf run $(ARGS)
 	$(VENV)/bin/rlhf status
 
+# One worker per core (four at most), whole files to a worker, the longest first (tests/conftest.py).
 test: $(STAMP)
-	$(PYTHON) -m pytest -q -ra
+	$(PYTHON) -m pytest -q -ra -n logical --maxprocesses 4 --dist loadfile --no-loadscope-reorder
 
 bench: $(STAMP)
 	$(PYTHON) bench/ppo_throughput.py --shape tiny --device cpu

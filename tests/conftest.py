@@ -27,6 +27,11 @@ os.environ.update({
     "GIT_COMMITTER_NAME": "rlhf-tests", "GIT_COMMITTER_EMAIL": "tests@localhost",
 })
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# `make test` runs the files on pytest-xdist workers, one per core: each worker (and the stages it
+# starts) gets its share of the cores, since two processes each with a thread per core only fight.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 import pytest  # noqa: E402
 
@@ -45,6 +50,18 @@ FAST = {
     "ppo.steps": 30, "ppo.checkpoint_every": 5,
     "evaluate.samples_per_prompt": 16,
 }
+
+
+# The longest files first, so that workers start on them and the short ones fill in around them
+# (`make test` hands out whole files in this order: --dist loadfile --no-loadscope-reorder).
+LONGEST_FIRST = ["test_refinement.py", "test_flow.py", "test_stages.py", "test_import.py"]
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+    items.sort(key=rank)  # stable: tests keep their order inside a file
 
 
 @pytest.fixture
