@@ -27,7 +27,8 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="rlhf-pool-prefect
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-from bench.soak import free_port, open_files  # noqa: E402
+from bench.soak import open_files  # noqa: E402
+from flows.serve import free_port  # noqa: E402
 from flows.serve import start_servers  # noqa: E402
 from tasks.workspace import init_workspace  # noqa: E402
 

@@ -33,7 +33,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -48,19 +47,14 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="rlhf-soak-prefect
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-from flows.serve import spawn_serve, start_servers, stop_group  # noqa: E402
+from flows.serve import free_port, spawn_serve, start_servers  # noqa: E402
 from tasks import rounds, scenario  # noqa: E402
 from tasks.config import ConfigError, load_config  # noqa: E402
+from tasks.processes import stop_groups  # noqa: E402
 from tasks.workspace import init_workspace  # noqa: E402
 
 DEPLOYMENT = "rlhf-refinement/scheduled"
 MIB = 2**20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tree(proc: psutil.Process) -> list[psutil.Process]:
@@ -235,7 +229,7 @@ def soak(n_rounds: int, workspace: Path, overrides: dict, timeout_s: float, log)
         log(f"could not count cancelled runs: {e}")
     finally:
         sampler.stop.set()
-        stop_group(serve)
+        stop_groups(serve)
         servers.stop()
     return {"rounds": per_round, "failures": failures, "cancelled_overlaps": cancelled,
             "gold_samples": samples_per_gold, "wall_s": round(time.monotonic() - started, 1)}

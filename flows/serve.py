@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
-import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.config import PipelineConfig
+from tasks.processes import stop_groups
 from tasks.workspace import Workspace
 
 LOOPBACK = "127.0.0.1"
@@ -67,21 +68,7 @@ class Servers:
     mlflow_url: str | None
 
     def stop(self) -> None:
-        stop_group(self.prefect, self.mlflow, timeout=20)
-
-
-def stop_group(*procs: subprocess.Popen | None, timeout: float = 30) -> None:
-    """SIGTERM each process group (started with start_new_session), SIGKILL what outlives `timeout`."""
-    live = [p for p in procs if p is not None]
-    for proc in live:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-    for proc in live:
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_groups(self.prefect, self.mlflow, timeout=20)
 
 
 def spawn_serve(workspace: Path, prefect_url: str, log: Path, env: dict | None = None) -> subprocess.Popen:
@@ -90,6 +77,13 @@ def spawn_serve(workspace: Path, prefect_url: str, log: Path, env: dict | None =
                             env={**os.environ, **(env or {}), "PREFECT_API_URL": prefect_url},
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
                             cwd=Path(__file__).resolve().parents[1])
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A port nothing listens on now (tests, soak: servers side by side)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def _bin(name: str) -> str:

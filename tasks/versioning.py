@@ -16,11 +16,15 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from tasks.processes import stop_groups
 from tasks.workspace import Workspace
 
 DEFAULT_REMOTE = ".dvcstore"  # <workspace>/.dvcstore (dvc stores it relative to .dvc/config)
 _ENV = {"DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         "TOKENIZERS_PARALLELISM": "false"}
+
+
+STOP_TIMEOUT_S = 10  # a stopped stage gets this long to exit on SIGTERM; then SIGKILL
 
 
 class VersioningError(RuntimeError):
@@ -32,7 +36,16 @@ def _run(args: list[str], cwd: Path, check: bool = True, env_extra: dict | None 
     # Stage commands say `python`: make it this interpreter (the project's venv), as an activated venv would.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env.setdefault("DVC_SITE_CACHE_DIR", str(cwd / ".dvc" / "tmp" / "site-cache"))
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    # Its own process group, stopped whole when this process is (a run cancelled in Prefect's UI gets
+    # SIGTERM, which Prefect raises here; Ctrl-C): `dvc repro`'s stage must not run on, orphaned.
+    with subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as popen:
+        try:
+            stdout, stderr = popen.communicate()
+        except BaseException:
+            stop_groups(popen, timeout=STOP_TIMEOUT_S)
+            raise
+    proc = subprocess.CompletedProcess(args, popen.returncode, stdout, stderr)
     if check and proc.returncode != 0:
         shown = " ".join(a if " " not in a else repr(a) for a in args)
         raise VersioningError(f"`{shown}` failed in {cwd} (exit {proc.returncode}):\n"

@@ -205,15 +205,14 @@ def test_compare_rollback_and_manual_promotion_are_logged(finished_round, capsys
 
 def test_served_champion_answers_on_loopback(finished_round):
     import os
-    import socket
     import sys
     import time
     import urllib.request
 
+    from flows.serve import free_port
+
     ws, _ = finished_round
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     # as from an activated venv: mlflow starts `uvicorn` by name
     env = {**os.environ, "MLFLOW_TRACKING_URI": ws.tracking_uri,
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,8 +22,9 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
-from flows.serve import ServerError, check_exposure, spawn_serve, start_servers, stop_group
+from flows.serve import ServerError, check_exposure, free_port, spawn_serve, start_servers
 from tasks import rounds, tracking, versioning
+from tasks.processes import stop_groups
 from tasks.config import load_config
 from tasks.workspace import Workspace, init_workspace
 
@@ -34,12 +34,6 @@ pytestmark = pytest.mark.slow
 
 SMALL = {**FAST, "collect.pairs_per_prompt": 16, "reward.epochs": 2, "ppo.steps": 12, "ppo.batch_size": 32,
          "ppo.minibatches": 2, "ppo.checkpoint_every": 2, "evaluate.samples_per_prompt": 4}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 SECRET = "rlhf-test-secret-5f0c9e"
@@ -64,7 +58,7 @@ def served(tmp_path_factory, tiny_model_dir):
         _wait(lambda: all(_deployment(n) is not None for n in names), 120, serve, ws)
         yield ws, serve, servers
     finally:
-        stop_group(serve)
+        stop_groups(serve)
         servers.stop()
         env.undo()
 
@@ -277,6 +271,41 @@ def test_people_feedback_from_the_inbox_trains_a_round_and_without_new_feedback_
     assert run.state.is_completed() and "no feedback since the last round" in run.state.message
     assert len(rounds.completed_rounds(ws)) == done_before + 1
 
+
+
+def _stage_processes(serve):
+    """`dvc repro` and the stage it runs, under `rlhf serve` (the dead but unreaped left out)."""
+    found = []
+    for p in psutil.Process(serve.pid).children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and re.search(r"-m (dvc|tasks\.)", " ".join(p.cmdline())):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_a_round_cancelled_in_the_ui_stops_its_stage_and_changes_nothing(served):
+    """Cancel, as the UI's button does it, while a stage runs: Prefect's runner sends the flow run
+    SIGTERM; the stage and DVC stop with it (nothing runs on, orphaned), the run ends Cancelled,
+    the workspace is free again and no round is recorded."""
+    from prefect.states import Cancelling
+
+    ws, serve, _ = served
+    done = rounds.completed_rounds(ws)
+    run = _run_deployment("rlhf-round/on-demand")
+    _wait(lambda: any("tasks.collect" in " ".join(_cmdline(p)) for p in _stage_processes(serve)), 300, serve, ws,
+          every=0.2)
+    running = _stage_processes(serve)  # `dvc repro` and the collect stage it started
+    _api(lambda c: c.set_flow_run_state(run.id, Cancelling(message="cancelled by a test"), force=True))
+    final = _wait(lambda: _final(run.id), 120, serve, ws, every=1)
+    assert final.state.is_cancelled(), (final.state.type, final.state.message)
+    # stopped before the run is marked Cancelled (the stage takes longer than this: it has just started);
+    # orphans would be init's children by now, so they are followed by pid
+    _, alive = psutil.wait_procs(running, timeout=2)
+    alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [_cmdline(p) for p in alive]
+    assert not rounds.round_in_progress(ws) and rounds.completed_rounds(ws) == done
 
 UNREACHABLE = """
 import json, sys

@@ -55,3 +55,56 @@ def test_gold_judge_and_simulated_annotator():
     assert set(scenario.FEEDBACK_PROFESSIONS).isdisjoint(scenario.HELDOUT_PROFESSIONS)
     lines = scenario.corpus(2000, 0.1, seed=1)
     assert 0.07 < sum(" they " in line for line in lines) / len(lines) < 0.13
+
+
+DRIVER = """
+import sys
+from prefect.utilities.engine import capture_sigterm  # what Prefect's flow engine arms in every flow run
+from tasks import versioning
+from tasks.workspace import Workspace
+with capture_sigterm():
+    versioning.repro(Workspace(sys.argv[1]), "sleeper")
+"""
+
+SLEEPER = """
+import os, subprocess, sys
+open("stage.pid", "w").write(str(os.getpid()))
+subprocess.run([sys.executable, "-c", "import os, time; open('child.pid', 'w').write(str(os.getpid())); time.sleep(300)"])
+"""
+
+
+def test_a_cancelled_round_stops_its_stage_and_what_the_stage_started(tmp_path):
+    """Prefect cancels a flow run (the UI's Cancel, `rlhf serve` stopping) with SIGTERM, which its
+    engine raises in the flow. The DVC stage running then, and whatever that stage started, stop
+    with it: a PPO stage running on, orphaned, would hold the GPU and race the next round."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import psutil
+    import yaml
+
+    from tasks.workspace import Workspace
+
+    root = tmp_path / "ws"
+    root.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    versioning.dvc(Workspace(root), "init", "-q")
+    (root / "sleeper.py").write_text(SLEEPER)  # a stage that starts a process of its own, as accelerate can
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"sleeper": {"cmd": "python sleeper.py"}}}))
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(root)], stderr=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONPATH": "."})
+    deadline = time.monotonic() + 120
+    while not (root / "child.pid").exists() or not (root / "child.pid").read_text():
+        assert driver.poll() is None and time.monotonic() < deadline, driver.stderr.read() if driver.poll() else "timeout"
+        time.sleep(0.2)
+    started = [psutil.Process(int((root / f).read_text())) for f in ("stage.pid", "child.pid")]
+
+    driver.send_signal(signal.SIGTERM)
+    assert driver.wait(timeout=60) != 0
+    gone, alive = psutil.wait_procs(started, timeout=15)
+    alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]  # dead, left for a parent that never reaps
+    assert not alive, [(p.pid, p.cmdline()) for p in alive]
