@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--format", default="auto",
                      choices=["auto", "jsonl", "csv", "parquet", "hh-rlhf", "label-studio", "argilla"])
     imp.add_argument("--map", dest="mapping", help="column map for CSV/Parquet/JSONL: prompt=COL,chosen=COL,rejected=COL")
-    imp.add_argument("--max-bad-fraction", type=float, default=0.5,
-                     help="exit non-zero when more than this share of rows is set aside (default 0.5)")
+    imp.add_argument("--max-bad-fraction", type=float, default=None,
+                     help="exit non-zero when more than this share of rows is set aside (default 0.5, the bound "
+                          "refinement rounds put on inbox files)")
     imp.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     imp.add_argument("--workspace", type=Path, default=Path("."))
 
@@ -167,9 +168,11 @@ def _check_model_arg(value: str, flag: str) -> str:
 
 
 def cmd_import(args) -> int:
-    from tasks.importers import ImportError_, failed, import_file, parse_mapping
+    from tasks.importers import MAX_BAD_FRACTION, ImportError_, failed, import_file, parse_mapping
     from tasks.workspace import init_workspace
 
+    if args.max_bad_fraction is None:
+        args.max_bad_fraction = MAX_BAD_FRACTION
     if not 0 <= args.max_bad_fraction <= 1:
         raise SystemExit(f"error: --max-bad-fraction must be between 0 and 1, got {args.max_bad_fraction}")
     try:

@@ -56,7 +56,7 @@ def import_inbox(workspace: str, inbox: str) -> dict:
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         try:
             summary = importers.import_file(ws, path)
-            problem = importers.failed(summary, max_bad_fraction=0.5)
+            problem = importers.failed(summary)
         except importers.ImportError_ as e:
             problem = str(e)
         target = folder / ("failed" if problem else "done")

@@ -366,7 +366,10 @@ def import_file(ws: Workspace, path: Path, fmt: str = "auto", mapping: dict | No
     return summary
 
 
-def failed(summary: ImportSummary, max_bad_fraction: float) -> str | None:
+MAX_BAD_FRACTION = 0.5  # a file with more rows set aside than this fails its import (`--max-bad-fraction`)
+
+
+def failed(summary: ImportSummary, max_bad_fraction: float = MAX_BAD_FRACTION) -> str | None:
     """Why the import counts as failed (exit non-zero), or None."""
     total = summary.kept + summary.set_aside
     if summary.kept == 0:
