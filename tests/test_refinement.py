@@ -393,6 +393,8 @@ def test_the_uis_show_the_deployment_a_paused_label_form_and_the_champion(served
     (labels,) = set(versioning.raw_files(ws)) - raw_before  # the form's answers, versioned
     records = [json.loads(line) for line in labels.read_text().splitlines()]
     assert [(r["label"], r["source"]) for r in records] == [("skip", "prefect-ui")] * 2
+    # the label flow loaded the champion to sample its pairs: no progress bars in the flow-run log
+    assert "Loading weights" not in (ws.root / ".cache" / "serve.log").read_text(errors="replace")
 
     cfg = load_config(ws.params)
     champion = tracking.alias_version(MlflowClient(tracking_uri=ws.tracking_uri), cfg.policy_name, tracking.CHAMPION)
