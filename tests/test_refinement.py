@@ -404,6 +404,7 @@ def test_the_uis_show_the_deployment_a_paused_label_form_and_the_champion(served
     expect(version).to_contain_text("champion")
     page.screenshot(path=shots / "mlflow-champion.png", full_page=True)
 
+
 def test_the_credential_in_the_environment_lands_nowhere(served):
     """After every round above: not in the workspace (git history, DVC, MLflow's store and
     artifacts, params, logs), not in the Prefect server's database (flow-run logs, parameters)."""
@@ -419,6 +420,19 @@ def test_the_credential_in_the_environment_lands_nowhere(served):
     assert scanned > 100 and (ws.root / ".git").is_dir() and (ws.root / "mlflow.db").exists()
     assert not found, f"the credential was written to {found}"
 
+
+
+def test_stopping_serve_mid_round_stops_the_stage_too(served):
+    """Last of the served tests: `rlhf serve` stopped (`kill PID`: SIGTERM to it alone) while a
+    round's stage runs. Prefect's runner stops the flow run, which stops DVC and the stage."""
+    ws, serve, _ = served
+    _run_deployment("rlhf-round/on-demand")
+    running = _wait(lambda: _stage_processes(serve), 300, serve, ws, every=0.2)
+    serve.send_signal(signal.SIGTERM)
+    serve.wait(timeout=60)
+    _, alive = psutil.wait_procs(running, timeout=2)
+    alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [_cmdline(p) for p in alive]
 
 
 def test_servers_refuse_to_bind_beyond_loopback_without_auth(tmp_path):
