@@ -147,6 +147,16 @@ def deployment_id(api_url: str):
         return None
 
 
+def folder_mib(path: Path) -> float:
+    """Bytes of the files under `path`, in MiB (links not followed: DVC may link its cache)."""
+    if not path.exists():
+        return 0.0
+    return sum(f.lstat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) / MIB
+
+
+DISK = {"dvc_cache_mib": ".dvc/cache", "dvc_remote_mib": ".dvcstore", "mlruns_mib": "mlruns"}
+
+
 def slope(ys: list[float]) -> float:
     """Least-squares slope per round."""
     n = len(ys)
@@ -215,6 +225,7 @@ def soak(n_rounds: int, workspace: Path, overrides: dict, timeout_s: float, log)
                     "gold_candidate": round(line["gold_after"], 4),
                     "promoted": line["promoted"],
                     "kl": round(line["kl"], 3),
+                    **{key: round(folder_mib(ws.root / folder), 2) for key, folder in DISK.items()},
                 }
                 per_round.append(row)
                 log(" ".join(f"{k}={v}" for k, v in row.items()))
@@ -263,6 +274,13 @@ def judge(result: dict, n_rounds: int) -> dict:
     return checks
 
 
+def disk_growth(result: dict) -> dict:
+    """MiB a round in each store: reported, not judged (every round keeps its models by design;
+    README, "Disk", says how to prune DVC's copies)."""
+    rows = result["rounds"]
+    return {key: round(slope([r[key] for r in rows]), 3) for key in DISK} if len(rows) > 1 else {}
+
+
 def table(result: dict, checks: dict) -> str:
     cols = ["round", "elapsed_s", "serve_rss_mib", "serve_open_files", "server_rss_mib", "server_open_files",
             "server_database_files", "round_peak_rss_mib", "gold_champion", "gold_candidate", "promoted", "kl"]
@@ -271,6 +289,9 @@ def table(result: dict, checks: dict) -> str:
     lines.append("")
     lines += [f"{name}: {c['value']} (want {c['want']}) {'ok' if c['ok'] else 'FAILED'}"
               for name, c in checks.items() if name != "passed"]
+    growth = disk_growth(result)
+    if growth:
+        lines.append("disk a round (reported, not judged): " + ", ".join(f"{k} {v}" for k, v in growth.items()))
     lines.append(f"cancelled overlapping scheduled runs: {result['cancelled_overlaps']}; "
                  f"wall time {result['wall_s'] / 60:.1f} min; " + ("PASSED" if checks["passed"] else "FAILED"))
     lines += [f"failure: {f}" for f in result["failures"]]
@@ -314,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     result = soak(a.rounds, workspace, overrides, a.timeout_min * 60, log)
     checks = judge(result, a.rounds)
     out = {"benchmark": "soak", "rounds_asked": a.rounds, "overrides": overrides, "workspace": str(workspace),
-           **result, "checks": checks, "passed": checks["passed"]}
+           **result, "disk_per_round_mib": disk_growth(result), "checks": checks, "passed": checks["passed"]}
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / "soak.json").write_text(json.dumps(out, indent=1) + "\n")
