@@ -64,6 +64,22 @@ def pytest_collection_modifyitems(items):
     items.sort(key=rank)  # stable: tests keep their order inside a file
 
 
+def still_running(procs: list, timeout: float) -> list:
+    """Those of `procs` still running after up to `timeout` s; a dead process that nobody has reaped
+    (a zombie: this container's PID 1 reaps no orphans) does not count."""
+    import psutil
+
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    running = []
+    for p in alive:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                running.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return running
+
+
 @pytest.fixture
 def fast_cfg():
     return load_config(None, FAST)

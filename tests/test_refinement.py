@@ -24,11 +24,11 @@ from mlflow import MlflowClient
 
 from flows.serve import ServerError, check_exposure, free_port, spawn_serve, start_servers
 from tasks import rounds, tracking, versioning
-from tasks.processes import stop_groups
 from tasks.config import load_config
+from tasks.processes import stop_groups
 from tasks.workspace import Workspace, init_workspace
 
-from conftest import FAST
+from conftest import FAST, still_running
 
 pytestmark = pytest.mark.slow
 
@@ -272,7 +272,6 @@ def test_people_feedback_from_the_inbox_trains_a_round_and_without_new_feedback_
     assert len(rounds.completed_rounds(ws)) == done_before + 1
 
 
-
 def _stage_processes(serve):
     """`dvc repro` and the stage it runs, under `rlhf serve` (the dead but unreaped left out)."""
     found = []
@@ -302,10 +301,10 @@ def test_a_round_cancelled_in_the_ui_stops_its_stage_and_changes_nothing(served)
     assert final.state.is_cancelled(), (final.state.type, final.state.message)
     # stopped before the run is marked Cancelled (the stage takes longer than this: it has just started);
     # orphans would be init's children by now, so they are followed by pid
-    _, alive = psutil.wait_procs(running, timeout=2)
-    alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    alive = still_running(running, timeout=2)
     assert not alive, [_cmdline(p) for p in alive]
     assert not rounds.round_in_progress(ws) and rounds.completed_rounds(ws) == done
+
 
 UNREACHABLE = """
 import json, sys
@@ -430,8 +429,7 @@ def test_stopping_serve_mid_round_stops_the_stage_too(served):
     running = _wait(lambda: _stage_processes(serve), 300, serve, ws, every=0.2)
     serve.send_signal(signal.SIGTERM)
     serve.wait(timeout=60)
-    _, alive = psutil.wait_procs(running, timeout=2)
-    alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    alive = still_running(running, timeout=2)
     assert not alive, [_cmdline(p) for p in alive]
 
 

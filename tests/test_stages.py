@@ -11,7 +11,7 @@ from tasks import rounds, scenario, versioning
 from tasks.config import load_config
 from tasks.workspace import init_workspace
 
-from conftest import FAST
+from conftest import FAST, still_running
 
 pytestmark = pytest.mark.slow
 
@@ -105,6 +105,5 @@ def test_a_cancelled_round_stops_its_stage_and_what_the_stage_started(tmp_path):
 
     driver.send_signal(signal.SIGTERM)
     assert driver.wait(timeout=60) != 0
-    gone, alive = psutil.wait_procs(started, timeout=15)
-    alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]  # dead, left for a parent that never reaps
+    alive = still_running(started, timeout=15)
     assert not alive, [(p.pid, p.cmdline()) for p in alive]
