@@ -72,6 +72,8 @@ def pairwise_accuracy(model, tokenizer, records: list[dict]) -> dict:
 
 class _MlflowLoss(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if mlflow.active_run() is None:  # train() outside a stage: logging would start a stray run
+            return
         for k, v in (logs or {}).items():
             if isinstance(v, (int, float)) and k in ("loss", "accuracy", "margin"):
                 mlflow.log_metric(f"reward/train_{k}", v, step=state.global_step)

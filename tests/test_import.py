@@ -83,6 +83,8 @@ def test_imported_hh_pairs_train_the_reward_model(ws, tmp_path):
     # "when configured": accuracy on the whole HH-RLHF sample, read straight from its own format
     assert metrics["eval_file"]["n"] + metrics["eval_file"]["too_long"] == 1812
     assert 0 <= metrics["eval_file"]["accuracy"] <= 1
+    import mlflow
+    assert mlflow.active_run() is None  # outside a stage, training logs nowhere and leaves no run open
     assert metrics["train"]["n"] + metrics["held_out"]["n"] + metrics["too_long"] == 400  # none lost silently
     assert metrics["too_long"] < 400 and 0 <= metrics["held_out"]["accuracy"] <= 1
     assert (tmp_path / "hh-reward" / "model.safetensors").exists()
