@@ -180,6 +180,25 @@ def test_entropy_and_logprobs_by_hand():
     assert core.logprobs_from_logits(logits, torch.tensor([[1]])).item() == pytest.approx(math.log(0.25))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_and_entropy_match_a_float64_log_softmax(dtype):
+    # GPT-2-like logits: large and negative, some rows nearly one-hot (entropy ~0)
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 5, 4000, generator=g) * 4 - 100)
+    logits[0, 0, 7] += 60
+    logits = logits.to(dtype)
+    tokens = torch.randint(0, 4000, (3, 5), generator=g)
+    logprobs, entropy = core.logprobs_and_entropy(logits, tokens)
+    log_p = torch.log_softmax(logits.double(), dim=-1)
+    assert torch.allclose(logprobs.double(), log_p.gather(-1, tokens[..., None])[..., 0], atol=1e-4, rtol=0)
+    assert torch.allclose(entropy.double(), -(log_p.exp() * log_p).sum(-1), atol=1e-4, rtol=0)
+    assert entropy[0, 0] >= 0 and entropy[0, 0] < 1e-3
+    assert core.logprobs_and_entropy(logits, None)[0] is None
+    masked = torch.tensor([[0.0, float("-inf"), 0.0]])  # a token masked out: no NaN, H = log 2
+    assert core.logprobs_and_entropy(masked, None)[1].item() == pytest.approx(math.log(2))
+    assert core.logprobs_and_entropy(logits, tokens, with_entropy=False)[1] is None
+
+
 def test_explained_variance():
     returns = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     mask = torch.ones(1, 4)

@@ -138,14 +138,30 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """(..., V) logits -> (...) entropy of the softmax distribution."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    return -(log_probs.exp() * log_probs).sum(-1)
+    return logprobs_and_entropy(logits, None)[1]
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """(B, T, V) logits, (B, T) tokens -> (B, T) log-probabilities of those tokens."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    return log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return logprobs_and_entropy(logits, tokens, with_entropy=False)[0]
+
+
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor | None,
+                         with_entropy: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Log-probabilities of `tokens` and the entropy, from one float32 copy of the logits.
+
+    log p(token) = logit(token) - logsumexp(logits) and H = -sum(p log p): the log-softmax is
+    never materialised (at GPT-2's vocabulary and PPO's batch each (B, T, V) float32 tensor is
+    1.6 GB), and the scoring pass that wants both pays for one float copy, not two.
+    """
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    logprobs = None if tokens is None else logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
+    entropy = None
+    if with_entropy:  # xlogy: 0 * log 0 = 0, so a logit of -inf (a masked token) adds nothing
+        probs = torch.softmax(logits, dim=-1)
+        entropy = -torch.special.xlogy(probs, probs).sum(-1)
+    return logprobs, entropy
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
