@@ -3,10 +3,18 @@
 The frozen reference is always the base policy (models/base), so KL measures the total drift
 from it over all rounds, not just this one. A killed run resumes from its last checkpoint
 (`ppo.checkpoint_every`) with the same result it would have had.
+
+With LoRA (`ppo.lora_rank` > 0) the policy is the base model plus adapters, and the reference is
+that model with its adapters off: one copy of the weights. The round saves the merged model (what
+every other stage and a user loads) and, in its `lora/` folder, the adapters with the fingerprint
+of the base they belong to; the next round continues those adapters when the base is the same.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
+from pathlib import Path
 
 import mlflow
 import torch
@@ -14,10 +22,68 @@ import torch
 from tasks import scenario, tracking
 from tasks.config import PipelineConfig
 from tasks.modeling import load_policy, load_reward, load_tokenizer, save
+from tasks.ppo import lora
 from tasks.ppo.rollout import PolicyWithValue
 from tasks.ppo.trainer import PPOTrainer
 from tasks.stage import StageError, stage_main
 from tasks.workspace import RoundState, Workspace
+
+
+LORA_DIR = "lora"  # inside a saved policy: its adapters and base.sha256
+
+
+def weights_fingerprint(ref: str | Path) -> str | None:
+    """sha256 over a saved model folder's safetensors files; None for a Hugging Face id."""
+    files = sorted(Path(ref).glob("*.safetensors")) if Path(ref).is_dir() else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build_policy(policy_ref: str, base_ref: str, rank: int, alpha: float, seed: int = 0):
+    """The policy LM to train and its frozen reference (None: the policy with its adapters off).
+
+    Without LoRA: the round's policy, the base beside it. With LoRA: the base with the round's
+    adapters (continued when the round's policy was saved with adapters on this same base, new
+    when the round's policy is the base itself); a policy trained otherwise gets new adapters on
+    its own weights, and then the base is loaded beside it as the reference.
+    """
+    if not rank:
+        return load_policy(policy_ref), load_policy(base_ref)
+    base = weights_fingerprint(base_ref)
+    adapters = Path(policy_ref) / LORA_DIR
+    if base and _saved_adapters(adapters) == (base, rank, alpha):
+        return lora.load_lora(load_policy(base_ref), adapters), None
+    if base and weights_fingerprint(policy_ref) == base:
+        return lora.add_lora(load_policy(base_ref), rank, alpha, seed), None
+    print(f"LoRA: {policy_ref} holds no rank-{rank} adapters on the base model and is not the base model; "
+          "new adapters on its weights, the base model loaded beside it as the reference")
+    return lora.add_lora(load_policy(policy_ref), rank, alpha, seed), load_policy(base_ref)
+
+
+def _saved_adapters(folder: Path) -> tuple[str, int, float] | None:
+    """(base fingerprint, rank, alpha) of adapters a round saved, or None."""
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        return (folder / "base.sha256").read_text().strip(), config["r"], float(config["lora_alpha"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def save_policy(lm, tokenizer, folder: Path, base_ref: str) -> None:
+    """The merged model for everyone; with LoRA also the adapters and their base's fingerprint."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    if lora.is_lora(lm):
+        lm.save_pretrained(folder / LORA_DIR)
+        (folder / LORA_DIR / "base.sha256").write_text(weights_fingerprint(base_ref) or "")
+        lm = lm.merge_and_unload()
+    save(lm.float(), tokenizer, folder)
 
 
 def build_trainer(policy_ref: str, ref_ref: str, reward_ref: str, prompts: list[str], cfg: PipelineConfig,
@@ -28,8 +94,9 @@ def build_trainer(policy_ref: str, ref_ref: str, reward_ref: str, prompts: list[
         raise StageError(f"the reward model {reward_ref} uses another tokenizer than the policy {policy_ref}; "
                          "start the reward model from the policy (leave models.reward empty) or from a model "
                          "with the same tokenizer")
-    policy = PolicyWithValue(load_policy(policy_ref)).to(device)
-    ref = load_policy(ref_ref).to(device)
+    lm, ref = build_policy(policy_ref, ref_ref, cfg.ppo.lora_rank, cfg.ppo.lora_alpha, seed)
+    policy = PolicyWithValue(lm).to(device)
+    ref = ref.to(device) if ref is not None else None
     reward = load_reward(reward_ref, tokenizer.pad_token_id).to(device)
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
     trainer = PPOTrainer(policy, ref, reward, prompt_ids, tokenizer.eos_token_id, tokenizer.pad_token_id,
@@ -45,7 +112,9 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> list[dict]:
         trainer, tokenizer = build_trainer(policy_ref, str(ws.base_model), str(ws.reward_model),
                                            scenario.feedback_prompts(), cfg, cfg.seed * 1000 + state.round,
                                            checkpoint_dir, device)
-        mlflow.log_params({f"ppo.{k}": v for k, v in cfg.ppo.__dict__.items()} | {"ppo.device": device})
+        reference = "base model, adapters off" if trainer.ref_lm is None else "base model"
+        mlflow.log_params({f"ppo.{k}": v for k, v in cfg.ppo.__dict__.items()}
+                          | {"ppo.device": device, "ppo.reference": reference})
 
         def log(metrics: dict) -> None:
             mlflow.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=int(metrics["step"]))
@@ -55,9 +124,7 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> list[dict]:
         history = trainer.train(on_step=log)
         if any(not torch.isfinite(p).all() for p in trainer.policy.parameters()):
             raise StageError("PPO produced non-finite weights; lower ppo.lr or raise ppo.kl_coef")
-        if ws.policy_model.exists():
-            shutil.rmtree(ws.policy_model)
-        save(trainer.policy.lm.float(), tokenizer, ws.policy_model)
+        save_policy(trainer.unwrapped.lm, tokenizer, ws.policy_model, str(ws.base_model))
     shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the round's policy is saved: no resume needed
     return history
 

@@ -4,10 +4,10 @@ import torch
 
 from tasks import scenario
 from tasks.config import load_config
-from tasks.modeling import generate_texts, load_policy, load_tokenizer
-from tasks.ppo import core, static_decode
-from tasks.ppo.rollout import PolicyWithValue, response_forward, sample
-from tasks.ppo.trainer import PPOConfig
+from tasks.modeling import generate_texts, load_policy, load_reward, load_tokenizer
+from tasks.ppo import core, lora, static_decode
+from tasks.ppo.rollout import PaddedHead, PolicyWithValue, pad_lm_head, response_forward, sample
+from tasks.ppo.trainer import PPOConfig, PPOTrainer
 from tasks.train_policy import build_trainer
 
 from conftest import FAST
@@ -168,3 +168,124 @@ def test_ppo_uses_the_static_decoder_for_gpt2_and_can_be_told_not_to(tiny_model_
     assert [h["objective/scores"] for h in hf] == pytest.approx([h["objective/scores"] for h in hs], abs=1e-5)
     with pytest.raises(ValueError, match="ppo.generation"):
         PPOConfig(generation="fast")
+
+
+# ---- LoRA: adapters train, the base stays, the reference is the base with adapters off ---------
+def _lora_trainer(tiny_model_dir, tiny_reward_dir, **overrides):
+    tok = load_tokenizer(tiny_model_dir)
+    policy = PolicyWithValue(lora.add_lora(load_policy(tiny_model_dir), rank=4, alpha=8))
+    cfg = PPOConfig(**{**dict(steps=3, batch_size=16, minibatches=2, epochs=2, checkpoint_every=0), **overrides})
+    prompts = [tok(p)["input_ids"] for p in scenario.feedback_prompts()]
+    return PPOTrainer(policy, None, load_reward(tiny_reward_dir, tok.pad_token_id), prompts, tok.eos_token_id,
+                      tok.pad_token_id, cfg, seed=0)
+
+
+def test_lora_policy_trains_its_adapters_against_itself_with_adapters_off(tiny_model_dir, tiny_reward_dir):
+    trainer = _lora_trainer(tiny_model_dir, tiny_reward_dir)
+    policy = trainer.policy
+    frozen = {n: p.detach().clone() for n, p in policy.named_parameters() if not p.requires_grad}
+    trained = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+    assert trained and all(".lora_" in n or n.startswith("value_head.") for n in trained)
+    assert sum(p.numel() for p in trained.values()) < 0.2 * sum(p.numel() for p in frozen.values())
+    assert sum(len(g["params"]) for g in trainer.optimizer.param_groups) == len(trained)  # Adam state: adapters only
+    assert trainer.decoder is not None  # the static decoder runs the adapters too
+    history = trainer.train()
+    assert len(history) == 3 and all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in history)
+    for n, p in policy.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n  # the base weights never move
+    assert sum(not torch.equal(p, trained[n]) for n, p in policy.named_parameters() if n in trained) > len(trained) / 2
+    # the reference is exactly the base model, and the policy has moved away from it
+    ro = trainer.rollout()
+    base = load_policy(tiny_model_dir).eval()
+    expected = response_forward(base, ro.prompt_ids, ro.prompt_mask, ro.responses, ro.mask, 1.0, False,
+                                with_entropy=False)["logprobs"]
+    assert torch.allclose(ro.ref_logprobs, expected, atol=1e-6)
+    assert (ro.logprobs - expected).abs().max() > 1e-3
+    # and the static decoder samples what HF's path samples through the adapters
+    tok = load_tokenizer(tiny_model_dir)
+    ids, mask = _two_prompts(tok)
+    dec = static_decode.StaticDecoder(policy.lm, batch=2, prompt_len=ids.shape[1], max_new_tokens=10)
+    fast = dec.sample(ids, mask, 1.0, tok.eos_token_id, tok.pad_token_id, torch.Generator().manual_seed(1))
+    slow = sample(policy.lm, ids, mask, 10, 1.0, tok.eos_token_id, tok.pad_token_id, torch.Generator().manual_seed(1))
+    assert torch.equal(fast, slow)
+
+
+def test_lora_run_resumes_with_identical_results(tiny_model_dir, tiny_reward_dir, tmp_path):
+    straight = _lora_trainer(tiny_model_dir, tiny_reward_dir, steps=4)
+    straight.train()
+    first = _lora_trainer(tiny_model_dir, tiny_reward_dir, steps=2, checkpoint_every=2)
+    first.checkpoint_dir = tmp_path
+    first.train()
+    resumed = _lora_trainer(tiny_model_dir, tiny_reward_dir, steps=4, checkpoint_every=2)
+    resumed.checkpoint_dir = tmp_path
+    resumed.train()
+    assert resumed.step == 4
+    for a, b in zip(straight.policy.state_dict().values(), resumed.policy.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_no_reference_model_needs_a_lora_policy(tiny_model_dir, tiny_reward_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    with pytest.raises(ValueError, match="ref_lm=None needs a LoRA policy"):
+        PPOTrainer(PolicyWithValue(load_policy(tiny_model_dir)), None, load_reward(tiny_reward_dir, tok.pad_token_id),
+                   [[5, 6]], tok.eos_token_id, tok.pad_token_id, PPOConfig(batch_size=4, minibatches=1))
+
+
+def test_padded_head_gives_the_same_logits_and_gradients(tiny_model_dir):
+    """The aligned LM head the trainer installs on a GPU: same logits, same gradients, same checkpoint keys."""
+    lm = load_policy(tiny_model_dir).eval()
+    plain = load_policy(tiny_model_dir).eval()
+    assert lm.config.vocab_size % 64  # else nothing to pad
+    keys = list(lm.state_dict())
+    assert pad_lm_head(lm) and isinstance(lm.get_output_embeddings(), PaddedHead)
+    assert not pad_lm_head(lm)  # once only
+    assert list(lm.state_dict()) == keys
+    assert lm.get_output_embeddings().weight is lm.get_input_embeddings().weight  # still tied
+    ids = torch.randint(0, lm.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    out, ref = lm(input_ids=ids, logits_to_keep=3).logits, plain(input_ids=ids, logits_to_keep=3).logits
+    assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)
+    out.logsumexp(-1).sum().backward()
+    ref.logsumexp(-1).sum().backward()
+    for a, b in zip(lm.parameters(), plain.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5)
+
+
+def test_pipeline_lora_saves_merged_weights_and_continues_its_adapters(tiny_model_dir, tmp_path):
+    import shutil
+
+    from tasks.train_policy import build_policy, save_policy
+
+    base, champion = tmp_path / "base", tmp_path / "champion"
+    shutil.copytree(tiny_model_dir, base)
+    shutil.copytree(tiny_model_dir, champion)  # round 1: the champion is the base, as MLflow hands it back
+    ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    base_logits = load_policy(base).eval()(input_ids=ids).logits
+    lm, ref = build_policy(str(champion), str(base), 4, 8.0)
+    assert ref is None and lora.is_lora(lm)  # no second copy: the reference is the adapters off
+    with torch.no_grad():  # stands for training: the adapters move
+        for name, p in lm.named_parameters():
+            if ".lora_" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    lm.eval()
+    trained = lm(input_ids=ids).logits
+    assert (trained - base_logits).abs().max() > 1e-3
+    save_policy(lm, load_tokenizer(base), tmp_path / "round1", str(base))
+    # every other stage, and a user, loads the merged model: the same logits
+    assert torch.allclose(load_policy(tmp_path / "round1").eval()(input_ids=ids).logits, trained, atol=1e-5)
+    assert (tmp_path / "round1" / "lora" / "adapter_config.json").is_file()
+    # the next round continues these adapters on the base
+    lm2, ref2 = build_policy(str(tmp_path / "round1"), str(base), 4, 8.0)
+    assert ref2 is None and torch.allclose(lm2.eval()(input_ids=ids).logits, trained, atol=1e-5)
+    with lm2.disable_adapter():
+        assert torch.allclose(lm2(input_ids=ids).logits, base_logits, atol=1e-6)
+    # another rank cannot continue them: new adapters on the merged weights, the base beside them
+    lm3, ref3 = build_policy(str(tmp_path / "round1"), str(base), 8, 16.0)
+    assert ref3 is not None and torch.allclose(lm3.eval()(input_ids=ids).logits, trained, atol=1e-5)
+    assert torch.allclose(ref3.eval()(input_ids=ids).logits, base_logits, atol=1e-6)
+    # nor can adapters saved on another base
+    (tmp_path / "round1" / "lora" / "base.sha256").write_text("0" * 64)
+    assert build_policy(str(tmp_path / "round1"), str(base), 4, 8.0)[1] is not None
+    # and without LoRA nothing changes: the round's policy, the base beside it
+    lm4, ref4 = build_policy(str(tmp_path / "round1"), str(base), 0, 8.0)
+    assert not lora.is_lora(lm4) and ref4 is not None

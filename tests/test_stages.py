@@ -1,14 +1,19 @@
 """Stages without Prefect: `dvc repro` runs the whole pipeline, here on a user's own model folder."""
 import json
 import random
+from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from tasks import rounds, scenario, versioning
+from tasks import rounds, scenario, tracking, versioning
 from tasks.config import load_config
+from tasks.modeling import load_policy
+from tasks.ppo import lora
+from tasks.train_policy import build_policy
 from tasks.workspace import init_workspace
 
 from conftest import FAST, still_running
@@ -40,6 +45,24 @@ def test_dvc_repro_runs_every_stage_on_a_users_model(tiny_model_dir, tmp_path):
     assert "dvc.lock" in {p.name for p in ws.root.iterdir()}
     # a second repro with nothing changed does nothing
     assert "Running stage" not in versioning.dvc(ws, "repro").stdout
+    # LoRA: only PPO and what follows it run again, with adapters on the base and the base as reference
+    rounds.write_params(ws, load_config(None, {**FAST, "models.policy": str(tiny_model_dir), "ppo.lora_rank": 4,
+                                                         "ppo.steps": 6}))
+    out = versioning.dvc(ws, "repro").stdout
+    assert "Running stage 'train_policy'" in out and "Running stage 'train_reward'" not in out
+    ppo_runs = mlflow.search_runs(experiment_names=["rlhf"], filter_string="tags.stage = 'train_policy'",
+                                  order_by=["attributes.start_time DESC"], output_format="list")
+    assert ppo_runs[0].data.params["ppo.reference"] == "base model, adapters off"
+    assert ppo_runs[1].data.params["ppo.reference"] == "base model"
+    # the candidate went to the registry with its adapters; the next round continues them from there
+    candidate = tracking.resolve_model(ws, "models:/rlhf-policy@challenger")
+    assert (Path(candidate) / "lora" / "adapter_config.json").is_file()
+    lm, ref = build_policy(candidate, str(ws.base_model), 4, FAST.get("ppo.lora_alpha", 16.0))
+    assert ref is None and lora.is_lora(lm)
+    merged = load_policy(candidate)
+    ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(lm.eval()(input_ids=ids).logits, merged.eval()(input_ids=ids).logits, atol=1e-5)
 
 
 def test_gold_judge_and_simulated_annotator():

@@ -9,6 +9,7 @@ One iteration, numbered as in the code below:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import time
@@ -20,8 +21,8 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tasks.ppo import core, static_decode
-from tasks.ppo.rollout import PolicyWithValue, response_forward, reward_scores, sample
+from tasks.ppo import core, lora, static_decode
+from tasks.ppo.rollout import PolicyWithValue, pad_lm_head, response_forward, reward_scores, sample
 
 
 @dataclass
@@ -73,6 +74,10 @@ class PPOConfig:
     """save a resumable checkpoint every N iterations; 0 = never"""
     generation: Literal["auto", "static", "dynamic"] = "auto"
     """static KV cache (+ CUDA graph on GPU) for GPT-2 models"""
+    lora_rank: int = 0
+    """LoRA rank of the policy's adapters, for models too large to train whole (reference = adapters off); 0 = off"""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: the adapters' update is scaled by lora_alpha / lora_rank"""
 
     def __post_init__(self):
         positive = ["steps", "batch_size", "minibatches", "epochs", "lr", "max_new_tokens", "temperature",
@@ -87,8 +92,10 @@ class PPOConfig:
             raise ValueError(f"ppo.kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
         if not 0 <= self.lam <= 1 or not 0 < self.gamma <= 1:
             raise ValueError(f"ppo.lam must be in [0, 1] and ppo.gamma in (0, 1], got {self.lam}, {self.gamma}")
-        if self.kl_coef < 0 or self.vf_coef < 0 or self.checkpoint_every < 0:
-            raise ValueError("ppo.kl_coef, ppo.vf_coef and ppo.checkpoint_every must be >= 0")
+        if self.kl_coef < 0 or self.vf_coef < 0 or self.checkpoint_every < 0 or self.lora_rank < 0:
+            raise ValueError("ppo.kl_coef, ppo.vf_coef, ppo.checkpoint_every and ppo.lora_rank must be >= 0")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"ppo.lora_alpha must be > 0, got {self.lora_alpha!r}")
         if self.generation not in ("auto", "static", "dynamic"):
             raise ValueError(f"ppo.generation must be 'auto', 'static' or 'dynamic', got {self.generation!r}")
 
@@ -119,24 +126,36 @@ class PPOTrainer:
     """Fine-tunes `policy` (a PolicyWithValue) against `reward_model`, anchored to `ref_lm`.
 
     Prompts are token lists; the reward model must share the policy's tokenizer (the built-in
-    scenario and the pipeline's reward stage both ensure it).
+    scenario and the pipeline's reward stage both ensure it). `ref_lm=None` with a LoRA policy
+    (tasks.ppo.lora): the reference is the policy's LM with its adapters off.
     """
 
-    def __init__(self, policy: PolicyWithValue, ref_lm: torch.nn.Module, reward_model: torch.nn.Module,
+    def __init__(self, policy: PolicyWithValue, ref_lm: torch.nn.Module | None, reward_model: torch.nn.Module,
                  prompts: list[list[int]], eos_id: int, pad_id: int, cfg: PPOConfig, seed: int = 0,
                  device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None,
                  checkpoint_dir: str | Path | None = None, accelerator=None):
         if not prompts:
             raise ValueError("PPO needs at least one prompt")
+        if ref_lm is None and not lora.is_lora(policy.lm):
+            raise ValueError("ref_lm=None needs a LoRA policy (tasks.ppo.lora.add_lora): its adapters off are "
+                             "the reference; pass the reference model otherwise")
         self.policy, self.ref_lm, self.reward_model = policy, ref_lm, reward_model
         self.prompts, self.eos_id, self.pad_id, self.cfg = prompts, eos_id, pad_id, cfg
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         for frozen in (ref_lm, reward_model):
-            frozen.eval().requires_grad_(False)
+            if frozen is not None:
+                frozen.eval().requires_grad_(False)
         disable_dropout(policy)  # else the training pass's log-probs differ from the rollout's (Huang et al.)
-        self.optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
+        on_gpu = next(policy.parameters()).device.type == "cuda"
+        if on_gpu:  # aligned LM-head matmuls in the scoring and update passes
+            pad_lm_head(policy.lm)
+            if ref_lm is not None:
+                pad_lm_head(ref_lm)
+        # fused on a GPU: one kernel for all parameters instead of a dozen per tensor group
+        trainable = [p for p in policy.parameters() if p.requires_grad]  # with LoRA: adapters and value head
+        self.optimizer = torch.optim.Adam(trainable, lr=cfg.lr, eps=1e-5, fused=on_gpu or None)
         # Several processes (accelerate: DDP on GPUs, gloo on CPUs): each rolls out its own batch
         # (its own seed), gradients are averaged, metrics are averaged so the KL controller agrees.
         self.accelerator = accelerator
@@ -181,6 +200,15 @@ class PPOTrainer:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
+    @contextlib.contextmanager
+    def _reference(self):
+        """The frozen reference LM: its own model, or the LoRA policy's LM with the adapters off."""
+        if self.ref_lm is not None:
+            yield self.ref_lm
+        else:
+            with self.unwrapped.lm.disable_adapter():
+                yield self.unwrapped.lm
+
     @torch.no_grad()
     def rollout(self) -> Rollout:
         cfg = self.cfg
@@ -199,8 +227,9 @@ class PPOTrainer:
             mask = core.response_mask(responses, self.eos_id)
             # -- 2. score ---------------------------------------------------------------------
             pol = response_forward(self.policy, prompt_ids, prompt_mask, responses, mask, cfg.temperature, True)
-            ref = response_forward(self.ref_lm, prompt_ids, prompt_mask, responses, mask, cfg.temperature, False,
-                                   with_entropy=False)
+            with self._reference() as ref_lm:
+                ref = response_forward(ref_lm, prompt_ids, prompt_mask, responses, mask, cfg.temperature, False,
+                                       with_entropy=False)
             scores = reward_scores(self.reward_model, prompt_ids, prompt_mask, responses, mask)
         scores = core.apply_missing_eos_penalty(scores, responses, self.eos_id, cfg.missing_eos_penalty)
         # -- 3. rewards and advantages --------------------------------------------------------
@@ -217,7 +246,7 @@ class PPOTrainer:
     def optimize(self, ro: Rollout) -> dict[str, float]:
         cfg = self.cfg
         self.policy.train()
-        stats: dict[str, list[float]] = {}
+        stats: dict[str, list[torch.Tensor]] = {}  # kept on the device: reading one waits for the GPU
         mb_size = cfg.batch_size // cfg.minibatches
         for _ in range(cfg.epochs):
             order = torch.randperm(cfg.batch_size, generator=self.generator, device=self.device)
@@ -240,8 +269,9 @@ class PPOTrainer:
                     torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
                 for k, v in {"loss/policy": pg_loss, "loss/value": vf_loss, **pg_stats, **vf_stats}.items():
-                    stats.setdefault(k, []).append(float(v.detach()))
-        return {k: sum(v) / len(v) for k, v in stats.items()}
+                    stats.setdefault(k, []).append(v.detach())
+        means = torch.stack([torch.stack(v).double().mean() for v in stats.values()]).tolist()  # one wait
+        return dict(zip(stats, means))
 
     # -- 5. one iteration and the loop ---------------------------------------------------------
     def train_step(self) -> dict[str, float]:
