@@ -1,35 +1,60 @@
 """Run by tests/test_ppo_trainer.py under `torchrun --nproc_per_node 2`: PPO with accelerate on
-2 CPU processes (gloo). Rank 0 writes what the test checks to the JSON file named in argv[2]."""
+2 CPU processes (gloo), DDP or FSDP. Rank 0 writes what the test checks to the JSON file named by
+--out, and the whole final weights beside it (<out>.safetensors)."""
+import argparse
 import json
-import sys
 
 import torch
 from accelerate import Accelerator
+from safetensors.torch import save_file
 
 from tasks import scenario
 from tasks.modeling import load_policy, load_reward, load_tokenizer
 from tasks.ppo.rollout import PolicyWithValue
 from tasks.ppo.trainer import PPOConfig, PPOTrainer
 
-model_dir, out = sys.argv[1], sys.argv[2]
-accelerator = Accelerator(cpu=True)
+p = argparse.ArgumentParser()
+p.add_argument("model_dir")
+p.add_argument("--out", required=True)
+p.add_argument("--fsdp", action="store_true")
+p.add_argument("--steps", type=int, default=3)
+p.add_argument("--checkpoint-dir", default=None)
+p.add_argument("--cuda", action="store_true", help="on the GPUs (tests/test_gpu.py); default: CPU processes")
+a = p.parse_args()
+
+accelerator = Accelerator(cpu=not a.cuda)
 torch.manual_seed(0)  # the frozen models (reference, reward head) must match on every process
-tok = load_tokenizer(model_dir)
-policy = PolicyWithValue(load_policy(model_dir))
-ref, reward = load_policy(model_dir), load_reward(model_dir, tok.pad_token_id)
+tok = load_tokenizer(a.model_dir)
+policy = PolicyWithValue(load_policy(a.model_dir)).to(accelerator.device)
+ref = load_policy(a.model_dir).to(accelerator.device)
+reward = load_reward(a.model_dir, tok.pad_token_id).to(accelerator.device)
 before = torch.cat([p.detach().flatten().clone() for p in policy.parameters()])
 prompts = [tok(p)["input_ids"] for p in scenario.feedback_prompts()]
-cfg = PPOConfig(steps=3, batch_size=16, minibatches=2, epochs=2, checkpoint_every=0)
+cfg = PPOConfig(steps=a.steps, batch_size=16, minibatches=2, epochs=2, checkpoint_every=2 if a.checkpoint_dir else 0)
 trainer = PPOTrainer(policy, ref, reward, prompts, tok.eos_token_id, tok.pad_token_id, cfg, seed=0,
-                     accelerator=accelerator)
-first = trainer.rollout().responses  # this process's own samples
+                     accelerator=accelerator, fsdp=a.fsdp, checkpoint_dir=a.checkpoint_dir)
+sharded = type(next(trainer.policy.parameters())).__name__ == "DTensor"
 history = trainer.train()
-after = torch.cat([p.detach().flatten() for p in trainer.unwrapped.parameters()])
-weights = accelerator.gather(after[None])  # (processes, n)
-samples = accelerator.gather(first.flatten()[None].float())
+if a.fsdp:
+    from tasks.ppo import sharding
+
+    weights = sharding.full_state_dict(trainer.policy, trainer.optimizer)[0]  # whole, on rank 0
+else:
+    weights = {k: v.detach().clone() for k, v in trainer.unwrapped.state_dict().items()}
 if accelerator.is_main_process:
+    after = torch.cat([weights[k].flatten().to(before.device) for k, _ in trainer.unwrapped.named_parameters()])
+    save_file({k: v.contiguous().cpu() for k, v in weights.items()}, a.out + ".safetensors")
     json.dump({"processes": accelerator.num_processes, "backend": str(accelerator.distributed_type),
-               "weights_in_sync": bool(torch.equal(weights[0], weights[1])),
+               "sharded": sharded, "graph": trainer.decoder is not None and trainer.decoder.graph is not None, "steps": [h["step"] for h in history],
                "weights_changed": bool(not torch.equal(before, after)),
-               "own_samples": bool(not torch.equal(samples[0], samples[1])),
-               "kl_coef": [h["objective/kl_coef"] for h in history]}, open(out, "w"))
+               "kl_coef": [h["objective/kl_coef"] for h in history],
+               "scores": [h["objective/scores"] for h in history]}, open(a.out, "w"))
+if not a.fsdp and accelerator.num_processes > 1:  # DDP: every process holds the whole weights; they must be the same everywhere
+    flat = torch.cat([p.detach().flatten() for p in trainer.unwrapped.parameters()])
+    everyone = accelerator.gather(flat[None])
+    samples = accelerator.gather(trainer.rollout().responses.flatten()[None].float())
+    if accelerator.is_main_process:
+        result = json.load(open(a.out))
+        result.update(weights_in_sync=bool(torch.equal(everyone[0], everyone[1])),
+                      own_samples=bool(not torch.equal(samples[0], samples[1])))
+        json.dump(result, open(a.out, "w"))

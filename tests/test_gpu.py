@@ -77,3 +77,36 @@ def test_ppo_on_the_gpu_trains_and_stays_finite(mode):
     history = trainer.train()
     assert len(history) == 3 and all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in history)
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+
+
+def test_fsdp_on_the_gpu_gathers_for_the_graph_decoder_and_trains(tmp_path):
+    """FSDP on one GPU (a process group of one, NCCL): sharded parameters, fused Adam on them,
+    the CUDA-graph decoder captured again over the gathered weights each rollout."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from tasks import scenario
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(scenario.corpus(2000, 0.1, seed=0), vocab_size=300, special_tokens=["<|endoftext|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=len(tok), n_positions=64,
+                     eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    worker = Path(__file__).with_name("ppo_ddp_worker.py")
+    out = tmp_path / "fsdp.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                           str(worker), str(tmp_path / "model"), "--out", str(out), "--fsdp", "--cuda"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(worker.parents[1])})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["sharded"] and result["graph"] and result["weights_changed"]
+    assert all(torch.isfinite(torch.tensor(result["scores"])))

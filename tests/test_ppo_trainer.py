@@ -85,26 +85,47 @@ def test_ppo_config_rejects_bad_values():
         PPOConfig(lr=0)
 
 
-def test_ppo_on_two_processes_with_accelerate(tiny_model_dir, tmp_path):
-    """DDP through accelerate on 2 CPU processes (gloo): each rolls out its own batch, the
-    weights stay identical on both, and they do change."""
+def _two_processes(model_dir, out, *args):
+    """The worker under torchrun: 2 CPU processes over gloo. Returns its JSON and final weights."""
     import json
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    out = tmp_path / "ddp.json"
+    from safetensors.torch import load_file
+
     worker = Path(__file__).with_name("ppo_ddp_worker.py")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(worker), str(tiny_model_dir), str(out)],
+                           str(worker), str(model_dir), "--out", str(out), *args],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parents[1])})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert result["processes"] == 2 and result["backend"] == "DistributedType.MULTI_CPU"
-    assert result["weights_in_sync"] and result["weights_changed"] and result["own_samples"]
-    assert len(result["kl_coef"]) == 3
+    return json.loads(out.read_text()), load_file(f"{out}.safetensors")
+
+
+def test_ppo_on_two_processes_ddp_and_fsdp(tiny_model_dir, tmp_path):
+    """accelerate on 2 CPU processes (gloo). DDP: each process rolls out its own batch, the weights
+    stay identical on both and do change. FSDP: the models are sharded, and the run ends where the
+    DDP run ends (the same batches, the same averaged gradients); a sharded run killed after 2 steps
+    resumes from its checkpoint to the same weights as a straight one."""
+    ddp, ddp_weights = _two_processes(tiny_model_dir, tmp_path / "ddp.json")
+    assert ddp["processes"] == 2 and ddp["backend"] == "DistributedType.MULTI_CPU" and not ddp["sharded"]
+    assert ddp["weights_in_sync"] and ddp["weights_changed"] and ddp["own_samples"]
+    assert len(ddp["kl_coef"]) == 3
+    fsdp, fsdp_weights = _two_processes(tiny_model_dir, tmp_path / "fsdp.json", "--fsdp")
+    assert fsdp["sharded"] and fsdp["weights_changed"]
+    assert fsdp["scores"] == pytest.approx(ddp["scores"], abs=1e-4)
+    assert fsdp_weights.keys() >= {k for k in ddp_weights if k != "lm.lm_head.weight"}
+    for k, v in ddp_weights.items():
+        assert torch.allclose(fsdp_weights[k], v, atol=1e-5), k
+    _two_processes(tiny_model_dir, tmp_path / "killed.json", "--fsdp", "--steps", "2",
+                   "--checkpoint-dir", str(tmp_path / "ckpt"))
+    resumed, resumed_weights = _two_processes(tiny_model_dir, tmp_path / "resumed.json", "--fsdp", "--steps", "3",
+                                              "--checkpoint-dir", str(tmp_path / "ckpt"))
+    assert resumed["steps"] == [1, 2, 3] and resumed["scores"] == pytest.approx(fsdp["scores"], abs=1e-6)
+    for k, v in fsdp_weights.items():
+        assert torch.equal(resumed_weights[k], v), k
 
 
 def _two_prompts(tok):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tasks.ppo import core, lora, static_decode
@@ -128,14 +128,20 @@ class PPOTrainer:
     Prompts are token lists; the reward model must share the policy's tokenizer (the built-in
     scenario and the pipeline's reward stage both ensure it). `ref_lm=None` with a LoRA policy
     (tasks.ppo.lora): the reference is the policy's LM with its adapters off.
+
+    Several processes (`accelerator`, launched by `accelerate launch` or torchrun): DDP by default,
+    each process a whole copy; `fsdp=True` shards the policy, reference and reward model over them
+    instead (tasks.ppo.sharding), for models too large to train whole on one device.
     """
 
     def __init__(self, policy: PolicyWithValue, ref_lm: torch.nn.Module | None, reward_model: torch.nn.Module,
                  prompts: list[list[int]], eos_id: int, pad_id: int, cfg: PPOConfig, seed: int = 0,
                  device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None,
-                 checkpoint_dir: str | Path | None = None, accelerator=None):
+                 checkpoint_dir: str | Path | None = None, accelerator=None, fsdp: bool = False):
         if not prompts:
             raise ValueError("PPO needs at least one prompt")
+        if fsdp and accelerator is None:
+            raise ValueError("fsdp=True needs an accelerator: the processes to shard the models over")
         if ref_lm is None and not lora.is_lora(policy.lm):
             raise ValueError("ref_lm=None needs a LoRA policy (tasks.ppo.lora.add_lora): its adapters off are "
                              "the reference; pass the reference model otherwise")
@@ -153,14 +159,24 @@ class PPOTrainer:
             pad_lm_head(policy.lm)
             if ref_lm is not None:
                 pad_lm_head(ref_lm)
+        # Several processes: each rolls out its own batch (its own seed), gradients are averaged,
+        # metrics are averaged so the KL controller agrees. FSDP shards before the optimizer is
+        # made (it must hold the shards); DDP wraps the model and optimizer after.
+        self.accelerator, self.fsdp = accelerator, fsdp
+        if fsdp:
+            from tasks.ppo import sharding
+
+            n, kind = accelerator.num_processes, accelerator.device.type
+            sharding.shard(policy, kind, n, inner=(policy.lm,))
+            for frozen in (ref_lm, reward_model):
+                if frozen is not None:
+                    sharding.shard(frozen, kind, n)
         # fused on a GPU: one kernel for all parameters instead of a dozen per tensor group
         trainable = [p for p in policy.parameters() if p.requires_grad]  # with LoRA: adapters and value head
         self.optimizer = torch.optim.Adam(trainable, lr=cfg.lr, eps=1e-5, fused=on_gpu or None)
-        # Several processes (accelerate: DDP on GPUs, gloo on CPUs): each rolls out its own batch
-        # (its own seed), gradients are averaged, metrics are averaged so the KL controller agrees.
-        self.accelerator = accelerator
         if accelerator is not None:
-            self.policy, self.optimizer = accelerator.prepare(policy, self.optimizer)
+            if not fsdp:
+                self.policy, self.optimizer = accelerator.prepare(policy, self.optimizer)
             self.device = accelerator.device
             seed = seed + accelerator.process_index
         self.kl_ctl = core.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
@@ -178,7 +194,17 @@ class PPOTrainer:
 
     @property
     def unwrapped(self) -> PolicyWithValue:
-        return self.accelerator.unwrap_model(self.policy) if self.accelerator else self.policy
+        return self.accelerator.unwrap_model(self.policy) if self.accelerator and not self.fsdp else self.policy
+
+    def _whole_weights(self):
+        """Generation reads every weight at every token: under FSDP, gather them for the rollout."""
+        if not self.fsdp:
+            return contextlib.nullcontext()
+        from tasks.ppo import sharding
+
+        if self.decoder is not None:
+            self.decoder.graph = None  # gathered weights may land at new addresses: capture again
+        return sharding.unsharded(self.policy)
 
     # -- 1. rollout ---------------------------------------------------------------------------
     def _prompt_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,14 +241,15 @@ class PPOTrainer:
         prompt_ids, prompt_mask = self._prompt_batch()
         self.policy.eval()
         t0 = self._sync()
-        with self._autocast():
+        with self._autocast(), self._whole_weights():
             if self.decoder is not None:
                 responses = self.decoder.sample(prompt_ids, prompt_mask, cfg.temperature, self.eos_id, self.pad_id,
                                                 self.generator)
             else:
                 responses = sample(self.unwrapped.lm, prompt_ids, prompt_mask, cfg.max_new_tokens, cfg.temperature,
                                    self.eos_id, self.pad_id, self.generator)
-            self.t_generate = self._sync() - t0
+        self.t_generate = self._sync() - t0
+        with self._autocast():
             responses = core.truncate_after_eos(responses, self.eos_id, self.pad_id)
             mask = core.response_mask(responses, self.eos_id)
             # -- 2. score ---------------------------------------------------------------------
@@ -261,7 +288,7 @@ class PPOTrainer:
                                                         cfg.cliprange_value)
                 loss = pg_loss + cfg.vf_coef * vf_loss
                 self.optimizer.zero_grad(set_to_none=True)
-                if self.accelerator is not None:
+                if self.accelerator is not None and not self.fsdp:
                     self.accelerator.backward(loss)
                     self.accelerator.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
                 else:
@@ -338,12 +365,21 @@ class PPOTrainer:
     def save_checkpoint(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        if self.fsdp:  # every process takes part in gathering the shards; the first one writes them
+            from tasks.ppo import sharding
+
+            weights, optimizer = sharding.full_state_dict(self.policy, self.optimizer)
+        else:
+            weights, optimizer = None, self.optimizer.state_dict()
         if self._is_main:
             tmp = folder / "policy.safetensors.tmp"
-            save_model(self.unwrapped, str(tmp))  # handles the tied embedding / LM-head weights
+            if weights is None:
+                save_model(self.unwrapped, str(tmp))  # handles the tied embedding / LM-head weights
+            else:
+                save_file(weights, str(tmp))
             tmp.replace(folder / "policy.safetensors")
         state = {
-            "step": self.step, "optimizer": self.optimizer.state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
+            "step": self.step, "optimizer": optimizer, "kl_ctl": self.kl_ctl.state_dict(),
             "rng": self.rng.getstate(), "generator": self.generator.get_state(), "history": self.history,
         }
         name = self._state_name
@@ -354,10 +390,16 @@ class PPOTrainer:
 
     def load_checkpoint(self, folder: str | Path) -> None:
         folder = Path(folder)
-        load_model(self.unwrapped, str(folder / "policy.safetensors"), device=str(self.device))
         state = torch.load(folder / self._state_name, weights_only=True)
+        if self.fsdp:  # the first process reads the whole weights and sends each process its shards
+            from tasks.ppo import sharding
+
+            weights = load_file(str(folder / "policy.safetensors")) if self._is_main else {}
+            sharding.load_full_state_dict(self.policy, self.optimizer, weights, state["optimizer"])
+        else:
+            load_model(self.unwrapped, str(folder / "policy.safetensors"), device=str(self.device))
+            self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
-        self.optimizer.load_state_dict(state["optimizer"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.rng.setstate(_as_random_state(state["rng"]))
         self.generator.set_state(state["generator"])
