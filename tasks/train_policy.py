@@ -8,12 +8,20 @@ With LoRA (`ppo.lora_rank` > 0) the policy is the base model plus adapters, and 
 that model with its adapters off: one copy of the weights. The round saves the merged model (what
 every other stage and a user loads) and, in its `lora/` folder, the adapters with the fingerprint
 of the base they belong to; the next round continues those adapters when the base is the same.
+
+With `ppo.processes` > 1 the stage starts that many processes under torchrun (one per GPU; CPU
+processes over gloo without one), each rolling out its own batch: DDP, or FSDP with `ppo.fsdp`.
+The first process logs into the stage's MLflow run and saves the policy.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -87,7 +95,7 @@ def save_policy(lm, tokenizer, folder: Path, base_ref: str) -> None:
 
 
 def build_trainer(policy_ref: str, ref_ref: str, reward_ref: str, prompts: list[str], cfg: PipelineConfig,
-                  seed: int, checkpoint_dir=None, device: str = "cpu") -> tuple[PPOTrainer, object]:
+                  seed: int, checkpoint_dir=None, device: str = "cpu", accelerator=None) -> tuple[PPOTrainer, object]:
     tokenizer = load_tokenizer(policy_ref)
     reward_tokenizer = load_tokenizer(reward_ref)
     if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
@@ -100,32 +108,87 @@ def build_trainer(policy_ref: str, ref_ref: str, reward_ref: str, prompts: list[
     reward = load_reward(reward_ref, tokenizer.pad_token_id).to(device)
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
     trainer = PPOTrainer(policy, ref, reward, prompt_ids, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                         cfg.ppo, seed=seed, device=device, checkpoint_dir=checkpoint_dir)
+                         cfg.ppo, seed=seed, device=device, checkpoint_dir=checkpoint_dir, accelerator=accelerator,
+                         fsdp=cfg.ppo.fsdp)
     return trainer, tokenizer
 
 
-def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> list[dict]:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+WORKER = "RLHF_PPO_WORKER"  # set in the processes the stage starts: the round's policy, resolved
+
+
+def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> list[dict] | None:
     checkpoint_dir = ws.root / ".cache" / "ppo-checkpoints" / f"round-{state.round}"
-    with tracking.stage_run(ws, cfg.project, "train_policy", state, data_file=ws.accepted):
-        policy_ref = tracking.resolve_model(ws, state.policy)
+    if os.environ.get(WORKER):  # one of the processes started below
+        return train(ws, cfg, state, os.environ[WORKER], checkpoint_dir)
+    with tracking.stage_run(ws, cfg.project, "train_policy", state, data_file=ws.accepted) as stage_run:
+        policy_ref = tracking.resolve_model(ws, state.policy)  # once, before any process starts
+        if cfg.ppo.processes > 1:
+            launch(ws, cfg, policy_ref, stage_run.info.run_id)
+            history = None
+        else:
+            history = train(ws, cfg, state, policy_ref, checkpoint_dir)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the round's policy is saved: no resume needed
+    return history
+
+
+def launch(ws: Workspace, cfg: PipelineConfig, policy_ref: str, run_id: str) -> None:
+    """This stage again in `ppo.processes` processes under torchrun; they log into `run_id`."""
+    n = cfg.ppo.processes
+    if torch.cuda.is_available() and torch.cuda.device_count() < n:
+        raise StageError(f"ppo.processes is {n} but this machine has {torch.cuda.device_count()} GPUs; "
+                         "set ppo.processes to at most that")
+    print(f"PPO on {n} processes ({'FSDP' if cfg.ppo.fsdp else 'DDP'}, "
+          f"{'one GPU each' if torch.cuda.is_available() else 'CPU'})", flush=True)
+    env = {**os.environ, WORKER: policy_ref, "MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": ws.tracking_uri}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(n), "-m", "tasks.train_policy"], cwd=ws.root, env=env)
+    if proc.returncode != 0:
+        raise StageError(f"PPO on {n} processes failed (exit {proc.returncode}); their errors are above")
+
+
+def train(ws: Workspace, cfg: PipelineConfig, state: RoundState, policy_ref: str, checkpoint_dir: Path) -> list[dict]:
+    accelerator = None
+    if cfg.ppo.processes > 1:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device = str(accelerator.device) if accelerator else "cuda" if torch.cuda.is_available() else "cpu"
+    main = accelerator is None or accelerator.is_main_process
+    seed = cfg.seed * 1000 + state.round
+    # a started process's first rank logs into the stage's run (MLFLOW_RUN_ID); the others log nothing
+    logging = mlflow.start_run() if main and accelerator is not None else contextlib.nullcontext()
+    with logging:
         trainer, tokenizer = build_trainer(policy_ref, str(ws.base_model), str(ws.reward_model),
-                                           scenario.feedback_prompts(), cfg, cfg.seed * 1000 + state.round,
-                                           checkpoint_dir, device)
+                                           scenario.feedback_prompts(), cfg, seed, checkpoint_dir, device, accelerator)
         reference = "base model, adapters off" if trainer.ref_lm is None else "base model"
-        mlflow.log_params({f"ppo.{k}": v for k, v in cfg.ppo.__dict__.items()}
-                          | {"ppo.device": device, "ppo.reference": reference})
+        if main:
+            mlflow.log_params({f"ppo.{k}": v for k, v in cfg.ppo.__dict__.items()}
+                              | {"ppo.device": device.split(":")[0], "ppo.reference": reference})
 
         def log(metrics: dict) -> None:
+            if not main:
+                return
             mlflow.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=int(metrics["step"]))
             print(f"ppo step {int(metrics['step']):3d}  score {metrics['objective/scores']:+.3f}  "
-                  f"kl {metrics['objective/kl']:.3f}  entropy {metrics['policy/entropy']:.3f}")
+                  f"kl {metrics['objective/kl']:.3f}  entropy {metrics['policy/entropy']:.3f}", flush=True)
 
         history = trainer.train(on_step=log)
-        if any(not torch.isfinite(p).all() for p in trainer.policy.parameters()):
-            raise StageError("PPO produced non-finite weights; lower ppo.lr or raise ppo.kl_coef")
-        save_policy(trainer.unwrapped.lm, tokenizer, ws.policy_model, str(ws.base_model))
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the round's policy is saved: no resume needed
+        lm = trainer.unwrapped.lm
+        if trainer.fsdp:  # gather the shards (every process), rebuild the whole model on the first
+            from tasks.ppo import sharding
+
+            weights = sharding.full_model_state_dict(trainer.policy)
+            if main:
+                whole = PolicyWithValue(build_policy(policy_ref, str(ws.base_model), cfg.ppo.lora_rank,
+                                                     cfg.ppo.lora_alpha, seed)[0])
+                whole.load_state_dict(weights)
+                lm = whole.lm
+        if main:
+            if any(not torch.isfinite(p).all() for p in lm.parameters()):
+                raise StageError("PPO produced non-finite weights; lower ppo.lr or raise ppo.kl_coef")
+            save_policy(lm, tokenizer, ws.policy_model, str(ws.base_model))
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     return history
 
 

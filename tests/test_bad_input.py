@@ -24,6 +24,8 @@ from tasks.config import ValidateConfig
     ("ppo:\n  lora_rank: -8\n", "ppo.lora_rank must be >= 0"),
     ("ppo:\n  lora_rank: 8\n  lora_alpha: 0\n", "ppo.lora_alpha must be > 0"),
     ("ppo:\n  lora_rank: eight\n", "ppo.lora_rank"),
+    ("ppo:\n  processes: 0\n", "ppo.processes must be >= 1"),
+    ("ppo:\n  fsdp: true\n", "set ppo.processes to 2 or more"),
     ("gates:\n  min_win_rate: 1.5\n", "gates.min_win_rate"),
     ("project: 'has spaces'\n", "project"),
     ("collect:\n  pairs_per_prompt: 0\n", "collect.pairs_per_prompt"),

@@ -63,6 +63,19 @@ def test_dvc_repro_runs_every_stage_on_a_users_model(tiny_model_dir, tmp_path):
     ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(lm.eval()(input_ids=ids).logits, merged.eval()(input_ids=ids).logits, atol=1e-5)
+    # several processes: the stage starts 2 under torchrun (CPU, gloo), FSDP-sharded, LoRA still on
+    rounds.write_params(ws, load_config(None, {**FAST, "models.policy": str(tiny_model_dir), "ppo.lora_rank": 4,
+                                               "ppo.steps": 4, "ppo.processes": 2, "ppo.fsdp": True}))
+    out = versioning.dvc(ws, "repro").stdout
+    assert "PPO on 2 processes (FSDP, CPU)" in out and "Running stage 'evaluate'" in out
+    ppo_run = mlflow.search_runs(experiment_names=["rlhf"], filter_string="tags.stage = 'train_policy'",
+                                 order_by=["attributes.start_time DESC"], output_format="list")[0]
+    assert ppo_run.data.params["ppo.processes"] == "2" and ppo_run.data.params["ppo.fsdp"] == "True"
+    steps = MlflowClient().get_metric_history(ppo_run.info.run_id, "objective/scores")
+    assert sorted(m.step for m in steps) == [1, 2, 3, 4]  # logged once, by the first process
+    assert (ws.policy_model / "lora" / "adapter_config.json").is_file()
+    trained, base = load_file(ws.policy_model / "model.safetensors"), load_file(ws.base_model / "model.safetensors")
+    assert any(not torch.equal(trained[k], base[k]) for k in base)  # the merged adapters moved the weights
 
 
 def test_gold_judge_and_simulated_annotator():

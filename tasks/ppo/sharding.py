@@ -89,6 +89,11 @@ def full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple
     return model_state, get_optimizer_state_dict(model, optimizer, options=_FULL)
 
 
+def full_model_state_dict(model: nn.Module) -> dict:
+    """The model's whole state dict on the CPU of the first process (every process must call it)."""
+    return get_model_state_dict(model, options=_FULL)
+
+
 def load_full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
                          optimizer_state: dict) -> None:
     """The inverse: the first process passes whole state dicts, the others empty ones."""

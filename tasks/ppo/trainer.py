@@ -78,6 +78,10 @@ class PPOConfig:
     """LoRA rank of the policy's adapters, for models too large to train whole (reference = adapters off); 0 = off"""
     lora_alpha: float = 16.0
     """LoRA scale numerator: the adapters' update is scaled by lora_alpha / lora_rank"""
+    processes: int = 1
+    """processes the train_policy stage runs PPO on, one per GPU (CPU processes without one); each its own batch"""
+    fsdp: bool = False
+    """shard policy, reference and reward model over the processes (FSDP) instead of a whole copy each (DDP)"""
 
     def __post_init__(self):
         positive = ["steps", "batch_size", "minibatches", "epochs", "lr", "max_new_tokens", "temperature",
@@ -96,6 +100,10 @@ class PPOConfig:
             raise ValueError("ppo.kl_coef, ppo.vf_coef, ppo.checkpoint_every and ppo.lora_rank must be >= 0")
         if not self.lora_alpha > 0:
             raise ValueError(f"ppo.lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if not self.processes >= 1:
+            raise ValueError(f"ppo.processes must be >= 1, got {self.processes!r}")
+        if self.fsdp and self.processes < 2:
+            raise ValueError("ppo.fsdp shards the models over ppo.processes: set ppo.processes to 2 or more")
         if self.generation not in ("auto", "static", "dynamic"):
             raise ValueError(f"ppo.generation must be 'auto', 'static' or 'dynamic', got {self.generation!r}")
 
