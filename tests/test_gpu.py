@@ -110,3 +110,24 @@ def test_fsdp_on_the_gpu_gathers_for_the_graph_decoder_and_trains(tmp_path):
     result = json.loads(out.read_text())
     assert result["sharded"] and result["graph"] and result["weights_changed"]
     assert all(torch.isfinite(torch.tensor(result["scores"])))
+
+
+def test_padded_head_on_the_gpu_matches_the_plain_head_in_bf16():
+    """The aligned LM head of the scoring and update passes: same logits and gradients as cuBLAS's
+    unaligned path, to bf16's rounding."""
+    from tasks.ppo.rollout import pad_lm_head
+
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(CFG, dtype=torch.bfloat16).cuda().eval()
+    padded = AutoModelForCausalLM.from_config(CFG, dtype=torch.bfloat16).cuda().eval()
+    padded.load_state_dict(plain.state_dict())
+    assert pad_lm_head(padded)
+    ids, mask = prompts(16, 40)
+    a = padded(input_ids=ids, attention_mask=mask, logits_to_keep=20).logits
+    b = plain(input_ids=ids, attention_mask=mask, logits_to_keep=20).logits
+    assert a.shape == b.shape == (16, 20, CFG.vocab_size)
+    assert torch.allclose(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+    a.float().logsumexp(-1).sum().backward()
+    b.float().logsumexp(-1).sum().backward()
+    ga, gb = padded.lm_head.weight.grad.float(), plain.lm_head.weight.grad.float()
+    assert (ga - gb).norm() / gb.norm() < 2e-2
