@@ -131,3 +131,21 @@ def test_padded_head_on_the_gpu_matches_the_plain_head_in_bf16():
     b.float().logsumexp(-1).sum().backward()
     ga, gb = padded.lm_head.weight.grad.float(), plain.lm_head.weight.grad.float()
     assert (ga - gb).norm() / gb.norm() < 2e-2
+
+
+def test_graph_decoder_runs_a_lora_policy_as_eager_steps_do():
+    """LoRA layers inside the captured decode step: the same samples as eager steps."""
+    from tasks.ppo.lora import add_lora
+
+    torch.manual_seed(0)
+    lm = add_lora(AutoModelForCausalLM.from_config(CFG), rank=4, alpha=8).cuda().eval()
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if ".lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.05)  # adapters that change the output
+    ids, mask = prompts(8, 16)
+    graph = static_decode.StaticDecoder(lm, 8, 16, 20, use_graph=True)
+    eager = static_decode.StaticDecoder(lm, 8, 16, 20, use_graph=False)
+    a = graph.sample(ids, mask, 1.0, -1, 0, torch.Generator("cuda").manual_seed(0))
+    b = eager.sample(ids, mask, 1.0, -1, 0, torch.Generator("cuda").manual_seed(0))
+    assert graph.graph is not None and torch.equal(a, b)
