@@ -17,10 +17,9 @@ import torch
 
 from tasks import scenario, tracking
 from tasks.config import PipelineConfig
-from tasks.modeling import generate_texts, load_policy, load_reward, load_tokenizer
+from tasks.modeling import generate_texts, load_policy, load_reward, load_tokenizer, score_texts
 from tasks.ppo.core import logprobs_from_logits, response_mask
 from tasks.stage import stage_main
-from tasks.train_reward import score_texts
 from tasks.workspace import RoundState, Workspace
 
 

@@ -88,3 +88,22 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, te
         out = truncate_after_eos(out, tokenizer.eos_token_id, tokenizer.pad_token_id)
         texts += tokenizer.batch_decode(out, skip_special_tokens=True)
     return texts
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 64) -> torch.Tensor:
+    """Reward of prompt + response + EOS (as RewardTrainer saw them in training), (N,).
+
+    The batch is left-padded, so position ids come from the attention mask: without them a text's
+    positions shift with the longest text beside it, and so does its score (measured: 0.70 alone,
+    -1.02 beside a longer text, same model and text).
+    """
+    model.eval()
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        texts = [p + r + tokenizer.eos_token for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+        enc = tokenizer(texts, return_tensors="pt", padding=True)
+        position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        out.append(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                         position_ids=position_ids).logits[:, 0].float())
+    return torch.cat(out) if out else torch.zeros(0)

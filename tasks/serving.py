@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import mlflow
 import pandas as pd
-import torch
 
 
 class HFModel(mlflow.pyfunc.PythonModel):
@@ -34,11 +33,11 @@ class HFModel(mlflow.pyfunc.PythonModel):
                                        int(params.get("max_new_tokens", 32)),
                                        float(params.get("temperature", 1.0)), int(params.get("seed", 0)))
             return [p + r for p, r in zip(prompts, responses)]
+        from tasks.modeling import score_texts  # left-padded batch, positions from the mask
+
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        texts = [p + r + self.tokenizer.eos_token for p, r in zip(frame["prompt"], frame["response"])]
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True)
-        with torch.no_grad():
-            return self.model(**enc).logits[:, 0].tolist()
+        return score_texts(self.model, self.tokenizer, [str(p) for p in frame["prompt"]],
+                           [str(r) for r in frame["response"]]).tolist()
 
 
 def _column(model_input, name: str) -> list[str]:

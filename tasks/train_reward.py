@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 
 from tasks import tracking
 from tasks.config import PipelineConfig
-from tasks.modeling import load_reward, load_tokenizer, pair_token_length, save
+from tasks.modeling import load_reward, load_tokenizer, pair_token_length, save, score_texts
 from tasks.stage import StageError, stage_main
 from tasks.workspace import RoundState, Workspace
 
@@ -34,18 +34,6 @@ def split(records: list[dict], eval_fraction: float) -> tuple[list[dict], list[d
     for r in records:
         (held_out if int(r["id"][:8], 16) % 1000 < eval_fraction * 1000 else train).append(r)
     return train, held_out
-
-
-@torch.no_grad()
-def score_texts(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 64) -> torch.Tensor:
-    """Reward of prompt + response + EOS (as RewardTrainer saw them in training), (N,)."""
-    model.eval()
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        texts = [p + r + tokenizer.eos_token for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
-        enc = tokenizer(texts, return_tensors="pt", padding=True)
-        out.append(model(**enc).logits[:, 0].float())
-    return torch.cat(out) if out else torch.zeros(0)
 
 
 def calibration(r_c: torch.Tensor, r_r: torch.Tensor, buckets: int = 4) -> list[dict]:

@@ -6,7 +6,7 @@ from tasks import scenario
 from tasks.config import load_config
 from tasks.modeling import generate_texts, load_policy, load_reward, load_tokenizer
 from tasks.ppo import core, lora, static_decode
-from tasks.ppo.rollout import PaddedHead, PolicyWithValue, pad_lm_head, response_forward, sample
+from tasks.ppo.rollout import PaddedHead, PolicyWithValue, pad_lm_head, response_forward, reward_scores, sample
 from tasks.ppo.trainer import PPOConfig, PPOTrainer
 from tasks.train_policy import build_trainer
 
@@ -310,3 +310,22 @@ def test_pipeline_lora_saves_merged_weights_and_continues_its_adapters(tiny_mode
     # and without LoRA nothing changes: the round's policy, the base beside it
     lm4, ref4 = build_policy(str(tmp_path / "round1"), str(base), 0, 8.0)
     assert not lora.is_lora(lm4) and ref4 is not None
+
+
+def test_reward_scores_do_not_depend_on_the_texts_beside_them(tiny_model_dir, tiny_reward_dir):
+    """Evaluation, reward accuracy and serving score left-padded batches: a text's score must be
+    its own, whatever else is in the batch (positions from the attention mask)."""
+    from tasks.modeling import score_texts
+
+    tok = load_tokenizer(tiny_model_dir)
+    rm = load_reward(tiny_reward_dir, tok.pad_token_id)
+    alone = score_texts(rm, tok, ["the ceo said"], [" they were ready ."])
+    beside = score_texts(rm, tok, ["the ceo said", "the nurse said"],
+                         [" they were ready .", " she was late because the bus was late and the weather was bad ."])
+    assert torch.allclose(alone, beside[:1], atol=1e-5)
+    # and the score is the one the PPO reward pass reads (its own left padding and positions)
+    enc = tok(["the ceo said"], return_tensors="pt")
+    resp = tok([" they were ready ."], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    resp = torch.cat([resp, torch.tensor([[tok.eos_token_id]])], 1)
+    rollout_score = reward_scores(rm, enc["input_ids"], enc["attention_mask"], resp, torch.ones_like(resp))
+    assert torch.allclose(alone, rollout_score, atol=1e-5)
