@@ -107,20 +107,20 @@ def _two_processes(model_dir, out, *args):
 def test_ppo_on_two_processes_ddp_and_fsdp(tiny_model_dir, tmp_path):
     """accelerate on 2 CPU processes (gloo). DDP: each process rolls out its own batch, the weights
     stay identical on both and do change. FSDP: the models are sharded, and the run ends where the
-    DDP run ends (the same batches, the same averaged gradients); a sharded run killed after 2 steps
-    resumes from its checkpoint to the same weights as a straight one."""
+    DDP run ends (the same batches, the same averaged gradients); a sharded run killed in step 3
+    resumes from step 2's checkpoint to the same weights as the straight one."""
     ddp, ddp_weights = _two_processes(tiny_model_dir, tmp_path / "ddp.json")
     assert ddp["processes"] == 2 and ddp["backend"] == "DistributedType.MULTI_CPU" and not ddp["sharded"]
     assert ddp["weights_in_sync"] and ddp["weights_changed"] and ddp["own_samples"]
     assert len(ddp["kl_coef"]) == 3
-    fsdp, fsdp_weights = _two_processes(tiny_model_dir, tmp_path / "fsdp.json", "--fsdp")
+    # checkpoints every 2 steps: after 3 its folder holds step 2's, what a run killed in step 3 leaves
+    fsdp, fsdp_weights = _two_processes(tiny_model_dir, tmp_path / "fsdp.json", "--fsdp",
+                                        "--checkpoint-dir", str(tmp_path / "ckpt"))
     assert fsdp["sharded"] and fsdp["weights_changed"]
     assert fsdp["scores"] == pytest.approx(ddp["scores"], abs=1e-4)
     assert fsdp_weights.keys() >= {k for k in ddp_weights if k != "lm.lm_head.weight"}
     for k, v in ddp_weights.items():
         assert torch.allclose(fsdp_weights[k], v, atol=1e-5), k
-    _two_processes(tiny_model_dir, tmp_path / "killed.json", "--fsdp", "--steps", "2",
-                   "--checkpoint-dir", str(tmp_path / "ckpt"))
     resumed, resumed_weights = _two_processes(tiny_model_dir, tmp_path / "resumed.json", "--fsdp", "--steps", "3",
                                               "--checkpoint-dir", str(tmp_path / "ckpt"))
     assert resumed["steps"] == [1, 2, 3] and resumed["scores"] == pytest.approx(fsdp["scores"], abs=1e-6)

@@ -1,7 +1,6 @@
 """Stages without Prefect: `dvc repro` runs the whole pipeline, here on a user's own model folder."""
 import json
 import random
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -9,7 +8,7 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from tasks import rounds, scenario, tracking, versioning
+from tasks import rounds, scenario, versioning
 from tasks.config import load_config
 from tasks.modeling import load_policy
 from tasks.ppo import lora
@@ -45,37 +44,30 @@ def test_dvc_repro_runs_every_stage_on_a_users_model(tiny_model_dir, tmp_path):
     assert "dvc.lock" in {p.name for p in ws.root.iterdir()}
     # a second repro with nothing changed does nothing
     assert "Running stage" not in versioning.dvc(ws, "repro").stdout
-    # LoRA: only PPO and what follows it run again, with adapters on the base and the base as reference
-    rounds.write_params(ws, load_config(None, {**FAST, "models.policy": str(tiny_model_dir), "ppo.lora_rank": 4,
-                                                         "ppo.steps": 6}))
-    out = versioning.dvc(ws, "repro").stdout
-    assert "Running stage 'train_policy'" in out and "Running stage 'train_reward'" not in out
-    ppo_runs = mlflow.search_runs(experiment_names=["rlhf"], filter_string="tags.stage = 'train_policy'",
-                                  order_by=["attributes.start_time DESC"], output_format="list")
-    assert ppo_runs[0].data.params["ppo.reference"] == "base model, adapters off"
-    assert ppo_runs[1].data.params["ppo.reference"] == "base model"
-    # the candidate went to the registry with its adapters; the next round continues them from there
-    candidate = tracking.resolve_model(ws, "models:/rlhf-policy@challenger")
-    assert (Path(candidate) / "lora" / "adapter_config.json").is_file()
-    lm, ref = build_policy(candidate, str(ws.base_model), 4, FAST.get("ppo.lora_alpha", 16.0))
-    assert ref is None and lora.is_lora(lm)
-    merged = load_policy(candidate)
-    ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.allclose(lm.eval()(input_ids=ids).logits, merged.eval()(input_ids=ids).logits, atol=1e-5)
-    # several processes: the stage starts 2 under torchrun (CPU, gloo), FSDP-sharded, LoRA still on
+    # LoRA on 2 processes, FSDP-sharded (PPO alone: its upstream is unchanged): the stage starts itself
+    # twice under torchrun (CPU, gloo), adapters on the base, the base (adapters off) as reference
     rounds.write_params(ws, load_config(None, {**FAST, "models.policy": str(tiny_model_dir), "ppo.lora_rank": 4,
                                                "ppo.steps": 4, "ppo.processes": 2, "ppo.fsdp": True}))
-    out = versioning.dvc(ws, "repro").stdout
-    assert "PPO on 2 processes (FSDP, CPU)" in out and "Running stage 'evaluate'" in out
-    ppo_run = mlflow.search_runs(experiment_names=["rlhf"], filter_string="tags.stage = 'train_policy'",
-                                 order_by=["attributes.start_time DESC"], output_format="list")[0]
-    assert ppo_run.data.params["ppo.processes"] == "2" and ppo_run.data.params["ppo.fsdp"] == "True"
-    steps = MlflowClient().get_metric_history(ppo_run.info.run_id, "objective/scores")
+    out = versioning.dvc(ws, "repro", "train_policy").stdout
+    assert "PPO on 2 processes (FSDP, CPU)" in out and "Running stage 'train_reward'" not in out
+    ppo_runs = mlflow.search_runs(experiment_names=["rlhf"], filter_string="tags.stage = 'train_policy'",
+                                  order_by=["attributes.start_time DESC"], output_format="list")
+    params = ppo_runs[0].data.params
+    assert params["ppo.reference"] == "base model, adapters off" and ppo_runs[1].data.params["ppo.reference"] == "base model"
+    assert params["ppo.processes"] == "2" and params["ppo.fsdp"] == "True"
+    steps = MlflowClient().get_metric_history(ppo_runs[0].info.run_id, "objective/scores")
     assert sorted(m.step for m in steps) == [1, 2, 3, 4]  # logged once, by the first process
-    assert (ws.policy_model / "lora" / "adapter_config.json").is_file()
     trained, base = load_file(ws.policy_model / "model.safetensors"), load_file(ws.base_model / "model.safetensors")
     assert any(not torch.equal(trained[k], base[k]) for k in base)  # the merged adapters moved the weights
+    # the round's policy holds its adapters (promote logs this folder whole); the next round continues them
+    candidate = str(ws.policy_model)
+    assert (ws.policy_model / "lora" / "adapter_config.json").is_file()
+    lm, ref = build_policy(candidate, str(ws.base_model), 4, 16.0)  # rank 4, lora_alpha as configured
+    assert ref is None and lora.is_lora(lm)
+    ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merged = load_policy(candidate).eval()(input_ids=ids).logits
+        assert torch.allclose(lm.eval()(input_ids=ids).logits, merged, atol=1e-5)
 
 
 def test_gold_judge_and_simulated_annotator():
