@@ -51,10 +51,6 @@ def shard(model: nn.Module, device_type: str, world_size: int, inner: tuple[nn.M
     fully_shard(model, mesh=mesh)
 
 
-def is_sharded(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
-
-
 @contextlib.contextmanager
 def unsharded(model: nn.Module):
     """Whole weights in every module of `model` for the duration (a rollout), sharded again after."""
