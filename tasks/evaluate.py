@@ -19,6 +19,7 @@ from tasks import scenario, tracking
 from tasks.config import PipelineConfig
 from tasks.modeling import generate_texts, load_policy, load_reward, load_tokenizer, score_texts
 from tasks.ppo.core import logprobs_from_logits, response_mask
+from tasks.ppo.rollout import position_ids_from_mask
 from tasks.stage import stage_main
 from tasks.workspace import RoundState, Workspace
 
@@ -55,7 +56,7 @@ def sequence_logprobs(model, tokenizer, prompts: list[str], responses: list[str]
         mask = response_mask(resp, tokenizer.eos_token_id)
         ids = torch.cat([p_enc["input_ids"], resp], 1)
         att = torch.cat([p_enc["attention_mask"], mask.long()], 1)
-        pos = (att.cumsum(-1) - 1).clamp(min=0)
+        pos = position_ids_from_mask(att)
         logits = model(input_ids=ids, attention_mask=att, position_ids=pos).logits[:, p_enc["input_ids"].shape[1] - 1:-1]
         lp = logprobs_from_logits(logits, resp) * mask
         totals.append(lp.sum(1))

@@ -98,12 +98,13 @@ def score_texts(model, tokenizer, prompts: list[str], responses: list[str], batc
     positions shift with the longest text beside it, and so does its score (measured: 0.70 alone,
     -1.02 beside a longer text, same model and text).
     """
+    from tasks.ppo.rollout import position_ids_from_mask
+
     model.eval()
     out = []
     for i in range(0, len(prompts), batch_size):
         texts = [p + r + tokenizer.eos_token for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
         enc = tokenizer(texts, return_tensors="pt", padding=True)
-        position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         out.append(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                         position_ids=position_ids).logits[:, 0].float())
+                         position_ids=position_ids_from_mask(enc["attention_mask"])).logits[:, 0].float())
     return torch.cat(out) if out else torch.zeros(0)

@@ -17,6 +17,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from tasks import scenario, tracking
 from tasks.config import PipelineConfig, PretrainConfig
 from tasks.modeling import load_policy, load_tokenizer, save
+from tasks.ppo.rollout import position_ids_from_mask
 from tasks.stage import stage_main
 from tasks.workspace import RoundState, Workspace
 
@@ -48,7 +49,7 @@ def train_model(tokenizer, lines: list[str], cfg: PretrainConfig, seed: int) -> 
     for _ in range(cfg.steps):
         idx = torch.randint(0, len(ids), (cfg.batch_size,), generator=gen)
         batch_ids, batch_mask = ids[idx], mask[idx]
-        position_ids = (batch_mask.cumsum(-1) - 1).clamp(min=0)
+        position_ids = position_ids_from_mask(batch_mask)
         labels = batch_ids.masked_fill(batch_mask == 0, -100)
         loss = model(input_ids=batch_ids, attention_mask=batch_mask, position_ids=position_ids, labels=labels).loss
         opt.zero_grad(set_to_none=True)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.ppo.rollout import sample_token
+from tasks.ppo.rollout import position_ids_from_mask, sample_token
 
 
 def supports(lm: nn.Module) -> bool:
@@ -114,7 +114,7 @@ class StaticDecoder:
         """All prompt tokens at once; fills cache columns [0, P) and returns the next-token logits."""
         P = self.P
         real = prompt_mask.bool()
-        pos = (real.long().cumsum(-1) - 1).clamp(min=0)
+        pos = position_ids_from_mask(real)
         causal = torch.ones(P, P, dtype=torch.bool, device=real.device).tril()
         attn_mask = causal[None, None] & real[:, None, None, :]  # (B, 1, P, P)
         # a left-padding row attends to nothing; let it see itself so softmax stays finite (ignored)
