@@ -75,7 +75,7 @@ def full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple
     Every process must call it (it gathers). Tensors that share storage (tied embeddings) are
     cloned apart so safetensors can write them.
     """
-    model_state = get_model_state_dict(model, options=_FULL)
+    model_state = full_model_state_dict(model)
     seen = set()
     for key, tensor in model_state.items():
         ptr = tensor.untyped_storage().data_ptr()
