@@ -16,6 +16,7 @@ The first process logs into the stage's MLflow run and saves the policy.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -45,9 +46,15 @@ def weights_fingerprint(ref: str | Path) -> str | None:
     files = sorted(Path(ref).glob("*.safetensors")) if Path(ref).is_dir() else []
     if not files:
         return None
+    return _sha256(tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=None)  # a stage reads the base's up to three times: hash its gigabytes once
+def _sha256(files: tuple[tuple[str, int, int], ...]) -> str:
+    """Keyed by path, size and modification time: a rewritten file is hashed anew."""
     digest = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
+    for path, _, _ in files:
+        with open(path, "rb") as fh:
             while chunk := fh.read(1 << 24):
                 digest.update(chunk)
     return digest.hexdigest()
