@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from tasks import scenario
 from tasks.modeling import load_policy, load_reward, load_tokenizer
+from tasks.ppo import lora
 from tasks.ppo.rollout import PolicyWithValue
 from tasks.ppo.trainer import PPOConfig, PPOTrainer
 
@@ -20,6 +21,8 @@ p.add_argument("--fsdp", action="store_true")
 p.add_argument("--steps", type=int, default=3)
 p.add_argument("--checkpoint-dir", default=None)
 p.add_argument("--cuda", action="store_true", help="on the GPUs (tests/test_gpu.py); default: CPU processes")
+p.add_argument("--lora-resume", default=None, metavar="DIR",
+               help="then, with --fsdp: a LoRA run checkpointing into DIR, killed after step 2 and resumed")
 a = p.parse_args()
 
 accelerator = Accelerator(cpu=not a.cuda)
@@ -57,4 +60,38 @@ if not a.fsdp and accelerator.num_processes > 1:  # DDP: every process holds the
         result = json.load(open(a.out))
         result.update(weights_in_sync=bool(torch.equal(everyone[0], everyone[1])),
                       own_samples=bool(not torch.equal(samples[0], samples[1])))
+        json.dump(result, open(a.out, "w"))
+
+if a.lora_resume:
+    # A sharded LoRA run of 3 steps that checkpoints at step 2, then a new run from that checkpoint
+    # (what a run killed in step 3 leaves): the checkpoint holds the adapters and the value head
+    # only, and the resumed run ends on the same weights.
+    def lora_trainer():
+        cfg = PPOConfig(steps=3, batch_size=16, minibatches=2, epochs=2, checkpoint_every=2)
+        lm = lora.add_lora(load_policy(a.model_dir), rank=4, alpha=8)
+        torch.manual_seed(1)  # the reward head, the same on every process and in both runs
+        lora_reward = load_reward(a.model_dir, tok.pad_token_id).to(accelerator.device)  # each trainer shards its own
+        return PPOTrainer(PolicyWithValue(lm).to(accelerator.device), None, lora_reward, prompts, tok.eos_token_id,
+                          tok.pad_token_id, cfg, seed=0, accelerator=accelerator, fsdp=True,
+                          checkpoint_dir=a.lora_resume)
+
+    from safetensors.torch import load_file
+
+    from tasks.ppo import sharding
+
+    straight = lora_trainer()
+    straight.train()
+    trainable = {n for n, p in straight.policy.named_parameters() if p.requires_grad}
+    saved = set(load_file(f"{a.lora_resume}/policy.safetensors")) if accelerator.is_main_process else set()
+    straight_weights = sharding.full_model_state_dict(straight.policy)
+    resumed, steps_run = lora_trainer(), []
+    resumed.train(on_step=lambda m: steps_run.append(m["step"]))
+    resumed_weights = sharding.full_model_state_dict(resumed.policy)
+    if accelerator.is_main_process:
+        result = json.load(open(a.out))
+        result.update(lora_checkpoint_trainable_only=saved == trainable,
+                      lora_resumed_steps=steps_run,
+                      lora_resumed_equal=all(torch.equal(v, resumed_weights[k]) for k, v in straight_weights.items()),
+                      lora_adapters_moved=any(".lora_B" in k and bool(v.abs().sum() > 0)
+                                              for k, v in straight_weights.items()))
         json.dump(result, open(a.out, "w"))

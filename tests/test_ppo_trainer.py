@@ -1,6 +1,7 @@
 """The PPO loop on a tiny model: it learns, stays near the reference, and resumes exactly."""
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tasks import scenario
 from tasks.config import load_config
@@ -93,8 +94,6 @@ def _two_processes(model_dir, out, *args):
     import sys
     from pathlib import Path
 
-    from safetensors.torch import load_file
-
     worker = Path(__file__).with_name("ppo_ddp_worker.py")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(worker), str(model_dir), "--out", str(out), *args],
@@ -108,7 +107,8 @@ def test_ppo_on_two_processes_ddp_and_fsdp(tiny_model_dir, tmp_path):
     """accelerate on 2 CPU processes (gloo). DDP: each process rolls out its own batch, the weights
     stay identical on both and do change. FSDP: the models are sharded, and the run ends where the
     DDP run ends (the same batches, the same averaged gradients); a sharded run killed in step 3
-    resumes from step 2's checkpoint to the same weights as the straight one."""
+    resumes from step 2's checkpoint to the same weights as the straight one, and so does a sharded
+    LoRA run from its adapters-only checkpoint."""
     ddp, ddp_weights = _two_processes(tiny_model_dir, tmp_path / "ddp.json")
     assert ddp["processes"] == 2 and ddp["backend"] == "DistributedType.MULTI_CPU" and not ddp["sharded"]
     assert ddp["weights_in_sync"] and ddp["weights_changed"] and ddp["own_samples"]
@@ -122,10 +122,14 @@ def test_ppo_on_two_processes_ddp_and_fsdp(tiny_model_dir, tmp_path):
     for k, v in ddp_weights.items():
         assert torch.allclose(fsdp_weights[k], v, atol=1e-5), k
     resumed, resumed_weights = _two_processes(tiny_model_dir, tmp_path / "resumed.json", "--fsdp", "--steps", "3",
-                                              "--checkpoint-dir", str(tmp_path / "ckpt"))
+                                              "--checkpoint-dir", str(tmp_path / "ckpt"),
+                                              "--lora-resume", str(tmp_path / "lora-ckpt"))
     assert resumed["steps"] == [1, 2, 3] and resumed["scores"] == pytest.approx(fsdp["scores"], abs=1e-6)
     for k, v in fsdp_weights.items():
         assert torch.equal(resumed_weights[k], v), k
+    # the same with a sharded LoRA policy: its checkpoint holds the adapters and value head only
+    assert resumed["lora_checkpoint_trainable_only"] and resumed["lora_adapters_moved"]
+    assert resumed["lora_resumed_steps"] == [3] and resumed["lora_resumed_equal"]
 
 
 def _two_prompts(tok):
@@ -192,9 +196,9 @@ def test_ppo_uses_the_static_decoder_for_gpt2_and_can_be_told_not_to(tiny_model_
 
 
 # ---- LoRA: adapters train, the base stays, the reference is the base with adapters off ---------
-def _lora_trainer(tiny_model_dir, tiny_reward_dir, **overrides):
+def _lora_trainer(tiny_model_dir, tiny_reward_dir, rank=4, **overrides):
     tok = load_tokenizer(tiny_model_dir)
-    policy = PolicyWithValue(lora.add_lora(load_policy(tiny_model_dir), rank=4, alpha=8))
+    policy = PolicyWithValue(lora.add_lora(load_policy(tiny_model_dir), rank=rank, alpha=8))
     cfg = PPOConfig(**{**dict(steps=3, batch_size=16, minibatches=2, epochs=2, checkpoint_every=0), **overrides})
     prompts = [tok(p)["input_ids"] for p in scenario.feedback_prompts()]
     return PPOTrainer(policy, None, load_reward(tiny_reward_dir, tok.pad_token_id), prompts, tok.eos_token_id,
@@ -233,17 +237,33 @@ def test_lora_policy_trains_its_adapters_against_itself_with_adapters_off(tiny_m
 
 
 def test_lora_run_resumes_with_identical_results(tiny_model_dir, tiny_reward_dir, tmp_path):
+    """A LoRA checkpoint holds the adapters and the value head only (the base is read from its own
+    folder again), and resumes to the straight run's weights."""
     straight = _lora_trainer(tiny_model_dir, tiny_reward_dir, steps=4)
     straight.train()
     first = _lora_trainer(tiny_model_dir, tiny_reward_dir, steps=2, checkpoint_every=2)
     first.checkpoint_dir = tmp_path
     first.train()
+    saved = load_file(str(tmp_path / "policy.safetensors"))
+    trainable = {n for n, p in first.policy.named_parameters() if p.requires_grad}
+    assert set(saved) == trainable
+    assert sum(t.numel() for t in saved.values()) < 0.2 * sum(p.numel() for p in first.policy.parameters())
     resumed = _lora_trainer(tiny_model_dir, tiny_reward_dir, steps=4, checkpoint_every=2)
     resumed.checkpoint_dir = tmp_path
     resumed.train()
     assert resumed.step == 4
     for a, b in zip(straight.policy.state_dict().values(), resumed.policy.state_dict().values()):
         assert torch.equal(a, b)
+    # adapters of another rank do not fit this policy: a clear error, not a silent partial load
+    other = _lora_trainer(tiny_model_dir, tiny_reward_dir, rank=2, steps=4, checkpoint_every=2)
+    with pytest.raises((ValueError, RuntimeError), match="size mismatch|does not hold"):
+        other.load_checkpoint(tmp_path)
+    # nor do a full policy's weights (a checkpoint of a run without LoRA in the same folder)
+    full, _ = make_trainer(tiny_model_dir, tiny_reward_dir, tmp_path / "full", steps=1, checkpoint_every=1,
+                           batch_size=16)
+    full.train()
+    with pytest.raises(ValueError, match="does not hold this LoRA policy's trainable weights"):
+        _lora_trainer(tiny_model_dir, tiny_reward_dir, steps=2).load_checkpoint(tmp_path / "full")
 
 
 def test_no_reference_model_needs_a_lora_policy(tiny_model_dir, tiny_reward_dir):

@@ -91,8 +91,9 @@ def full_model_state_dict(model: nn.Module) -> dict:
 
 
 def load_full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
-                         optimizer_state: dict) -> None:
-    """The inverse: the first process passes whole state dicts, the others empty ones."""
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+                         optimizer_state: dict, strict: bool = True) -> None:
+    """The inverse: the first process passes whole state dicts, the others empty ones. strict=False:
+    `model_state` may hold only some of the weights (a LoRA policy's adapters); the rest stay."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=strict)
     set_model_state_dict(model, model_state, options=options)
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)

@@ -370,21 +370,33 @@ class PPOTrainer:
     def _state_name(self) -> str:  # optimizer and RNG states differ per process
         return "trainer.pt" if self.accelerator is None else f"trainer-rank{self.accelerator.process_index}.pt"
 
+    def _trainable_names(self) -> set[str]:
+        return {n for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+
     def save_checkpoint(self, folder: str | Path) -> None:
+        """Weights to policy.safetensors (with LoRA only the adapters and the value head: the base
+        never changes and is read again from its own folder), the rest to trainer[-rankN].pt."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        lora_only = lora.is_lora(self.unwrapped.lm)
         if self.fsdp:  # every process takes part in gathering the shards; the first one writes them
             from tasks.ppo import sharding
 
             weights, optimizer = sharding.full_state_dict(self.policy, self.optimizer)
         else:
             weights, optimizer = None, self.optimizer.state_dict()
+            if lora_only:
+                weights = dict(self.unwrapped.named_parameters())
+        if lora_only:
+            trainable = self._trainable_names()
+            weights = {k: v for k, v in weights.items() if k in trainable}
         if self._is_main:
             tmp = folder / "policy.safetensors.tmp"
             if weights is None:
                 save_model(self.unwrapped, str(tmp))  # handles the tied embedding / LM-head weights
             else:
-                save_file(weights, str(tmp))
+                save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp),
+                          metadata={"contents": "trainable" if lora_only else "all"})
             tmp.replace(folder / "policy.safetensors")
         state = {
             "step": self.step, "optimizer": optimizer, "kl_ctl": self.kl_ctl.state_dict(),
@@ -399,13 +411,28 @@ class PPOTrainer:
     def load_checkpoint(self, folder: str | Path) -> None:
         folder = Path(folder)
         state = torch.load(folder / self._state_name, weights_only=True)
+        path = folder / "policy.safetensors"
+        lora_only = lora.is_lora(self.unwrapped.lm)
+        weights = {}
+        if lora_only and self._is_main:  # the adapters and the value head, over the base already loaded
+            weights = load_file(str(path))
+            trainable = self._trainable_names()
+            if set(weights) != trainable:
+                raise ValueError(f"{path} does not hold this LoRA policy's trainable weights "
+                                 f"({len(weights)} tensors, the policy trains {len(trainable)}; e.g. "
+                                 f"{sorted(set(weights) ^ trainable)[:3]}): a checkpoint of another rank or model")
         if self.fsdp:  # the first process reads the whole weights and sends each process its shards
             from tasks.ppo import sharding
 
-            weights = load_file(str(folder / "policy.safetensors")) if self._is_main else {}
-            sharding.load_full_state_dict(self.policy, self.optimizer, weights, state["optimizer"])
+            if not lora_only and self._is_main:
+                weights = load_file(str(path))
+            sharding.load_full_state_dict(self.policy, self.optimizer, weights, state["optimizer"],
+                                          strict=not lora_only)
         else:
-            load_model(self.unwrapped, str(folder / "policy.safetensors"), device=str(self.device))
+            if lora_only:
+                self.unwrapped.load_state_dict({k: v.to(self.device) for k, v in weights.items()}, strict=False)
+            else:
+                load_model(self.unwrapped, str(path), device=str(self.device))
             self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
         self.kl_ctl.load_state_dict(state["kl_ctl"])
