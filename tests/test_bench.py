@@ -1,0 +1,71 @@
+"""bench/ppo_throughput.py on CPU: it runs (full fine-tuning and LoRA), writes its JSON where told,
+and every malformed argument is a clear error. The figures themselves are measured, not tested."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "ppo_throughput.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("ppo_throughput", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_shape_runs_on_cpu_with_and_without_lora(bench, tmp_path, capsys):
+    for rank in (0, 4):
+        out = tmp_path / f"lora{rank}"
+        bench.main(["--shape", "tiny", "--no-reference", "--repeats", "1", "--json", "--lora", str(rank),
+                    "--out", str(out)])
+        printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert printed == json.loads((out / "ppo_throughput.json").read_text())
+        ours = printed["ours"]
+        assert printed["lora_rank"] == rank and printed["reference"] is None and printed["ratio"] is None
+        assert ("LoRA" in ours["system"]) == bool(rank)
+        assert ours["episodes_per_s"] > 0 and 0 < ours["gen_fraction"] < 1
+        # 32 prompts of batch 8: 4 steps of 8 episodes of 16 tokens each
+        assert ours["gen_tokens_per_s"] == pytest.approx(ours["episodes_per_s"] * 16, rel=0.01)
+
+
+def test_a_failing_reference_is_reported(bench, tmp_path):
+    broken = tmp_path / "broken.py"
+    broken.write_text("import sys\nprint('no json here')\nsys.exit(3)\n")
+    silent = tmp_path / "silent.py"
+    silent.write_text("print('no json here')\n")
+    common = ["--shape", "tiny", "--repeats", "1", "--out", str(tmp_path), "--reference-python", sys.executable]
+    with pytest.raises(SystemExit, match="the reference failed"):
+        bench.main([*common, "--reference-script", str(broken)])
+    with pytest.raises(SystemExit, match="printed no JSON line"):
+        bench.main([*common, "--reference-script", str(silent)])
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--lora", "-2"], "--lora must be a rank >= 0"),
+    (["--lora", "eight"], "invalid int value"),
+    (["--shape", "7b"], "invalid choice"),
+    (["--device", "tpu"], "invalid choice"),
+    ([], "pass --reference-python"),
+    (["--reference-python", "/no/such/python"], "no such interpreter"),
+    (["--reference-python", sys.executable, "--reference-script", "/no/such/script.py"], "not found"),
+    (["--out", __file__], "is a file, not a folder"),
+])
+def test_malformed_arguments_are_named(bench, args, expected, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--repeats", "1", *args] if args[:1] != ["--repeats"] else args)
+    assert exc.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_named(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cuda", "--no-reference"])
+    assert "no CUDA device here" in capsys.readouterr().err
