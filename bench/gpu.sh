@@ -30,9 +30,13 @@ run)
     python3 -m pytest -q -ra tests/test_gpu.py --noconftest -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.txt"
     for shape in 124m 355m; do
         python3 bench/ppo_throughput.py --shape "$shape" --device cuda --repeats 1 --reference-python /tmp/refpy \
-            --reference-script .whl/trl_ppo_reference.py | tee "$out/ppo_$shape.txt"
-        cp bench/results/ppo_throughput.json "$out/ppo_$shape.json"
+            --reference-script .whl/trl_ppo_reference.py --out /tmp/bench-$shape | tee "$out/ppo_$shape.txt"
+        cp /tmp/bench-$shape/ppo_throughput.json "$out/ppo_$shape.json"
     done
+    # LoRA's speed and memory beside the full fine-tuning above (ours alone: the reference has no LoRA run)
+    python3 bench/ppo_throughput.py --shape 355m --device cuda --repeats 1 --lora 16 --no-reference \
+        --out /tmp/bench-lora | tee "$out/ppo_355m_lora16.txt"
+    cp /tmp/bench-lora/ppo_throughput.json "$out/ppo_355m_lora16.json"
     ;;
 *)
     echo "usage: bench/gpu.sh fetch | run [OUT]" >&2
