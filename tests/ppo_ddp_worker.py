@@ -67,7 +67,8 @@ if a.lora_resume:
     # (what a run killed in step 3 leaves): the checkpoint holds the adapters and the value head
     # only, and the resumed run ends on the same weights.
     def lora_trainer():
-        cfg = PPOConfig(steps=3, batch_size=16, minibatches=2, epochs=2, checkpoint_every=2)
+        # the general sampler (HF's cache), which calls the LM before the policy: FSDP must know its root
+        cfg = PPOConfig(steps=3, batch_size=16, minibatches=2, epochs=2, checkpoint_every=2, generation="dynamic")
         lm = lora.add_lora(load_policy(a.model_dir), rank=4, alpha=8)
         torch.manual_seed(1)  # the reward head, the same on every process and in both runs
         lora_reward = load_reward(a.model_dir, tok.pad_token_id).to(accelerator.device)  # each trainer shards its own

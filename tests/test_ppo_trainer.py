@@ -349,3 +349,60 @@ def test_reward_scores_do_not_depend_on_the_texts_beside_them(tiny_model_dir, ti
     resp = torch.cat([resp, torch.tensor([[tok.eos_token_id]])], 1)
     rollout_score = reward_scores(rm, enc["input_ids"], enc["attention_mask"], resp, torch.ones_like(resp))
     assert torch.allclose(alone, rollout_score, atol=1e-5)
+
+
+# ---- other architectures: the general paths (HF's sampler and cache), Llama as the example ----
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tiny_model_dir, tmp_path_factory):
+    """A random tiny Llama (rotary positions, grouped-query attention, no biases) saved as a user's
+    folder, with the test tokenizer: the same from_pretrained path as any Hugging Face model."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tok = load_tokenizer(tiny_model_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_ppo_on_a_llama_policy_full_and_lora(tiny_llama_dir):
+    """Not GPT-2: generation takes HF's general sampler, the scoring pass matches a row-by-row
+    forward, the reward model's score is its own whatever the batch, and PPO trains whole or
+    with LoRA (the sharded case is in the two-process test)."""
+    from tasks.modeling import score_texts
+
+    tok = load_tokenizer(tiny_llama_dir)
+    lm = load_policy(tiny_llama_dir).eval()
+    assert not static_decode.supports(lm)
+    enc = tok(["the doctor said", "the ceo said that"], return_tensors="pt", padding=True)
+    responses = sample(lm, enc["input_ids"], enc["attention_mask"], 8, 1.0, tok.eos_token_id, tok.pad_token_id,
+                       torch.Generator().manual_seed(0))
+    mask = core.response_mask(core.truncate_after_eos(responses, tok.eos_token_id, tok.pad_token_id), tok.eos_token_id)
+    out = response_forward(PolicyWithValue(lm), enc["input_ids"], enc["attention_mask"], responses, mask, 1.0, True)
+    for i in range(2):
+        prompt = enc["input_ids"][i][enc["attention_mask"][i].bool()]
+        n = int(mask[i].sum())
+        logits = lm(input_ids=torch.cat([prompt, responses[i, :n]])[None]).logits[0, len(prompt) - 1:-1]
+        ref = torch.log_softmax(logits, -1).gather(-1, responses[i, :n, None]).squeeze(-1)
+        assert torch.allclose(out["logprobs"][i, :n], ref, atol=1e-5)
+    rm = load_reward(tiny_llama_dir, tok.pad_token_id).eval()
+    alone = score_texts(rm, tok, ["the ceo said"], [" they were ready ."])
+    beside = score_texts(rm, tok, ["the ceo said", "the nurse said"], [" they were ready .", " she was late " * 5])
+    assert torch.allclose(alone, beside[:1], atol=1e-5)
+    prompts = [tok(p)["input_ids"] for p in scenario.feedback_prompts()]
+    cfg = PPOConfig(steps=2, batch_size=16, minibatches=2, epochs=2, checkpoint_every=0)
+    for rank in (0, 4):
+        policy = load_policy(tiny_llama_dir)
+        ref_lm = load_policy(tiny_llama_dir) if rank == 0 else None
+        policy = PolicyWithValue(lora.add_lora(policy, rank, 8) if rank else policy)
+        trainer = PPOTrainer(policy, ref_lm, rm, prompts, tok.eos_token_id, tok.pad_token_id, cfg, seed=0)
+        before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+        history = trainer.train()
+        assert trainer.decoder is None and len(history) == 2
+        assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in history)
+        assert history[0]["objective/kl"] == pytest.approx(0, abs=1e-5)  # the first rollout: policy = reference
+        assert any(not torch.equal(p, before[n]) for n, p in policy.named_parameters() if n in before)

@@ -49,6 +49,10 @@ def shard(model: nn.Module, device_type: str, world_size: int, inner: tuple[nn.M
     for module in inner:
         fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    # FSDP takes the first unit whose forward runs for the root, and a rollout calls the policy's LM
+    # (HF's sampler; the LoRA reference) before the policy itself: declare the root now. Private
+    # in torch 2.13 (the step a root's first forward takes); no public call does it.
+    model._get_fsdp_state()._lazy_init()
 
 
 @contextlib.contextmanager
