@@ -6,6 +6,7 @@ import json
 
 import torch
 from accelerate import Accelerator
+from transformers import AutoModelForCausalLM, LlamaConfig
 from safetensors.torch import save_file
 
 from tasks import scenario
@@ -65,11 +66,15 @@ if not a.fsdp and accelerator.num_processes > 1:  # DDP: every process holds the
 if a.lora_resume:
     # A sharded LoRA run of 3 steps that checkpoints at step 2, then a new run from that checkpoint
     # (what a run killed in step 3 leaves): the checkpoint holds the adapters and the value head
-    # only, and the resumed run ends on the same weights.
+    # only, and the resumed run ends on the same weights. The policy is a Llama (not GPT-2: HF's
+    # general sampler, rotary positions, its own block class to shard).
     def lora_trainer():
         # the general sampler (HF's cache), which calls the LM before the policy: FSDP must know its root
         cfg = PPOConfig(steps=3, batch_size=16, minibatches=2, epochs=2, checkpoint_every=2, generation="dynamic")
-        lm = lora.add_lora(load_policy(a.model_dir), rank=4, alpha=8)
+        torch.manual_seed(2)  # the same random Llama on every process and in both runs
+        lm = lora.add_lora(AutoModelForCausalLM.from_config(LlamaConfig(
+            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)), rank=4, alpha=8)
         torch.manual_seed(1)  # the reward head, the same on every process and in both runs
         lora_reward = load_reward(a.model_dir, tok.pad_token_id).to(accelerator.device)  # each trainer shards its own
         return PPOTrainer(PolicyWithValue(lm).to(accelerator.device), None, lora_reward, prompts, tok.eos_token_id,

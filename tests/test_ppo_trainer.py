@@ -108,7 +108,7 @@ def test_ppo_on_two_processes_ddp_and_fsdp(tiny_model_dir, tmp_path):
     stay identical on both and do change. FSDP: the models are sharded, and the run ends where the
     DDP run ends (the same batches, the same averaged gradients); a sharded run killed in step 3
     resumes from step 2's checkpoint to the same weights as the straight one, and so does a sharded
-    LoRA run from its adapters-only checkpoint."""
+    LoRA Llama from its adapters-only checkpoint."""
     ddp, ddp_weights = _two_processes(tiny_model_dir, tmp_path / "ddp.json")
     assert ddp["processes"] == 2 and ddp["backend"] == "DistributedType.MULTI_CPU" and not ddp["sharded"]
     assert ddp["weights_in_sync"] and ddp["weights_changed"] and ddp["own_samples"]
@@ -127,7 +127,7 @@ def test_ppo_on_two_processes_ddp_and_fsdp(tiny_model_dir, tmp_path):
     assert resumed["steps"] == [1, 2, 3] and resumed["scores"] == pytest.approx(fsdp["scores"], abs=1e-6)
     for k, v in fsdp_weights.items():
         assert torch.equal(resumed_weights[k], v), k
-    # the same with a sharded LoRA policy: its checkpoint holds the adapters and value head only
+    # a sharded LoRA Llama (HF's sampler): its checkpoint holds the adapters and value head only
     assert resumed["lora_checkpoint_trainable_only"] and resumed["lora_adapters_moved"]
     assert resumed["lora_resumed_steps"] == [3] and resumed["lora_resumed_equal"]
 
@@ -372,7 +372,7 @@ def tiny_llama_dir(tiny_model_dir, tmp_path_factory):
 def test_ppo_on_a_llama_policy_full_and_lora(tiny_llama_dir):
     """Not GPT-2: generation takes HF's general sampler, the scoring pass matches a row-by-row
     forward, the reward model's score is its own whatever the batch, and PPO trains whole or
-    with LoRA (the sharded case is in the two-process test)."""
+    with LoRA (a sharded LoRA Llama is in the two-process test)."""
     from tasks.modeling import score_texts
 
     tok = load_tokenizer(tiny_llama_dir)
