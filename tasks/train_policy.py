@@ -123,12 +123,62 @@ def build_trainer(policy_ref: str, ref_ref: str, reward_ref: str, prompts: list[
 WORKER = "RLHF_PPO_WORKER"  # set in the processes the stage starts: the round's policy, resolved
 
 
+def resume_key(ws: Workspace, cfg: PipelineConfig, state: RoundState, policy_ref: str) -> dict:
+    """What a PPO checkpoint must share with this run to be resumed: every PPO setting but `steps`
+    and `checkpoint_every` (a resumed run may go longer, or save more often), the seed, and the
+    models it starts from (their weight files' sizes and modification times: rewritten is other)."""
+    def files(ref) -> list | str:
+        folder = Path(ref)
+        if not folder.is_dir():
+            return str(ref)  # a Hugging Face id
+        return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.glob("*.safetensors"))]
+
+    ppo = {k: v for k, v in vars(cfg.ppo).items() if k not in ("steps", "checkpoint_every")}
+    return json.loads(json.dumps({
+        "ppo": ppo, "seed": cfg.seed, "round": state.round,
+        "models": {"policy": files(policy_ref), "base": files(ws.base_model), "reward": files(ws.reward_model)},
+    }))
+
+
+def keep_matching_checkpoints(folder: Path, key: dict) -> None:
+    """Checkpoints in `folder` are resumed only by the run that wrote them: those of another run (a
+    setting or a model changed since the kill) are deleted, saying what changed, since resuming
+    them would silently continue the old run; then `key` is written there for the run to come."""
+    stamp = folder / "run.json"
+    if folder.exists():
+        try:
+            old = json.loads(stamp.read_text())
+        except (OSError, ValueError):
+            old = None  # no stamp (written before stamps existed, or cut off): not provably ours
+        if old != key:
+            now, then = _flatten(key), _flatten(old) if isinstance(old, dict) else {}
+            changed = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
+            why = f"{', '.join(changed)} changed" if then else "they have no readable run.json"
+            print(f"PPO checkpoints in {folder} belong to another run ({why}): deleted; "
+                  "this run starts from its first step", flush=True)
+            shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(key, indent=1, sort_keys=True))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """{"ppo": {"lr": 1e-4}} -> {"ppo.lr": 1e-4}"""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> list[dict] | None:
     checkpoint_dir = ws.root / ".cache" / "ppo-checkpoints" / f"round-{state.round}"
     if os.environ.get(WORKER):  # one of the processes started below
         return train(ws, cfg, state, os.environ[WORKER], checkpoint_dir)
     with tracking.stage_run(ws, cfg.project, "train_policy", state, data_file=ws.accepted) as stage_run:
         policy_ref = tracking.resolve_model(ws, state.policy)  # once, before any process starts
+        keep_matching_checkpoints(checkpoint_dir, resume_key(ws, cfg, state, policy_ref))
         if cfg.ppo.processes > 1:
             launch(ws, cfg, policy_ref, stage_run.info.run_id)
             history = None
@@ -175,11 +225,15 @@ def train(ws: Workspace, cfg: PipelineConfig, state: RoundState, policy_ref: str
         def log(metrics: dict) -> None:
             if not main:
                 return
+            if trainer.resumed_from and metrics["step"] == trainer.resumed_from + 1:
+                print(f"PPO resumed from step {trainer.resumed_from}'s checkpoint", flush=True)
             mlflow.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=int(metrics["step"]))
             print(f"ppo step {int(metrics['step']):3d}  score {metrics['objective/scores']:+.3f}  "
                   f"kl {metrics['objective/kl']:.3f}  entropy {metrics['policy/entropy']:.3f}", flush=True)
 
         history = trainer.train(on_step=log)
+        if main:
+            mlflow.log_param("ppo.resumed_from_step", trainer.resumed_from or 0)
         lm = trainer.unwrapped.lm
         if trainer.fsdp:  # gather the shards (every process), rebuild the whole model on the first
             from tasks.ppo import sharding

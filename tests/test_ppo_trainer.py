@@ -1,4 +1,6 @@
 """The PPO loop on a tiny model: it learns, stays near the reference, and resumes exactly."""
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -50,7 +52,7 @@ def test_killed_run_resumes_with_identical_results(tiny_model_dir, tiny_reward_d
     first.train()
     resumed, _ = make_trainer(tiny_model_dir, tiny_reward_dir, tmp_path / "ckpt", steps=6, checkpoint_every=3, batch_size=32)
     resumed.train()
-    assert resumed.step == 6
+    assert resumed.step == 6 and resumed.resumed_from == 3 and straight.resumed_from is None
     for a, b in zip(straight.policy.state_dict().values(), resumed.policy.state_dict().values()):
         assert torch.equal(a, b)
     assert resumed.kl_ctl.value == straight.kl_ctl.value
@@ -88,7 +90,6 @@ def test_ppo_config_rejects_bad_values():
 
 def _two_processes(model_dir, out, *args):
     """The worker under torchrun: 2 CPU processes over gloo. Returns its JSON and final weights."""
-    import json
     import os
     import subprocess
     import sys
@@ -406,3 +407,39 @@ def test_ppo_on_a_llama_policy_full_and_lora(tiny_llama_dir):
         assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in history)
         assert history[0]["objective/kl"] == pytest.approx(0, abs=1e-5)  # the first rollout: policy = reference
         assert any(not torch.equal(p, before[n]) for n, p in policy.named_parameters() if n in before)
+
+
+def test_pipeline_resumes_only_the_checkpoints_of_the_same_run(tmp_path, capsys):
+    """The train_policy stage's checkpoints: kept for the same run retried after a kill (also with
+    more steps), deleted with the reason when a setting or a starting model changed since, as
+    resuming them would continue the old run under the new name."""
+    from tasks.train_policy import keep_matching_checkpoints, resume_key
+    from tasks.workspace import RoundState, Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    for folder in (ws.base_model, ws.reward_model):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"weights")
+    state, ckpt = RoundState(round=1), tmp_path / "ckpt"
+
+    def start(cfg=load_config(None, FAST), policy=str(ws.base_model)):
+        keep_matching_checkpoints(ckpt, resume_key(ws, cfg, state, policy))
+        return capsys.readouterr().out
+
+    assert start() == ""
+    (ckpt / "trainer.pt").write_bytes(b"state")  # what a killed run leaves
+    assert start() == "" and (ckpt / "trainer.pt").exists()
+    assert start(load_config(None, {**FAST, "ppo.steps": 60, "ppo.checkpoint_every": 3})) == ""
+    assert (ckpt / "trainer.pt").exists()
+    out = start(load_config(None, {**FAST, "ppo.lr": 5e-5}))
+    assert "ppo.lr changed" in out and "deleted" in out and not (ckpt / "trainer.pt").exists()
+    (ckpt / "trainer.pt").write_bytes(b"state")
+    (ws.reward_model / "model.safetensors").write_bytes(b"retrained weights")
+    assert "models.reward changed" in start(load_config(None, {**FAST, "ppo.lr": 5e-5}))
+    assert not (ckpt / "trainer.pt").exists()
+    (ckpt / "trainer.pt").write_bytes(b"state")
+    assert "models.policy changed" in start(load_config(None, {**FAST, "ppo.lr": 5e-5}), policy="gpt2")
+    (ckpt / "run.json").write_text("{cut off")
+    (ckpt / "trainer.pt").write_bytes(b"state")
+    assert "no readable run.json" in start() and not (ckpt / "trainer.pt").exists()
+    assert json.loads((ckpt / "run.json").read_text())["ppo"]["lr"] == load_config(None, FAST).ppo.lr

@@ -178,7 +178,8 @@ def test_deployments_are_served_with_the_schedule_and_the_limit(served):
 def test_overlapping_triggers_run_one_round_and_a_round_killed_during_ppo_changes_nothing(served):
     """Two triggers at once: one round runs, the other is cancelled. That round is killed during PPO
     (its whole process tree, as a lost machine would be): no candidate, no history, the champion the
-    bootstrap registered is untouched; the next run redoes the round, registering nothing twice."""
+    bootstrap registered is untouched; the next run redoes the round, PPO going on from the killed
+    run's last checkpoint, registering nothing twice."""
     ws, serve, _ = served
     cfg = load_config(ws.params)
     client = MlflowClient(tracking_uri=ws.tracking_uri)
@@ -205,6 +206,7 @@ def test_overlapping_triggers_run_one_round_and_a_round_killed_during_ppo_change
     assert not ws.history_file.exists() or not ws.history_file.read_text().strip()
     assert not rounds.round_in_progress(ws)  # the OS dropped the dead round's lock
     reward_runs_killed = _stage_runs(ws, cfg, "train_reward")  # the round's reward model, trained before the kill
+    policy_runs_killed = _stage_runs(ws, cfg, "train_policy")
     assert len(reward_runs_killed) == 1
 
     run = _trigger("rlhf-refinement/scheduled")
@@ -215,6 +217,10 @@ def test_overlapping_triggers_run_one_round_and_a_round_killed_during_ppo_change
     assert len(_versions(ws, cfg.reward_name)) == 1  # one version per round
     assert len(_versions(ws, cfg.policy_name)) == 2  # the bootstrap's and round 1's candidate
     assert not rounds.round_in_progress(ws)
+    # PPO went on from the killed run's last checkpoint (it had written one before the kill)
+    redone = [r for r in _stage_runs(ws, cfg, "train_policy") if r not in policy_runs_killed]
+    params = client.get_run(redone[0]).data.params
+    assert len(redone) == 1 and int(params["ppo.resumed_from_step"]) >= cfg.ppo.checkpoint_every, params
 
 
 def _people_feedback(path: Path) -> None:

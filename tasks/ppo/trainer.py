@@ -189,6 +189,7 @@ class PPOTrainer:
             seed = seed + accelerator.process_index
         self.kl_ctl = core.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
         self.step = 0
+        self.resumed_from: int | None = None  # the step of the checkpoint train() continued from
         self.rng = random.Random(seed)  # prompt order
         self.generator = torch.Generator(device=self.device).manual_seed(seed)  # sampling and minibatches
         self.history: list[dict[str, float]] = []
@@ -353,6 +354,7 @@ class PPOTrainer:
     def train(self, on_step: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
         if self.checkpoint_dir and (self.checkpoint_dir / self._state_name).exists():
             self.load_checkpoint(self.checkpoint_dir)
+            self.resumed_from = self.step
         while self.step < self.cfg.steps:
             metrics = self.train_step()
             if on_step:
