@@ -21,6 +21,7 @@ p.add_argument("--out", required=True)
 p.add_argument("--fsdp", action="store_true")
 p.add_argument("--steps", type=int, default=3)
 p.add_argument("--checkpoint-dir", default=None)
+p.add_argument("--micro-batch", type=int, default=0, help="ppo.micro_batch_size: gradients accumulated")
 p.add_argument("--cuda", action="store_true", help="on the GPUs (tests/test_gpu.py); default: CPU processes")
 p.add_argument("--lora-resume", default=None, metavar="DIR",
                help="then, with --fsdp: a LoRA run checkpointing into DIR, killed after step 2 and resumed")
@@ -34,7 +35,8 @@ ref = load_policy(a.model_dir).to(accelerator.device)
 reward = load_reward(a.model_dir, tok.pad_token_id).to(accelerator.device)
 before = torch.cat([p.detach().flatten().clone() for p in policy.parameters()])
 prompts = [tok(p)["input_ids"] for p in scenario.feedback_prompts()]
-cfg = PPOConfig(steps=a.steps, batch_size=16, minibatches=2, epochs=2, checkpoint_every=2 if a.checkpoint_dir else 0)
+cfg = PPOConfig(steps=a.steps, batch_size=16, minibatches=2, epochs=2, checkpoint_every=2 if a.checkpoint_dir else 0,
+                micro_batch_size=a.micro_batch)
 trainer = PPOTrainer(policy, ref, reward, prompts, tok.eos_token_id, tok.pad_token_id, cfg, seed=0,
                      accelerator=accelerator, fsdp=a.fsdp, checkpoint_dir=a.checkpoint_dir)
 sharded = type(next(trainer.policy.parameters())).__name__ == "DTensor"
@@ -70,7 +72,8 @@ if a.lora_resume:
     # general sampler, rotary positions, its own block class to shard).
     def lora_trainer():
         # the general sampler (HF's cache), which calls the LM before the policy: FSDP must know its root
-        cfg = PPOConfig(steps=3, batch_size=16, minibatches=2, epochs=2, checkpoint_every=2, generation="dynamic")
+        cfg = PPOConfig(steps=3, batch_size=16, minibatches=2, epochs=2, checkpoint_every=2, generation="dynamic",
+                        micro_batch_size=3)  # and gradients accumulated over micro-batches, synced once
         torch.manual_seed(2)  # the same random Llama on every process and in both runs
         lm = lora.add_lora(AutoModelForCausalLM.from_config(LlamaConfig(
             vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -25,6 +25,8 @@ from tasks.config import ValidateConfig
     ("ppo:\n  lora_rank: 8\n  lora_alpha: 0\n", "ppo.lora_alpha must be > 0"),
     ("ppo:\n  lora_rank: eight\n", "ppo.lora_rank"),
     ("ppo:\n  processes: 0\n", "ppo.processes must be >= 1"),
+    ("ppo:\n  micro_batch_size: -4\n", "ppo.micro_batch_size must be >= 0"),
+    ("ppo:\n  micro_batch_size: 2.5\n", "ppo.micro_batch_size"),
     ("ppo:\n  fsdp: true\n", "set ppo.processes to 2 or more"),
     ("gates:\n  min_win_rate: 1.5\n", "gates.min_win_rate"),
     ("project: 'has spaces'\n", "project"),

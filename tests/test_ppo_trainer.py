@@ -105,12 +105,13 @@ def _two_processes(model_dir, out, *args):
 
 
 def test_ppo_on_two_processes_ddp_and_fsdp(tiny_model_dir, tmp_path):
-    """accelerate on 2 CPU processes (gloo). DDP: each process rolls out its own batch, the weights
-    stay identical on both and do change. FSDP: the models are sharded, and the run ends where the
-    DDP run ends (the same batches, the same averaged gradients); a sharded run killed in step 3
+    """accelerate on 2 CPU processes (gloo). DDP, with gradients accumulated over micro-batches:
+    each process rolls out its own batch, the weights stay identical on both and do change. FSDP:
+    the models are sharded, and the run ends where the DDP run ends (the same batches, the same
+    averaged gradients, here without micro-batches); a sharded run killed in step 3
     resumes from step 2's checkpoint to the same weights as the straight one, and so does a sharded
     LoRA Llama from its adapters-only checkpoint."""
-    ddp, ddp_weights = _two_processes(tiny_model_dir, tmp_path / "ddp.json")
+    ddp, ddp_weights = _two_processes(tiny_model_dir, tmp_path / "ddp.json", "--micro-batch", "3")
     assert ddp["processes"] == 2 and ddp["backend"] == "DistributedType.MULTI_CPU" and not ddp["sharded"]
     assert ddp["weights_in_sync"] and ddp["weights_changed"] and ddp["own_samples"]
     assert len(ddp["kl_coef"]) == 3
@@ -443,3 +444,23 @@ def test_pipeline_resumes_only_the_checkpoints_of_the_same_run(tmp_path, capsys)
     (ckpt / "trainer.pt").write_bytes(b"state")
     assert "no readable run.json" in start() and not (ckpt / "trainer.pt").exists()
     assert json.loads((ckpt / "run.json").read_text())["ppo"]["lr"] == load_config(None, FAST).ppo.lr
+
+
+def test_micro_batches_give_the_whole_batch_results(tiny_model_dir, tiny_reward_dir):
+    """ppo.micro_batch_size bounds memory, not results: scoring passes in chunks and gradients
+    accumulated over uneven micro-batches (3 + 3 + 2 of a minibatch of 8) give the same rollout,
+    the same losses and the same weights as whole minibatches."""
+    whole, _ = make_trainer(tiny_model_dir, tiny_reward_dir, batch_size=16, minibatches=2, epochs=2)
+    micro, _ = make_trainer(tiny_model_dir, tiny_reward_dir, batch_size=16, minibatches=2, epochs=2,
+                            micro_batch_size=3)
+    calls = {"whole": 0, "micro": 0}
+    for name, trainer in (("whole", whole), ("micro", micro)):
+        trainer.policy.register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
+    a, b = whole.train_step(), micro.train_step()
+    # policy passes: scoring 1 vs 6 (16 = 5 x 3 + 1), updates 2 epochs x 2 minibatches x 1 vs 3 each
+    assert calls == {"whole": 1 + 4, "micro": 6 + 4 * 3}
+    for k in ("objective/scores", "objective/kl", "policy/entropy", "loss/policy", "loss/value", "policy/clipfrac",
+              "policy/approxkl", "val/explained_var"):
+        assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+    for (name, p), q in zip(whole.policy.named_parameters(), micro.policy.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name

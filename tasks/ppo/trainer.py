@@ -40,6 +40,8 @@ class PPOConfig:
     """minibatches per PPO epoch"""
     epochs: int = 4
     """PPO epochs over each rollout"""
+    micro_batch_size: int = 0
+    """episodes per forward/backward pass, to bound memory: the scoring passes and each minibatch's update run in chunks of this size, gradients accumulated (same results); 0 = whole"""
     lr: float = 1e-4
     """Adam learning rate (policy and value head)"""
     max_new_tokens: int = 10
@@ -96,8 +98,9 @@ class PPOConfig:
             raise ValueError(f"ppo.kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
         if not 0 <= self.lam <= 1 or not 0 < self.gamma <= 1:
             raise ValueError(f"ppo.lam must be in [0, 1] and ppo.gamma in (0, 1], got {self.lam}, {self.gamma}")
-        if self.kl_coef < 0 or self.vf_coef < 0 or self.checkpoint_every < 0 or self.lora_rank < 0:
-            raise ValueError("ppo.kl_coef, ppo.vf_coef, ppo.checkpoint_every and ppo.lora_rank must be >= 0")
+        for name in ["kl_coef", "vf_coef", "checkpoint_every", "lora_rank", "micro_batch_size"]:
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"ppo.{name} must be >= 0, got {getattr(self, name)!r}")
         if not self.lora_alpha > 0:
             raise ValueError(f"ppo.lora_alpha must be > 0, got {self.lora_alpha!r}")
         if not self.processes >= 1:
@@ -126,7 +129,7 @@ class Rollout:
     returns: torch.Tensor  # (B, T) advantages + values (before whitening)
     entropy: torch.Tensor  # (B, T) policy entropy at each response position
 
-    def minibatch(self, idx: torch.Tensor) -> "Rollout":
+    def minibatch(self, idx: torch.Tensor | slice) -> "Rollout":
         return Rollout(**{f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)})
 
 
@@ -261,12 +264,15 @@ class PPOTrainer:
         with self._autocast():
             responses = core.truncate_after_eos(responses, self.eos_id, self.pad_id)
             mask = core.response_mask(responses, self.eos_id)
-            # -- 2. score ---------------------------------------------------------------------
-            pol = response_forward(self.policy, prompt_ids, prompt_mask, responses, mask, cfg.temperature, True)
-            with self._reference() as ref_lm:
-                ref = response_forward(ref_lm, prompt_ids, prompt_mask, responses, mask, cfg.temperature, False,
-                                       with_entropy=False)
-            scores = reward_scores(self.reward_model, prompt_ids, prompt_mask, responses, mask)
+            # -- 2. score (in micro-batches: the logits of a whole batch can outgrow the device) ----
+            pol, ref, scores = [], [], []
+            for part in self._micro_batches(cfg.batch_size):
+                batch = (prompt_ids[part], prompt_mask[part], responses[part], mask[part])
+                pol.append(response_forward(self.policy, *batch, cfg.temperature, True))
+                with self._reference() as ref_lm:
+                    ref.append(response_forward(ref_lm, *batch, cfg.temperature, False, with_entropy=False))
+                scores.append(reward_scores(self.reward_model, *batch))
+            pol, ref, scores = _cat(pol), _cat(ref), torch.cat(scores)
         scores = core.apply_missing_eos_penalty(scores, responses, self.eos_id, cfg.missing_eos_penalty)
         # -- 3. rewards and advantages --------------------------------------------------------
         kl = core.kl_penalty(pol["logprobs"], ref["logprobs"], cfg.kl_estimator) * mask
@@ -288,26 +294,54 @@ class PPOTrainer:
             order = torch.randperm(cfg.batch_size, generator=self.generator, device=self.device)
             for start in range(0, cfg.batch_size, mb_size):
                 mb = ro.minibatch(order[start:start + mb_size])
-                with self._autocast():
-                    out = response_forward(self.policy, mb.prompt_ids, mb.prompt_mask, mb.responses, mb.mask,
-                                           cfg.temperature, True, with_entropy=False)
-                pg_loss, pg_stats = core.ppo_policy_loss(out["logprobs"], mb.logprobs, mb.advantages, mb.mask,
-                                                         cfg.cliprange)
-                vf_loss, vf_stats = core.ppo_value_loss(out["values"], mb.values, mb.returns, mb.mask,
-                                                        cfg.cliprange_value)
-                loss = pg_loss + cfg.vf_coef * vf_loss
+                tokens = mb.mask.sum().clamp(min=1)
                 self.optimizer.zero_grad(set_to_none=True)
+                parts = self._micro_batches(mb_size)
+                mb_stats: dict[str, torch.Tensor] = {}
+                for i, part in enumerate(parts):
+                    micro = mb.minibatch(part)
+                    with self._autocast():
+                        out = response_forward(self.policy, micro.prompt_ids, micro.prompt_mask, micro.responses,
+                                               micro.mask, cfg.temperature, True, with_entropy=False)
+                    pg_loss, pg_stats = core.ppo_policy_loss(out["logprobs"], micro.logprobs, micro.advantages,
+                                                             micro.mask, cfg.cliprange)
+                    vf_loss, vf_stats = core.ppo_value_loss(out["values"], micro.values, micro.returns, micro.mask,
+                                                            cfg.cliprange_value)
+                    # every loss is a masked mean over the minibatch's tokens: a micro-batch's mean,
+                    # weighted by its share of them, sums to exactly that
+                    share = micro.mask.sum() / tokens
+                    with self._gradient_sync(i == len(parts) - 1):
+                        self._backward((pg_loss + cfg.vf_coef * vf_loss) * share)
+                    for k, v in {"loss/policy": pg_loss, "loss/value": vf_loss, **pg_stats, **vf_stats}.items():
+                        mb_stats[k] = mb_stats.get(k, 0) + v.detach() * share
                 if self.accelerator is not None and not self.fsdp:
-                    self.accelerator.backward(loss)
                     self.accelerator.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
                 else:
-                    loss.backward()
                     torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
-                for k, v in {"loss/policy": pg_loss, "loss/value": vf_loss, **pg_stats, **vf_stats}.items():
-                    stats.setdefault(k, []).append(v.detach())
+                for k, v in mb_stats.items():
+                    stats.setdefault(k, []).append(v)
         means = torch.stack([torch.stack(v).double().mean() for v in stats.values()]).tolist()  # one wait
         return dict(zip(stats, means))
+
+    def _micro_batches(self, n: int) -> list[slice]:
+        size = self.cfg.micro_batch_size or n
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.accelerator is not None and not self.fsdp:
+            self.accelerator.backward(loss)
+        else:
+            loss.backward()
+
+    def _gradient_sync(self, sync: bool):
+        """Processes average their gradients once per minibatch, after its last micro-batch."""
+        if self.accelerator is None:
+            return contextlib.nullcontext()
+        if self.fsdp:
+            self.policy.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if sync else self.accelerator.no_sync(self.policy)
 
     # -- 5. one iteration and the loop ---------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -441,6 +475,10 @@ class PPOTrainer:
         self.rng.setstate(_as_random_state(state["rng"]))
         self.generator.set_state(state["generator"])
         self.history = state["history"]
+
+
+def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
