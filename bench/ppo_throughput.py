@@ -3,14 +3,18 @@
     python bench/ppo_throughput.py --shape tiny --device cpu
     python bench/ppo_throughput.py --shape 124m --device cuda --reference-python /tmp/ref/bin/python --json
     python bench/ppo_throughput.py --shape 355m --device cuda --lora 16 --no-reference
+    python bench/ppo_throughput.py --shape 124m --device cuda --family llama --generation dynamic --no-reference
 
 Both sides get random-init GPT-2-shaped models, the same random prompts, a fixed response
 length (no early stop) and the same PPO shape (batch, minibatches, epochs), so the figure does
 not depend on weights. Ours: policy with value head, frozen reference, reward model. The
 reference: TRL 0.29 with a separate value model (its only design). With --lora R our policy
 trains rank-R adapters instead (the reference is the policy with its adapters off): less memory,
-not the same work as the reference's full fine-tuning, so its ratio is reported apart. Prints a
-table, and with --json one JSON object; writes ppo_throughput.json into --out (bench/results).
+not the same work as the reference's full fine-tuning, so its ratio is reported apart. With
+--family llama ours runs a Llama of the shape's size (rotary positions, 4 query heads per
+key/value head, SwiGLU) and the reference, GPT-2 only, does not run; --generation picks our
+decoder (static: KV cache + CUDA graphs; dynamic: HF's cache). Prints a table, and with --json
+one JSON object; writes ppo_throughput.json into --out (bench/results).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tasks.ppo import lora  # noqa: E402
@@ -40,11 +44,22 @@ SHAPES = {  # the reference README's shapes
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "bench" / "trl_ppo_reference.py"
 
 
-def run_ours(s: dict, device: str, bf16: bool, profile: bool = False, lora_rank: int = 0) -> dict:
+def policy_config(s: dict, family: str):
+    positions = s["prompt_len"] + s["response_len"] + 8
+    if family == "llama":
+        kv_heads = s["heads"] // 4 if s["heads"] % 4 == 0 else s["heads"]
+        return LlamaConfig(num_hidden_layers=s["layers"], hidden_size=s["dim"], num_attention_heads=s["heads"],
+                           num_key_value_heads=kv_heads, intermediate_size=-(-8 * s["dim"] // 3 // 64) * 64,
+                           vocab_size=s["vocab"], max_position_embeddings=positions, pad_token_id=0,
+                           eos_token_id=1, bos_token_id=1)
+    return GPT2Config(n_layer=s["layers"], n_embd=s["dim"], n_head=s["heads"], vocab_size=s["vocab"],
+                      n_positions=positions, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+
+
+def run_ours(s: dict, device: str, bf16: bool, profile: bool = False, lora_rank: int = 0, family: str = "gpt2",
+             generation: str = "auto") -> dict:
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=s["layers"], n_embd=s["dim"], n_head=s["heads"], vocab_size=s["vocab"],
-                     n_positions=s["prompt_len"] + s["response_len"] + 8, pad_token_id=0, eos_token_id=1,
-                     bos_token_id=1)
+    cfg = policy_config(s, family)
     dtype = torch.bfloat16 if bf16 else torch.float32
     lm = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     if lora_rank:  # adapters in float32 over the bf16 base, as PEFT makes them; no reference copy
@@ -57,7 +72,8 @@ def run_ours(s: dict, device: str, bf16: bool, profile: bool = False, lora_rank:
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(2, s["vocab"], (s["prompts"], s["prompt_len"]), generator=g).tolist()
     ppo = PPOConfig(steps=s["prompts"] // s["batch"], batch_size=s["batch"], minibatches=1, epochs=1,
-                    max_new_tokens=s["response_len"], missing_eos_penalty=None, checkpoint_every=0)
+                    max_new_tokens=s["response_len"], missing_eos_penalty=None, checkpoint_every=0,
+                    generation=generation)
     # eos_id=-1: no token ends a response, so every one has the fixed length, as in the reference
     trainer = PPOTrainer(policy, ref, reward, prompts, eos_id=-1, pad_id=0, cfg=ppo, seed=0, device=device)
     if device == "cuda":
@@ -78,7 +94,9 @@ def run_ours(s: dict, device: str, bf16: bool, profile: bool = False, lora_rank:
         print(prof.key_averages().table(sort_by=sort, row_limit=25), file=sys.stderr)
     gen_fraction = sum(h["perf/gen_fraction"] for h in history) / len(history)
     later = history[1:] or history  # after the first step (CUDA graph capture, allocator warm-up)
-    return {"system": f"rlhf-pipeline-ppo{f' (LoRA {lora_rank})' if lora_rank else ''}", "seconds": round(dt, 3),
+    label = ", ".join(x for x in (family if family != "gpt2" else "", f"LoRA {lora_rank}" if lora_rank else "",
+                                   "HF cache" if trainer.decoder is None else "") if x)
+    return {"system": f"rlhf-pipeline-ppo{f' ({label})' if label else ''}", "seconds": round(dt, 3),
             "episodes_per_s": round(s["prompts"] / dt, 2),
             "gen_tokens_per_s": round(s["prompts"] * s["response_len"] / dt, 1),
             "gen_fraction": round(gen_fraction, 3),
@@ -120,6 +138,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lora", type=int, default=0, metavar="RANK",
                    help="our policy trains LoRA adapters of this rank (0 = full fine-tuning, as the reference)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="folder for the JSON file")
+    p.add_argument("--family", choices=["gpt2", "llama"], default="gpt2",
+                   help="our policy's architecture at the shape's size (the reference runs GPT-2 only)")
+    p.add_argument("--generation", choices=["auto", "static", "dynamic"], default="auto",
+                   help="our rollout decoder: static KV cache (+ CUDA graphs) or HF's dynamic cache")
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
@@ -129,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--lora must be a rank >= 0, got {a.lora}")
     if a.out.exists() and not a.out.is_dir():
         p.error(f"--out {a.out} is a file, not a folder")
+    if a.family != "gpt2" and not a.no_reference:
+        p.error(f"--family {a.family}: the reference harness builds GPT-2 only; add --no-reference")
     if not a.no_reference:  # checked before anything runs
         if a.reference_python is None:
             p.error("pass --reference-python PATH (a venv with trl==0.29.0, see ../shared/bench/README.md) "
@@ -139,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"reference script {a.reference_script} not found; pass --reference-script")
     bf16 = a.device == "cuda"  # the reference README's GPU figures are bf16
     shape = SHAPES[a.shape]
-    ours = max((run_ours(shape, a.device, bf16, a.profile, a.lora) for _ in range(a.repeats)),
+    ours = max((run_ours(shape, a.device, bf16, a.profile, a.lora, a.family, a.generation) for _ in range(a.repeats)),
                key=lambda r: r["episodes_per_s"])
     reference = None
     if not a.no_reference:
@@ -148,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.cuda.get_device_name() if a.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     ratio = round(ours["episodes_per_s"] / reference["episodes_per_s"], 2) if reference else None
     result = {"shape": a.shape, **shape, "device": device, "bf16": bf16, "repeats": a.repeats, "lora_rank": a.lora,
+              "family": a.family, "generation": a.generation,
               "ours": ours, "reference": reference,
               # the issue's measure compares the same work: full fine-tuning on both sides
               "ratio": None if a.lora else ratio, "ratio_lora_vs_full": ratio if a.lora else None}
@@ -157,10 +182,10 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(result))
         return
     print(f"PPO throughput, shape {a.shape} on {device} (best of {a.repeats})")
-    print(f"{'system':<28}{'episodes/s':>12}{'gen tok/s':>12}{'gen share':>11}{'peak GPU GiB':>14}{'peak RSS GiB':>14}")
+    print(f"{'system':<36}{'episodes/s':>12}{'gen tok/s':>12}{'gen share':>11}{'peak GPU GiB':>14}{'peak RSS GiB':>14}")
     for r in (ours, reference):
         if r:
-            print(f"{r['system']:<28}{r['episodes_per_s']:>12}{r['gen_tokens_per_s']:>12}"
+            print(f"{r['system']:<36}{r['episodes_per_s']:>12}{r['gen_tokens_per_s']:>12}"
                   f"{str(r.get('gen_fraction', '-')):>11}{str(r['peak_gpu_gib']):>14}{str(r['peak_rss_gib']):>14}")
     if reference:
         what = f"ours with LoRA {a.lora} / reference's full fine-tuning" if a.lora else "ours / reference"

@@ -1,5 +1,6 @@
-"""bench/ppo_throughput.py on CPU: it runs (full fine-tuning and LoRA), writes its JSON where told,
-and every malformed argument is a clear error. The figures themselves are measured, not tested."""
+"""bench/ppo_throughput.py on CPU: it runs (GPT-2 whole and with LoRA, a Llama with either
+decoder), writes its JSON where told, and every malformed argument is a clear error. The
+figures themselves are measured, not tested."""
 import importlib.util
 import json
 import sys
@@ -19,19 +20,22 @@ def bench():
     return module
 
 
-def test_tiny_shape_runs_on_cpu_with_and_without_lora(bench, tmp_path, capsys):
-    for rank in (0, 4):
-        out = tmp_path / f"lora{rank}"
-        bench.main(["--shape", "tiny", "--no-reference", "--repeats", "1", "--json", "--lora", str(rank),
-                    "--out", str(out)])
-        printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert printed == json.loads((out / "ppo_throughput.json").read_text())
-        ours = printed["ours"]
-        assert printed["lora_rank"] == rank and printed["reference"] is None and printed["ratio"] is None
-        assert ("LoRA" in ours["system"]) == bool(rank)
-        assert ours["episodes_per_s"] > 0 and 0 < ours["gen_fraction"] < 1
-        # 32 prompts of batch 8: 4 steps of 8 episodes of 16 tokens each
-        assert ours["gen_tokens_per_s"] == pytest.approx(ours["episodes_per_s"] * 16, rel=0.01)
+@pytest.mark.parametrize("rank,family,generation", [(0, "gpt2", "auto"), (4, "gpt2", "auto"),
+                                                     (0, "llama", "static"), (0, "llama", "dynamic")])
+def test_tiny_shape_runs_on_cpu(bench, tmp_path, capsys, rank, family, generation):
+    out = tmp_path / "out"
+    bench.main(["--shape", "tiny", "--no-reference", "--repeats", "1", "--json", "--lora", str(rank),
+                "--family", family, "--generation", generation, "--out", str(out)])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == json.loads((out / "ppo_throughput.json").read_text())
+    ours = printed["ours"]
+    assert printed["lora_rank"] == rank and printed["reference"] is None and printed["ratio"] is None
+    assert printed["family"] == family and printed["generation"] == generation
+    assert ("LoRA" in ours["system"]) == bool(rank) and ("llama" in ours["system"]) == (family == "llama")
+    assert ("HF cache" in ours["system"]) == (generation == "dynamic")
+    assert ours["episodes_per_s"] > 0 and 0 < ours["gen_fraction"] < 1
+    # 32 prompts of batch 8: 4 steps of 8 episodes of 16 tokens each
+    assert ours["gen_tokens_per_s"] == pytest.approx(ours["episodes_per_s"] * 16, rel=0.01)
 
 
 def test_a_failing_reference_is_reported(bench, tmp_path):
@@ -52,6 +56,9 @@ def test_a_failing_reference_is_reported(bench, tmp_path):
     (["--lora", "eight"], "invalid int value"),
     (["--shape", "7b"], "invalid choice"),
     (["--device", "tpu"], "invalid choice"),
+    (["--family", "t5"], "invalid choice"),
+    (["--generation", "fast"], "invalid choice"),
+    (["--family", "llama"], "builds GPT-2 only; add --no-reference"),
     ([], "pass --reference-python"),
     (["--reference-python", "/no/such/python"], "no such interpreter"),
     (["--reference-python", sys.executable, "--reference-script", "/no/such/script.py"], "not found"),

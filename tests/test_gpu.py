@@ -6,7 +6,7 @@ Needs torch and transformers only, like the PPO core.
 """
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, LlamaConfig
 
 from tasks.ppo import static_decode
 from tasks.ppo.rollout import PolicyWithValue, sample
@@ -16,6 +16,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 CFG = GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=2000, n_positions=96, pad_token_id=0,
                  eos_token_id=1, bos_token_id=1)
+# the other family the graph decoder runs: rotary positions, grouped-query attention, RMSNorm, SwiGLU
+LLAMA = LlamaConfig(num_hidden_layers=4, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=2000, max_position_embeddings=96, pad_token_id=0,
+                    eos_token_id=1, bos_token_id=1)
+CONFIGS = {"gpt2": CFG, "llama": LLAMA}
 
 
 def prompts(B, P, seed=0):
@@ -28,9 +33,10 @@ def prompts(B, P, seed=0):
     return ids.cuda(), mask.cuda()
 
 
-def test_graph_replay_samples_exactly_what_eager_steps_sample():
+@pytest.mark.parametrize("arch", CONFIGS)
+def test_graph_replay_samples_exactly_what_eager_steps_sample(arch):
     torch.manual_seed(0)
-    lm = AutoModelForCausalLM.from_config(CFG).cuda().eval()
+    lm = AutoModelForCausalLM.from_config(CONFIGS[arch]).cuda().eval()
     ids, mask = prompts(16, 24)
     graph = static_decode.StaticDecoder(lm, 16, 24, 40, use_graph=True)
     eager = static_decode.StaticDecoder(lm, 16, 24, 40, use_graph=False)
@@ -58,12 +64,13 @@ def test_graph_sees_weights_updated_in_place_after_capture():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("arch", CONFIGS)
 @pytest.mark.parametrize("mode", ["bf16-weights", "bf16-autocast"])
-def test_ppo_on_the_gpu_trains_and_stays_finite(mode):
+def test_ppo_on_the_gpu_trains_and_stays_finite(mode, arch):
     torch.manual_seed(0)
     dtype = torch.bfloat16 if mode == "bf16-weights" else torch.float32
-    policy = PolicyWithValue(AutoModelForCausalLM.from_config(CFG, dtype=dtype)).cuda()
-    ref = AutoModelForCausalLM.from_config(CFG, dtype=dtype).cuda()
+    policy = PolicyWithValue(AutoModelForCausalLM.from_config(CONFIGS[arch], dtype=dtype)).cuda()
+    ref = AutoModelForCausalLM.from_config(CONFIGS[arch], dtype=dtype).cuda()
     reward = AutoModelForSequenceClassification.from_config(GPT2Config(**{**CFG.to_dict(), "num_labels": 1}),
                                                             dtype=dtype).cuda()
     g = torch.Generator().manual_seed(1)
@@ -133,12 +140,13 @@ def test_padded_head_on_the_gpu_matches_the_plain_head_in_bf16():
     assert (ga - gb).norm() / gb.norm() < 2e-2
 
 
-def test_graph_decoder_runs_a_lora_policy_as_eager_steps_do():
+@pytest.mark.parametrize("arch", CONFIGS)
+def test_graph_decoder_runs_a_lora_policy_as_eager_steps_do(arch):
     """LoRA layers inside the captured decode step: the same samples as eager steps."""
     from tasks.ppo.lora import add_lora
 
     torch.manual_seed(0)
-    lm = add_lora(AutoModelForCausalLM.from_config(CFG), rank=4, alpha=8).cuda().eval()
+    lm = add_lora(AutoModelForCausalLM.from_config(CONFIGS[arch]), rank=4, alpha=8).cuda().eval()
     with torch.no_grad():
         for name, p in lm.named_parameters():
             if ".lora_B" in name:

@@ -139,8 +139,11 @@ def _two_prompts(tok):
     return enc["input_ids"], enc["attention_mask"]
 
 
-def test_static_decoder_samples_what_the_dynamic_sampler_samples(tiny_model_dir):
-    """Same model, same generator: the static-cache decoder draws the same tokens as HF's cache path."""
+@pytest.mark.parametrize("model", ["tiny_model_dir", "tiny_llama_dir"])
+def test_static_decoder_samples_what_the_dynamic_sampler_samples(model, request):
+    """Same model, same generator: the static-cache decoder draws the same tokens as HF's cache path
+    (GPT-2, and a Llama: rotary positions, grouped-query attention)."""
+    tiny_model_dir = request.getfixturevalue(model)
     tok = load_tokenizer(tiny_model_dir)
     lm = load_policy(tiny_model_dir).eval()
     ids, mask = _two_prompts(tok)
@@ -158,16 +161,27 @@ def test_static_decoder_samples_what_the_dynamic_sampler_samples(tiny_model_dir)
     assert (checked_late[:, slow.shape[1]:] == tok.pad_token_id).all()
     with pytest.raises(ValueError, match="built for prompts of shape"):
         dec.sample(ids[:1], mask[:1], 1.0, tok.eos_token_id, tok.pad_token_id)
+    # a step CUDA cannot capture (here: told it failed) costs speed, with a warning, not the run
+    def capture_fails():
+        raise RuntimeError("operation not permitted when stream is capturing")
+    dec.use_graph, dec._capture = True, capture_fails
+    with pytest.warns(UserWarning, match="CUDA graph capture of the decode step failed"):
+        again = dec.sample(ids, mask, 1.0, tok.eos_token_id, tok.pad_token_id, torch.Generator().manual_seed(2))
+    assert not dec.use_graph and torch.equal(again, sample(lm, ids, mask, 12, 1.0, tok.eos_token_id,
+                                                           tok.pad_token_id, torch.Generator().manual_seed(2)))
     with pytest.raises(ValueError, match="exceed the model's"):
-        static_decode.StaticDecoder(lm, 2, lm.config.n_positions, 1)
+        static_decode.StaticDecoder(lm, 2, dec.arch.max_positions, 1)
 
 
-def test_static_decoder_logits_match_the_model_at_every_step(tiny_model_dir):
+@pytest.mark.parametrize("model", ["tiny_model_dir", "tiny_llama_dir"])
+def test_static_decoder_logits_match_the_model_at_every_step(model, request):
     """Greedy-free check of the cache itself: each step's logits equal a full forward's, padded rows included."""
-    tok = load_tokenizer(tiny_model_dir)
-    lm = load_policy(tiny_model_dir).eval()
+    tiny_model_dir = request.getfixturevalue(model)
+    _assert_decoder_logits_match(load_policy(tiny_model_dir).eval(), load_tokenizer(tiny_model_dir))
+
+
+def _assert_decoder_logits_match(lm, tok, T=6):
     ids, mask = _two_prompts(tok)
-    T = 6
     dec = static_decode.StaticDecoder(lm, batch=2, prompt_len=ids.shape[1], max_new_tokens=T)
     with torch.no_grad():
         dec.refresh_head()
@@ -372,14 +386,14 @@ def tiny_llama_dir(tiny_model_dir, tmp_path_factory):
 
 
 def test_ppo_on_a_llama_policy_full_and_lora(tiny_llama_dir):
-    """Not GPT-2: generation takes HF's general sampler, the scoring pass matches a row-by-row
-    forward, the reward model's score is its own whatever the batch, and PPO trains whole or
-    with LoRA (a sharded LoRA Llama is in the two-process test)."""
+    """Not GPT-2: the scoring pass matches a row-by-row forward, the reward model's score is its
+    own whatever the batch, and PPO trains whole or with LoRA, with the static decoder (through
+    the adapters) giving the same run as HF's sampler (a sharded LoRA Llama is in the two-process
+    test)."""
     from tasks.modeling import score_texts
 
     tok = load_tokenizer(tiny_llama_dir)
     lm = load_policy(tiny_llama_dir).eval()
-    assert not static_decode.supports(lm)
     enc = tok(["the doctor said", "the ceo said that"], return_tensors="pt", padding=True)
     responses = sample(lm, enc["input_ids"], enc["attention_mask"], 8, 1.0, tok.eos_token_id, tok.pad_token_id,
                        torch.Generator().manual_seed(0))
@@ -396,18 +410,22 @@ def test_ppo_on_a_llama_policy_full_and_lora(tiny_llama_dir):
     beside = score_texts(rm, tok, ["the ceo said", "the nurse said"], [" they were ready .", " she was late " * 5])
     assert torch.allclose(alone, beside[:1], atol=1e-5)
     prompts = [tok(p)["input_ids"] for p in scenario.feedback_prompts()]
-    cfg = PPOConfig(steps=2, batch_size=16, minibatches=2, epochs=2, checkpoint_every=0)
     for rank in (0, 4):
-        policy = load_policy(tiny_llama_dir)
-        ref_lm = load_policy(tiny_llama_dir) if rank == 0 else None
-        policy = PolicyWithValue(lora.add_lora(policy, rank, 8) if rank else policy)
-        trainer = PPOTrainer(policy, ref_lm, rm, prompts, tok.eos_token_id, tok.pad_token_id, cfg, seed=0)
-        before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
-        history = trainer.train()
-        assert trainer.decoder is None and len(history) == 2
-        assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in history)
-        assert history[0]["objective/kl"] == pytest.approx(0, abs=1e-5)  # the first rollout: policy = reference
-        assert any(not torch.equal(p, before[n]) for n, p in policy.named_parameters() if n in before)
+        runs = {}
+        for generation in ("static", "dynamic"):
+            cfg = PPOConfig(steps=2, batch_size=16, minibatches=2, epochs=2, checkpoint_every=0, generation=generation)
+            policy = load_policy(tiny_llama_dir)
+            ref_lm = load_policy(tiny_llama_dir) if rank == 0 else None
+            policy = PolicyWithValue(lora.add_lora(policy, rank, 8) if rank else policy)
+            trainer = PPOTrainer(policy, ref_lm, rm, prompts, tok.eos_token_id, tok.pad_token_id, cfg, seed=0)
+            before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+            runs[generation] = history = trainer.train()
+            assert (trainer.decoder is not None) == (generation == "static") and len(history) == 2
+            assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in history)
+            assert history[0]["objective/kl"] == pytest.approx(0, abs=1e-5)  # the first rollout: policy = reference
+            assert any(not torch.equal(p, before[n]) for n, p in policy.named_parameters() if n in before)
+        assert [h["objective/scores"] for h in runs["static"]] == pytest.approx(
+            [h["objective/scores"] for h in runs["dynamic"]], abs=1e-5)
 
 
 def test_pipeline_resumes_only_the_checkpoints_of_the_same_run(tmp_path, capsys):
@@ -464,3 +482,53 @@ def test_micro_batches_give_the_whole_batch_results(tiny_model_dir, tiny_reward_
         assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
     for (name, p), q in zip(whole.policy.named_parameters(), micro.policy.parameters()):
         assert torch.allclose(p, q, atol=1e-6), name
+
+
+_LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=128)
+
+
+@pytest.mark.parametrize("variant", ["llama3-rope", "llama-bias-mqa", "qwen2", "mistral", "qwen3", "mistral-window-8"])
+def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, tiny_model_dir):
+    """Qwen2, Mistral (within its sliding window), Llama 3's scaled rotary, biased projections with
+    one key/value head, each also with LoRA: the static decoder's logits are the model's at every
+    step, and it samples what HF's sampler samples.
+    Qwen3 (per-head q/k norms) and a window shorter than the rollout are left to HF's sampler."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    tok = load_tokenizer(tiny_model_dir)
+    common = dict(_LLAMA_LIKE, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    config = {
+        "llama3-rope": lambda: LlamaConfig(**common, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+        "llama-bias-mqa": lambda: LlamaConfig(**{**common, "num_key_value_heads": 1}, attention_bias=True,
+                                              mlp_bias=True),
+        "qwen2": lambda: Qwen2Config(**common),
+        "mistral": lambda: MistralConfig(**common, sliding_window=4096),
+        "qwen3": lambda: Qwen3Config(**common),
+        "mistral-window-8": lambda: MistralConfig(**common, sliding_window=8),
+    }[variant]()
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(config).eval()
+    ids, mask = _two_prompts(tok)
+    if variant in ("qwen3", "mistral-window-8"):
+        assert not static_decode.supports(lm, ids.shape[1] + 12)
+        with pytest.raises(ValueError, match="StaticDecoder supports"):
+            static_decode.StaticDecoder(lm, 2, ids.shape[1], 12)
+        return
+    for with_lora in (False, True):
+        if with_lora:
+            lm = lora.add_lora(lm, rank=4, alpha=8)
+            with torch.no_grad():
+                for name, p in lm.named_parameters():
+                    if ".lora_B" in name:
+                        p.normal_(std=0.2)  # adapters that change the output
+        assert static_decode.supports(lm, ids.shape[1] + 12)
+        _assert_decoder_logits_match(lm, tok)
+        dec = static_decode.StaticDecoder(lm, 2, ids.shape[1], 12)
+        for seed in range(3):
+            fast = dec.sample(ids, mask, 1.0, tok.eos_token_id, tok.pad_token_id, torch.Generator().manual_seed(seed))
+            slow = sample(lm, ids, mask, 12, 1.0, tok.eos_token_id, tok.pad_token_id,
+                          torch.Generator().manual_seed(seed))
+            assert torch.equal(fast, slow), (with_lora, seed)

@@ -1,18 +1,22 @@
-"""Fast rollouts for GPT-2-family policies: a preallocated KV cache, and on CUDA a graph per step.
+"""Fast rollouts: a preallocated KV cache, and on CUDA a graph per step (GPT-2 and Llama families).
 
 Generation is most of a PPO step, and at PPO's batch sizes one decode step of a small model is
 a few hundred tiny kernels: eager PyTorch spends its time launching them. This decoder keeps
-the KV cache in fixed buffers (B, heads, P + T, head_dim) per layer, so every decode step has
+the KV cache in fixed buffers (B, kv_heads, P + T, head_dim) per layer, so every decode step has
 the same shapes and addresses; on CUDA it records one step into a CUDA graph once and replays
 it, one launch per token. The weights are read in place, so an optimizer step between
 rollouts needs no new capture.
 
-It reuses the model's own modules (embeddings, layer norms, projections, MLP, LM head); only
-the cached attention is written here. `sample` in rollout.py is the general path (any causal
-LM, HF's dynamic cache); `supports(lm)` says whether this one applies. Imports torch and
+It reuses the model's own modules (embeddings, norms, projections, MLP, LM head, with any LoRA
+adapters on them); only the cached attention and the layout of a block are written here, once
+per family: `_GPT2` (learned positions, fused qkv) and `_Llama` (rotary positions, grouped-query
+attention; also Mistral and Qwen2). `sample` in rollout.py is the general path (any causal LM,
+HF's dynamic cache); `supports(lm)` says whether this one applies. Imports torch and
 transformers only.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -20,13 +24,115 @@ from torch import nn
 
 from tasks.ppo.rollout import position_ids_from_mask, sample_token
 
+LLAMA_LIKE = ("llama", "mistral", "qwen2")  # one block layout (modular copies in transformers)
 
-def supports(lm: nn.Module) -> bool:
-    """GPT-2 layout with the attention this file implements (scaled by 1/sqrt(head_dim) only)."""
+
+def _base(lm: nn.Module) -> nn.Module:
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # a PEFT model: the model inside
+
+
+def _window(cfg) -> int | None:
+    """The sliding-attention window, where a layer has one (Mistral; Qwen2 when configured)."""
+    if cfg.model_type == "mistral":
+        return getattr(cfg, "sliding_window", None)
+    if "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
+        return getattr(cfg, "sliding_window", None)
+    return None
+
+
+def supports(lm: nn.Module, max_len: int | None = None) -> bool:
+    """GPT-2 or Llama layout with the attention and positions this file implements."""
     cfg = getattr(lm, "config", None)
-    return (getattr(cfg, "model_type", None) == "gpt2" and hasattr(lm, "transformer")
-            and getattr(cfg, "scale_attn_weights", True) and not getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
-            and not getattr(cfg, "reorder_and_upcast_attn", False) and not getattr(cfg, "add_cross_attention", False))
+    kind = getattr(cfg, "model_type", None)
+    if kind == "gpt2":
+        return (hasattr(_base(lm), "transformer")
+                and getattr(cfg, "scale_attn_weights", True) and not getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
+                and not getattr(cfg, "reorder_and_upcast_attn", False) and not getattr(cfg, "add_cross_attention", False))
+    if kind in LLAMA_LIKE:
+        rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
+        window = _window(cfg)
+        return (hasattr(_base(lm), "model") and rope not in ("dynamic", "longrope")  # those change with length
+                and (window is None or (max_len is not None and max_len <= window)))
+    return False
+
+
+class _GPT2:
+    """GPT-2: learned positions added to the embeddings, one qkv projection, LayerNorm, GELU MLP."""
+
+    def __init__(self, lm: nn.Module, max_len: int):
+        cfg, self.tr = lm.config, _base(lm).transformer
+        self.blocks, self.embedding, self.max_positions = list(self.tr.h), self.tr.wte, cfg.n_positions
+        self.n_head = self.n_kv = cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.scale = None  # SDPA's default, 1 / sqrt(head_dim)
+        self.gelu_tanh = cfg.activation_function in ("gelu_new", "gelu_pytorch_tanh")
+
+    def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.tr.wte(ids) + self.tr.wpe(pos)
+
+    def qkv(self, block: nn.Module, h: torch.Tensor, pos: torch.Tensor):
+        attn = block.attn
+        q, k, v = attn.c_attn(block.ln_1(h)).split(attn.split_size, dim=2)
+        B, S, _ = q.shape
+        return (x.view(B, S, attn.num_heads, attn.head_dim).transpose(1, 2) for x in (q, k, v))
+
+    def out(self, block: nn.Module, a: torch.Tensor) -> torch.Tensor:
+        return block.attn.c_proj(a)
+
+    def mlp(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        mlp, x = block.mlp, block.ln_2(h)
+        if self.gelu_tanh:  # GPT-2's gelu_new is the tanh GELU: one fused kernel instead of seven
+            return mlp.c_proj(F.gelu(mlp.c_fc(x), approximate="tanh"))
+        return mlp(x)
+
+    def norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.tr.ln_f(h)
+
+
+class _Llama:
+    """Llama (and Mistral, Qwen2): rotary positions, q/k/v projections with fewer key/value heads
+    than query heads (grouped-query attention), RMSNorm, gated MLP."""
+
+    def __init__(self, lm: nn.Module, max_len: int):
+        cfg, self.m = lm.config, _base(lm).model
+        self.blocks, self.embedding = list(self.m.layers), self.m.embed_tokens
+        self.max_positions = cfg.max_position_embeddings
+        attn = self.blocks[0].self_attn
+        self.n_head, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim, self.scale = attn.head_dim, attn.scaling
+        # cos / sin of every position a rollout reaches, once, by the model's own rotary module
+        # (its scaling types included), in float32 as HF computes them
+        device = self.embedding.weight.device
+        positions = torch.arange(max_len, device=device)[None]
+        cos, sin = self.m.rotary_emb(torch.zeros(1, device=device), positions)
+        self.cos, self.sin = cos[0], sin[0]  # (L, head_dim)
+
+    def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.m.embed_tokens(ids)
+
+    def qkv(self, block: nn.Module, h: torch.Tensor, pos: torch.Tensor):
+        attn, x = block.self_attn, block.input_layernorm(h)
+        B, S, _ = x.shape
+        q, k, v = (proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
+                   for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # (B, 1, S, D) float32
+        # in float32 as HF's (its bf16 q and k meet float32 cos / sin), kept in the projection's dtype
+        return _rotate(q, cos, sin).to(q.dtype), _rotate(k, cos, sin).to(k.dtype), v
+
+    def out(self, block: nn.Module, a: torch.Tensor) -> torch.Tensor:
+        return block.self_attn.o_proj(a)
+
+    def mlp(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return block.mlp(block.post_attention_layernorm(h))
+
+    def norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.m.norm(h)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding, as HF's apply_rotary_pos_emb (the two halves rotated)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 class StaticDecoder:
@@ -38,68 +144,67 @@ class StaticDecoder:
 
     def __init__(self, lm: nn.Module, batch: int, prompt_len: int, max_new_tokens: int,
                  use_graph: bool | None = None, autocast_dtype: torch.dtype | None = None):
-        if not supports(lm):
-            raise ValueError(f"StaticDecoder supports GPT-2-family models, not {type(lm).__name__}")
-        self.lm, self.tr = lm, lm.transformer
         self.B, self.P, self.T = batch, prompt_len, max_new_tokens
         self.L = prompt_len + max_new_tokens
-        if self.L > lm.config.n_positions:
+        if not supports(lm, self.L):
+            raise ValueError(f"StaticDecoder supports GPT-2 and Llama-family models (Mistral and Qwen2 within "
+                             f"their sliding window), not {type(lm).__name__}")
+        self.lm = lm
+        self.arch = (_GPT2 if lm.config.model_type == "gpt2" else _Llama)(lm, self.L)
+        if self.L > self.arch.max_positions:
             raise ValueError(f"prompt {prompt_len} + response {max_new_tokens} tokens exceed the model's "
-                             f"{lm.config.n_positions} positions")
-        device = self.tr.wte.weight.device
+                             f"{self.arch.max_positions} positions")
+        weight = self.arch.embedding.weight
+        device = weight.device
         self.use_graph = device.type == "cuda" if use_graph is None else use_graph
         if self.use_graph and device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
         self.autocast_dtype = autocast_dtype
-        n_head = lm.config.n_head
-        head_dim = lm.config.n_embd // n_head
-        dtype = autocast_dtype or self.tr.wte.weight.dtype
-        shape = (batch, n_head, self.L, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.tr.h]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.tr.h]
+        dtype = autocast_dtype or weight.dtype
+        shape = (batch, self.arch.n_kv, self.L, self.arch.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.arch.blocks]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.arch.blocks]
         # Per-step state, all in fixed buffers so the captured graph can read and advance it.
         self.mask = torch.zeros(batch, 1, 1, self.L, dtype=torch.bool, device=device)  # True = may attend
         self.col = torch.zeros(1, dtype=torch.long, device=device)  # cache column of the token fed in
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)  # its position id per row
         self.token = torch.zeros(batch, dtype=torch.long, device=device)  # the token fed in
-        self.logits = torch.zeros(batch, lm.config.vocab_size, dtype=torch.float32, device=device)
+        V = lm.config.vocab_size
+        self.logits = torch.zeros(batch, V, dtype=torch.float32, device=device)
         # The LM head reads a copy of its weight padded to a multiple of 64 rows, refreshed once per
         # rollout: GPT-2's 50257 rows leave cuBLAS only slow unaligned bf16 kernels (measured 281 us
         # against about 15 us per step on an H100), and the copy is already in the compute dtype.
-        V = lm.config.vocab_size
-        self.head = torch.zeros(-(-V // 64) * 64, lm.config.n_embd, dtype=dtype, device=device)
-        self.gelu_tanh = lm.config.activation_function in ("gelu_new", "gelu_pytorch_tanh")
+        self.head = torch.zeros(-(-V // 64) * 64, weight.shape[1], dtype=dtype, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def _autocast(self):
-        device_type = self.tr.wte.weight.device.type
+        device_type = self.head.device.type
         # cache_enabled=False: a graph must not capture autocast's weight cache (stale after an update)
         return torch.autocast(device_type, dtype=self.autocast_dtype or torch.bfloat16,
                               enabled=self.autocast_dtype is not None, cache_enabled=False)
 
-    def _mlp(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.gelu_tanh:  # GPT-2's gelu_new is the tanh GELU: one fused kernel instead of seven
-            return mlp.c_proj(F.gelu(mlp.c_fc(x), approximate="tanh"))
-        return mlp(x)
-
-    def _blocks(self, h: torch.Tensor, write, attn_mask: torch.Tensor, decode: bool) -> torch.Tensor:
+    def _blocks(self, h: torch.Tensor, pos: torch.Tensor, write, attn_mask: torch.Tensor,
+                decode: bool) -> torch.Tensor:
         """The transformer blocks; `write(layer, k, v)` stores new keys/values and returns the cache to attend."""
-        for i, block in enumerate(self.tr.h):
-            attn = block.attn
-            q, k, v = attn.c_attn(block.ln_1(h)).split(attn.split_size, dim=2)
-            B, S, _ = q.shape
-            q, k, v = (x.view(B, S, attn.num_heads, attn.head_dim).transpose(1, 2) for x in (q, k, v))
+        arch = self.arch
+        groups = arch.n_head // arch.n_kv  # query heads per key/value head
+        for i, block in enumerate(arch.blocks):
+            q, k, v = arch.qkv(block, h, pos)  # (B, heads, S, D), positions applied
+            B, _, S, D = q.shape
             keys, values = write(i, k, v)
             keys, values = keys.to(q.dtype), values.to(q.dtype)
             if decode:  # one query per row: plain matmuls beat a fused attention kernel's launch cost here
-                scores = (q @ keys.transpose(-1, -2)) * attn.head_dim ** -0.5  # (B, H, 1, L)
+                q = q.reshape(B, arch.n_kv, groups, D)  # a key/value head's queries side by side, no copy of the cache
+                scores = (q @ keys.transpose(-1, -2)) * (arch.scale or D ** -0.5)  # (B, kv_heads, groups, L)
                 scores = scores.float().masked_fill(~attn_mask, float("-inf"))
-                a = torch.softmax(scores, dim=-1).to(values.dtype) @ values
+                a = (torch.softmax(scores, dim=-1).to(values.dtype) @ values).reshape(B, arch.n_head, 1, D)
             else:
-                a = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask)
-            h = h + attn.c_proj(a.transpose(1, 2).reshape(B, S, -1))
-            h = h + self._mlp(block.mlp, block.ln_2(h))
-        return self.tr.ln_f(h)
+                if groups > 1:
+                    keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
+                a = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, scale=arch.scale)
+            h = h + arch.out(block, a.transpose(1, 2).reshape(B, S, -1))
+            h = h + arch.mlp(block, h)
+        return arch.norm(h)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """(B, D) last hidden states -> (B, V) float32 logits, through the padded head copy."""
@@ -108,7 +213,7 @@ class StaticDecoder:
     @torch.no_grad()
     def refresh_head(self) -> None:
         """Copy the LM head's current weights into the padded copy (every rollout: they train)."""
-        self.head[:self.logits.shape[1]].copy_(self.lm.lm_head.weight)
+        self.head[:self.logits.shape[1]].copy_(self.lm.get_output_embeddings().weight)
 
     def _prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         """All prompt tokens at once; fills cache columns [0, P) and returns the next-token logits."""
@@ -125,8 +230,7 @@ class StaticDecoder:
             self.v[i][:, :, :P] = v
             return k, v
 
-        h = self.tr.wte(prompt_ids) + self.tr.wpe(pos)
-        h = self._blocks(h, write, attn_mask, decode=False)
+        h = self._blocks(self.arch.embed(prompt_ids, pos), pos, write, attn_mask, decode=False)
         self.mask.zero_()
         self.mask[:, 0, 0, :P] = real
         self.pos.copy_(real.long().sum(-1))
@@ -142,8 +246,8 @@ class StaticDecoder:
             self.v[i].index_copy_(2, self.col, v.to(self.v[i].dtype))
             return self.k[i], self.v[i]
 
-        h = self.tr.wte(self.token[:, None]) + self.tr.wpe(self.pos[:, None])
-        h = self._blocks(h, write, self.mask, decode=True)
+        pos = self.pos[:, None]
+        h = self._blocks(self.arch.embed(self.token[:, None], pos), pos, write, self.mask, decode=True)
         self.logits.copy_(self._logits(h[:, -1]))
         self.col.add_(1)
         self.pos.add_(1)
@@ -176,7 +280,12 @@ class StaticDecoder:
                              f"got {tuple(prompt_ids.shape)}")
         self.refresh_head()
         if self.use_graph and self.graph is None:
-            self._capture()
+            try:
+                self._capture()
+            except RuntimeError as e:  # a module that cannot be captured: slower, not stopped
+                warnings.warn(f"CUDA graph capture of the decode step failed for {type(self.lm).__name__} ({e}); "
+                              "decoding with the static cache, step by step", stacklevel=2)
+                self.use_graph, self.graph = False, None
         with self._autocast():
             logits = self._prefill(prompt_ids, prompt_mask)
         done = torch.zeros(self.B, dtype=torch.bool, device=prompt_ids.device)

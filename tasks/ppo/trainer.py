@@ -75,7 +75,7 @@ class PPOConfig:
     checkpoint_every: int = 10
     """save a resumable checkpoint every N iterations; 0 = never"""
     generation: Literal["auto", "static", "dynamic"] = "auto"
-    """static KV cache (+ CUDA graph on GPU) for GPT-2 models"""
+    """static KV cache (+ CUDA graph on GPU) for GPT-2 and Llama-family models"""
     lora_rank: int = 0
     """LoRA rank of the policy's adapters, for models too large to train whole (reference = adapters off); 0 = off"""
     lora_alpha: float = 16.0
@@ -198,7 +198,8 @@ class PPOTrainer:
         self.history: list[dict[str, float]] = []
         # Every batch is left-padded to the longest prompt, so the static decoder keeps one shape.
         self.prompt_width = max(len(p) for p in prompts)
-        use_static = {"auto": static_decode.supports(self.unwrapped.lm), "static": True, "dynamic": False}
+        max_len = self.prompt_width + cfg.max_new_tokens
+        use_static = {"auto": static_decode.supports(self.unwrapped.lm, max_len), "static": True, "dynamic": False}
         self.decoder = None
         if use_static[cfg.generation]:
             self.decoder = static_decode.StaticDecoder(self.unwrapped.lm, cfg.batch_size, self.prompt_width,
