@@ -69,9 +69,14 @@ def pad_lm_head(lm: nn.Module) -> bool:
     return True
 
 
+def base_model(lm: nn.Module) -> nn.Module:
+    """The Hugging Face model itself: inside a PEFT model, the one its adapters were put into."""
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+
 def _keep(lm: nn.Module, n: int) -> dict:
     """HF's `logits_to_keep`: the LM head runs on the last n positions only (the response's)."""
-    model = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # PEFT passes it through
+    model = base_model(lm)  # PEFT passes it through
     return {"logits_to_keep": n} if n and "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 

@@ -22,13 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.ppo.rollout import position_ids_from_mask, sample_token
+from tasks.ppo.rollout import base_model, position_ids_from_mask, sample_token
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")  # one block layout (modular copies in transformers)
-
-
-def _base(lm: nn.Module) -> nn.Module:
-    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # a PEFT model: the model inside
 
 
 def _window(cfg) -> int | None:
@@ -45,13 +41,13 @@ def supports(lm: nn.Module, max_len: int | None = None) -> bool:
     cfg = getattr(lm, "config", None)
     kind = getattr(cfg, "model_type", None)
     if kind == "gpt2":
-        return (hasattr(_base(lm), "transformer")
+        return (hasattr(base_model(lm), "transformer")
                 and getattr(cfg, "scale_attn_weights", True) and not getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
                 and not getattr(cfg, "reorder_and_upcast_attn", False) and not getattr(cfg, "add_cross_attention", False))
     if kind in LLAMA_LIKE:
         rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
         window = _window(cfg)
-        return (hasattr(_base(lm), "model") and rope not in ("dynamic", "longrope")  # those change with length
+        return (hasattr(base_model(lm), "model") and rope not in ("dynamic", "longrope")  # those change with length
                 and (window is None or (max_len is not None and max_len <= window)))
     return False
 
@@ -60,7 +56,7 @@ class _GPT2:
     """GPT-2: learned positions added to the embeddings, one qkv projection, LayerNorm, GELU MLP."""
 
     def __init__(self, lm: nn.Module, max_len: int):
-        cfg, self.tr = lm.config, _base(lm).transformer
+        cfg, self.tr = lm.config, base_model(lm).transformer
         self.blocks, self.embedding, self.max_positions = list(self.tr.h), self.tr.wte, cfg.n_positions
         self.n_head = self.n_kv = cfg.n_head
         self.head_dim = cfg.n_embd // cfg.n_head
@@ -94,7 +90,7 @@ class _Llama:
     than query heads (grouped-query attention), RMSNorm, gated MLP."""
 
     def __init__(self, lm: nn.Module, max_len: int):
-        cfg, self.m = lm.config, _base(lm).model
+        cfg, self.m = lm.config, base_model(lm).model
         self.blocks, self.embedding = list(self.m.layers), self.m.embed_tokens
         self.max_positions = cfg.max_position_embeddings
         attn = self.blocks[0].self_attn
