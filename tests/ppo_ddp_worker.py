@@ -66,11 +66,15 @@ if not a.fsdp and accelerator.num_processes > 1:  # DDP: every process holds the
         json.dump(result, open(a.out, "w"))
 
 if a.lora_resume:
-    # A sharded LoRA run of 3 steps that checkpoints at step 2, then a new run from that checkpoint
-    # (what a run killed in step 3 leaves): the checkpoint holds the adapters and the value head
-    # only, and the resumed run ends on the same weights. The policy is a Llama (not GPT-2: HF's
-    # general sampler, rotary positions, its own block class to shard).
-    def lora_trainer():
+    # LoRA runs of 3 steps that checkpoint at step 2, sharded and DDP, then new runs from those
+    # checkpoints (what runs killed in step 3 leave): a checkpoint holds the adapters and the value
+    # head only, and the resumed run ends on the same weights. The policy is a Llama (not GPT-2:
+    # HF's general sampler, rotary positions, its own block class to shard).
+    from safetensors.torch import load_file
+
+    from tasks.ppo import sharding
+
+    def lora_trainer(fsdp: bool, folder: str):
         # the general sampler (HF's cache), which calls the LM before the policy: FSDP must know its root
         cfg = PPOConfig(steps=3, batch_size=16, minibatches=2, epochs=2, checkpoint_every=2, generation="dynamic",
                         micro_batch_size=3)  # and gradients accumulated over micro-batches, synced once
@@ -81,26 +85,29 @@ if a.lora_resume:
         torch.manual_seed(1)  # the reward head, the same on every process and in both runs
         lora_reward = load_reward(a.model_dir, tok.pad_token_id).to(accelerator.device)  # each trainer shards its own
         return PPOTrainer(PolicyWithValue(lm).to(accelerator.device), None, lora_reward, prompts, tok.eos_token_id,
-                          tok.pad_token_id, cfg, seed=0, accelerator=accelerator, fsdp=True,
-                          checkpoint_dir=a.lora_resume)
+                          tok.pad_token_id, cfg, seed=0, accelerator=accelerator, fsdp=fsdp, checkpoint_dir=folder)
 
-    from safetensors.torch import load_file
+    def whole_weights(trainer) -> dict:
+        if trainer.fsdp:
+            return sharding.full_model_state_dict(trainer.policy)
+        return {k: v.detach().clone() for k, v in trainer.unwrapped.state_dict().items()}
 
-    from tasks.ppo import sharding
-
-    straight = lora_trainer()
-    straight.train()
-    trainable = {n for n, p in straight.policy.named_parameters() if p.requires_grad}
-    saved = set(load_file(f"{a.lora_resume}/policy.safetensors")) if accelerator.is_main_process else set()
-    straight_weights = sharding.full_model_state_dict(straight.policy)
-    resumed, steps_run = lora_trainer(), []
-    resumed.train(on_step=lambda m: steps_run.append(m["step"]))
-    resumed_weights = sharding.full_model_state_dict(resumed.policy)
-    if accelerator.is_main_process:
-        result = json.load(open(a.out))
-        result.update(lora_checkpoint_trainable_only=saved == trainable,
-                      lora_resumed_steps=steps_run,
-                      lora_resumed_equal=all(torch.equal(v, resumed_weights[k]) for k, v in straight_weights.items()),
-                      lora_adapters_moved=any(".lora_B" in k and bool(v.abs().sum() > 0)
-                                              for k, v in straight_weights.items()))
-        json.dump(result, open(a.out, "w"))
+    for kind, fsdp in (("fsdp", True), ("ddp", False)):
+        folder = f"{a.lora_resume}/{kind}"
+        straight = lora_trainer(fsdp, folder)
+        straight.train()
+        trainable = {n for n, p in straight.unwrapped.named_parameters() if p.requires_grad}
+        saved = set(load_file(f"{folder}/policy.safetensors"))
+        straight_weights = whole_weights(straight)
+        resumed, steps_run = lora_trainer(fsdp, folder), []
+        resumed.train(on_step=lambda m: steps_run.append(m["step"]))
+        resumed_weights = whole_weights(resumed)
+        # every process's resumed weights equal its straight ones (DDP: each holds them whole)
+        equal = torch.tensor(float(all(torch.equal(v, resumed_weights[k]) for k, v in straight_weights.items())))
+        equal = bool(accelerator.reduce(equal.to(accelerator.device), "min"))
+        if accelerator.is_main_process:
+            result = json.load(open(a.out))
+            result[f"lora_{kind}"] = dict(
+                checkpoint_trainable_only=saved == trainable, resumed_steps=steps_run, resumed_equal=equal,
+                adapters_moved=any(".lora_B" in k and bool(v.abs().sum() > 0) for k, v in straight_weights.items()))
+            json.dump(result, open(a.out, "w"))

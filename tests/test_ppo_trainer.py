@@ -109,8 +109,8 @@ def test_ppo_on_two_processes_ddp_and_fsdp(tiny_model_dir, tmp_path):
     each process rolls out its own batch, the weights stay identical on both and do change. FSDP:
     the models are sharded, and the run ends where the DDP run ends (the same batches, the same
     averaged gradients, here without micro-batches); a sharded run killed in step 3
-    resumes from step 2's checkpoint to the same weights as the straight one, and so does a sharded
-    LoRA Llama from its adapters-only checkpoint."""
+    resumes from step 2's checkpoint to the same weights as the straight one, and so does a LoRA
+    Llama, sharded and DDP, from its adapters-only checkpoint."""
     ddp, ddp_weights = _two_processes(tiny_model_dir, tmp_path / "ddp.json", "--micro-batch", "3")
     assert ddp["processes"] == 2 and ddp["backend"] == "DistributedType.MULTI_CPU" and not ddp["sharded"]
     assert ddp["weights_in_sync"] and ddp["weights_changed"] and ddp["own_samples"]
@@ -129,9 +129,10 @@ def test_ppo_on_two_processes_ddp_and_fsdp(tiny_model_dir, tmp_path):
     assert resumed["steps"] == [1, 2, 3] and resumed["scores"] == pytest.approx(fsdp["scores"], abs=1e-6)
     for k, v in fsdp_weights.items():
         assert torch.equal(resumed_weights[k], v), k
-    # a sharded LoRA Llama (HF's sampler): its checkpoint holds the adapters and value head only
-    assert resumed["lora_checkpoint_trainable_only"] and resumed["lora_adapters_moved"]
-    assert resumed["lora_resumed_steps"] == [3] and resumed["lora_resumed_equal"]
+    # a LoRA Llama (HF's sampler), sharded and DDP: its checkpoint holds the adapters and value head only
+    for kind in ("lora_fsdp", "lora_ddp"):
+        assert resumed[kind] == dict(checkpoint_trainable_only=True, resumed_steps=[3], resumed_equal=True,
+                                     adapters_moved=True), kind
 
 
 def _two_prompts(tok):

@@ -450,8 +450,9 @@ class PPOTrainer:
         state = torch.load(folder / self._state_name, weights_only=True)
         path = folder / "policy.safetensors"
         lora_only = lora.is_lora(self.unwrapped.lm)
+        reads = self._is_main or not self.fsdp  # FSDP: the first process reads, the others receive
         weights = {}
-        if lora_only and self._is_main:  # the adapters and the value head, over the base already loaded
+        if lora_only and reads:  # the adapters and the value head, over the base already loaded
             weights = load_file(str(path))
             trainable = self._trainable_names()
             if set(weights) != trainable:
@@ -461,7 +462,7 @@ class PPOTrainer:
         if self.fsdp:  # the first process reads the whole weights and sends each process its shards
             from tasks.ppo import sharding
 
-            if not lora_only and self._is_main:
+            if not lora_only and reads:
                 weights = load_file(str(path))
             sharding.load_full_state_dict(self.policy, self.optimizer, weights, state["optimizer"],
                                           strict=not lora_only)
