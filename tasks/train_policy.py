@@ -43,10 +43,15 @@ LORA_DIR = "lora"  # inside a saved policy: its adapters and base.sha256
 
 def weights_fingerprint(ref: str | Path) -> str | None:
     """sha256 over a saved model folder's safetensors files; None for a Hugging Face id."""
-    files = sorted(Path(ref).glob("*.safetensors")) if Path(ref).is_dir() else []
+    files = _weight_files(ref)
     if not files:
         return None
     return _sha256(tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+def _weight_files(ref: str | Path) -> list[Path]:
+    """A saved model folder's safetensors files, in order; none for a Hugging Face id."""
+    return sorted(Path(ref).glob("*.safetensors")) if Path(ref).is_dir() else []
 
 
 @functools.lru_cache(maxsize=None)  # a stage reads the base's up to three times: hash its gigabytes once
@@ -128,10 +133,9 @@ def resume_key(ws: Workspace, cfg: PipelineConfig, state: RoundState, policy_ref
     and `checkpoint_every` (a resumed run may go longer, or save more often), the seed, and the
     models it starts from (their weight files' sizes and modification times: rewritten is other)."""
     def files(ref) -> list | str:
-        folder = Path(ref)
-        if not folder.is_dir():
+        if not Path(ref).is_dir():
             return str(ref)  # a Hugging Face id
-        return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.glob("*.safetensors"))]
+        return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in _weight_files(ref)]
 
     ppo = {k: v for k, v in vars(cfg.ppo).items() if k not in ("steps", "checkpoint_every")}
     return json.loads(json.dumps({
