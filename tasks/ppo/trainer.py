@@ -206,8 +206,12 @@ class PPOTrainer:
                                                        cfg.max_new_tokens, autocast_dtype=autocast_dtype)
 
     @property
+    def _ddp(self) -> bool:  # several processes, each with the whole model wrapped by accelerate
+        return self.accelerator is not None and not self.fsdp
+
+    @property
     def unwrapped(self) -> PolicyWithValue:
-        return self.accelerator.unwrap_model(self.policy) if self.accelerator and not self.fsdp else self.policy
+        return self.accelerator.unwrap_model(self.policy) if self._ddp else self.policy
 
     def _whole_weights(self):
         """Generation reads every weight at every token: under FSDP, gather them for the rollout."""
@@ -315,7 +319,7 @@ class PPOTrainer:
                         self._backward((pg_loss + cfg.vf_coef * vf_loss) * share)
                     for k, v in {"loss/policy": pg_loss, "loss/value": vf_loss, **pg_stats, **vf_stats}.items():
                         mb_stats[k] = mb_stats.get(k, 0) + v.detach() * share
-                if self.accelerator is not None and not self.fsdp:
+                if self._ddp:
                     self.accelerator.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
                 else:
                     torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
@@ -330,7 +334,7 @@ class PPOTrainer:
         return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
     def _backward(self, loss: torch.Tensor) -> None:
-        if self.accelerator is not None and not self.fsdp:
+        if self._ddp:
             self.accelerator.backward(loss)
         else:
             loss.backward()
