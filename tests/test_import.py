@@ -77,16 +77,19 @@ def test_imported_hh_pairs_train_the_reward_model(ws, tmp_path):
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=512, n_embd=64, n_layer=2, n_head=2,
                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
     base = save(model, tok, tmp_path / "hh-base")
+    # an HH-RLHF file of its own (the sample's last 300 lines, untouched) for "when configured"
+    eval_file = tmp_path / "hh-eval.jsonl"
+    eval_file.write_bytes(b"\n".join(HH_RLHF.read_bytes().rstrip(b"\n").split(b"\n")[-300:]) + b"\n")
     cfg = load_config(None, {"reward.epochs": 1, "reward.max_length": 512, "reward.batch_size": 16,
-                             "reward.eval_file": str(HH_RLHF)})
-    metrics = train(str(base), str(base), pairs[:400], cfg, tmp_path / "hh-reward")
-    # "when configured": accuracy on the whole HH-RLHF sample, read straight from its own format
-    assert metrics["eval_file"]["n"] + metrics["eval_file"]["too_long"] == 1812
+                             "reward.eval_file": str(eval_file)})
+    metrics = train(str(base), str(base), pairs[:240], cfg, tmp_path / "hh-reward")
+    # accuracy on that file, read straight from HH-RLHF's own format, every pair counted
+    assert metrics["eval_file"]["n"] + metrics["eval_file"]["too_long"] == 300
     assert 0 <= metrics["eval_file"]["accuracy"] <= 1
     import mlflow
     assert mlflow.active_run() is None  # outside a stage, training logs nowhere and leaves no run open
-    assert metrics["train"]["n"] + metrics["held_out"]["n"] + metrics["too_long"] == 400  # none lost silently
-    assert metrics["too_long"] < 400 and 0 <= metrics["held_out"]["accuracy"] <= 1
+    assert metrics["train"]["n"] + metrics["held_out"]["n"] + metrics["too_long"] == 240  # none lost silently
+    assert metrics["too_long"] < 240 and 0 <= metrics["held_out"]["accuracy"] <= 1
     assert (tmp_path / "hh-reward" / "model.safetensors").exists()
 
 
