@@ -5,13 +5,14 @@ params file is read, and it names the bad key and the fix when a value is wrong.
 """
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tasks.ppo.trainer import PPOConfig  # a plain dataclass: the PPO core imports no pydantic
+from tasks.ppo.config import PPOConfig  # a plain dataclass: the PPO core imports no pydantic
 
 
 class _Strict(BaseModel):
@@ -99,6 +100,38 @@ class GatesConfig(_Strict):
     min_reward_accuracy: float = Field(0.6, ge=0, le=1, description="reward model's held-out pairwise accuracy floor")
 
 
+def valid_cron(value: str) -> bool:
+    """Whether Prefect, which `rlhf serve` schedules with, takes `value` as a cron schedule."""
+    global _cron_check
+    if _cron_check is None:
+        _cron_check = cron_check(Path(importlib.util.find_spec("prefect").submodule_search_locations[0]))
+    return _cron_check(value)
+
+
+_cron_check = None
+
+
+def cron_check(prefect_dir: Path) -> Callable[[str], bool]:
+    """Prefect's own cron rule (its vendored croniter, no random or hashed fields), with the parser
+    loaded from Prefect's folder without importing Prefect, which would cost every stage 1.3 s at
+    start. A Prefect laid out otherwise is asked itself."""
+    path = prefect_dir / "_vendor" / "croniter" / "croniter.py"
+    if not path.is_file():
+        def ask_prefect(value: str) -> bool:
+            from prefect.client.schemas.schedules import CronSchedule
+            try:
+                CronSchedule(cron=value)
+            except ValidationError:
+                return False
+            return True
+        return ask_prefect
+    spec = importlib.util.spec_from_file_location("_rlhf_prefect_croniter", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return lambda value: (module.croniter.is_valid(value)
+                          and not any(field.casefold() in ("r", "h") for field in value.split()))
+
+
 class RefinementConfig(_Strict):
     cron: str = Field("0 3 * * *", description="when `rlhf serve` schedules a refinement round (cron)")
     timezone: str = Field("UTC", description="time zone of the cron schedule (IANA name)")
@@ -110,11 +143,8 @@ class RefinementConfig(_Strict):
     @field_validator("cron")
     @classmethod
     def _cron(cls, value: str) -> str:
-        from prefect.client.schemas.schedules import CronSchedule  # Prefect's own parser: what serve uses
-        try:
-            CronSchedule(cron=value)
-        except ValidationError:
-            raise ValueError(f"not a cron expression: {value!r} (five fields, e.g. '0 3 * * *')") from None
+        if not valid_cron(value):
+            raise ValueError(f"not a cron expression: {value!r} (five fields, e.g. '0 3 * * *')")
         return value
 
     @field_validator("timezone")

@@ -10,9 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-
-class ModelLoadError(ValueError):
-    pass
+from tasks.errors import ModelLoadError  # noqa: F401  (raised here; importers catch it from here too)
 
 
 def _explain(ref: str, kind: str, err: Exception) -> ModelLoadError:

@@ -2,15 +2,14 @@
 (DVC runs commands at the repository root), the config and the round state."""
 from __future__ import annotations
 
+import os
 import random
 import sys
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from tasks.config import ConfigError, PipelineConfig, load_config
-from tasks.modeling import ModelLoadError
+from tasks.errors import ModelLoadError
 from tasks.workspace import RoundState, Workspace
 
 
@@ -20,17 +19,21 @@ class StageError(RuntimeError):
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    torch.manual_seed(seed)
+    if "torch" in sys.modules:  # every stage that uses torch imports it at the top, before this runs
+        sys.modules["torch"].manual_seed(seed)
 
 
 def quiet_libraries() -> None:
-    """Progress bars and load reports of transformers and datasets drown the stage's own log."""
-    import datasets
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
+    """Progress bars and load reports of transformers and datasets drown the stage's own log.
+    Through the environment for libraries not imported yet (they read it when they are; a stage
+    that never needs them does not pay seconds to import them), and for the processes started."""
+    os.environ.update({"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                       "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"})
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.set_verbosity_error()
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
 
 
 def stage_main(run: Callable[[Workspace, PipelineConfig, RoundState], object]) -> None:

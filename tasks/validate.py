@@ -21,7 +21,6 @@ import pandas as pd
 
 from tasks import tracking, versioning
 from tasks.config import PipelineConfig, ValidateConfig
-from tasks.modeling import load_tokenizer, pair_token_length
 from tasks.records import SOURCE_PATTERN, BadLine, read_jsonl, write_jsonl_atomic
 from tasks.stage import StageError, stage_main
 from tasks.workspace import RoundState, Workspace
@@ -221,6 +220,8 @@ def validate_files(files: list[Path], cfg: ValidateConfig, gx_root: Path, tokeni
     frame["_repeat"] = frame.duplicated(subset=[*TEXT_FIELDS, "annotator"], keep="first")
     with_tokens = tokenizer is not None and cfg.max_tokens is not None
     if with_tokens:
+        from tasks.modeling import pair_token_length  # transformers: only when a token bound is set
+
         frame["_tokens"] = [pair_token_length(tokenizer, p, c, r)
                             for p, c, r in zip(frame["prompt"], frame["chosen"], frame["rejected"])]
     ctx = _context(gx_root)
@@ -288,6 +289,8 @@ def policy_tokenizer(ws: Workspace, cfg: ValidateConfig):
     """The tokenizer `max_tokens` counts in (the base policy's), or None when no bound is set or no base exists."""
     if cfg.max_tokens is None or not (ws.base_model / "tokenizer_config.json").exists():
         return None
+    from tasks.modeling import load_tokenizer  # transformers: only when a token bound is set
+
     return load_tokenizer(ws.base_model)
 
 

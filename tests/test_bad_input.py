@@ -32,6 +32,10 @@ from tasks.config import ValidateConfig
     ("project: 'has spaces'\n", "project"),
     ("collect:\n  pairs_per_prompt: 0\n", "collect.pairs_per_prompt"),
     ("unknown_section: {}\n", "unknown_section"),
+    ("refinement:\n  cron: '61 * * * *'\n", "refinement.cron"),
+    ("refinement:\n  cron: '0 3 * *'\n", "refinement.cron"),
+    ("refinement:\n  cron: 'H 3 * * *'\n", "refinement.cron"),
+    ("refinement:\n  timezone: Mars/Olympus\n", "refinement.timezone"),
 ])
 def test_malformed_config_is_named(tmp_path, text, expected):
     path = tmp_path / "params.yaml"
@@ -39,6 +43,33 @@ def test_malformed_config_is_named(tmp_path, text, expected):
     with pytest.raises(ConfigError, match=expected.replace(".", r"\.").replace("[", r"\[")):
         load_config(path)
     assert path.read_text() == text  # the user's file is left as it was
+
+
+@pytest.mark.parametrize("cron", ["0 3 * * *", "*/5 * * * 1-5", "0 3 * * MON", "@daily", "0 0 31 2 *",
+                                  "61 * * * *", "0 3 * *", "H * * * *", "R 1 * * *", "", "a b c d e"])
+def test_cron_check_is_prefects_own(tmp_path, cron):
+    """The config's cron check reads Prefect's parser without importing Prefect; it must say what
+    Prefect says, and a Prefect without that parser's file is asked itself."""
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    from tasks.config import cron_check, valid_cron
+
+    try:
+        CronSchedule(cron=cron)
+        prefect_takes_it = True
+    except ValidationError:
+        prefect_takes_it = False
+    assert valid_cron(cron) == cron_check(tmp_path)(cron) == prefect_takes_it
+
+
+def test_stages_that_load_no_model_import_no_torch_prefect_or_transformers():
+    """Every stage is a process of its own: seconds of imports it never uses are paid every round."""
+    code = ("import sys; import tasks.validate, tasks.promote; from tasks.config import load_config; "
+            "load_config('params.yaml'); print(sorted({'torch', 'transformers', 'prefect'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_missing_config_file(tmp_path):

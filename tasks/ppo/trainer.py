@@ -15,100 +15,15 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tasks.ppo import core, lora, static_decode
+from tasks.ppo.config import PPOConfig
 from tasks.ppo.rollout import PolicyWithValue, pad_lm_head, response_forward, reward_scores, sample
-
-
-@dataclass
-class PPOConfig:
-    """PPO hyper-parameters (the `ppo` section of params.yaml). Each field's docstring is its
-    description in the Prefect run form (pydantic reads them; this module does not import it)."""
-
-    __pydantic_config__ = {"use_attribute_docstrings": True, "extra": "forbid"}  # unknown keys: an error
-
-    steps: int = 40
-    """PPO iterations, one rollout batch each"""
-    batch_size: int = 128
-    """episodes per rollout"""
-    minibatches: int = 4
-    """minibatches per PPO epoch"""
-    epochs: int = 4
-    """PPO epochs over each rollout"""
-    micro_batch_size: int = 0
-    """episodes per forward/backward pass, to bound memory: the scoring passes and each minibatch's update run in chunks of this size, gradients accumulated (same results); 0 = whole"""
-    lr: float = 1e-4
-    """Adam learning rate (policy and value head)"""
-    max_new_tokens: int = 10
-    """longest response, in tokens"""
-    temperature: float = 1.0
-    """sampling temperature"""
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    """per-token KL estimator"""
-    kl_coef: float = 0.1
-    """initial KL penalty coefficient"""
-    target_kl: float | None = 3.0
-    """adaptive controller target, nats per sequence; None = fixed coefficient"""
-    kl_horizon: int = 2000
-    """adaptive controller horizon, in episodes"""
-    gamma: float = 1.0
-    """discount"""
-    lam: float = 0.95
-    """GAE lambda"""
-    cliprange: float = 0.2
-    """policy ratio clip"""
-    cliprange_value: float = 0.2
-    """value clip"""
-    vf_coef: float = 0.5
-    """value loss weight"""
-    whiten_rewards: bool = False
-    """whiten per-token rewards before GAE"""
-    missing_eos_penalty: float | None = 1.0
-    """subtracted from the score of a response that never ends"""
-    max_grad_norm: float = 1.0
-    """gradient clipping"""
-    checkpoint_every: int = 10
-    """save a resumable checkpoint every N iterations; 0 = never"""
-    generation: Literal["auto", "static", "dynamic"] = "auto"
-    """static KV cache (+ CUDA graph on GPU) for GPT-2 and Llama-family models"""
-    lora_rank: int = 0
-    """LoRA rank of the policy's adapters, for models too large to train whole (reference = adapters off); 0 = off"""
-    lora_alpha: float = 16.0
-    """LoRA scale numerator: the adapters' update is scaled by lora_alpha / lora_rank"""
-    processes: int = 1
-    """processes the train_policy stage runs PPO on, one per GPU (CPU processes without one); each its own batch"""
-    fsdp: bool = False
-    """shard policy, reference and reward model over the processes (FSDP) instead of a whole copy each (DDP)"""
-
-    def __post_init__(self):
-        positive = ["steps", "batch_size", "minibatches", "epochs", "lr", "max_new_tokens", "temperature",
-                    "kl_horizon", "cliprange", "cliprange_value", "max_grad_norm"]
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"ppo.{name} must be > 0, got {getattr(self, name)!r}")
-        if self.batch_size % self.minibatches:
-            raise ValueError(f"ppo.batch_size ({self.batch_size}) must be a multiple of "
-                             f"ppo.minibatches ({self.minibatches})")
-        if self.kl_estimator not in ("k1", "k3"):
-            raise ValueError(f"ppo.kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
-        if not 0 <= self.lam <= 1 or not 0 < self.gamma <= 1:
-            raise ValueError(f"ppo.lam must be in [0, 1] and ppo.gamma in (0, 1], got {self.lam}, {self.gamma}")
-        for name in ["kl_coef", "vf_coef", "checkpoint_every", "lora_rank", "micro_batch_size"]:
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"ppo.{name} must be >= 0, got {getattr(self, name)!r}")
-        if not self.lora_alpha > 0:
-            raise ValueError(f"ppo.lora_alpha must be > 0, got {self.lora_alpha!r}")
-        if not self.processes >= 1:
-            raise ValueError(f"ppo.processes must be >= 1, got {self.processes!r}")
-        if self.fsdp and self.processes < 2:
-            raise ValueError("ppo.fsdp shards the models over ppo.processes: set ppo.processes to 2 or more")
-        if self.generation not in ("auto", "static", "dynamic"):
-            raise ValueError(f"ppo.generation must be 'auto', 'static' or 'dynamic', got {self.generation!r}")
 
 
 @dataclass
