@@ -33,7 +33,8 @@ from tasks.config import PipelineConfig
 from tasks.modeling import load_policy, load_reward, load_tokenizer, save
 from tasks.ppo import lora
 from tasks.ppo.rollout import PolicyWithValue
-from tasks.ppo.trainer import PPOTrainer
+from tasks.ppo.config import RESUMABLE_CHANGES
+from tasks.ppo.trainer import PPOTrainer, changed_keys
 from tasks.stage import StageError, stage_main
 from tasks.workspace import RoundState, Workspace
 
@@ -129,15 +130,16 @@ WORKER = "RLHF_PPO_WORKER"  # set in the processes the stage starts: the round's
 
 
 def resume_key(ws: Workspace, cfg: PipelineConfig, state: RoundState, policy_ref: str) -> dict:
-    """What a PPO checkpoint must share with this run to be resumed: every PPO setting but `steps`
-    and `checkpoint_every` (a resumed run may go longer, or save more often), the seed, and the
-    models it starts from (their weight files' sizes and modification times: rewritten is other)."""
+    """What a PPO checkpoint must share with this run to be resumed: every PPO setting but those a
+    resumed run may change (RESUMABLE_CHANGES: go longer, save more often, compute in chunks or
+    with the other decoder), the seed, and the models it starts from (their weight files' sizes
+    and modification times: rewritten is other)."""
     def files(ref) -> list | str:
         if not Path(ref).is_dir():
             return str(ref)  # a Hugging Face id
         return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in _weight_files(ref)]
 
-    ppo = {k: v for k, v in vars(cfg.ppo).items() if k not in ("steps", "checkpoint_every")}
+    ppo = {k: v for k, v in vars(cfg.ppo).items() if k not in RESUMABLE_CHANGES}
     return json.loads(json.dumps({
         "ppo": ppo, "seed": cfg.seed, "round": state.round,
         "models": {"policy": files(policy_ref), "base": files(ws.base_model), "reward": files(ws.reward_model)},
@@ -155,25 +157,13 @@ def keep_matching_checkpoints(folder: Path, key: dict) -> None:
         except (OSError, ValueError):
             old = None  # no stamp (written before stamps existed, or cut off): not provably ours
         if old != key:
-            now, then = _flatten(key), _flatten(old) if isinstance(old, dict) else {}
-            changed = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
-            why = f"{', '.join(changed)} changed" if then else "they have no readable run.json"
+            readable = isinstance(old, dict)
+            why = f"{', '.join(changed_keys(key, old))} changed" if readable else "they have no readable run.json"
             print(f"PPO checkpoints in {folder} belong to another run ({why}): deleted; "
                   "this run starts from its first step", flush=True)
             shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(key, indent=1, sort_keys=True))
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    """{"ppo": {"lr": 1e-4}} -> {"ppo.lr": 1e-4}"""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> list[dict] | None:

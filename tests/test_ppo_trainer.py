@@ -57,6 +57,22 @@ def test_killed_run_resumes_with_identical_results(tiny_model_dir, tiny_reward_d
         assert torch.equal(a, b)
     assert resumed.kl_ctl.value == straight.kl_ctl.value
     assert [h["objective/scores"] for h in resumed.history] == [h["objective/scores"] for h in straight.history]
+    # the checkpoint is that run's: other settings, another seed or other prompts are refused by name...
+    other_lr, _ = make_trainer(tiny_model_dir, tiny_reward_dir, tmp_path / "ckpt", steps=9, batch_size=32, lr=5e-5)
+    with pytest.raises(ValueError, match=r"another run's \(ppo\.lr differ\)"):
+        other_lr.train()
+    other_seed, _ = make_trainer(tiny_model_dir, tiny_reward_dir, tmp_path / "ckpt", steps=9, batch_size=32)
+    other_seed.seed = 7
+    with pytest.raises(ValueError, match=r"\(seed differ\)"):
+        other_seed.load_checkpoint(tmp_path / "ckpt")
+    other_seed.seed, other_seed.prompts = 0, other_seed.prompts[:-1]
+    with pytest.raises(ValueError, match=r"\(prompts differ\)"):
+        other_seed.load_checkpoint(tmp_path / "ckpt")
+    # ...while going longer, in micro-batches, with the other decoder continues it
+    longer, _ = make_trainer(tiny_model_dir, tiny_reward_dir, tmp_path / "ckpt", steps=7, checkpoint_every=3,
+                             batch_size=32, micro_batch_size=3, generation="dynamic")
+    longer.train()
+    assert longer.resumed_from == 6 and longer.step == 7
 
 
 def test_rollout_logprobs_match_a_full_forward(tiny_model_dir):
@@ -275,9 +291,9 @@ def test_lora_run_resumes_with_identical_results(tiny_model_dir, tiny_reward_dir
     other = _lora_trainer(tiny_model_dir, tiny_reward_dir, rank=2, steps=4, checkpoint_every=2)
     with pytest.raises((ValueError, RuntimeError), match="size mismatch|does not hold"):
         other.load_checkpoint(tmp_path)
-    # nor do a full policy's weights (a checkpoint of a run without LoRA in the same folder)
+    # nor do a full policy's weights (a checkpoint of a run without LoRA in the same folder, same settings)
     full, _ = make_trainer(tiny_model_dir, tiny_reward_dir, tmp_path / "full", steps=1, checkpoint_every=1,
-                           batch_size=16)
+                           batch_size=16, minibatches=2, epochs=2)
     full.train()
     with pytest.raises(ValueError, match="does not hold this LoRA policy's trainable weights"):
         _lora_trainer(tiny_model_dir, tiny_reward_dir, steps=2).load_checkpoint(tmp_path / "full")
@@ -450,6 +466,7 @@ def test_pipeline_resumes_only_the_checkpoints_of_the_same_run(tmp_path, capsys)
     (ckpt / "trainer.pt").write_bytes(b"state")  # what a killed run leaves
     assert start() == "" and (ckpt / "trainer.pt").exists()
     assert start(load_config(None, {**FAST, "ppo.steps": 60, "ppo.checkpoint_every": 3})) == ""
+    assert start(load_config(None, {**FAST, "ppo.micro_batch_size": 8, "ppo.generation": "dynamic"})) == ""
     assert (ckpt / "trainer.pt").exists()
     out = start(load_config(None, {**FAST, "ppo.lr": 5e-5}))
     assert "ppo.lr changed" in out and "deleted" in out and not (ckpt / "trainer.pt").exists()

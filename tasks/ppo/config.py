@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+# Settings a resumed run may change: how long it goes, how often it saves, and how it computes
+# the same numbers (chunked passes and either decoder give the same results). Any other change
+# makes a checkpoint another run's.
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "micro_batch_size", "generation")
+
 
 @dataclass
 class PPOConfig:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tasks.ppo import core, lora, static_decode
-from tasks.ppo.config import PPOConfig
+from tasks.ppo.config import RESUMABLE_CHANGES, PPOConfig
 from tasks.ppo.rollout import PolicyWithValue, pad_lm_head, response_forward, reward_scores, sample
 
 
@@ -104,6 +106,8 @@ class PPOTrainer:
             if not fsdp:
                 self.policy, self.optimizer = accelerator.prepare(policy, self.optimizer)
             self.device = accelerator.device
+        self.seed = seed
+        if accelerator is not None:
             seed = seed + accelerator.process_index
         self.kl_ctl = core.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
         self.step = 0
@@ -329,6 +333,14 @@ class PPOTrainer:
     def _trainable_names(self) -> set[str]:
         return {n for n, p in self.unwrapped.named_parameters() if p.requires_grad}
 
+    def run_key(self) -> dict:
+        """What a checkpoint must share with this trainer to be resumed by it: the settings (but
+        RESUMABLE_CHANGES), the seed, the prompts and the number of processes. The weights it
+        starts from are the caller's to check (the pipeline stamps its checkpoint folder)."""
+        return {"ppo": {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in RESUMABLE_CHANGES},
+                "seed": self.seed, "processes": 1 if self.accelerator is None else self.accelerator.num_processes,
+                "prompts": hashlib.sha256(json.dumps(self.prompts).encode()).hexdigest()}
+
     def save_checkpoint(self, folder: str | Path) -> None:
         """Weights to policy.safetensors (with LoRA only the adapters and the value head: the base
         never changes and is read again from its own folder), the rest to trainer[-rankN].pt."""
@@ -357,6 +369,7 @@ class PPOTrainer:
         state = {
             "step": self.step, "optimizer": optimizer, "kl_ctl": self.kl_ctl.state_dict(),
             "rng": self.rng.getstate(), "generator": self.generator.get_state(), "history": self.history,
+            "run": self.run_key(),
         }
         name = self._state_name
         torch.save(state, folder / f"{name}.tmp")
@@ -367,6 +380,11 @@ class PPOTrainer:
     def load_checkpoint(self, folder: str | Path) -> None:
         folder = Path(folder)
         state = torch.load(folder / self._state_name, weights_only=True)
+        ours, theirs = self.run_key(), state.get("run")
+        if theirs is not None and theirs != ours:  # (checkpoints written before run keys: not checked)
+            changed = ", ".join(changed_keys(ours, theirs))
+            raise ValueError(f"the checkpoint in {folder} is another run's ({changed} differ): resuming it would "
+                             "continue that run under these settings. Restore them, or delete the folder to start afresh")
         path = folder / "policy.safetensors"
         lora_only = lora.is_lora(self.unwrapped.lm)
         reads = self._is_main or not self.fsdp  # FSDP: the first process reads, the others receive
@@ -396,6 +414,18 @@ class PPOTrainer:
         self.rng.setstate(_as_random_state(state["rng"]))
         self.generator.set_state(state["generator"])
         self.history = state["history"]
+
+
+def changed_keys(now: dict, then: dict) -> list[str]:
+    """The dotted names of the values that differ between two nested dicts ("ppo.lr")."""
+    def flatten(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    now, then = flatten(now), flatten(then)
+    return sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
 
 
 def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
