@@ -46,6 +46,7 @@ run)
     done
     # LoRA's speed and memory beside full fine-tuning (ours alone: the reference has no LoRA run)
     bench ppo_355m_lora16 --shape 355m --lora 16 --no-reference
+    bench ppo_124m_gen16 --shape 124m --generation-batch 16 --no-reference  # the cost of a bounded KV cache
     # a Llama of the 124m shape: the graph decoder against HF's cache (the reference runs GPT-2 only)
     bench ppo_124m_llama_static --shape 124m --family llama --generation static --no-reference
     bench ppo_124m_llama_dynamic --shape 124m --family llama --generation dynamic --no-reference

@@ -57,7 +57,7 @@ def policy_config(s: dict, family: str):
 
 
 def run_ours(s: dict, device: str, bf16: bool, profile: bool = False, lora_rank: int = 0, family: str = "gpt2",
-             generation: str = "auto") -> dict:
+             generation: str = "auto", generation_batch: int = 0) -> dict:
     torch.manual_seed(0)
     cfg = policy_config(s, family)
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -73,7 +73,7 @@ def run_ours(s: dict, device: str, bf16: bool, profile: bool = False, lora_rank:
     prompts = torch.randint(2, s["vocab"], (s["prompts"], s["prompt_len"]), generator=g).tolist()
     ppo = PPOConfig(steps=s["prompts"] // s["batch"], batch_size=s["batch"], minibatches=1, epochs=1,
                     max_new_tokens=s["response_len"], missing_eos_penalty=None, checkpoint_every=0,
-                    generation=generation)
+                    generation=generation, generation_batch_size=generation_batch)
     # eos_id=-1: no token ends a response, so every one has the fixed length, as in the reference
     trainer = PPOTrainer(policy, ref, reward, prompts, eos_id=-1, pad_id=0, cfg=ppo, seed=0, device=device)
     if device == "cuda":
@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="our policy's architecture at the shape's size (the reference runs GPT-2 only)")
     p.add_argument("--generation", choices=["auto", "static", "dynamic"], default="auto",
                    help="our rollout decoder: static KV cache (+ CUDA graphs) or HF's dynamic cache")
+    p.add_argument("--generation-batch", type=int, default=0, metavar="N",
+                   help="sample N episodes at a time (ppo.generation_batch_size; 0 = the whole batch)")
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
@@ -149,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--repeats must be at least 1, got {a.repeats}")
     if a.lora < 0:
         p.error(f"--lora must be a rank >= 0, got {a.lora}")
+    if a.generation_batch < 0 or (a.generation_batch and SHAPES[a.shape]["batch"] % a.generation_batch):
+        p.error(f"--generation-batch must divide the {a.shape} shape's batch of {SHAPES[a.shape]['batch']} "
+                f"(or be 0), got {a.generation_batch}")
     if a.out.exists() and not a.out.is_dir():
         p.error(f"--out {a.out} is a file, not a folder")
     if a.family != "gpt2" and not a.no_reference:
@@ -163,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"reference script {a.reference_script} not found; pass --reference-script")
     bf16 = a.device == "cuda"  # the reference README's GPU figures are bf16
     shape = SHAPES[a.shape]
-    ours = max((run_ours(shape, a.device, bf16, a.profile, a.lora, a.family, a.generation) for _ in range(a.repeats)),
+    ours = max((run_ours(shape, a.device, bf16, a.profile, a.lora, a.family, a.generation, a.generation_batch)
+                for _ in range(a.repeats)),
                key=lambda r: r["episodes_per_s"])
     reference = None
     if not a.no_reference:
@@ -172,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.cuda.get_device_name() if a.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     ratio = round(ours["episodes_per_s"] / reference["episodes_per_s"], 2) if reference else None
     result = {"shape": a.shape, **shape, "device": device, "bf16": bf16, "repeats": a.repeats, "lora_rank": a.lora,
-              "family": a.family, "generation": a.generation,
+              "family": a.family, "generation": a.generation, "generation_batch": a.generation_batch,
               "ours": ours, "reference": reference,
               # the measure compares the same work: full fine-tuning on both sides
               "ratio": None if a.lora else ratio, "ratio_lora_vs_full": ratio if a.lora else None}

@@ -27,6 +27,8 @@ from tasks.config import ValidateConfig
     ("ppo:\n  processes: 0\n", "ppo.processes must be >= 1"),
     ("ppo:\n  micro_batch_size: -4\n", "ppo.micro_batch_size must be >= 0"),
     ("ppo:\n  micro_batch_size: 2.5\n", "ppo.micro_batch_size"),
+    ("ppo:\n  generation_batch_size: -2\n", "ppo.generation_batch_size must be >= 0"),
+    ("ppo:\n  batch_size: 16\n  minibatches: 2\n  generation_batch_size: 5\n", "multiple of ppo.generation_batch_size"),
     ("ppo:\n  fsdp: true\n", "set ppo.processes to 2 or more"),
     ("gates:\n  min_win_rate: 1.5\n", "gates.min_win_rate"),
     ("project: 'has spaces'\n", "project"),

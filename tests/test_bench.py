@@ -20,17 +20,18 @@ def bench():
     return module
 
 
-@pytest.mark.parametrize("rank,family,generation", [(0, "gpt2", "auto"), (4, "gpt2", "auto"),
-                                                     (0, "llama", "static"), (0, "llama", "dynamic")])
-def test_tiny_shape_runs_on_cpu(bench, tmp_path, capsys, rank, family, generation):
+@pytest.mark.parametrize("rank,family,generation,chunk", [(0, "gpt2", "auto", 0), (4, "gpt2", "auto", 4),
+                                                           (0, "llama", "static", 0), (0, "llama", "dynamic", 0)])
+def test_tiny_shape_runs_on_cpu(bench, tmp_path, capsys, rank, family, generation, chunk):
     out = tmp_path / "out"
     bench.main(["--shape", "tiny", "--no-reference", "--repeats", "1", "--json", "--lora", str(rank),
-                "--family", family, "--generation", generation, "--out", str(out)])
+                "--family", family, "--generation", generation, "--generation-batch", str(chunk), "--out", str(out)])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == json.loads((out / "ppo_throughput.json").read_text())
     ours = printed["ours"]
     assert printed["lora_rank"] == rank and printed["reference"] is None and printed["ratio"] is None
     assert printed["family"] == family and printed["generation"] == generation
+    assert printed["generation_batch"] == chunk
     assert ("LoRA" in ours["system"]) == bool(rank) and ("llama" in ours["system"]) == (family == "llama")
     assert ("HF cache" in ours["system"]) == (generation == "dynamic")
     assert ours["episodes_per_s"] > 0 and 0 < ours["gen_fraction"] < 1
@@ -58,6 +59,8 @@ def test_a_failing_reference_is_reported(bench, tmp_path):
     (["--device", "tpu"], "invalid choice"),
     (["--family", "t5"], "invalid choice"),
     (["--generation", "fast"], "invalid choice"),
+    (["--generation-batch", "3"], "--generation-batch must divide the tiny shape's batch of 8"),
+    (["--generation-batch", "-1"], "--generation-batch must divide"),
     (["--family", "llama"], "builds GPT-2 only; add --no-reference"),
     ([], "pass --reference-python"),
     (["--reference-python", "/no/such/python"], "no such interpreter"),

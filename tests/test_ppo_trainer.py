@@ -9,7 +9,8 @@ from tasks import scenario
 from tasks.config import load_config
 from tasks.modeling import generate_texts, load_policy, load_reward, load_tokenizer
 from tasks.ppo import core, lora, static_decode
-from tasks.ppo.rollout import PaddedHead, PolicyWithValue, pad_lm_head, response_forward, reward_scores, sample
+from tasks.ppo.rollout import (PaddedHead, PolicyWithValue, cat_responses, pad_lm_head, response_forward, reward_scores,
+                               sample)
 from tasks.ppo.trainer import PPOConfig, PPOTrainer
 from tasks.train_policy import build_trainer
 
@@ -480,6 +481,35 @@ def test_pipeline_resumes_only_the_checkpoints_of_the_same_run(tmp_path, capsys)
     (ckpt / "trainer.pt").write_bytes(b"state")
     assert "no readable run.json" in start() and not (ckpt / "trainer.pt").exists()
     assert json.loads((ckpt / "run.json").read_text())["ppo"]["lr"] == load_config(None, FAST).ppo.lr
+
+
+def test_generation_in_chunks_samples_each_chunk_alone(tiny_model_dir, tiny_reward_dir):
+    """ppo.generation_batch_size bounds the KV cache: the batch is sampled 4 episodes at a time, each
+    chunk as the sampler draws it alone (from the generator where the last chunk left it), the
+    shorter ones right-padded; the static decoder holds one chunk. Both decoders agree."""
+    rollouts = {}
+    for generation in ("static", "dynamic"):
+        trainer, _ = make_trainer(tiny_model_dir, tiny_reward_dir, steps=2, batch_size=16, minibatches=2,
+                                  generation_batch_size=4, generation=generation)
+        if generation == "static":
+            assert trainer.decoder.B == 4 and trainer.decoder.k[0].shape[0] == 4  # the cache holds one chunk
+        else:
+            assert trainer.decoder is None
+        prompt_order, draws = trainer.rng.getstate(), trainer.generator.get_state()
+        rollouts[generation] = trainer.rollout().responses
+        trainer.rng.setstate(prompt_order)
+        ids, mask = trainer._prompt_batch()
+        cfg, eos, pad = trainer.cfg, trainer.eos_id, trainer.pad_id
+        by_hand = torch.Generator().set_state(draws)
+        chunks = [sample(trainer.policy.lm, ids[i:i + 4], mask[i:i + 4], cfg.max_new_tokens, cfg.temperature, eos, pad,
+                         by_hand) for i in range(0, 16, 4)]
+        assert len({c.shape[1] for c in chunks}) > 1  # chunks of different lengths: the padding is exercised
+        assert torch.equal(rollouts[generation], core.truncate_after_eos(cat_responses(chunks, pad), eos, pad))
+        whole = sample(trainer.policy.lm, ids, mask, cfg.max_new_tokens, cfg.temperature, eos, pad,
+                       torch.Generator().set_state(draws))
+        assert whole.shape != rollouts[generation].shape or not torch.equal(whole, rollouts[generation])
+        assert len(trainer.train()) == 2
+    assert torch.equal(rollouts["static"], rollouts["dynamic"])
 
 
 def test_micro_batches_give_the_whole_batch_results(tiny_model_dir, tiny_reward_dir):

@@ -28,6 +28,8 @@ class PPOConfig:
     """PPO epochs over each rollout"""
     micro_batch_size: int = 0
     """episodes per forward/backward pass, to bound memory: the scoring passes and each minibatch's update run in chunks of this size, gradients accumulated (same results); 0 = whole"""
+    generation_batch_size: int = 0
+    """episodes sampled at once, to bound the KV cache (it grows with them; a multiple of them must make up batch_size); 0 = the whole batch"""
     lr: float = 1e-4
     """Adam learning rate (policy and value head)"""
     max_new_tokens: int = 10
@@ -80,11 +82,14 @@ class PPOConfig:
         if self.batch_size % self.minibatches:
             raise ValueError(f"ppo.batch_size ({self.batch_size}) must be a multiple of "
                              f"ppo.minibatches ({self.minibatches})")
+        if self.generation_batch_size > 0 and self.batch_size % self.generation_batch_size:
+            raise ValueError(f"ppo.batch_size ({self.batch_size}) must be a multiple of "
+                             f"ppo.generation_batch_size ({self.generation_batch_size})")
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"ppo.kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
         if not 0 <= self.lam <= 1 or not 0 < self.gamma <= 1:
             raise ValueError(f"ppo.lam must be in [0, 1] and ppo.gamma in (0, 1], got {self.lam}, {self.gamma}")
-        for name in ["kl_coef", "vf_coef", "checkpoint_every", "lora_rank", "micro_batch_size"]:
+        for name in ["kl_coef", "vf_coef", "checkpoint_every", "lora_rank", "micro_batch_size", "generation_batch_size"]:
             if not getattr(self, name) >= 0:
                 raise ValueError(f"ppo.{name} must be >= 0, got {getattr(self, name)!r}")
         if not self.lora_alpha > 0:

@@ -126,6 +126,12 @@ def sample(lm: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, m
     return torch.stack(tokens, dim=1)
 
 
+def cat_responses(parts: list[torch.Tensor], pad_id: int) -> torch.Tensor:
+    """Responses sampled in chunks, each (B_i, T_i), -> one (sum B_i, max T_i), right-padded with pad_id."""
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([F.pad(p, (0, width - p.shape[1]), value=pad_id) for p in parts])
+
+
 def response_forward(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                      responses: torch.Tensor, resp_mask: torch.Tensor, temperature: float,
                      with_value: bool, with_entropy: bool = True) -> dict[str, torch.Tensor]:

@@ -25,7 +25,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tasks.ppo import core, lora, static_decode
 from tasks.ppo.config import RESUMABLE_CHANGES, PPOConfig
-from tasks.ppo.rollout import PolicyWithValue, pad_lm_head, response_forward, reward_scores, sample
+from tasks.ppo.rollout import (PolicyWithValue, cat_responses, pad_lm_head, response_forward, reward_scores,
+                               sample)
 
 
 @dataclass
@@ -121,8 +122,12 @@ class PPOTrainer:
         use_static = {"auto": static_decode.supports(self.unwrapped.lm, max_len), "static": True, "dynamic": False}
         self.decoder = None
         if use_static[cfg.generation]:
-            self.decoder = static_decode.StaticDecoder(self.unwrapped.lm, cfg.batch_size, self.prompt_width,
+            self.decoder = static_decode.StaticDecoder(self.unwrapped.lm, self._generation_batch, self.prompt_width,
                                                        cfg.max_new_tokens, autocast_dtype=autocast_dtype)
+
+    @property
+    def _generation_batch(self) -> int:
+        return self.cfg.generation_batch_size or self.cfg.batch_size
 
     @property
     def _ddp(self) -> bool:  # several processes, each with the whole model wrapped by accelerate
@@ -177,13 +182,17 @@ class PPOTrainer:
         prompt_ids, prompt_mask = self._prompt_batch()
         self.policy.eval()
         t0 = self._sync()
+        parts = []  # in chunks of ppo.generation_batch_size: the KV cache holds one chunk's keys and values
         with self._autocast(), self._whole_weights():
-            if self.decoder is not None:
-                responses = self.decoder.sample(prompt_ids, prompt_mask, cfg.temperature, self.eos_id, self.pad_id,
-                                                self.generator)
-            else:
-                responses = sample(self.unwrapped.lm, prompt_ids, prompt_mask, cfg.max_new_tokens, cfg.temperature,
-                                   self.eos_id, self.pad_id, self.generator)
+            for start in range(0, cfg.batch_size, self._generation_batch):
+                chunk = slice(start, start + self._generation_batch)
+                if self.decoder is not None:
+                    parts.append(self.decoder.sample(prompt_ids[chunk], prompt_mask[chunk], cfg.temperature,
+                                                     self.eos_id, self.pad_id, self.generator))
+                else:
+                    parts.append(sample(self.unwrapped.lm, prompt_ids[chunk], prompt_mask[chunk], cfg.max_new_tokens,
+                                        cfg.temperature, self.eos_id, self.pad_id, self.generator))
+        responses = cat_responses(parts, self.pad_id)
         self.t_generate = self._sync() - t0
         with self._autocast():
             responses = core.truncate_after_eos(responses, self.eos_id, self.pad_id)
