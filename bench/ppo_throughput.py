@@ -67,7 +67,8 @@ def run_ours(s: dict, device: str, bf16: bool, profile: bool = False, lora_rank:
     else:
         policy, ref = PolicyWithValue(lm).to(device), AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device)
     score_cfg = {k: v for k, v in cfg.to_dict().items() if k not in ("id2label", "label2id")}
-    reward = AutoModelForSequenceClassification.from_config(GPT2Config(**score_cfg, num_labels=1),
+    # the reward model of the policy's family and size (a scalar head), as the pipeline makes it
+    reward = AutoModelForSequenceClassification.from_config(type(cfg)(**score_cfg, num_labels=1),
                                                             dtype=dtype).to(device)
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(2, s["vocab"], (s["prompts"], s["prompt_len"]), generator=g).tolist()
@@ -97,6 +98,7 @@ def run_ours(s: dict, device: str, bf16: bool, profile: bool = False, lora_rank:
     label = ", ".join(x for x in (family if family != "gpt2" else "", f"LoRA {lora_rank}" if lora_rank else "",
                                    "HF cache" if trainer.decoder is None else "") if x)
     return {"system": f"rlhf-pipeline-ppo{f' ({label})' if label else ''}", "seconds": round(dt, 3),
+            "models": {"policy": type(lm).__name__, "reward": type(reward).__name__},
             "episodes_per_s": round(s["prompts"] / dt, 2),
             "gen_tokens_per_s": round(s["prompts"] * s["response_len"] / dt, 1),
             "gen_fraction": round(gen_fraction, 3),

@@ -32,6 +32,9 @@ def test_tiny_shape_runs_on_cpu(bench, tmp_path, capsys, rank, family, generatio
     assert printed["lora_rank"] == rank and printed["reference"] is None and printed["ratio"] is None
     assert printed["family"] == family and printed["generation"] == generation
     assert printed["generation_batch"] == chunk
+    policy, reward = {"gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification"),
+                      "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification")}[family]
+    assert ours["models"] == {"policy": policy, "reward": reward}  # the reward model is of the policy's family
     assert ("LoRA" in ours["system"]) == bool(rank) and ("llama" in ours["system"]) == (family == "llama")
     assert ("HF cache" in ours["system"]) == (generation == "dynamic")
     assert ours["episodes_per_s"] > 0 and 0 < ours["gen_fraction"] < 1
