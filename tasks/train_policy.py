@@ -66,8 +66,9 @@ def _sha256(files: tuple[tuple[str, int, int], ...]) -> str:
     return digest.hexdigest()
 
 
-def build_policy(policy_ref: str, base_ref: str, rank: int, alpha: float, seed: int = 0):
-    """The policy LM to train and its frozen reference (None: the policy with its adapters off).
+def build_policy(policy_ref: str, base_ref: str, rank: int, alpha: float, seed: int = 0, reference: bool = True):
+    """The policy LM to train and its frozen reference (None: the policy with its adapters off, or
+    `reference=False`: the policy alone, with the shape to load its trained weights into).
 
     Without LoRA: the round's policy, the base beside it. With LoRA: the base with the round's
     adapters (continued when the round's policy was saved with adapters on this same base, new
@@ -75,16 +76,17 @@ def build_policy(policy_ref: str, base_ref: str, rank: int, alpha: float, seed: 
     its own weights, and then the base is loaded beside it as the reference.
     """
     if not rank:
-        return load_policy(policy_ref), load_policy(base_ref)
+        return load_policy(policy_ref), load_policy(base_ref) if reference else None
     base = weights_fingerprint(base_ref)
     adapters = Path(policy_ref) / LORA_DIR
     if base and _saved_adapters(adapters) == (base, rank, alpha):
         return lora.load_lora(load_policy(base_ref), adapters), None
     if base and weights_fingerprint(policy_ref) == base:
         return lora.add_lora(load_policy(base_ref), rank, alpha, seed), None
-    print(f"LoRA: {policy_ref} holds no rank-{rank} adapters on the base model and is not the base model; "
-          "new adapters on its weights, the base model loaded beside it as the reference")
-    return lora.add_lora(load_policy(policy_ref), rank, alpha, seed), load_policy(base_ref)
+    if reference:
+        print(f"LoRA: {policy_ref} holds no rank-{rank} adapters on the base model and is not the base model; "
+              "new adapters on its weights, the base model loaded beside it as the reference")
+    return lora.add_lora(load_policy(policy_ref), rank, alpha, seed), load_policy(base_ref) if reference else None
 
 
 def _saved_adapters(folder: Path) -> tuple[str, int, float] | None:
@@ -233,9 +235,9 @@ def train(ws: Workspace, cfg: PipelineConfig, state: RoundState, policy_ref: str
             from tasks.ppo import sharding
 
             weights = sharding.full_model_state_dict(trainer.policy)
-            if main:
+            if main:  # (the policy's shape only: its reference would be a second whole model, unused)
                 whole = PolicyWithValue(build_policy(policy_ref, str(ws.base_model), cfg.ppo.lora_rank,
-                                                     cfg.ppo.lora_alpha, seed)[0])
+                                                     cfg.ppo.lora_alpha, seed, reference=False)[0])
                 whole.load_state_dict(weights)
                 lm = whole.lm
         if main:

@@ -364,6 +364,10 @@ def test_pipeline_lora_saves_merged_weights_and_continues_its_adapters(tiny_mode
     # and without LoRA nothing changes: the round's policy, the base beside it
     lm4, ref4 = build_policy(str(tmp_path / "round1"), str(base), 0, 8.0)
     assert not lora.is_lora(lm4) and ref4 is not None
+    # the shape a sharded run's gathered weights are loaded into, to save them: no reference loaded
+    for rank in (0, 8):
+        lm5, ref5 = build_policy(str(tmp_path / "round1"), str(base), rank, 16.0, reference=False)
+        assert ref5 is None and lora.is_lora(lm5) == bool(rank)
 
 
 def test_reward_scores_do_not_depend_on_the_texts_beside_them(tiny_model_dir, tiny_reward_dir):
