@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     _defaults_for_local_run()
     args = build_parser().parse_args(argv)
     from tasks.config import ConfigError
-    from tasks.modeling import ModelLoadError
+    from tasks.errors import ModelLoadError
     from tasks.versioning import VersioningError
 
     try:
