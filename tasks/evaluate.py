@@ -170,7 +170,11 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
                                  scenario.heldout_prompts(), cfg.evaluate.samples_per_prompt,
                                  cfg.evaluate.temperature, cfg.ppo.max_new_tokens, cfg.seed * 1000 + state.round)
         reward_metrics = json.loads((ws.reward_model / "metrics.json").read_text())
-        report["reward_model/accuracy"] = reward_metrics["held_out"]["accuracy"]
+        held_out = reward_metrics["held_out"]
+        report["reward_model/accuracy"] = held_out["accuracy"]
+        report["reward_model/pairs"] = held_out["n"]  # how much that accuracy says: its interval below
+        report["reward_model/accuracy_low"], report["reward_model/accuracy_high"] = wilson_interval(
+            held_out["accuracy"] * held_out["n"], held_out["n"])
         report["round"] = state.round
         ws.evaluation_report.parent.mkdir(parents=True, exist_ok=True)
         ws.evaluation_report.write_text(json.dumps(report, indent=2))

@@ -26,16 +26,22 @@ class Gate:
     value: float
     threshold: float
     passed: bool
+    detail: str = ""  # what the value rests on, when the reader should weigh it
 
     def reason(self) -> str:
         verdict = "passed" if self.passed else "FAILED"
-        return f"{self.name} {verdict}: {self.value:.4g} (threshold {self.threshold:.4g})"
+        detail = f"; {self.detail}" if self.detail else ""
+        return f"{self.name} {verdict}: {self.value:.4g} (threshold {self.threshold:.4g}{detail})"
 
 
 def check_gates(report: dict, gates: GatesConfig) -> list[Gate]:
     """Pure: the evaluation report against the gates, one Gate each."""
     fluency_drop = report["champion/fluent_rate"] - report["candidate/fluent_rate"]
     finite = all(math.isfinite(v) for v in report.values() if isinstance(v, float))
+    accuracy_detail = ""
+    if "reward_model/pairs" in report:  # (reports of earlier versions hold the accuracy alone)
+        accuracy_detail = (f"{report['reward_model/pairs']} held-out pairs, 95% interval "
+                           f"{report['reward_model/accuracy_low']:.2f}-{report['reward_model/accuracy_high']:.2f}")
     return [
         Gate("win_rate_lower_bound", report["win_rate/low"], gates.min_win_rate,
              report["win_rate/low"] >= gates.min_win_rate),
@@ -44,7 +50,7 @@ def check_gates(report: dict, gates: GatesConfig) -> list[Gate]:
         Gate("fluency_drop", fluency_drop, gates.max_fluency_drop, fluency_drop <= gates.max_fluency_drop),
         Gate("no_nan", float(finite), 1.0, finite),
         Gate("reward_accuracy", report["reward_model/accuracy"], gates.min_reward_accuracy,
-             report["reward_model/accuracy"] >= gates.min_reward_accuracy),
+             report["reward_model/accuracy"] >= gates.min_reward_accuracy, accuracy_detail),
     ]
 
 

@@ -13,7 +13,8 @@ from tasks.workspace import Workspace
 
 COMPARED = ["candidate/reward_mean", "candidate/neutral_rate", "candidate/fluent_rate", "candidate/kl_to_reference",
             "candidate/perplexity_under_reference", "candidate/degenerate_rate", "candidate/length_tokens",
-            "win_rate/rate", "win_rate/low", "reward_model/accuracy"]
+            "win_rate/rate", "win_rate/low", "reward_model/accuracy", "reward_model/accuracy_low",
+            "reward_model/pairs"]
 
 
 class RegistryError(ValueError):

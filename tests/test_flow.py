@@ -46,6 +46,8 @@ def test_round_improves_the_held_out_gold_metric_and_promotes(finished_round):
     assert line["promoted"] is True, line["reasons"]
     assert 0 < line["kl"] < load_config(ws.params).gates.max_kl
     assert line["reward_accuracy"] >= 0.6
+    accuracy = next(r for r in line["reasons"] if r.startswith("reward_accuracy"))
+    assert "held-out pairs, 95% interval" in accuracy, accuracy
 
 
 def test_both_models_registered_with_champion_and_previous(finished_round):

@@ -1,0 +1,51 @@
+"""The promotion gates and the statistics they read: pure functions, checked against hand-computed values."""
+import math
+
+import pytest
+
+from tasks.config import GatesConfig
+from tasks.evaluate import wilson_interval, win_rate
+from tasks.promote import check_gates
+
+
+def test_wilson_interval_by_hand():
+    # 13 of 19, z = 1.96: centre (p + z^2/2n) / (1 + z^2/n) = 0.65322, half-width
+    # z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n) = 0.19313
+    low, high = wilson_interval(13, 19)
+    assert low == pytest.approx(0.46009, abs=1e-4) and high == pytest.approx(0.84635, abs=1e-4)
+    low, high = wilson_interval(19, 19)  # all won: the interval still admits losses
+    assert low == pytest.approx(0.83182, abs=1e-4) and high == pytest.approx(1.0)
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
+
+
+def test_win_rate_counts_ties_as_half():
+    result = win_rate([1.0, 2.0, 3.0, 0.0], [0.0, 2.0, 1.0, 1.0])  # win, tie, win, loss
+    assert result["rate"] == 2.5 / 4
+    assert (result["low"], result["high"]) == wilson_interval(2.5, 4)
+
+
+GOOD = {"win_rate/low": 0.7, "candidate/kl_to_reference": 3.0, "champion/fluent_rate": 0.9,
+        "candidate/fluent_rate": 0.88, "reward_model/accuracy": 13 / 19, "reward_model/pairs": 19,
+        "reward_model/accuracy_low": 0.46009, "reward_model/accuracy_high": 0.84635}
+
+
+@pytest.mark.parametrize("change,failed", [
+    ({"win_rate/low": 0.45}, {"win_rate_lower_bound"}),
+    ({"candidate/kl_to_reference": 8.5}, {"kl_to_reference"}),
+    ({"candidate/fluent_rate": 0.8}, {"fluency_drop"}),
+    ({"reward_model/accuracy": 0.55}, {"reward_accuracy"}),
+    ({"candidate/kl_to_reference": float("nan")}, {"kl_to_reference", "no_nan"}),
+])
+def test_each_gate_fails_on_its_own_value(change, failed):
+    gates = GatesConfig()
+    assert all(g.passed for g in check_gates(GOOD, gates))
+    assert {g.name for g in check_gates({**GOOD, **change}, gates) if not g.passed} == failed
+
+
+def test_reward_accuracy_says_how_many_pairs_it_rests_on():
+    reasons = {g.name: g.reason() for g in check_gates(GOOD, GatesConfig())}
+    assert reasons["reward_accuracy"] == ("reward_accuracy passed: 0.6842 (threshold 0.6; "
+                                          "19 held-out pairs, 95% interval 0.46-0.85)")
+    assert reasons["kl_to_reference"] == "kl_to_reference passed: 3 (threshold 8)"
+    earlier = {k: v for k, v in GOOD.items() if not k.startswith("reward_model/") or k == "reward_model/accuracy"}
+    assert check_gates(earlier, GatesConfig())[-1].reason() == "reward_accuracy passed: 0.6842 (threshold 0.6)"
