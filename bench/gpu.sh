@@ -6,7 +6,8 @@
 #                            beyond torch + transformers + accelerate) and its script into .whl/
 #   bench/gpu.sh run [OUT]   on the GPU machine, from the repository root: the GPU tests, then our
 #                            PPO against the reference on the 124m and 355m shapes, in the same run,
-#                            LoRA on 355m, and a Llama of the 124m shape with either decoder; the
+#                            LoRA on 355m, 124m sampled 16 episodes at a time, and a Llama of the
+#                            124m shape with either decoder; the
 #                            device and tests in OUT/gpu.txt, the tables in OUT/bench.txt, one JSON
 #                            per run (OUT defaults to bench/results)
 set -euo pipefail
