@@ -584,3 +584,25 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
             slow = sample(lm, ids, mask, 12, 1.0, tok.eos_token_id, tok.pad_token_id,
                           torch.Generator().manual_seed(seed))
             assert torch.equal(fast, slow), (with_lora, seed)
+
+
+def test_the_ppo_core_imports_with_torch_and_transformers_alone():
+    """The GPU machine has torch and transformers but no Prefect, MLflow, TRL or pydantic: the PPO
+    core and its benchmark must import without any part of the pipeline."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import sys
+PIPELINE = {"prefect", "mlflow", "trl", "pydantic", "great_expectations", "dvc", "datasets"}
+for name in PIPELINE:  # as if not installed: importing fails, find_spec says None
+    sys.modules[name] = None
+import tasks.ppo.trainer, tasks.ppo.sharding, tasks.ppo.static_decode, tasks.ppo.lora, tasks.ppo.core
+sys.path.insert(0, "bench"); sys.argv = ["ppo_throughput.py"]
+import ppo_throughput
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
