@@ -6,7 +6,8 @@ Needs torch and transformers only, like the PPO core.
 """
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, LlamaConfig
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, LlamaConfig,
+                          Qwen3Config)
 
 from tasks.ppo import static_decode
 from tasks.ppo.rollout import PolicyWithValue, sample
@@ -20,7 +21,11 @@ CFG = GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=2000, n_positions=9
 LLAMA = LlamaConfig(num_hidden_layers=4, hidden_size=256, intermediate_size=512, num_attention_heads=4,
                     num_key_value_heads=2, vocab_size=2000, max_position_embeddings=96, pad_token_id=0,
                     eos_token_id=1, bos_token_id=1)
-CONFIGS = {"gpt2": CFG, "llama": LLAMA}
+# Llama's layout plus an RMSNorm on each query and key head, and head_dim (128) set apart from hidden / heads
+QWEN3 = Qwen3Config(num_hidden_layers=4, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=128, vocab_size=2000, max_position_embeddings=96,
+                    pad_token_id=0, eos_token_id=1, bos_token_id=1)
+CONFIGS = {"gpt2": CFG, "llama": LLAMA, "qwen3": QWEN3}
 
 
 def prompts(B, P, seed=0):

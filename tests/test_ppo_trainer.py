@@ -540,12 +540,13 @@ _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
                    num_key_value_heads=2, max_position_embeddings=128)
 
 
-@pytest.mark.parametrize("variant", ["llama3-rope", "llama-bias-mqa", "qwen2", "mistral", "qwen3", "mistral-window-8"])
+@pytest.mark.parametrize("variant", ["llama3-rope", "llama-bias-mqa", "qwen2", "mistral", "qwen3", "mistral-window-8",
+                                     "qwen3-window-8"])
 def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, tiny_model_dir):
-    """Qwen2, Mistral (within its sliding window), Llama 3's scaled rotary, biased projections with
-    one key/value head, each also with LoRA: the static decoder's logits are the model's at every
-    step, and it samples what HF's sampler samples.
-    Qwen3 (per-head q/k norms) and a window shorter than the rollout are left to HF's sampler."""
+    """Qwen2, Qwen3 (per-head query/key norms), Mistral (within its sliding window), Llama 3's
+    scaled rotary, biased projections with one key/value head, each also with LoRA: the static
+    decoder's logits are the model's at every step, and it samples what HF's sampler samples.
+    A sliding window shorter than the rollout (Mistral's, Qwen3's per layer) is left to HF's sampler."""
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     tok = load_tokenizer(tiny_model_dir)
@@ -560,11 +561,14 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
         "mistral": lambda: MistralConfig(**common, sliding_window=4096),
         "qwen3": lambda: Qwen3Config(**common),
         "mistral-window-8": lambda: MistralConfig(**common, sliding_window=8),
+        "qwen3-window-8": lambda: Qwen3Config(**common, use_sliding_window=True, sliding_window=8, max_window_layers=1),
     }[variant]()
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(config).eval()
     ids, mask = _two_prompts(tok)
-    if variant in ("qwen3", "mistral-window-8"):
+    if variant == "qwen3":
+        assert all(hasattr(layer.self_attn, "q_norm") for layer in lm.model.layers)  # what sets Qwen3 apart
+    if variant.endswith("window-8"):
         assert not static_decode.supports(lm, ids.shape[1] + 12)
         with pytest.raises(ValueError, match="StaticDecoder supports"):
             static_decode.StaticDecoder(lm, 2, ids.shape[1], 12)

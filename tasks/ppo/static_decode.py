@@ -10,7 +10,7 @@ rollouts needs no new capture.
 It reuses the model's own modules (embeddings, norms, projections, MLP, LM head, with any LoRA
 adapters on them); only the cached attention and the layout of a block are written here, once
 per family: `_GPT2` (learned positions, fused qkv) and `_Llama` (rotary positions, grouped-query
-attention; also Mistral and Qwen2). `sample` in rollout.py is the general path (any causal LM,
+attention; also Mistral, Qwen2 and Qwen3). `sample` in rollout.py is the general path (any causal LM,
 HF's dynamic cache); `supports(lm)` says whether this one applies. Imports torch and
 transformers only.
 """
@@ -24,7 +24,7 @@ from torch import nn
 
 from tasks.ppo.rollout import base_model, position_ids_from_mask, sample_token
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2")  # one block layout (modular copies in transformers)
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")  # one block layout (modular copies in transformers)
 
 
 def _window(cfg) -> int | None:
@@ -86,8 +86,9 @@ class _GPT2:
 
 
 class _Llama:
-    """Llama (and Mistral, Qwen2): rotary positions, q/k/v projections with fewer key/value heads
-    than query heads (grouped-query attention), RMSNorm, gated MLP."""
+    """Llama (and Mistral, Qwen2, Qwen3): rotary positions, q/k/v projections with fewer key/value
+    heads than query heads (grouped-query attention), RMSNorm, gated MLP. Qwen3 adds an RMSNorm
+    over each query and key head (`q_norm`, `k_norm`) before the rotation."""
 
     def __init__(self, lm: nn.Module, max_len: int):
         cfg, self.m = lm.config, base_model(lm).model
@@ -96,6 +97,7 @@ class _Llama:
         attn = self.blocks[0].self_attn
         self.n_head, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim, self.scale = attn.head_dim, attn.scaling
+        self.head_norms = cfg.model_type == "qwen3"
         # cos / sin of every position a rollout reaches, once, by the model's own rotary module
         # (its scaling types included), in float32 as HF computes them
         device = self.embedding.weight.device
@@ -109,8 +111,10 @@ class _Llama:
     def qkv(self, block: nn.Module, h: torch.Tensor, pos: torch.Tensor):
         attn, x = block.self_attn, block.input_layernorm(h)
         B, S, _ = x.shape
-        q, k, v = (proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
-                   for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        q, k, v = (proj(x).view(B, S, -1, self.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        if self.head_norms:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # (B, 1, S, D) float32
         # in float32 as HF's (its bf16 q and k meet float32 cos / sin), kept in the projection's dtype
         return _rotate(q, cos, sin).to(q.dtype), _rotate(k, cos, sin).to(k.dtype), v
@@ -143,8 +147,8 @@ class StaticDecoder:
         self.B, self.P, self.T = batch, prompt_len, max_new_tokens
         self.L = prompt_len + max_new_tokens
         if not supports(lm, self.L):
-            raise ValueError(f"StaticDecoder supports GPT-2 and Llama-family models (Mistral and Qwen2 within "
-                             f"their sliding window), not {type(lm).__name__}")
+            raise ValueError(f"StaticDecoder supports GPT-2 and Llama-family models (Mistral, Qwen2 and Qwen3 "
+                             f"within their sliding window), not {type(lm).__name__}")
         self.lm = lm
         self.arch = (_GPT2 if lm.config.model_type == "gpt2" else _Llama)(lm, self.L)
         if self.L > self.arch.max_positions:
