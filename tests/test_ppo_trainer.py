@@ -96,6 +96,37 @@ def test_rollout_logprobs_match_a_full_forward(tiny_model_dir):
         assert torch.allclose(out["logprobs"][i, :n], ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
+def test_disable_dropout_covers_functional_dropout_rates(family):
+    """PPO trains with dropout off (the update's log-probs must be the rollout's). GPT-2 drops out
+    through nn.Dropout modules; OPT and Llama keep their rates as floats and call functional dropout
+    in training mode, which an nn.Dropout sweep alone missed (logits 0.1-0.2 apart)."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig
+
+    from tasks.ppo.trainer import disable_dropout
+
+    small = dict(vocab_size=100, num_hidden_layers=2, num_attention_heads=2, hidden_size=32, bos_token_id=1,
+                 eos_token_id=1, pad_token_id=0)
+    config = {
+        "gpt2": lambda: GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.1, attn_pdrop=0.1,
+                                   embd_pdrop=0.1, bos_token_id=1, eos_token_id=1),
+        "opt": lambda: OPTConfig(**small, ffn_dim=64, word_embed_proj_dim=32, dropout=0.1, attention_dropout=0.1),
+        "llama": lambda: LlamaConfig(**small, intermediate_size=64, attention_dropout=0.1),
+    }[family]()
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(config)
+    x = torch.randint(2, 100, (2, 10))
+
+    def train_minus_eval() -> float:
+        with torch.no_grad():
+            return float((lm.train()(x).logits - lm.eval()(x).logits).abs().max())
+
+    assert train_minus_eval() > 1e-3  # dropout is on in training mode to begin with
+    disable_dropout(lm)
+    assert train_minus_eval() == 0.0
+    assert lm.config.to_dict() == config.to_dict()  # the saved config keeps the user's rates
+
+
 def test_ppo_config_rejects_bad_values():
     with pytest.raises(ValueError, match="multiple of"):
         PPOConfig(batch_size=10, minibatches=3)

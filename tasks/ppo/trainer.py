@@ -442,9 +442,15 @@ def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
+    """No dropout in training mode: nn.Dropout modules, and the rates many Hugging Face models keep
+    as plain floats and pass to functional dropout when training (OPT's `dropout`, the
+    `attention_dropout` of Llama, Qwen, Mistral...). The model's config is left as it was."""
     for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
             module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
 
 
 def _as_random_state(state) -> tuple:
