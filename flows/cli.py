@@ -146,10 +146,11 @@ def cmd_run(args) -> int:
     cfg = load_config(config_path, overrides)  # fails here, before any work, on a bad config
 
     from flows.pipeline import rlhf_loop
+    from tasks.rounds import headline
 
     results = rlhf_loop(workspace=str(ws_root), rounds_=args.rounds, config=cfg)
     for line in results:
-        print(f"round {line['round']}: held-out neutral rate {line['gold_before']:.3f} -> {line['gold_after']:.3f}, "
+        print(f"round {line['round']}: {headline(line)}, "
               f"KL {line['kl']:.2f}, reward accuracy {line['reward_accuracy']:.2f}, win-rate {line['win_rate']:.2f}, "
               f"{'PROMOTED' if line['promoted'] else 'not promoted'}")
     return 0
@@ -329,7 +330,7 @@ def cmd_registry(args) -> int:
 
 def cmd_status(args) -> int:
     from tasks.config import load_config
-    from tasks.rounds import status
+    from tasks.rounds import headline, status
     from tasks.workspace import Workspace
 
     ws = Workspace(args.workspace)
@@ -350,7 +351,7 @@ def cmd_status(args) -> int:
         print("no round completed yet")
         return 0
     print(f"last round     {last['round']}: {'PROMOTED' if last['promoted'] else 'not promoted'}")
-    print(f"gold metric    held-out neutral rate {last['gold_before']:.3f} -> {last['gold_after']:.3f}")
+    print(f"{'gold metric' if last.get('gold_after') is not None else 'result':<15}{headline(last)}")
     print(f"KL             {last['kl']:.3f} nats to the reference")
     print(f"reward model   held-out accuracy {last['reward_accuracy']:.3f}")
     print(f"win-rate       {last['win_rate']:.3f} against the champion (reward model)")

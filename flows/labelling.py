@@ -19,9 +19,10 @@ from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
-from tasks import scenario, tracking, versioning
+from tasks import tracking, versioning
 from tasks.collect import sample_pairs
 from tasks.config import load_config
+from tasks.prompts import training_prompts
 from tasks.records import PreferenceRecord
 from tasks.workspace import init_workspace
 
@@ -69,12 +70,13 @@ def label(workspace: str = ".", pairs: int = 8, batch_size: int = 4, timeout_sec
     if champion is None and not (ws.base_model / "config.json").exists():
         raise ValueError(f"no champion policy and no {ws.base_model}: run `rlhf run` first")
     policy_ref = tracking.resolve_model(ws, f"models:/{cfg.policy_name}/{champion}") if champion else str(ws.base_model)
-    prompts = scenario.feedback_prompts()
-    triples = sample_pairs(policy_ref, prompts, -(-pairs // len(prompts)), cfg.collect.max_new_tokens,
-                           cfg.collect.temperature, seed)
+    # `pairs` prompts drawn from the training prompts (each once while there are enough), one pair each
+    prompts = training_prompts(ws, cfg)
     rng = random.Random(seed)
-    rng.shuffle(triples)
-    shown = [{"prompt": p, "A": a, "B": b} for p, a, b in triples[:pairs]]  # two samples: already in random order
+    pool = prompts * -(-pairs // len(prompts))
+    rng.shuffle(pool)
+    triples = sample_pairs(policy_ref, pool[:pairs], 1, cfg.collect.max_new_tokens, cfg.collect.temperature, seed)
+    shown = [{"prompt": p, "A": a, "B": b} for p, a, b in triples]  # two samples: already in random order
     round_ = ws.read_state().round
     records: list[PreferenceRecord] = []
     for start in range(0, len(shown), batch_size):

@@ -113,7 +113,7 @@ def rlhf_refinement(workspace: str = ".", config: PipelineConfig | None = None,
     create_markdown_artifact(
         key="rlhf-refinement", description=f"Refinement round {line['round']}",
         markdown=f"# Refinement round {line['round']}: {'promoted' if line['promoted'] else 'not promoted'}\n\n"
-                 f"held-out neutral rate {line['gold_before']:.3f} -> {line['gold_after']:.3f}, "
+                 f"{rounds.headline(line)}, "
                  f"KL {line['kl']:.2f}, win-rate {line['win_rate']:.2f}\n\n"
                  f"inbox: {len(inbox['imported'])} imported, {len(inbox['failed'])} failed\n")
     return line

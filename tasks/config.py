@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.ppo.config import PPOConfig  # a plain dataclass: the PPO core imports no pydantic
 
@@ -46,6 +46,39 @@ class CollectConfig(_Strict):
     simulate: bool = Field(True, description="the simulated annotator labels pairs from the round's policy; "
                                              "false: the round trains on feedback people gave (the label "
                                              "flow, `rlhf import`, the refinement inbox)")
+
+
+class PromptsConfig(_Strict):
+    train: str | None = Field(None, description="your prompts for PPO and the label flow: a .txt (one a line) or "
+                                                "a .jsonl (\"prompt\" field) file under data/prompts/; empty = "
+                                                "the built-in scenario's")
+    heldout: str | None = Field(None, description="your prompts for evaluation, never trained on (same form); "
+                                                  "set with train")
+
+    @field_validator("train", "heldout")
+    @classmethod
+    def _under_prompts_dir(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        path = Path(value)
+        if path.is_absolute() or path.parts[:2] != ("data", "prompts") or ".." in path.parts or len(path.parts) < 3:
+            raise ValueError(f"{value!r} is not a file under data/prompts/ of the workspace: put it there (the "
+                             f"stages that read it depend on that folder, so a changed file reruns them), e.g. "
+                             f"'data/prompts/{path.name or 'train.jsonl'}'")
+        if path.suffix not in (".txt", ".jsonl"):
+            raise ValueError(f"{value!r}: a prompts file ends in .txt (one prompt a line) or .jsonl (a \"prompt\" "
+                             f"field a line)")
+        return value
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> "PromptsConfig":
+        if (self.train is None) != (self.heldout is None):
+            raise ValueError("set prompts.train and prompts.heldout together (your training prompts with the "
+                             "scenario's held-out professions, or the reverse, would measure nothing)")
+        if self.train is not None and Path(self.train) == Path(self.heldout):
+            raise ValueError(f"prompts.heldout is prompts.train ({self.train}): evaluation must use prompts PPO "
+                             "never trained on; give it a file of its own")
+        return self
 
 
 class ValidateSeverity(_Strict):
@@ -165,6 +198,7 @@ class PipelineConfig(_Strict):
                          description="registry names: PROJECT-reward and PROJECT-policy")
     seed: int = Field(0, description="seed of every random draw")
     models: ModelsConfig = ModelsConfig()
+    prompts: PromptsConfig = PromptsConfig()
     pretrain: PretrainConfig = PretrainConfig()
     collect: CollectConfig = CollectConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
@@ -183,6 +217,19 @@ class PipelineConfig(_Strict):
     @property
     def policy_name(self) -> str:
         return f"{self.project}-policy"
+
+    @model_validator(mode="after")
+    def _simulated_feedback_needs_the_scenario(self) -> "PipelineConfig":
+        if self.collect.simulate and self.prompts.train is not None:
+            raise ValueError("collect.simulate: the simulated annotator judges the built-in scenario's sentences, "
+                             "not your prompts; with prompts.train set, set collect.simulate to false and give "
+                             "feedback by the label flow, `rlhf import` or the refinement inbox")
+        return self
+
+    @property
+    def scenario_prompts(self) -> bool:
+        """True when PPO and evaluation use the built-in scenario's prompts (and its gold judge applies)."""
+        return self.prompts.train is None
 
     def to_params(self) -> dict:
         return self.model_dump(by_alias=True)
@@ -224,5 +271,6 @@ def _build(data: dict, overrides: dict | None, where: str) -> PipelineConfig:
         return PipelineConfig.model_validate(data)
     except ValidationError as e:
         lines = [f"  {'.'.join(str(x) for x in err['loc'])}: {err['msg']} (got {err.get('input')!r})"
+                 if err["loc"] else f"  {err['msg']}"  # a check across sections: its message names the keys
                  for err in e.errors()]
         raise ConfigError(f"invalid config{where}:\n" + "\n".join(lines)) from None

@@ -3,8 +3,10 @@
 Both policies answer every held-out prompt `samples_per_prompt` times (same seeds). Reported:
 reward-model score, win-rate of the candidate (by the reward model and by the gold judge, with
 a Wilson interval), KL to the reference, perplexity of the responses under the reference,
-fluent and degenerate rates, response length, and the gold metric (neutral-pronoun rate on
-held-out professions). Responses side by side go to MLflow as a table.
+response length; on the built-in scenario's prompts also its gold judge's fluent and degenerate
+rates and the gold metric (neutral-pronoun rate on held-out professions), which mean nothing on
+your own prompts (`prompts.heldout`) and are left out there. Responses side by side go to MLflow
+as a table.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import math
 import mlflow
 import torch
 
-from tasks import scenario, tracking
+from tasks import prompts, scenario, tracking
 from tasks.config import PipelineConfig
 from tasks.modeling import generate_texts, load_policy, load_reward, load_tokenizer, score_texts
 from tasks.ppo.core import logprobs_from_logits, response_mask
@@ -65,23 +67,25 @@ def sequence_logprobs(model, tokenizer, prompts: list[str], responses: list[str]
 
 
 def describe(responses: list[str], scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor,
-             counts: torch.Tensor) -> dict[str, float]:
-    judged = [scenario.judge(r) for r in responses]
-    return {
+             counts: torch.Tensor, gold_judge: bool = True) -> dict[str, float]:
+    out = {
         "reward_mean": float(scores.mean()),
         "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
         "kl_to_reference": float((logp - ref_logp).mean()),  # k1 estimate, nats per sequence
         "perplexity_under_reference": float(torch.exp(-ref_logp.sum() / counts.sum())),
-        "neutral_rate": sum(j.neutral for j in judged) / len(judged),
-        "fluent_rate": sum(j.fluent for j in judged) / len(judged),
-        "degenerate_rate": sum(j.degenerate for j in judged) / len(judged),
         "length_tokens": float(counts.float().mean()),
     }
+    if gold_judge:  # the built-in scenario's judge: meaningful on its prompts only
+        judged = [scenario.judge(r) for r in responses]
+        out |= {"neutral_rate": sum(j.neutral for j in judged) / len(judged),
+                "fluent_rate": sum(j.fluent for j in judged) / len(judged),
+                "degenerate_rate": sum(j.degenerate for j in judged) / len(judged)}
+    return out
 
 
 def evaluate(candidate_ref: str, champion_ref: str, reference_ref: str, reward_ref: str,
              prompts: list[str], samples_per_prompt: int, temperature: float, max_new_tokens: int,
-             seed: int) -> tuple[dict, list[dict]]:
+             seed: int, gold_judge: bool = True) -> tuple[dict, list[dict]]:
     tokenizer = load_tokenizer(reference_ref)
     reference = load_policy(reference_ref).eval()
     reward = load_reward(reward_ref, tokenizer.pad_token_id).eval()
@@ -93,15 +97,16 @@ def evaluate(candidate_ref: str, champion_ref: str, reference_ref: str, reward_r
         scores = score_texts(reward, tokenizer, batch, texts)
         logp, counts = sequence_logprobs(model, tokenizer, batch, texts)
         ref_logp, _ = sequence_logprobs(reference, tokenizer, batch, texts)
-        results[name] = describe(texts, scores, logp, ref_logp, counts)
+        results[name] = describe(texts, scores, logp, ref_logp, counts, gold_judge)
         responses[name] = (texts, scores.tolist())
         gold[name] = [scenario.gold_score(t) for t in texts]
     report = {
         **{f"{side}/{k}": v for side in results for k, v in results[side].items()},
         **{f"win_rate/{k}": v for k, v in win_rate(responses["candidate"][1], responses["champion"][1]).items()},
-        **{f"gold_win_rate/{k}": v for k, v in win_rate(gold["candidate"], gold["champion"]).items()},
         "n_samples": len(batch),
     }
+    if gold_judge:
+        report |= {f"gold_win_rate/{k}": v for k, v in win_rate(gold["candidate"], gold["champion"]).items()}
     table = [{"prompt": p, "champion": c, "champion_reward": cs, "candidate": n, "candidate_reward": ns}
              for p, c, cs, n, ns in zip(batch, *responses["champion"], *responses["candidate"])]
     return report, table
@@ -125,15 +130,17 @@ def figures(report: dict, table: list[dict], past_rounds: list[dict]):
 
     points = [(r["kl"], r["reward"], r["gold_after"]) for r in past_rounds if "reward" in r]
     points.append((report["candidate/kl_to_reference"], report["candidate/reward_mean"],
-                   report["candidate/neutral_rate"]))
+                   report.get("candidate/neutral_rate")))  # None on your own prompts: no gold metric
     over, ax = plt.subplots(figsize=(5, 3.2))
     xs = [math.sqrt(max(kl, 0.0)) for kl, _, _ in points]
     ax.plot(xs, [p[1] for p in points], "o-", label="reward model score")
     ax.set_xlabel("sqrt(KL to reference)")
     ax.set_ylabel("reward-model score")
-    gold_ax = ax.twinx()
-    gold_ax.plot(xs, [p[2] for p in points], "s--", color="tab:green", label="gold: held-out neutral rate")
-    gold_ax.set_ylabel("gold metric")
+    gold = [(x, p[2]) for x, p in zip(xs, points) if p[2] is not None]
+    if gold:
+        gold_ax = ax.twinx()
+        gold_ax.plot(*zip(*gold), "s--", color="tab:green", label="gold: held-out neutral rate")
+        gold_ax.set_ylabel("gold metric")
     for i, x in enumerate(xs):
         ax.annotate(f"r{i + 1}", (x, points[i][1]))
     over.legend(loc="lower right", fontsize=8)
@@ -166,9 +173,13 @@ def html_report(report: dict, table: list[dict], images: dict[str, bytes], n_row
 def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
     with tracking.stage_run(ws, cfg.project, "evaluate", state):
         champion_ref = tracking.resolve_model(ws, state.policy)
+        heldout = prompts.heldout_prompts(ws, cfg)
+        mlflow.log_params({"prompts.heldout": cfg.prompts.heldout or "built-in scenario",
+                           "prompts.heldout_count": len(heldout)})
         report, table = evaluate(str(ws.policy_model), champion_ref, str(ws.base_model), str(ws.reward_model),
-                                 scenario.heldout_prompts(), cfg.evaluate.samples_per_prompt,
-                                 cfg.evaluate.temperature, cfg.ppo.max_new_tokens, cfg.seed * 1000 + state.round)
+                                 heldout, cfg.evaluate.samples_per_prompt, cfg.evaluate.temperature,
+                                 cfg.ppo.max_new_tokens, cfg.seed * 1000 + state.round,
+                                 gold_judge=cfg.scenario_prompts)
         reward_metrics = json.loads((ws.reward_model / "metrics.json").read_text())
         held_out = reward_metrics["held_out"]
         report["reward_model/accuracy"] = held_out["accuracy"]

@@ -2,7 +2,7 @@
 
 Every round registers its reward model and its policy (the policy gets the `challenger`
 alias). Gates (params.yaml `gates`): win-rate against the champion, KL budget, fluency not
-worse, no NaN, reward-model accuracy floor. On success the old champions become `previous`.
+worse (the built-in scenario's prompts only), no NaN, reward-model accuracy floor. On success the old champions become `previous`.
 The decision and each gate's value are logged on the run and as registry version tags.
 """
 from __future__ import annotations
@@ -35,19 +35,27 @@ class Gate:
 
 
 def check_gates(report: dict, gates: GatesConfig) -> list[Gate]:
-    """Pure: the evaluation report against the gates, one Gate each."""
-    fluency_drop = report["champion/fluent_rate"] - report["candidate/fluent_rate"]
+    """Pure: the evaluation report against the gates, one Gate each.
+
+    The fluency gate rests on the built-in scenario's judge; on your own held-out prompts the
+    report has no fluent rate and that gate is left out (the KL budget bounds the drift, and the
+    perplexity under the reference is in the report)."""
     finite = all(math.isfinite(v) for v in report.values() if isinstance(v, float))
     accuracy_detail = ""
     if "reward_model/pairs" in report:  # (reports of earlier versions hold the accuracy alone)
         accuracy_detail = (f"{report['reward_model/pairs']} held-out pairs, 95% interval "
                            f"{report['reward_model/accuracy_low']:.2f}-{report['reward_model/accuracy_high']:.2f}")
-    return [
+    checked = [
         Gate("win_rate_lower_bound", report["win_rate/low"], gates.min_win_rate,
              report["win_rate/low"] >= gates.min_win_rate),
         Gate("kl_to_reference", report["candidate/kl_to_reference"], gates.max_kl,
              report["candidate/kl_to_reference"] <= gates.max_kl),
-        Gate("fluency_drop", fluency_drop, gates.max_fluency_drop, fluency_drop <= gates.max_fluency_drop),
+    ]
+    if "candidate/fluent_rate" in report:
+        fluency_drop = report["champion/fluent_rate"] - report["candidate/fluent_rate"]
+        checked.append(Gate("fluency_drop", fluency_drop, gates.max_fluency_drop,
+                            fluency_drop <= gates.max_fluency_drop))
+    return checked + [
         Gate("no_nan", float(finite), 1.0, finite),
         Gate("reward_accuracy", report["reward_model/accuracy"], gates.min_reward_accuracy,
              report["reward_model/accuracy"] >= gates.min_reward_accuracy, accuracy_detail),
@@ -83,6 +91,9 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
     gates = check_gates(report, cfg.gates)
     promoted = all(g.passed for g in gates)
     reasons = [g.reason() for g in gates]
+    if "candidate/fluent_rate" not in report:  # said, so no reader takes it for passed
+        reasons.append("fluency_drop not checked: the built-in scenario's fluency judge does not apply to your "
+                       "held-out prompts (perplexity_under_reference is in the evaluation report)")
     client = tracking.setup(ws, cfg.project)
     with tracking.stage_run(ws, cfg.project, "promote", state, data_file=ws.accepted) as run_:
         reward_version = tracking.log_model(ws.reward_model, "reward", cfg.reward_name)

@@ -80,15 +80,17 @@ def finish_round(ws: Workspace, state: RoundState) -> dict:
     decision = json.loads(ws.decision_report.read_text())
     line = {
         "round": state.round,
-        "gold_before": evaluation["champion/neutral_rate"],
-        "gold_after": evaluation["candidate/neutral_rate"],
-        "fluent_before": evaluation["champion/fluent_rate"],
-        "fluent_after": evaluation["candidate/fluent_rate"],
+        # the built-in scenario's gold judge; None on your own prompts (prompts.heldout)
+        "gold_before": evaluation.get("champion/neutral_rate"),
+        "gold_after": evaluation.get("candidate/neutral_rate"),
+        "fluent_before": evaluation.get("champion/fluent_rate"),
+        "fluent_after": evaluation.get("candidate/fluent_rate"),
         "kl": evaluation["candidate/kl_to_reference"],
+        "reward_before": evaluation["champion/reward_mean"],  # both by this round's reward model
         "reward": evaluation["candidate/reward_mean"],
         "reward_accuracy": evaluation["reward_model/accuracy"],
         "win_rate": evaluation["win_rate/rate"],
-        "gold_win_rate": evaluation["gold_win_rate/rate"],
+        "gold_win_rate": evaluation.get("gold_win_rate/rate"),
         "promoted": decision["promoted"],
         "reasons": decision["reasons"],
         "policy_version": decision["policy_version"],
@@ -102,9 +104,17 @@ def finish_round(ws: Workspace, state: RoundState) -> dict:
         f.write(json.dumps(line) + "\n")
     verdict = "promoted" if line["promoted"] else "not promoted"
     line["commit"] = versioning.commit_round(
-        ws, f"round {state.round}: policy v{line['policy_version']} {verdict}; held-out neutral rate "
-            f"{line['gold_before']:.2f} -> {line['gold_after']:.2f}, KL {line['kl']:.2f}")
+        ws, f"round {state.round}: policy v{line['policy_version']} {verdict}; {headline(line)}, KL {line['kl']:.2f}")
     return line
+
+
+def headline(line: dict) -> str:
+    """A round's result in a few words: the gold metric on the built-in scenario, else the reward."""
+    if line.get("gold_after") is not None:
+        return f"held-out neutral rate {line['gold_before']:.3f} -> {line['gold_after']:.3f}"
+    if line.get("reward_before") is not None:
+        return f"held-out reward {line['reward_before']:+.3f} -> {line['reward']:+.3f}"
+    return f"held-out reward {line['reward']:+.3f}"
 
 
 def status(ws: Workspace, cfg: PipelineConfig) -> dict:

@@ -28,7 +28,7 @@ from pathlib import Path
 import mlflow
 import torch
 
-from tasks import scenario, tracking
+from tasks import prompts as prompts_, tracking
 from tasks.config import PipelineConfig
 from tasks.modeling import load_policy, load_reward, load_tokenizer, save
 from tasks.ppo import lora
@@ -122,10 +122,21 @@ def build_trainer(policy_ref: str, ref_ref: str, reward_ref: str, prompts: list[
     ref = ref.to(device) if ref is not None else None
     reward = load_reward(reward_ref, tokenizer.pad_token_id).to(device)
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    check_prompt_lengths(prompt_ids, cfg.ppo.max_new_tokens, lm.config)
     trainer = PPOTrainer(policy, ref, reward, prompt_ids, tokenizer.eos_token_id, tokenizer.pad_token_id,
                          cfg.ppo, seed=seed, device=device, checkpoint_dir=checkpoint_dir, accelerator=accelerator,
                          fsdp=cfg.ppo.fsdp)
     return trainer, tokenizer
+
+
+def check_prompt_lengths(prompt_ids: list[list[int]], max_new_tokens: int, config) -> None:
+    """Every prompt and its response must fit the model's positions: say which prompt does not."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    if limit is not None and len(prompt_ids[longest]) + max_new_tokens > limit:
+        raise StageError(f"prompt {longest + 1} is {len(prompt_ids[longest])} tokens: with ppo.max_new_tokens "
+                         f"{max_new_tokens} that exceeds the model's {limit} positions; shorten the prompts or "
+                         "lower ppo.max_new_tokens")
 
 
 WORKER = "RLHF_PPO_WORKER"  # set in the processes the stage starts: the round's policy, resolved
@@ -134,16 +145,17 @@ WORKER = "RLHF_PPO_WORKER"  # set in the processes the stage starts: the round's
 def resume_key(ws: Workspace, cfg: PipelineConfig, state: RoundState, policy_ref: str) -> dict:
     """What a PPO checkpoint must share with this run to be resumed: every PPO setting but those a
     resumed run may change (RESUMABLE_CHANGES: go longer, save more often, compute in chunks or
-    with the other decoder), the seed, and the models it starts from (their weight files' sizes
-    and modification times: rewritten is other)."""
+    with the other decoder), the seed, the prompts, and the models it starts from (their weight
+    files' sizes and modification times: rewritten is other)."""
     def files(ref) -> list | str:
         if not Path(ref).is_dir():
             return str(ref)  # a Hugging Face id
         return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in _weight_files(ref)]
 
     ppo = {k: v for k, v in vars(cfg.ppo).items() if k not in RESUMABLE_CHANGES}
+    prompts = hashlib.sha256(json.dumps(prompts_.training_prompts(ws, cfg)).encode()).hexdigest()
     return json.loads(json.dumps({
-        "ppo": ppo, "seed": cfg.seed, "round": state.round,
+        "ppo": ppo, "seed": cfg.seed, "round": state.round, "prompts": prompts,
         "models": {"policy": files(policy_ref), "base": files(ws.base_model), "reward": files(ws.reward_model)},
     }))
 
@@ -211,12 +223,15 @@ def train(ws: Workspace, cfg: PipelineConfig, state: RoundState, policy_ref: str
     # a started process's first rank logs into the stage's run (MLFLOW_RUN_ID); the others log nothing
     logging = mlflow.start_run() if main and accelerator is not None else contextlib.nullcontext()
     with logging:
+        prompts = prompts_.training_prompts(ws, cfg)
         trainer, tokenizer = build_trainer(policy_ref, str(ws.base_model), str(ws.reward_model),
-                                           scenario.feedback_prompts(), cfg, seed, checkpoint_dir, device, accelerator)
+                                           prompts, cfg, seed, checkpoint_dir, device, accelerator)
         reference = "base model, adapters off" if trainer.ref_lm is None else "base model"
         if main:
             mlflow.log_params({f"ppo.{k}": v for k, v in cfg.ppo.__dict__.items()}
-                              | {"ppo.device": device.split(":")[0], "ppo.reference": reference})
+                              | {"ppo.device": device.split(":")[0], "ppo.reference": reference,
+                                 "prompts.train": cfg.prompts.train or "built-in scenario",
+                                 "prompts.train_count": len(prompts)})
 
         def log(metrics: dict) -> None:
             if not main:

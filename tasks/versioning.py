@@ -92,7 +92,8 @@ def ensure_repos(ws: Workspace) -> None:
         gitignore.write_text("\n".join(present + missing) + "\n")
     if fresh:
         setup = [p for p in (".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore", "dvc.yaml",
-                             "params.yaml", "state.yaml", "data/feedback/raw/.gitkeep") if (ws.root / p).exists()]
+                             "params.yaml", "state.yaml", "data/feedback/raw/.gitkeep",
+                             "data/prompts/.gitkeep") if (ws.root / p).exists()]
         git(ws, "add", *setup)
         git(ws, "commit", "-q", "-m", "workspace: pipeline definition, DVC repository and local remote")
 
@@ -149,11 +150,12 @@ def repro(ws: Workspace, stage: str) -> bool:
 
 
 def commit_round(ws: Workspace, message: str) -> str | None:
-    """Commit the round's lineage (dvc.lock, state.yaml, params.yaml); returns the commit, or None."""
+    """Commit the round's lineage (dvc.lock, state.yaml, params.yaml, the prompts files of
+    data/prompts/, small and in git); returns the commit, or None."""
     with lock(ws):
-        paths = [p for p in ("dvc.lock", "state.yaml", "params.yaml", "dvc.yaml", "reports/validation.json",
-                             "reports/evaluation.json", "reports/evaluation.html", "reports/decision.json",
-                             "reports/history.jsonl")
+        paths = [p for p in ("dvc.lock", "state.yaml", "params.yaml", "dvc.yaml", "data/prompts",
+                             "reports/validation.json", "reports/evaluation.json", "reports/evaluation.html",
+                             "reports/decision.json", "reports/history.jsonl")
                  if (ws.root / p).exists()]
         git(ws, "add", *paths, ":(glob)**/.gitignore")  # the .gitignore files DVC writes beside stage outputs
         if git(ws, "diff", "--cached", "--quiet", check=False).returncode == 0:

@@ -103,5 +103,7 @@ def init_workspace(root: str | Path) -> Workspace:
         ws.write_state(RoundState())
     ws.raw_dir.mkdir(parents=True, exist_ok=True)  # a DVC dependency of validate, even before any feedback
     (ws.raw_dir / ".gitkeep").touch()
+    (ws.root / "data" / "prompts").mkdir(exist_ok=True)  # your prompts files; a dependency of PPO and evaluation
+    (ws.root / "data" / "prompts" / ".gitkeep").touch()
     versioning.ensure_repos(ws)
     return ws

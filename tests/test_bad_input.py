@@ -38,6 +38,17 @@ from tasks.config import ValidateConfig
     ("refinement:\n  cron: '0 3 * *'\n", "refinement.cron"),
     ("refinement:\n  cron: 'H 3 * * *'\n", "refinement.cron"),
     ("refinement:\n  timezone: Mars/Olympus\n", "refinement.timezone"),
+    ("prompts:\n  train: data/prompts/train.txt\n", "set prompts.train and prompts.heldout together"),
+    ("prompts:\n  train: /home/me/train.txt\n  heldout: data/prompts/h.txt\ncollect:\n  simulate: false\n",
+     "prompts.train: Value error, '/home/me/train.txt' is not a file under data/prompts/"),
+    ("prompts:\n  train: data/prompts/../../x.txt\n  heldout: data/prompts/h.txt\ncollect:\n  simulate: false\n",
+     "not a file under data/prompts/"),
+    ("prompts:\n  train: data/prompts/t.csv\n  heldout: data/prompts/h.txt\ncollect:\n  simulate: false\n",
+     "ends in .txt"),
+    ("prompts:\n  train: data/prompts/t.txt\n  heldout: data/prompts/t.txt\ncollect:\n  simulate: false\n",
+     "prompts.heldout is prompts.train"),
+    ("prompts:\n  train: data/prompts/t.txt\n  heldout: data/prompts/h.txt\n",
+     "with prompts.train set, set collect.simulate to false"),
 ])
 def test_malformed_config_is_named(tmp_path, text, expected):
     path = tmp_path / "params.yaml"
@@ -72,6 +83,43 @@ def test_stages_that_load_no_model_import_no_torch_prefect_or_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.parametrize("name,content,expected", [
+    ("p.txt", "", "holds no prompts"),
+    ("p.txt", "the doctor said\n\nthe nurse said\n", "line 2 is empty"),
+    ("p.txt", "the doctor said\n   \n", "line 2 is empty"),
+    ("p.jsonl", '{"prompt": "a"}\nnot json\n', "line 2 is not JSON"),
+    ("p.jsonl", '{"prompt": "a"}\n{"text": "b"}\n', 'line 2 has no "prompt" string'),
+    ("p.jsonl", '{"prompt": 3}\n', 'line 1 has no "prompt" string'),
+    ("p.jsonl", '["a list"]\n', 'line 1 has no "prompt" string'),
+    ("p.jsonl", '{"prompt": "  "}\n', 'line 1 has no "prompt" string'),
+    ("p.txt", b"caf\xe9 said\n", "not UTF-8"),
+    ("p.csv", "prompt\nthe doctor said\n", "ends in .txt"),
+    ("missing.txt", None, "does not exist"),
+])
+def test_malformed_prompts_files_are_named_by_line(tmp_path, name, content, expected):
+    from tasks.prompts import PromptsError, load_prompts
+
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(PromptsError, match=expected):
+        load_prompts(path)
+
+
+def test_prompts_files_are_read_as_written(tmp_path):
+    """.txt: a prompt a line, spaces kept, Windows line ends taken off; .jsonl: the "prompt" field,
+    prompts over several lines, other fields ignored (preference records serve as they are)."""
+    from tasks.prompts import load_prompts
+
+    (tmp_path / "a.txt").write_bytes(b"the doctor said\r\n  indented prompt \nlast line without newline")
+    assert load_prompts(tmp_path / "a.txt") == ["the doctor said", "  indented prompt ", "last line without newline"]
+    rows = [{"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": "x"}, {"prompt": "caf\u00e9 said", "id": 3}]
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert load_prompts(tmp_path / "b.jsonl") == ["\n\nHuman: hi\n\nAssistant:", "caf\u00e9 said"]
 
 
 def test_missing_config_file(tmp_path):
@@ -213,3 +261,18 @@ def test_missing_or_empty_feedback_stops_validation_with_a_clear_error(tmp_path)
         validate.run(ws, cfg, ws.read_state())
     assert json.loads(ws.validation_report.read_text())["passed"] is False
     assert (ws.raw_dir / "round-0001-import-empty.jsonl").exists()
+
+
+def test_a_prompt_too_long_for_the_model_is_named_before_ppo_starts():
+    from transformers import GPT2Config, LlamaConfig
+
+    from tasks.stage import StageError
+    from tasks.train_policy import check_prompt_lengths
+
+    prompts = [[1] * 5, [1] * 12, [1] * 7]
+    check_prompt_lengths(prompts, 4, GPT2Config(n_positions=16))  # 12 + 4 fits exactly
+    with pytest.raises(StageError, match="prompt 2 is 12 tokens: with ppo.max_new_tokens 5 that exceeds the "
+                                         "model's 16 positions"):
+        check_prompt_lengths(prompts, 5, GPT2Config(n_positions=16))
+    with pytest.raises(StageError, match="model's 10 positions"):
+        check_prompt_lengths(prompts, 1, LlamaConfig(max_position_embeddings=10))

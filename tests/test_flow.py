@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
-from tasks import rounds, versioning
+from tasks import rounds, scenario, versioning
 from tasks.config import load_config
 from tasks.workspace import Workspace
 
@@ -121,7 +121,8 @@ def test_status_json_holds_the_documented_keys(finished_round):
     assert info["champion"]["policy_version"] == "2" and info["previous"]["policy_version"] == "1"
     assert info["champion"]["reward_version"] == line["reward_version"]
     last = info["last_round"]
-    for key in ("round", "gold_before", "gold_after", "kl", "reward_accuracy", "win_rate", "promoted", "reasons"):
+    for key in ("round", "gold_before", "gold_after", "kl", "reward", "reward_before", "reward_accuracy", "win_rate",
+                "promoted", "reasons"):
         assert key in last
     assert last["gold_after"] == line["gold_after"]
 
@@ -296,6 +297,7 @@ def test_label_flow_pauses_resumes_with_answers_and_keeps_them_on_timeout(finish
     assert result["labelled"] == 2 and result["pairs"] == 1  # batch 2 timed out; batch 1 kept
     recs = [json.loads(x) for x in open(result["raw_file"], encoding="utf-8")]
     assert [r["label"] for r in recs] == ["pair", "tie"]
+    assert len({r["prompt"] for r in recs}) == 2 and {r["prompt"] for r in recs} <= set(scenario.feedback_prompts())
     assert recs[0]["source"] == "prefect-ui" and recs[0]["annotator"] == "alice" and recs[0]["comment"] == "clearer"
     assert recs[0]["shown_as_a"] == "chosen" and recs[0]["policy_version"] == "2"
     assert "prefect-ui, 2 records" in git(ws, "log", "-1", "--format=%s", "--", result["raw_file"] + ".dvc")

@@ -49,3 +49,22 @@ def test_reward_accuracy_says_how_many_pairs_it_rests_on():
     assert reasons["kl_to_reference"] == "kl_to_reference passed: 3 (threshold 8)"
     earlier = {k: v for k, v in GOOD.items() if not k.startswith("reward_model/") or k == "reward_model/accuracy"}
     assert check_gates(earlier, GatesConfig())[-1].reason() == "reward_accuracy passed: 0.6842 (threshold 0.6)"
+
+
+def test_without_the_scenarios_judge_the_fluency_gate_is_left_out_and_the_rest_still_gate():
+    """On your own held-out prompts the report has no fluent rate: no fluency gate, the others as before."""
+    own = {k: v for k, v in GOOD.items() if not k.endswith("/fluent_rate")}
+    gates = check_gates(own, GatesConfig())
+    assert [g.name for g in gates] == ["win_rate_lower_bound", "kl_to_reference", "no_nan", "reward_accuracy"]
+    assert all(g.passed for g in gates)
+    assert {g.name for g in check_gates({**own, "win_rate/low": 0.3}, GatesConfig()) if not g.passed} == {
+        "win_rate_lower_bound"}
+
+
+def test_a_rounds_headline_is_the_gold_metric_or_else_the_reward():
+    from tasks.rounds import headline
+
+    assert headline({"gold_before": 0.0625, "gold_after": 0.797, "reward": 1.0}) == "held-out neutral rate 0.062 -> 0.797"
+    assert headline({"gold_before": None, "gold_after": None, "reward_before": -0.25, "reward": 0.5}) == (
+        "held-out reward -0.250 -> +0.500")
+    assert headline({"gold_after": None, "reward": 0.5}) == "held-out reward +0.500"  # a line of an older version

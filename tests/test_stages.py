@@ -68,6 +68,33 @@ def test_dvc_repro_runs_every_stage_on_a_users_model(tiny_model_dir, tmp_path):
     with torch.no_grad():
         merged = load_policy(candidate).eval()(input_ids=ids).logits
         assert torch.allclose(lm.eval()(input_ids=ids).logits, merged, atol=1e-5)
+    # your own prompts: PPO trains on prompts.train, evaluation answers prompts.heldout; the
+    # scenario's judge (gold metric, fluency) is left out of the report and the gates
+    train = ["my friend the doctor said", "yesterday the nurse told me", "the pilot asked", "our teacher said"]
+    heldout = [{"prompt": "the ceo told us"}, {"prompt": "a cashier said"}, {"prompt": "the surgeon\nsaid"}]
+    (ws.root / "data" / "prompts" / "train.txt").write_text("\n".join(train) + "\n")
+    (ws.root / "data" / "prompts" / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in heldout))
+    rounds.write_params(ws, load_config(None, {**FAST, "models.policy": str(tiny_model_dir), "ppo.steps": 4,
+                                               "evaluate.samples_per_prompt": 4, "collect.simulate": False,
+                                               "prompts.train": "data/prompts/train.txt",
+                                               "prompts.heldout": "data/prompts/heldout.jsonl"}))
+    out = versioning.dvc(ws, "repro", "-s", "train_policy", "evaluate", "promote").stdout
+    assert all(f"Running stage '{stage}'" in out for stage in ("train_policy", "evaluate", "promote"))
+    ppo_run = mlflow.search_runs(experiment_names=["rlhf"], filter_string="tags.stage = 'train_policy'",
+                                 order_by=["attributes.start_time DESC"], output_format="list")[0]
+    assert ppo_run.data.params["prompts.train"] == "data/prompts/train.txt"
+    assert ppo_run.data.params["prompts.train_count"] == "4"
+    evaluation = json.loads(ws.evaluation_report.read_text())
+    assert evaluation["n_samples"] == 3 * 4 and "candidate/perplexity_under_reference" in evaluation
+    assert not [k for k in evaluation if "neutral" in k or "fluent" in k or "gold" in k]
+    assert "the surgeon\nsaid" in (ws.reports / "evaluation.html").read_text()  # escaped, one row per sample
+    decision = json.loads(ws.decision_report.read_text())
+    assert "fluency_drop" not in {g["name"] for g in decision["gates"]}
+    assert any(r.startswith("fluency_drop not checked") for r in decision["reasons"])
+    # a changed prompts file reruns PPO and evaluation: data/prompts is their dependency
+    (ws.root / "data" / "prompts" / "train.txt").write_text("\n".join(train[:2]) + "\n")
+    out = versioning.dvc(ws, "status").stdout
+    assert "train_policy" in out and "evaluate" in out and "train_reward" not in out
 
 
 def test_gold_judge_and_simulated_annotator():

@@ -1,0 +1,76 @@
+"""Prompts: what PPO trains on and what evaluation measures. The built-in scenario's by default,
+or your own files (params.yaml `prompts.train` and `prompts.heldout`).
+
+A prompts file lives under data/prompts/ (a dependency of the stages that read it, so a changed
+file reruns them) and holds one prompt a line: `.txt` as plain text, `.jsonl` as JSON objects
+with a "prompt" string (other fields are ignored, so preference records serve as they are; use
+it for prompts that span lines, such as HH-RLHF dialogues). A prompt is used as written,
+leading and trailing spaces included. An empty line, a line that is not a prompt or a file
+without any stops the stage with the file and line named: no prompt is skipped unsaid.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tasks import scenario
+from tasks.config import PipelineConfig
+from tasks.stage import StageError
+from tasks.workspace import Workspace
+
+PROMPTS_DIR = Path("data") / "prompts"  # relative to the workspace
+SUFFIXES = (".txt", ".jsonl")
+
+
+class PromptsError(StageError):
+    """A prompts file that cannot be used; the message names the file, the line and the fix."""
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    path = Path(path)
+    if path.suffix not in SUFFIXES:
+        raise PromptsError(f"{path}: a prompts file ends in .txt (one prompt a line) or .jsonl "
+                           f"(one {{\"prompt\": ...}} a line), not {path.suffix or 'nothing'!r}")
+    if not path.is_file():
+        raise PromptsError(f"prompts file {path} does not exist (put it under {PROMPTS_DIR}/ of the workspace)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PromptsError(f"{path} is not UTF-8 text ({e}); save it as UTF-8") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        line = line.removesuffix("\r")
+        where = f"{path}, line {number}"
+        if not line.strip():
+            raise PromptsError(f"{where} is empty: one prompt a line, no blank lines")
+        if path.suffix == ".txt":
+            prompts.append(line)
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PromptsError(f"{where} is not JSON ({e.msg}): each line must be an object with a \"prompt\"") from None
+        prompt = row.get("prompt") if isinstance(row, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PromptsError(f"{where} has no \"prompt\" string (got {str(row)[:80]!r})")
+        prompts.append(prompt)
+    if not prompts:
+        raise PromptsError(f"{path} holds no prompts")
+    return prompts
+
+
+def training_prompts(ws: Workspace, cfg: PipelineConfig) -> list[str]:
+    """PPO's prompts (and the label flow's): your file, or the scenario's feedback professions."""
+    if cfg.prompts.train is None:
+        return scenario.feedback_prompts()
+    return load_prompts(ws.root / cfg.prompts.train)
+
+
+def heldout_prompts(ws: Workspace, cfg: PipelineConfig) -> list[str]:
+    """Evaluation's prompts, never trained on: your file, or the scenario's held-out professions."""
+    if cfg.prompts.heldout is None:
+        return scenario.heldout_prompts()
+    return load_prompts(ws.root / cfg.prompts.heldout)
