@@ -571,14 +571,17 @@ _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
                    num_key_value_heads=2, max_position_embeddings=128)
 
 
-@pytest.mark.parametrize("variant", ["llama3-rope", "llama-bias-mqa", "qwen2", "mistral", "qwen3", "mistral-window-8",
-                                     "qwen3-window-8"])
+@pytest.mark.parametrize("variant", ["llama3-rope", "llama-bias-mqa", "qwen2", "mistral", "qwen3", "gemma3",
+                                     "mistral-window-8", "qwen3-window-8", "gemma3-window-8", "gemma3-softcap"])
 def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, tiny_model_dir):
-    """Qwen2, Qwen3 (per-head query/key norms), Mistral (within its sliding window), Llama 3's
-    scaled rotary, biased projections with one key/value head, each also with LoRA: the static
-    decoder's logits are the model's at every step, and it samples what HF's sampler samples.
-    A sliding window shorter than the rollout (Mistral's, Qwen3's per layer) is left to HF's sampler."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    """Qwen2, Qwen3 (per-head query/key norms), Gemma 3 (those norms, norms around attention and
+    MLP, scaled embeddings, a rotary table per layer type, its own attention scale), Mistral
+    (within its sliding window), Llama 3's scaled rotary, biased projections with one key/value
+    head, each also with LoRA: the static decoder's logits are the model's at every step, and it
+    samples what HF's sampler samples. A sliding window shorter than the rollout (Mistral's,
+    Qwen3's or Gemma 3's local layers) and logit soft-capping are left to HF's sampler."""
+    from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config,
+                              Qwen3Config)
 
     tok = load_tokenizer(tiny_model_dir)
     common = dict(_LLAMA_LIKE, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
@@ -593,13 +596,20 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
         "qwen3": lambda: Qwen3Config(**common),
         "mistral-window-8": lambda: MistralConfig(**common, sliding_window=8),
         "qwen3-window-8": lambda: Qwen3Config(**common, use_sliding_window=True, sliding_window=8, max_window_layers=1),
+        # one sliding-window layer, then one global layer: both rotary tables in use
+        "gemma3": lambda: Gemma3TextConfig(**common, head_dim=16, sliding_window=64, sliding_window_pattern=2),
+        "gemma3-window-8": lambda: Gemma3TextConfig(**common, head_dim=16, sliding_window=8, sliding_window_pattern=2),
+        "gemma3-softcap": lambda: Gemma3TextConfig(**common, head_dim=16, sliding_window=64, final_logit_softcapping=30.0),
     }[variant]()
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(config).eval()
     ids, mask = _two_prompts(tok)
     if variant == "qwen3":
         assert all(hasattr(layer.self_attn, "q_norm") for layer in lm.model.layers)  # what sets Qwen3 apart
-    if variant.endswith("window-8"):
+    if variant == "gemma3":
+        assert lm.config.layer_types == ["sliding_attention", "full_attention"]
+        assert lm.config.query_pre_attn_scalar != lm.config.head_dim  # its own attention scale
+    if variant.endswith(("window-8", "softcap")):
         assert not static_decode.supports(lm, ids.shape[1] + 12)
         with pytest.raises(ValueError, match="StaticDecoder supports"):
             static_decode.StaticDecoder(lm, 2, ids.shape[1], 12)

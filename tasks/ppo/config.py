@@ -63,7 +63,7 @@ class PPOConfig:
     checkpoint_every: int = 10
     """save a resumable checkpoint every N iterations; 0 = never"""
     generation: Literal["auto", "static", "dynamic"] = "auto"
-    """static KV cache (+ CUDA graph on GPU) for GPT-2 and Llama-family models"""
+    """static KV cache (+ CUDA graph on GPU) for GPT-2, Llama-family and Gemma 3 models"""
     lora_rank: int = 0
     """LoRA rank of the policy's adapters, for models too large to train whole (reference = adapters off); 0 = off"""
     lora_alpha: float = 16.0

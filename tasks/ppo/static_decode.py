@@ -1,4 +1,4 @@
-"""Fast rollouts: a preallocated KV cache, and on CUDA a graph per step (GPT-2 and Llama families).
+"""Fast rollouts: a preallocated KV cache, and on CUDA a graph per step (GPT-2, Llama families, Gemma 3).
 
 Generation is most of a PPO step, and at PPO's batch sizes one decode step of a small model is
 a few hundred tiny kernels: eager PyTorch spends its time launching them. This decoder keeps
@@ -9,10 +9,10 @@ rollouts needs no new capture.
 
 It reuses the model's own modules (embeddings, norms, projections, MLP, LM head, with any LoRA
 adapters on them); only the cached attention and the layout of a block are written here, once
-per family: `_GPT2` (learned positions, fused qkv) and `_Llama` (rotary positions, grouped-query
-attention; also Mistral, Qwen2 and Qwen3). `sample` in rollout.py is the general path (any causal LM,
-HF's dynamic cache); `supports(lm)` says whether this one applies. Imports torch and
-transformers only.
+per family: `_GPT2` (learned positions, fused qkv), `_Llama` (rotary positions, grouped-query
+attention; also Mistral, Qwen2 and Qwen3) and `_Gemma3` (Llama's, with more norms). `sample` in
+rollout.py is the general path (any causal LM, HF's dynamic cache); `supports(lm)` says whether
+this one applies. Imports torch and transformers only.
 """
 from __future__ import annotations
 
@@ -25,10 +25,11 @@ from torch import nn
 from tasks.ppo.rollout import base_model, position_ids_from_mask, sample_token
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")  # one block layout (modular copies in transformers)
+GEMMA3 = "gemma3_text"  # Gemma 3's text models (270M, 1B; the larger ones' language model)
 
 
 def _window(cfg) -> int | None:
-    """The sliding-attention window, where a layer has one (Mistral; Qwen2 when configured)."""
+    """The sliding-attention window, where a layer has one (Mistral; Gemma 3; Qwen2 and Qwen3 when configured)."""
     if cfg.model_type == "mistral":
         return getattr(cfg, "sliding_window", None)
     if "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
@@ -37,17 +38,22 @@ def _window(cfg) -> int | None:
 
 
 def supports(lm: nn.Module, max_len: int | None = None) -> bool:
-    """GPT-2 or Llama layout with the attention and positions this file implements."""
+    """GPT-2, Llama or Gemma 3 layout with the attention and positions this file implements."""
     cfg = getattr(lm, "config", None)
     kind = getattr(cfg, "model_type", None)
     if kind == "gpt2":
         return (hasattr(base_model(lm), "transformer")
                 and getattr(cfg, "scale_attn_weights", True) and not getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
                 and not getattr(cfg, "reorder_and_upcast_attn", False) and not getattr(cfg, "add_cross_attention", False))
-    if kind in LLAMA_LIKE:
-        rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
+    if kind in LLAMA_LIKE or kind == GEMMA3:
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        # one rotary table, or (Gemma 3) one per layer type
+        ropes = rope.values() if kind == GEMMA3 else [rope]
         window = _window(cfg)
-        return (hasattr(base_model(lm), "model") and rope not in ("dynamic", "longrope")  # those change with length
+        gemma_extras = kind == GEMMA3 and (cfg.final_logit_softcapping is not None or cfg.attn_logit_softcapping
+                                           is not None or getattr(cfg, "use_bidirectional_attention", False))
+        return (hasattr(base_model(lm), "model") and not gemma_extras
+                and all(r.get("rope_type", "default") not in ("dynamic", "longrope") for r in ropes)  # change with length
                 and (window is None or (max_len is not None and max_len <= window)))
     return False
 
@@ -97,13 +103,19 @@ class _Llama:
         attn = self.blocks[0].self_attn
         self.n_head, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim, self.scale = attn.head_dim, attn.scaling
-        self.head_norms = cfg.model_type == "qwen3"
+        self.head_norms = cfg.model_type in ("qwen3", GEMMA3)
         # cos / sin of every position a rollout reaches, once, by the model's own rotary module
-        # (its scaling types included), in float32 as HF computes them
+        # (its scaling types included), in float32 as HF computes them; Gemma 3 has a table for
+        # its sliding-window layers and one for its global layers
         device = self.embedding.weight.device
         positions = torch.arange(max_len, device=device)[None]
-        cos, sin = self.m.rotary_emb(torch.zeros(1, device=device), positions)
-        self.cos, self.sin = cos[0], sin[0]  # (L, head_dim)
+        tables, self.rope = {}, {}
+        for i, block in enumerate(self.blocks):
+            kind = cfg.layer_types[i] if cfg.model_type == GEMMA3 else None
+            if kind not in tables:
+                cos, sin = self.m.rotary_emb(torch.zeros(1, device=device), positions, *([kind] if kind else []))
+                tables[kind] = (cos[0], sin[0])  # (L, head_dim) each
+            self.rope[id(block)] = tables[kind]
 
     def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return self.m.embed_tokens(ids)
@@ -115,7 +127,7 @@ class _Llama:
         if self.head_norms:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # (B, 1, S, D) float32
+        cos, sin = (table[pos].unsqueeze(1) for table in self.rope[id(block)])  # (B, 1, S, D) float32
         # in float32 as HF's (its bf16 q and k meet float32 cos / sin), kept in the projection's dtype
         return _rotate(q, cos, sin).to(q.dtype), _rotate(k, cos, sin).to(k.dtype), v
 
@@ -127,6 +139,19 @@ class _Llama:
 
     def norm(self, h: torch.Tensor) -> torch.Tensor:
         return self.m.norm(h)
+
+
+class _Gemma3(_Llama):
+    """Gemma 3: Llama's attention with Qwen3's query/key head norms, a norm after attention and
+    around the MLP, embeddings scaled by sqrt(hidden) (inside its embedding module) and two
+    rotary tables. Not covered (declined by `supports`): logit soft-capping (Gemma 2's) and
+    bidirectional attention (EmbeddingGemma)."""
+
+    def out(self, block: nn.Module, a: torch.Tensor) -> torch.Tensor:
+        return block.post_attention_layernorm(block.self_attn.o_proj(a))
+
+    def mlp(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return block.post_feedforward_layernorm(block.mlp(block.pre_feedforward_layernorm(h)))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -147,10 +172,10 @@ class StaticDecoder:
         self.B, self.P, self.T = batch, prompt_len, max_new_tokens
         self.L = prompt_len + max_new_tokens
         if not supports(lm, self.L):
-            raise ValueError(f"StaticDecoder supports GPT-2 and Llama-family models (Mistral, Qwen2 and Qwen3 "
-                             f"within their sliding window), not {type(lm).__name__}")
+            raise ValueError(f"StaticDecoder supports GPT-2, Llama-family models (Mistral, Qwen2 and Qwen3) and "
+                             f"Gemma 3 within their sliding window, not {type(lm).__name__}")
         self.lm = lm
-        self.arch = (_GPT2 if lm.config.model_type == "gpt2" else _Llama)(lm, self.L)
+        self.arch = {"gpt2": _GPT2, GEMMA3: _Gemma3}.get(lm.config.model_type, _Llama)(lm, self.L)
         if self.L > self.arch.max_positions:
             raise ValueError(f"prompt {prompt_len} + response {max_new_tokens} tokens exceed the model's "
                              f"{self.arch.max_positions} positions")
