@@ -12,7 +12,8 @@ reference: TRL 0.29 with a separate value model (its only design). With --lora R
 trains rank-R adapters instead (the reference is the policy with its adapters off): less memory,
 not the same work as the reference's full fine-tuning, so its ratio is reported apart. With
 --family llama ours runs a Llama of the shape's size (rotary positions, 4 query heads per
-key/value head, SwiGLU) and the reference, GPT-2 only, does not run; --generation picks our
+key/value head, SwiGLU; qwen3 and gemma3 the same with their norms) and the reference, GPT-2
+only, does not run; --generation picks our
 decoder (static: KV cache + CUDA graphs; dynamic: HF's cache). Prints a table, and with --json
 one JSON object; writes ppo_throughput.json into --out (bench/results).
 """
@@ -29,7 +30,8 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, LlamaConfig
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, Gemma3TextConfig, GPT2Config,
+                          LlamaConfig, Qwen3Config)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tasks.ppo import lora  # noqa: E402
@@ -44,14 +46,24 @@ SHAPES = {  # the reference README's shapes
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "bench" / "trl_ppo_reference.py"
 
 
+FAMILIES = {"llama": LlamaConfig, "qwen3": Qwen3Config, "gemma3": Gemma3TextConfig}  # besides GPT-2
+
+
 def policy_config(s: dict, family: str):
     positions = s["prompt_len"] + s["response_len"] + 8
-    if family == "llama":
-        kv_heads = s["heads"] // 4 if s["heads"] % 4 == 0 else s["heads"]
-        return LlamaConfig(num_hidden_layers=s["layers"], hidden_size=s["dim"], num_attention_heads=s["heads"],
-                           num_key_value_heads=kv_heads, intermediate_size=-(-8 * s["dim"] // 3 // 64) * 64,
-                           vocab_size=s["vocab"], max_position_embeddings=positions, pad_token_id=0,
-                           eos_token_id=1, bos_token_id=1)
+    if family in FAMILIES:
+        # the shape's size: 4 query heads per key/value head where the count allows, SwiGLU-sized MLP;
+        # Qwen3 and Gemma 3 add their norms, Gemma 3 alternates 5 sliding-window layers (512 tokens,
+        # as its 270M and 1B) with a global one
+        head_dim = s["dim"] // s["heads"]
+        extra = {"head_dim": head_dim} if family != "llama" else {}
+        if family == "gemma3":
+            extra |= {"query_pre_attn_scalar": head_dim, "sliding_window": 512}
+        return FAMILIES[family](
+            num_hidden_layers=s["layers"], hidden_size=s["dim"], num_attention_heads=s["heads"],
+            num_key_value_heads=s["heads"] // 4 if s["heads"] % 4 == 0 else s["heads"],
+            intermediate_size=-(-8 * s["dim"] // 3 // 64) * 64, vocab_size=s["vocab"],
+            max_position_embeddings=positions, pad_token_id=0, eos_token_id=1, bos_token_id=1, **extra)
     return GPT2Config(n_layer=s["layers"], n_embd=s["dim"], n_head=s["heads"], vocab_size=s["vocab"],
                       n_positions=positions, pad_token_id=0, eos_token_id=1, bos_token_id=1)
 
@@ -140,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lora", type=int, default=0, metavar="RANK",
                    help="our policy trains LoRA adapters of this rank (0 = full fine-tuning, as the reference)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="folder for the JSON file")
-    p.add_argument("--family", choices=["gpt2", "llama"], default="gpt2",
+    p.add_argument("--family", choices=["gpt2", *FAMILIES], default="gpt2",
                    help="our policy's architecture at the shape's size (the reference runs GPT-2 only)")
     p.add_argument("--generation", choices=["auto", "static", "dynamic"], default="auto",
                    help="our rollout decoder: static KV cache (+ CUDA graphs) or HF's dynamic cache")

@@ -21,7 +21,8 @@ def bench():
 
 
 @pytest.mark.parametrize("rank,family,generation,chunk", [(0, "gpt2", "auto", 0), (4, "gpt2", "auto", 4),
-                                                           (0, "llama", "static", 0), (0, "llama", "dynamic", 0)])
+                                                           (0, "llama", "static", 0), (0, "llama", "dynamic", 0),
+                                                           (0, "qwen3", "static", 0), (0, "gemma3", "static", 0)])
 def test_tiny_shape_runs_on_cpu(bench, tmp_path, capsys, rank, family, generation, chunk):
     out = tmp_path / "out"
     bench.main(["--shape", "tiny", "--no-reference", "--repeats", "1", "--json", "--lora", str(rank),
@@ -33,9 +34,11 @@ def test_tiny_shape_runs_on_cpu(bench, tmp_path, capsys, rank, family, generatio
     assert printed["family"] == family and printed["generation"] == generation
     assert printed["generation_batch"] == chunk
     policy, reward = {"gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification"),
-                      "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification")}[family]
+                      "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification"),
+                      "qwen3": ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification"),
+                      "gemma3": ("Gemma3ForCausalLM", "Gemma3TextForSequenceClassification")}[family]
     assert ours["models"] == {"policy": policy, "reward": reward}  # the reward model is of the policy's family
-    assert ("LoRA" in ours["system"]) == bool(rank) and ("llama" in ours["system"]) == (family == "llama")
+    assert ("LoRA" in ours["system"]) == bool(rank) and (family in ours["system"]) == (family != "gpt2")
     assert ("HF cache" in ours["system"]) == (generation == "dynamic")
     assert ours["episodes_per_s"] > 0 and 0 < ours["gen_fraction"] < 1
     # 32 prompts of batch 8: 4 steps of 8 episodes of 16 tokens each
