@@ -17,10 +17,11 @@ import math
 import mlflow
 import torch
 
-from tasks import prompts, scenario, tracking
+from tasks import scenario, tracking
 from tasks.config import PipelineConfig
 from tasks.modeling import generate_texts, load_policy, load_reward, load_tokenizer, score_texts
 from tasks.ppo.core import logprobs_from_logits, response_mask
+from tasks.prompts import check_lengths, heldout_prompts
 from tasks.ppo.rollout import position_ids_from_mask
 from tasks.stage import stage_main
 from tasks.workspace import RoundState, Workspace
@@ -85,9 +86,10 @@ def describe(responses: list[str], scores: torch.Tensor, logp: torch.Tensor, ref
 
 def evaluate(candidate_ref: str, champion_ref: str, reference_ref: str, reward_ref: str,
              prompts: list[str], samples_per_prompt: int, temperature: float, max_new_tokens: int,
-             seed: int, gold_judge: bool = True) -> tuple[dict, list[dict]]:
+             seed: int, gold_judge: bool = True, where: str = "") -> tuple[dict, list[dict]]:
     tokenizer = load_tokenizer(reference_ref)
     reference = load_policy(reference_ref).eval()
+    check_lengths([tokenizer(p)["input_ids"] for p in prompts], max_new_tokens, reference.config, where)
     reward = load_reward(reward_ref, tokenizer.pad_token_id).eval()
     batch = [p for p in prompts for _ in range(samples_per_prompt)]
     results, responses, gold = {}, {}, {}
@@ -173,13 +175,14 @@ def html_report(report: dict, table: list[dict], images: dict[str, bytes], n_row
 def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
     with tracking.stage_run(ws, cfg.project, "evaluate", state):
         champion_ref = tracking.resolve_model(ws, state.policy)
-        heldout = prompts.heldout_prompts(ws, cfg)
+        heldout = heldout_prompts(ws, cfg)
         mlflow.log_params({"prompts.heldout": cfg.prompts.heldout or "built-in scenario",
                            "prompts.heldout_count": len(heldout)})
         report, table = evaluate(str(ws.policy_model), champion_ref, str(ws.base_model), str(ws.reward_model),
                                  heldout, cfg.evaluate.samples_per_prompt, cfg.evaluate.temperature,
                                  cfg.ppo.max_new_tokens, cfg.seed * 1000 + state.round,
-                                 gold_judge=cfg.scenario_prompts)
+                                 gold_judge=cfg.scenario_prompts,
+                                 where=f" of {cfg.prompts.heldout}" if cfg.prompts.heldout else "")
         reward_metrics = json.loads((ws.reward_model / "metrics.json").read_text())
         held_out = reward_metrics["held_out"]
         report["reward_model/accuracy"] = held_out["accuracy"]

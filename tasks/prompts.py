@@ -74,3 +74,14 @@ def heldout_prompts(ws: Workspace, cfg: PipelineConfig) -> list[str]:
     if cfg.prompts.heldout is None:
         return scenario.heldout_prompts()
     return load_prompts(ws.root / cfg.prompts.heldout)
+
+
+def check_lengths(prompt_ids: list[list[int]], max_new_tokens: int, config, where: str = "") -> None:
+    """Every prompt and its response must fit the model's positions: say which prompt does not
+    (`where`: " of data/prompts/x.txt", say)."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    if limit is not None and len(prompt_ids[longest]) + max_new_tokens > limit:
+        raise PromptsError(f"prompt {longest + 1}{where} is {len(prompt_ids[longest])} tokens: with ppo.max_new_tokens "
+                           f"{max_new_tokens} that exceeds the model's {limit} positions; shorten the prompts or "
+                           "lower ppo.max_new_tokens")

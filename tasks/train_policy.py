@@ -122,21 +122,12 @@ def build_trainer(policy_ref: str, ref_ref: str, reward_ref: str, prompts: list[
     ref = ref.to(device) if ref is not None else None
     reward = load_reward(reward_ref, tokenizer.pad_token_id).to(device)
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
-    check_prompt_lengths(prompt_ids, cfg.ppo.max_new_tokens, lm.config)
+    prompts_.check_lengths(prompt_ids, cfg.ppo.max_new_tokens, lm.config,
+                           f" of {cfg.prompts.train}" if cfg.prompts.train else "")
     trainer = PPOTrainer(policy, ref, reward, prompt_ids, tokenizer.eos_token_id, tokenizer.pad_token_id,
                          cfg.ppo, seed=seed, device=device, checkpoint_dir=checkpoint_dir, accelerator=accelerator,
                          fsdp=cfg.ppo.fsdp)
     return trainer, tokenizer
-
-
-def check_prompt_lengths(prompt_ids: list[list[int]], max_new_tokens: int, config) -> None:
-    """Every prompt and its response must fit the model's positions: say which prompt does not."""
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-    if limit is not None and len(prompt_ids[longest]) + max_new_tokens > limit:
-        raise StageError(f"prompt {longest + 1} is {len(prompt_ids[longest])} tokens: with ppo.max_new_tokens "
-                         f"{max_new_tokens} that exceeds the model's {limit} positions; shorten the prompts or "
-                         "lower ppo.max_new_tokens")
 
 
 WORKER = "RLHF_PPO_WORKER"  # set in the processes the stage starts: the round's policy, resolved

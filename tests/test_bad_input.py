@@ -266,13 +266,12 @@ def test_missing_or_empty_feedback_stops_validation_with_a_clear_error(tmp_path)
 def test_a_prompt_too_long_for_the_model_is_named_before_ppo_starts():
     from transformers import GPT2Config, LlamaConfig
 
-    from tasks.stage import StageError
-    from tasks.train_policy import check_prompt_lengths
+    from tasks.prompts import PromptsError, check_lengths
 
     prompts = [[1] * 5, [1] * 12, [1] * 7]
-    check_prompt_lengths(prompts, 4, GPT2Config(n_positions=16))  # 12 + 4 fits exactly
-    with pytest.raises(StageError, match="prompt 2 is 12 tokens: with ppo.max_new_tokens 5 that exceeds the "
-                                         "model's 16 positions"):
-        check_prompt_lengths(prompts, 5, GPT2Config(n_positions=16))
-    with pytest.raises(StageError, match="model's 10 positions"):
-        check_prompt_lengths(prompts, 1, LlamaConfig(max_position_embeddings=10))
+    check_lengths(prompts, 4, GPT2Config(n_positions=16))  # 12 + 4 fits exactly
+    with pytest.raises(PromptsError, match="prompt 2 of data/prompts/t.txt is 12 tokens: with ppo.max_new_tokens 5 "
+                                           "that exceeds the model's 16 positions"):
+        check_lengths(prompts, 5, GPT2Config(n_positions=16), " of data/prompts/t.txt")
+    with pytest.raises(PromptsError, match="model's 10 positions"):
+        check_lengths(prompts, 1, LlamaConfig(max_position_embeddings=10))
