@@ -1,6 +1,6 @@
 """`rlhf`: the command line of the pipeline.
 
-    rlhf run [--rounds N] [--config FILE] [--workspace DIR] [--policy-model ID] [--reward-model ID]
+    rlhf run [--rounds N] [--config FILE] [--workspace DIR] [--policy-model ID] [--reward-model ID] [--chat-template]
     rlhf status [--json] [--workspace DIR]
     rlhf import FILE [--format auto|jsonl|csv|parquet|hh-rlhf|label-studio|argilla] [--map prompt=COL,...] [--json]
     rlhf data history [--json]        rlhf validate [FILE ...] [--json]
@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workspace", type=Path, default=Path("."), help="git + DVC folder of the run (default: .)")
     run.add_argument("--policy-model", help="your causal LM: Hugging Face id or folder (skips pre-training)")
     run.add_argument("--reward-model", help="start the reward model from this Hugging Face id or folder")
+    run.add_argument("--chat-template", action="store_true",
+                     help="a chat or instruct model: prompts become a user turn of its tokenizer's chat template")
 
     imp = sub.add_parser("import", help="import a preference file into the raw feedback (DVC-versioned)")
     imp.add_argument("file", type=Path)
@@ -143,6 +145,8 @@ def cmd_run(args) -> int:
         overrides["models.policy"] = _check_model_arg(args.policy_model, "--policy-model")
     if args.reward_model:
         overrides["models.reward"] = _check_model_arg(args.reward_model, "--reward-model")
+    if args.chat_template:
+        overrides["models.chat_template"] = True
     cfg = load_config(config_path, overrides)  # fails here, before any work, on a bad config
 
     from flows.pipeline import rlhf_loop
@@ -223,7 +227,7 @@ def cmd_validate(args) -> int:
         raise SystemExit(f"error: no such file: {', '.join(missing)}")
     if not files:
         raise SystemExit(f"error: nothing to validate: no files given and {ws.raw_dir} holds no feedback")
-    tokenizer = policy_tokenizer(ws, cfg.validate_)
+    tokenizer = policy_tokenizer(ws, cfg)
     from tasks.importers import ImportError_, convert, detect_format
 
     to_check, converted_bad = [], []
@@ -240,7 +244,7 @@ def cmd_validate(args) -> int:
         convert(f, fmt, {}, 0, kept, bad)
         to_check.append(kept)
         converted_bad += [json.loads(line) for line in bad.read_text(encoding="utf-8").splitlines()]
-    result = validate_files(to_check, cfg.validate_, out / "gx", tokenizer)
+    result = validate_files(to_check, cfg.validate_, out / "gx", tokenizer, chat=cfg.models.chat_template)
     result.quarantined += converted_bad
     summary = write_outputs(result, cfg.validate_, [str(f) for f in files], out / "accepted.jsonl",
                             out / "quarantine.jsonl", out / "validation.json", out=str(out))

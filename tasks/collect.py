@@ -19,12 +19,12 @@ from tasks.workspace import RoundState, Workspace
 
 
 def sample_pairs(policy_ref: str, prompts: list[str], pairs_per_prompt: int, max_new_tokens: int,
-                 temperature: float, seed: int) -> list[tuple[str, str, str]]:
+                 temperature: float, seed: int, chat: bool = False) -> list[tuple[str, str, str]]:
     """(prompt, response A, response B) triples: two independent samples per pair."""
-    tokenizer, model = load_tokenizer(policy_ref), load_policy(policy_ref)
+    tokenizer, model = load_tokenizer(policy_ref, chat), load_policy(policy_ref)
     batch = [p for p in prompts for _ in range(pairs_per_prompt)]
-    a = generate_texts(model, tokenizer, batch, max_new_tokens, temperature, seed)
-    b = generate_texts(model, tokenizer, batch, max_new_tokens, temperature, seed + 1)
+    a = generate_texts(model, tokenizer, batch, max_new_tokens, temperature, seed, chat=chat)
+    b = generate_texts(model, tokenizer, batch, max_new_tokens, temperature, seed + 1, chat=chat)
     return list(zip(batch, a, b))
 
 
@@ -52,7 +52,7 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> list[Preferenc
         policy_ref = tracking.resolve_model(ws, state.policy)
         seed = cfg.seed * 1000 + state.round
         triples = sample_pairs(policy_ref, scenario.feedback_prompts(), c.pairs_per_prompt, c.max_new_tokens,
-                               c.temperature, seed)
+                               c.temperature, seed, cfg.models.chat_template)
         records = annotate(triples, state.round, state.champion_policy_version, c.annotator_beta, seed)
         write_jsonl_atomic(ws.collected, (r.to_json() for r in records))
         pairs = [r for r in records if r.label == "pair"]

@@ -24,6 +24,17 @@ class ModelsConfig(_Strict):
                                                  "empty = pre-train the built-in scenario's tiny model")
     reward: str | None = Field(None, description="Hugging Face id or folder to start the reward model "
                                                  "from; empty = the base policy with a score head")
+    chat_template: bool = Field(False, description="chat or instruct models: every prompt (feedback's, prompt "
+                                                   "files', the label flow's) is one user turn of the policy "
+                                                   "tokenizer's chat template, every response the assistant's "
+                                                   "reply, ended by the template's end-of-turn token")
+
+    @model_validator(mode="after")
+    def _chat_needs_a_model(self) -> "ModelsConfig":
+        if self.chat_template and self.policy is None:
+            raise ValueError("models.chat_template needs models.policy: the built-in scenario's tiny model has no "
+                             "chat template; set models.policy to a chat or instruct model")
+        return self
 
 
 class PretrainConfig(_Strict):

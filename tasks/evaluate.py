@@ -19,7 +19,8 @@ import torch
 
 from tasks import scenario, tracking
 from tasks.config import PipelineConfig
-from tasks.modeling import generate_texts, load_policy, load_reward, load_tokenizer, score_texts
+from tasks.modeling import (encode_prompt, generate_texts, left_pad, load_policy, load_reward, load_tokenizer,
+                            score_texts)
 from tasks.ppo.core import logprobs_from_logits, response_mask
 from tasks.prompts import check_lengths, heldout_prompts
 from tasks.ppo.rollout import position_ids_from_mask
@@ -45,11 +46,13 @@ def win_rate(a: list[float], b: list[float]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def sequence_logprobs(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 128):
+def sequence_logprobs(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 128,
+                      chat: bool = False):
     """Sum of log-probs of each response (with its EOS) given its prompt, and its token count. (N,), (N,)"""
     totals, counts = [], []
     for i in range(0, len(prompts), batch_size):
-        p_enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True)
+        prompt_ids, prompt_mask = left_pad([encode_prompt(tokenizer, p, chat) for p in prompts[i:i + batch_size]],
+                                           tokenizer.pad_token_id)
         r_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                  for r in responses[i:i + batch_size]]
         T = max(len(r) for r in r_ids)
@@ -57,10 +60,10 @@ def sequence_logprobs(model, tokenizer, prompts: list[str], responses: list[str]
         for j, r in enumerate(r_ids):
             resp[j, :len(r)] = torch.tensor(r)
         mask = response_mask(resp, tokenizer.eos_token_id)
-        ids = torch.cat([p_enc["input_ids"], resp], 1)
-        att = torch.cat([p_enc["attention_mask"], mask.long()], 1)
+        ids = torch.cat([prompt_ids, resp], 1)
+        att = torch.cat([prompt_mask, mask.long()], 1)
         pos = position_ids_from_mask(att)
-        logits = model(input_ids=ids, attention_mask=att, position_ids=pos).logits[:, p_enc["input_ids"].shape[1] - 1:-1]
+        logits = model(input_ids=ids, attention_mask=att, position_ids=pos).logits[:, prompt_ids.shape[1] - 1:-1]
         lp = logprobs_from_logits(logits, resp) * mask
         totals.append(lp.sum(1))
         counts.append(mask.sum(1))
@@ -86,19 +89,19 @@ def describe(responses: list[str], scores: torch.Tensor, logp: torch.Tensor, ref
 
 def evaluate(candidate_ref: str, champion_ref: str, reference_ref: str, reward_ref: str,
              prompts: list[str], samples_per_prompt: int, temperature: float, max_new_tokens: int,
-             seed: int, gold_judge: bool = True, where: str = "") -> tuple[dict, list[dict]]:
-    tokenizer = load_tokenizer(reference_ref)
+             seed: int, gold_judge: bool = True, where: str = "", chat: bool = False) -> tuple[dict, list[dict]]:
+    tokenizer = load_tokenizer(reference_ref, chat)
     reference = load_policy(reference_ref).eval()
-    check_lengths([tokenizer(p)["input_ids"] for p in prompts], max_new_tokens, reference.config, where)
+    check_lengths([encode_prompt(tokenizer, p, chat) for p in prompts], max_new_tokens, reference.config, where)
     reward = load_reward(reward_ref, tokenizer.pad_token_id).eval()
     batch = [p for p in prompts for _ in range(samples_per_prompt)]
     results, responses, gold = {}, {}, {}
     for name, ref in (("candidate", candidate_ref), ("champion", champion_ref)):
         model = load_policy(ref).eval()
-        texts = generate_texts(model, tokenizer, batch, max_new_tokens, temperature, seed)
-        scores = score_texts(reward, tokenizer, batch, texts)
-        logp, counts = sequence_logprobs(model, tokenizer, batch, texts)
-        ref_logp, _ = sequence_logprobs(reference, tokenizer, batch, texts)
+        texts = generate_texts(model, tokenizer, batch, max_new_tokens, temperature, seed, chat=chat)
+        scores = score_texts(reward, tokenizer, batch, texts, chat=chat)
+        logp, counts = sequence_logprobs(model, tokenizer, batch, texts, chat=chat)
+        ref_logp, _ = sequence_logprobs(reference, tokenizer, batch, texts, chat=chat)
         results[name] = describe(texts, scores, logp, ref_logp, counts, gold_judge)
         responses[name] = (texts, scores.tolist())
         gold[name] = [scenario.gold_score(t) for t in texts]
@@ -177,12 +180,13 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
         champion_ref = tracking.resolve_model(ws, state.policy)
         heldout = heldout_prompts(ws, cfg)
         mlflow.log_params({"prompts.heldout": cfg.prompts.heldout or "built-in scenario",
-                           "prompts.heldout_count": len(heldout)})
+                           "prompts.heldout_count": len(heldout), "models.chat_template": cfg.models.chat_template})
         report, table = evaluate(str(ws.policy_model), champion_ref, str(ws.base_model), str(ws.reward_model),
                                  heldout, cfg.evaluate.samples_per_prompt, cfg.evaluate.temperature,
                                  cfg.ppo.max_new_tokens, cfg.seed * 1000 + state.round,
                                  gold_judge=cfg.scenario_prompts,
-                                 where=f" of {cfg.prompts.heldout}" if cfg.prompts.heldout else "")
+                                 where=f" of {cfg.prompts.heldout}" if cfg.prompts.heldout else "",
+                                 chat=cfg.models.chat_template)
         reward_metrics = json.loads((ws.reward_model / "metrics.json").read_text())
         held_out = reward_metrics["held_out"]
         report["reward_model/accuracy"] = held_out["accuracy"]

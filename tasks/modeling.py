@@ -25,7 +25,10 @@ def _explain(ref: str, kind: str, err: Exception) -> ModelLoadError:
     return ModelLoadError(f"cannot load {kind} {ref!r}: {hint}. ({type(err).__name__}: {str(err)[:300]})")
 
 
-def load_tokenizer(ref: str | Path):
+def load_tokenizer(ref: str | Path, chat: bool = False):
+    """The tokenizer of a folder or Hugging Face id, left-padding, with a pad token. `chat`
+    (models.chat_template): its chat template is checked, and its EOS becomes the token that ends
+    the assistant's turn in that template (see `end_of_turn`)."""
     ref = str(ref)
     try:
         tok = AutoTokenizer.from_pretrained(ref)
@@ -36,7 +39,73 @@ def load_tokenizer(ref: str | Path):
     if tok.eos_token is None:
         raise ModelLoadError(f"tokenizer {ref!r} has no EOS token; responses could never end")
     tok.padding_side = "left"  # prompts are left-padded so responses start at one column
+    if chat:
+        turn_end = end_of_turn(tok, ref)
+        if turn_end != tok.eos_token:  # e.g. Gemma's <end_of_turn> where its EOS is <eos>
+            print(f"models.chat_template: {ref} ends the assistant's turn with {turn_end!r}, not its EOS "
+                  f"{tok.eos_token!r}: responses end at {turn_end!r}")
+            tok.eos_token = turn_end
     return tok
+
+
+PROBE = "rlhf-pipeline probe reply"
+
+
+def end_of_turn(tokenizer, ref: str) -> str:
+    """The special token the tokenizer's chat template writes right after an assistant's message
+    (<|im_end|> for Qwen, <|eot_id|> for Llama 3, <end_of_turn> for Gemma): where a response ends."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelLoadError(f"models.chat_template is true but the tokenizer of {ref!r} has no chat template "
+                             "(a base model's usually has none): use a chat or instruct model, give the tokenizer "
+                             "a chat_template, or set models.chat_template to false and write prompts as text")
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": PROBE}], tokenize=False)
+    except Exception as e:  # a template's own checks raise jinja's TemplateError or anything else
+        raise ModelLoadError(f"the chat template of {ref!r} cannot render a user turn and an assistant turn "
+                             f"({type(e).__name__}: {str(e)[:200]})") from None
+    after = text.split(PROBE, 1)[1].lstrip() if PROBE in text else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+    if not ids or ids[0] not in tokenizer.all_special_ids:
+        raise ModelLoadError(f"the chat template of {ref!r} does not end an assistant's turn with a special token "
+                             f"(it writes {after[:40]!r} after the reply), so a response could never end: "
+                             "register that end-of-turn token as a special token of the tokenizer")
+    return tokenizer.convert_ids_to_tokens(ids[0])
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = False) -> list[int]:
+    """The tokens a policy is given for a prompt. Plain: the text as the tokenizer encodes it, its
+    BOS included. `chat`: the prompt as one user turn of the tokenizer's chat template with the
+    assistant's turn opened, encoded without adding special tokens (the template writes its own
+    BOS; the tokenizer's on top would give Llama 3 two)."""
+    if not chat:
+        return tokenizer(prompt)["input_ids"]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_sequence(tokenizer, prompt: str, response: str, chat: bool = False) -> list[int]:
+    """What the reward model reads, in training and when scoring: prompt, response, EOS. Plain: the
+    joined text encoded at once, as TRL's RewardTrainer encodes text. `chat`: the prompt's turn as
+    `encode_prompt` gives it to the policy, then the reply and the end of its turn, as PPO hands the
+    reward model a rollout."""
+    if not chat:
+        return tokenizer(prompt + response + tokenizer.eos_token)["input_ids"]
+    return (encode_prompt(tokenizer, prompt, True) + tokenizer(response, add_special_tokens=False)["input_ids"]
+            + [tokenizer.eos_token_id])
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) token ids padded on the left, and their attention mask."""
+    T = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), T), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, T - len(s):] = torch.tensor(s)
+            mask[i, T - len(s):] = 1
+    return ids, mask
 
 
 def load_policy(ref: str | Path, dtype: torch.dtype = torch.float32):
@@ -56,9 +125,11 @@ def load_reward(ref: str | Path, pad_token_id: int, dtype: torch.dtype = torch.f
     return model
 
 
-def pair_token_length(tokenizer, prompt: str, chosen: str, rejected: str) -> int:
-    """Tokens of the longer of prompt+chosen and prompt+rejected (as the reward model reads them)."""
-    return max(len(tokenizer(prompt + chosen)["input_ids"]), len(tokenizer(prompt + rejected)["input_ids"]))
+def pair_token_length(tokenizer, prompt: str, chosen: str, rejected: str, chat: bool = False) -> int:
+    """Tokens of the longer of prompt+chosen and prompt+rejected as the reward model reads them,
+    not counting the EOS after them."""
+    return max(len(encode_sequence(tokenizer, prompt, chosen, chat)),
+               len(encode_sequence(tokenizer, prompt, rejected, chat))) - 1
 
 
 def save(model, tokenizer, folder: str | Path) -> Path:
@@ -71,7 +142,7 @@ def save(model, tokenizer, folder: str | Path) -> Path:
 
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float,
-                   seed: int, batch_size: int = 256) -> list[str]:
+                   seed: int, batch_size: int = 256, chat: bool = False) -> list[str]:
     """Sample one response per prompt; returns the decoded text after the prompt (no EOS)."""
     from tasks.ppo.core import truncate_after_eos
     from tasks.ppo.rollout import sample
@@ -80,17 +151,19 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, te
     model.eval()
     texts: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True)
-        out = sample(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, temperature,
-                     tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
+        ids, mask = left_pad([encode_prompt(tokenizer, p, chat) for p in prompts[start:start + batch_size]],
+                             tokenizer.pad_token_id)
+        out = sample(model, ids, mask, max_new_tokens, temperature, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                     generator)
         out = truncate_after_eos(out, tokenizer.eos_token_id, tokenizer.pad_token_id)
         texts += tokenizer.batch_decode(out, skip_special_tokens=True)
     return texts
 
 
 @torch.no_grad()
-def score_texts(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 64) -> torch.Tensor:
-    """Reward of prompt + response + EOS (as RewardTrainer saw them in training), (N,).
+def score_texts(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 64,
+                chat: bool = False) -> torch.Tensor:
+    """Reward of prompt + response + EOS (`encode_sequence`: as RewardTrainer saw them in training), (N,).
 
     The batch is left-padded, so position ids come from the attention mask: without them a text's
     positions shift with the longest text beside it, and so does its score (measured: 0.70 alone,
@@ -101,8 +174,9 @@ def score_texts(model, tokenizer, prompts: list[str], responses: list[str], batc
     model.eval()
     out = []
     for i in range(0, len(prompts), batch_size):
-        texts = [p + r + tokenizer.eos_token for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
-        enc = tokenizer(texts, return_tensors="pt", padding=True)
-        out.append(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                         position_ids=position_ids_from_mask(enc["attention_mask"])).logits[:, 0].float())
+        ids, mask = left_pad([encode_sequence(tokenizer, p, r, chat)
+                              for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])],
+                             tokenizer.pad_token_id)
+        out.append(model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, 0]
+                   .float())
     return torch.cat(out) if out else torch.zeros(0)

@@ -16,7 +16,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from tasks import scenario, tracking
 from tasks.config import PipelineConfig, PretrainConfig
-from tasks.modeling import load_policy, load_tokenizer, save
+from tasks.modeling import end_of_turn, load_policy, load_tokenizer, save
 from tasks.ppo.rollout import position_ids_from_mask
 from tasks.stage import stage_main
 from tasks.workspace import RoundState, Workspace
@@ -65,6 +65,8 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> None:
         if cfg.models.policy:
             # The user's own model: no pre-training, the same from_pretrained path they use.
             tokenizer = load_tokenizer(cfg.models.policy)
+            if cfg.models.chat_template:  # a model without a usable chat template stops the round here
+                end_of_turn(tokenizer, cfg.models.policy)
             model = load_policy(cfg.models.policy)
             mlflow.log_param("base_model", cfg.models.policy)
         else:

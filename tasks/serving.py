@@ -4,6 +4,8 @@
     policy.predict(["the ceo said"])  # -> ["the ceo said they were late ."]
 
 A reward model's predict takes a DataFrame with `prompt` and `response` and returns scores.
+A model trained with models.chat_template reads each prompt as a user turn of its chat template,
+and the policy returns the assistant's reply alone.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ class HFModel(mlflow.pyfunc.PythonModel):
 
         folder = context.artifacts["hf_model"]
         self.kind = (context.model_config or {}).get("kind", "policy")
-        self.tokenizer = load_tokenizer(folder)
+        self.chat = bool((context.model_config or {}).get("chat_template", False))
+        self.tokenizer = load_tokenizer(folder, self.chat)
         if self.kind == "policy":
             self.model = load_policy(folder).eval()
         else:
@@ -31,13 +34,14 @@ class HFModel(mlflow.pyfunc.PythonModel):
             prompts = _column(model_input, "prompt")
             responses = generate_texts(self.model, self.tokenizer, prompts,
                                        int(params.get("max_new_tokens", 32)),
-                                       float(params.get("temperature", 1.0)), int(params.get("seed", 0)))
-            return [p + r for p, r in zip(prompts, responses)]
+                                       float(params.get("temperature", 1.0)), int(params.get("seed", 0)),
+                                       chat=self.chat)
+            return responses if self.chat else [p + r for p, r in zip(prompts, responses)]
         from tasks.modeling import score_texts  # left-padded batch, positions from the mask
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         return score_texts(self.model, self.tokenizer, [str(p) for p in frame["prompt"]],
-                           [str(r) for r in frame["response"]]).tolist()
+                           [str(r) for r in frame["response"]], chat=self.chat).tolist()
 
 
 def _column(model_input, name: str) -> list[str]:

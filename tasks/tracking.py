@@ -51,14 +51,15 @@ def stage_run(ws: Workspace, project: str, stage: str, state: RoundState, data_f
         yield run
 
 
-def log_model(folder: Path, kind: str, registered_name: str) -> str:
+def log_model(folder: Path, kind: str, registered_name: str, chat: bool = False) -> str:
     """Log a save_pretrained folder as an MLflow pyfunc model (code-based, no pickle) inside the
-    active run and register it. Returns the new registry version."""
+    active run and register it. Returns the new registry version. `chat`: the model was trained with
+    models.chat_template, and serves prompts in its chat template."""
     info = mlflow.pyfunc.log_model(
         name=kind,
         python_model=str(SERVING_CODE),
         artifacts={"hf_model": str(folder)},
-        model_config={"kind": kind},
+        model_config={"kind": kind, "chat_template": chat},
         pip_requirements=PIP_REQUIREMENTS,
         code_paths=[str(Path(__file__).parent)],  # the `tasks` package, so a served model imports it
         registered_model_name=registered_name,

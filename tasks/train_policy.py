@@ -30,7 +30,7 @@ import torch
 
 from tasks import prompts as prompts_, tracking
 from tasks.config import PipelineConfig
-from tasks.modeling import load_policy, load_reward, load_tokenizer, save
+from tasks.modeling import encode_prompt, load_policy, load_reward, load_tokenizer, save
 from tasks.ppo import lora
 from tasks.ppo.rollout import PolicyWithValue
 from tasks.ppo.config import RESUMABLE_CHANGES
@@ -111,17 +111,23 @@ def save_policy(lm, tokenizer, folder: Path, base_ref: str) -> None:
 
 def build_trainer(policy_ref: str, ref_ref: str, reward_ref: str, prompts: list[str], cfg: PipelineConfig,
                   seed: int, checkpoint_dir=None, device: str = "cpu", accelerator=None) -> tuple[PPOTrainer, object]:
-    tokenizer = load_tokenizer(policy_ref)
-    reward_tokenizer = load_tokenizer(reward_ref)
+    chat = cfg.models.chat_template
+    tokenizer = load_tokenizer(policy_ref, chat)
+    reward_tokenizer = load_tokenizer(reward_ref, chat)
     if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise StageError(f"the reward model {reward_ref} uses another tokenizer than the policy {policy_ref}; "
                          "start the reward model from the policy (leave models.reward empty) or from a model "
                          "with the same tokenizer")
+    if chat and (reward_tokenizer.chat_template, reward_tokenizer.eos_token) != (tokenizer.chat_template,
+                                                                                 tokenizer.eos_token):
+        raise StageError(f"the reward model {reward_ref} has another chat template than the policy {policy_ref}: "
+                         "it would score rollouts in a form it was not trained on; start the reward model from "
+                         "the policy (leave models.reward empty) or from a model with the same chat template")
     lm, ref = build_policy(policy_ref, ref_ref, cfg.ppo.lora_rank, cfg.ppo.lora_alpha, seed)
     policy = PolicyWithValue(lm).to(device)
     ref = ref.to(device) if ref is not None else None
     reward = load_reward(reward_ref, tokenizer.pad_token_id).to(device)
-    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    prompt_ids = [encode_prompt(tokenizer, p, chat) for p in prompts]
     prompts_.check_lengths(prompt_ids, cfg.ppo.max_new_tokens, lm.config,
                            f" of {cfg.prompts.train}" if cfg.prompts.train else "")
     trainer = PPOTrainer(policy, ref, reward, prompt_ids, tokenizer.eos_token_id, tokenizer.pad_token_id,
@@ -222,7 +228,7 @@ def train(ws: Workspace, cfg: PipelineConfig, state: RoundState, policy_ref: str
             mlflow.log_params({f"ppo.{k}": v for k, v in cfg.ppo.__dict__.items()}
                               | {"ppo.device": device.split(":")[0], "ppo.reference": reference,
                                  "prompts.train": cfg.prompts.train or "built-in scenario",
-                                 "prompts.train_count": len(prompts)})
+                                 "prompts.train_count": len(prompts), "models.chat_template": cfg.models.chat_template})
 
         def log(metrics: dict) -> None:
             if not main:

@@ -4,7 +4,9 @@ Starts from `models.reward` if given, else from the base policy with a fresh sco
 the reward model shares the policy's tokenizer). Every accepted pair goes to the training or
 the held-out split by a hash of its id, so a pair stays on its side round after round.
 Pairwise accuracy on the held-out split is computed by our own forward pass, the same way the
-evaluation stage scores responses.
+evaluation stage scores responses. RewardTrainer gets the pairs tokenized by `encode_sequence`,
+the one function that also tokenizes for scoring, so training, evaluation and PPO read a pair
+alike; with models.chat_template the prompt is a user turn of the chat template.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from transformers import TrainerCallback
 
 from tasks import tracking
 from tasks.config import PipelineConfig
-from tasks.modeling import load_reward, load_tokenizer, pair_token_length, save, score_texts
+from tasks.modeling import encode_sequence, load_reward, load_tokenizer, pair_token_length, save, score_texts
 from tasks.stage import StageError, stage_main
 from tasks.workspace import RoundState, Workspace
 
@@ -48,12 +50,12 @@ def calibration(r_c: torch.Tensor, r_r: torch.Tensor, buckets: int = 4) -> list[
     return out
 
 
-def pairwise_accuracy(model, tokenizer, records: list[dict]) -> dict:
+def pairwise_accuracy(model, tokenizer, records: list[dict], chat: bool = False) -> dict:
     if not records:
         return {"accuracy": float("nan"), "loss": float("nan"), "n": 0, "calibration": []}
     prompts = [r["prompt"] for r in records]
-    r_c = score_texts(model, tokenizer, prompts, [r["chosen"] for r in records])
-    r_r = score_texts(model, tokenizer, prompts, [r["rejected"] for r in records])
+    r_c = score_texts(model, tokenizer, prompts, [r["chosen"] for r in records], chat=chat)
+    r_r = score_texts(model, tokenizer, prompts, [r["rejected"] for r in records], chat=chat)
     return {"accuracy": float((r_c > r_r).float().mean()), "loss": float(bradley_terry_loss(r_c, r_r)),
             "n": len(records), "calibration": calibration(r_c, r_r)}
 
@@ -67,12 +69,12 @@ class _MlflowLoss(TrainerCallback):
                 mlflow.log_metric(f"reward/train_{k}", v, step=state.global_step)
 
 
-def fits(tokenizer, record: dict, max_length: int) -> bool:
-    """Whether RewardTrainer keeps the pair: + 1 for the EOS it appends."""
-    return pair_token_length(tokenizer, record["prompt"], record["chosen"], record["rejected"]) + 1 <= max_length
+def fits(tokenizer, record: dict, max_length: int, chat: bool = False) -> bool:
+    """Whether RewardTrainer keeps the pair: + 1 for the EOS after the response."""
+    return pair_token_length(tokenizer, record["prompt"], record["chosen"], record["rejected"], chat) + 1 <= max_length
 
 
-def accuracy_on_file(model, tokenizer, path: str, max_length: int) -> dict:
+def accuracy_on_file(model, tokenizer, path: str, max_length: int, chat: bool = False) -> dict:
     """Pairwise accuracy on another preference file; pairs longer than max_length are counted, not scored."""
     from tasks.importers import READERS, detect_format
     from tasks.records import PreferenceRecord
@@ -80,8 +82,8 @@ def accuracy_on_file(model, tokenizer, path: str, max_length: int) -> dict:
     pairs = [{"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected}
              for r in READERS[detect_format(Path(path))](Path(path), {}, 0)
              if isinstance(r, PreferenceRecord) and r.label == "pair"]
-    fit = [r for r in pairs if fits(tokenizer, r, max_length)]
-    return {**pairwise_accuracy(model, tokenizer, fit), "file": str(path), "too_long": len(pairs) - len(fit)}
+    fit = [r for r in pairs if fits(tokenizer, r, max_length, chat)]
+    return {**pairwise_accuracy(model, tokenizer, fit, chat), "file": str(path), "too_long": len(pairs) - len(fit)}
 
 
 def train(init_ref: str, tokenizer_ref: str, records: list[dict], cfg: PipelineConfig, out: Path) -> dict:
@@ -90,19 +92,21 @@ def train(init_ref: str, tokenizer_ref: str, records: list[dict], cfg: PipelineC
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
 
-    tokenizer = load_tokenizer(tokenizer_ref)
+    chat = cfg.models.chat_template
+    tokenizer = load_tokenizer(tokenizer_ref, chat)
     model = load_reward(init_ref, tokenizer.pad_token_id)
     train_set, held_out = split(records, cfg.reward.eval_fraction)
     max_length = cfg.reward.max_length
-    too_long = [r for r in records if not fits(tokenizer, r, max_length)]
+    too_long = [r for r in records if not fits(tokenizer, r, max_length, chat)]
     if too_long:  # RewardTrainer would drop them without a word: say so, loudly
         print(f"warning: {len(too_long)} pairs exceed reward.max_length={cfg.reward.max_length} tokens "
               "and are neither trained on nor scored; raise reward.max_length to use them")
-        train_set = [r for r in train_set if fits(tokenizer, r, max_length)]
-        held_out = [r for r in held_out if fits(tokenizer, r, max_length)]
+        train_set = [r for r in train_set if fits(tokenizer, r, max_length, chat)]
+        held_out = [r for r in held_out if fits(tokenizer, r, max_length, chat)]
     if len(train_set) < 2:
         raise StageError(f"only {len(train_set)} trainable pairs; need more feedback")
-    data = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+    data = Dataset.from_list([{"chosen_ids": encode_sequence(tokenizer, r["prompt"], r["chosen"], chat),
+                               "rejected_ids": encode_sequence(tokenizer, r["prompt"], r["rejected"], chat)}
                               for r in train_set])
     with tempfile.TemporaryDirectory() as tmp:
         args = TRLRewardConfig(
@@ -115,11 +119,11 @@ def train(init_ref: str, tokenizer_ref: str, records: list[dict], cfg: PipelineC
                                 callbacks=[_MlflowLoss()])
         trainer.train()
     model = trainer.model.float().eval()
-    metrics = {"train": pairwise_accuracy(model, tokenizer, train_set),
-               "held_out": pairwise_accuracy(model, tokenizer, held_out),
+    metrics = {"train": pairwise_accuracy(model, tokenizer, train_set, chat),
+               "held_out": pairwise_accuracy(model, tokenizer, held_out, chat),
                "too_long": len(too_long)}
     if cfg.reward.eval_file:
-        metrics["eval_file"] = accuracy_on_file(model, tokenizer, cfg.reward.eval_file, cfg.reward.max_length)
+        metrics["eval_file"] = accuracy_on_file(model, tokenizer, cfg.reward.eval_file, cfg.reward.max_length, chat)
     if out.exists():
         shutil.rmtree(out)
     save(model, tokenizer, out)
@@ -131,7 +135,8 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
     records = [json.loads(line) for line in ws.accepted.read_text(encoding="utf-8").splitlines() if line.strip()]
     with tracking.stage_run(ws, cfg.project, "train_reward", state, data_file=ws.accepted):
         init = tracking.resolve_model(ws, cfg.models.reward) if cfg.models.reward else str(ws.base_model)
-        mlflow.log_params({f"reward.{k}": v for k, v in cfg.reward.model_dump().items()} | {"reward.init": init})
+        mlflow.log_params({f"reward.{k}": v for k, v in cfg.reward.model_dump().items()}
+                          | {"reward.init": init, "models.chat_template": cfg.models.chat_template})
         metrics = train(init, init, records, cfg, ws.reward_model)
         mlflow.log_metrics({"reward/accuracy": metrics["held_out"]["accuracy"],
                             "reward/held_out_loss": metrics["held_out"]["loss"],

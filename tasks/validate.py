@@ -208,9 +208,10 @@ def drift(frame: pd.DataFrame, new_files: set[str], cfg: ValidateConfig) -> dict
 
 
 def validate_files(files: list[Path], cfg: ValidateConfig, gx_root: Path, tokenizer=None,
-                   previous_files: set[str] | None = None) -> ValidationResult:
+                   previous_files: set[str] | None = None, chat: bool = False) -> ValidationResult:
     """Row checks (bad rows set aside), then dataset checks on what is left.
-    `previous_files`: the files of the previous version, for the drift check."""
+    `previous_files`: the files of the previous version, for the drift check. `chat`: tokens are
+    counted with the prompt in the tokenizer's chat template (models.chat_template)."""
     rows, quarantined, not_pairs = load_rows(files)
     if not rows:
         return ValidationResult([], quarantined, not_pairs)
@@ -222,7 +223,7 @@ def validate_files(files: list[Path], cfg: ValidateConfig, gx_root: Path, tokeni
     if with_tokens:
         from tasks.modeling import pair_token_length  # transformers: only when a token bound is set
 
-        frame["_tokens"] = [pair_token_length(tokenizer, p, c, r)
+        frame["_tokens"] = [pair_token_length(tokenizer, p, c, r, chat)
                             for p, c, r in zip(frame["prompt"], frame["chosen"], frame["rejected"])]
     ctx = _context(gx_root)
     row_reasons, expectations = row_reasons_from(run_suite(ctx, "preference_rows", _row_suite(cfg, with_tokens), frame))
@@ -285,13 +286,13 @@ def blocking_failures(result: ValidationResult, cfg: ValidateConfig) -> list[str
     return failures
 
 
-def policy_tokenizer(ws: Workspace, cfg: ValidateConfig):
+def policy_tokenizer(ws: Workspace, cfg: PipelineConfig):
     """The tokenizer `max_tokens` counts in (the base policy's), or None when no bound is set or no base exists."""
-    if cfg.max_tokens is None or not (ws.base_model / "tokenizer_config.json").exists():
+    if cfg.validate_.max_tokens is None or not (ws.base_model / "tokenizer_config.json").exists():
         return None
     from tasks.modeling import load_tokenizer  # transformers: only when a token bound is set
 
-    return load_tokenizer(ws.base_model)
+    return load_tokenizer(ws.base_model, cfg.models.chat_template)
 
 
 def write_outputs(result: ValidationResult, cfg: ValidateConfig, files: list[str], accepted: Path,
@@ -313,9 +314,10 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> ValidationResu
                                "collected; run the collect stage or `rlhf import FILE`")
     previous = json.loads(ws.validation_report.read_text()) if ws.validation_report.exists() else None
     previous_files = set(previous["files"]) if previous and previous.get("passed") else None
-    tokenizer = policy_tokenizer(ws, cfg.validate_)
+    tokenizer = policy_tokenizer(ws, cfg)
     with tracking.stage_run(ws, cfg.project, "validate", state):
-        result = validate_files(files, cfg.validate_, ws.reports / "validation", tokenizer, previous_files)
+        result = validate_files(files, cfg.validate_, ws.reports / "validation", tokenizer, previous_files,
+                                cfg.models.chat_template)
         summary = write_outputs(result, cfg.validate_, [f.name for f in files], ws.accepted, ws.quarantine,
                                 ws.validation_report)
         failures = summary["blocking_failures"]

@@ -114,3 +114,39 @@ def tiny_reward_dir(tiny_model_dir, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-reward") / "reward"
     train(str(tiny_model_dir), str(tiny_model_dir), records, cfg, folder)
     return folder
+
+
+# A chat template as Llama 3's and Gemma's are built: it writes its own BOS (which this tokenizer
+# also adds to any text it encodes), and ends the assistant's turn with a token that is not the EOS.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def chat_turns(lines: list[str]) -> list[str]:
+    """'the nurse said she was late .' as a user turn (up to 'said') and the assistant's reply."""
+    cut = [line.index(" said") + len(" said") for line in lines]
+    return [f"<|user|>{line[:i]}<|end|><|assistant|>{line[i:]}<|end|>" for line, i in zip(lines, cut)]
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory) -> Path:
+    """A tiny chat model: the scenario's sentences pre-trained as turns of CHAT_TEMPLATE, its
+    tokenizer adding a BOS of its own, its EOS <|endoftext|> and its end of turn <|end|>."""
+    from tokenizers import processors
+
+    from tasks.modeling import load_tokenizer, save
+    from tasks.pretrain import train_model, train_tokenizer
+
+    cfg = load_config(None, FAST)
+    folder = tmp_path_factory.mktemp("tiny-chat-model")
+    lines = scenario.corpus(cfg.pretrain.n_sentences, cfg.pretrain.neutral_rate, seed=0)
+    tokenizer = train_tokenizer(lines, cfg.pretrain.vocab_size)
+    tokenizer.add_special_tokens({"bos_token": "<|bos|>",
+                                  "additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>"]})
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", pair="<|bos|> $A $B", special_tokens=[("<|bos|>", tokenizer.bos_token_id)])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    tokenizer = load_tokenizer(folder)
+    model, _ = train_model(tokenizer, chat_turns(lines), cfg.pretrain, seed=0)
+    return save(model, tokenizer, folder)

@@ -39,6 +39,8 @@ from tasks.config import ValidateConfig
     ("refinement:\n  cron: 'H 3 * * *'\n", "refinement.cron"),
     ("refinement:\n  timezone: Mars/Olympus\n", "refinement.timezone"),
     ("prompts:\n  train: data/prompts/train.txt\n", "set prompts.train and prompts.heldout together"),
+    ("models:\n  chat_template: true\n", "models.chat_template needs models.policy"),
+    ("models:\n  chat_template: sometimes\n", "models.chat_template"),
     ("prompts:\n  train: /home/me/train.txt\n  heldout: data/prompts/h.txt\ncollect:\n  simulate: false\n",
      "prompts.train: Value error, '/home/me/train.txt' is not a file under data/prompts/"),
     ("prompts:\n  train: data/prompts/../../x.txt\n  heldout: data/prompts/h.txt\ncollect:\n  simulate: false\n",
@@ -153,6 +155,10 @@ def test_cli_bad_config_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "ppo.steps must be > 0" in err and "Traceback" not in err
     assert not (tmp_path / "ws").exists()  # nothing started
+    # a chat template with the built-in scenario's model, which has none
+    assert main(["run", "--chat-template", "--workspace", str(tmp_path / "ws")]) == 2
+    assert "models.chat_template needs models.policy" in capsys.readouterr().err
+    assert not (tmp_path / "ws").exists()
 
 
 def test_cli_unknown_model_folder(tmp_path, capsys):
