@@ -65,6 +65,10 @@ class PromptsConfig(_Strict):
                                                 "the built-in scenario's")
     heldout: str | None = Field(None, description="your prompts for evaluation, never trained on (same form); "
                                                   "set with train")
+    from_feedback: bool = Field(False, description="instead of files: the validated feedback's prompts, each distinct "
+                                                   "prompt trained on or held out by a hash of its text")
+    heldout_fraction: float = Field(0.1, gt=0, lt=1, description="with from_feedback: the share of distinct prompts "
+                                                                 "held out for evaluation")
 
     @field_validator("train", "heldout")
     @classmethod
@@ -89,6 +93,9 @@ class PromptsConfig(_Strict):
         if self.train is not None and Path(self.train) == Path(self.heldout):
             raise ValueError(f"prompts.heldout is prompts.train ({self.train}): evaluation must use prompts PPO "
                              "never trained on; give it a file of its own")
+        if self.from_feedback and self.train is not None:
+            raise ValueError("prompts.from_feedback takes the prompts from the feedback, prompts.train and "
+                             "prompts.heldout from files: set one or the other")
         return self
 
 
@@ -231,16 +238,17 @@ class PipelineConfig(_Strict):
 
     @model_validator(mode="after")
     def _simulated_feedback_needs_the_scenario(self) -> "PipelineConfig":
-        if self.collect.simulate and self.prompts.train is not None:
-            raise ValueError("collect.simulate: the simulated annotator judges the built-in scenario's sentences, "
-                             "not your prompts; with prompts.train set, set collect.simulate to false and give "
+        if self.collect.simulate and not self.scenario_prompts:
+            which = "prompts.train" if self.prompts.train is not None else "prompts.from_feedback"
+            raise ValueError(f"collect.simulate: the simulated annotator judges the built-in scenario's sentences, "
+                             f"not your prompts; with {which} set, set collect.simulate to false and give "
                              "feedback by the label flow, `rlhf import` or the refinement inbox")
         return self
 
     @property
     def scenario_prompts(self) -> bool:
         """True when PPO and evaluation use the built-in scenario's prompts (and its gold judge applies)."""
-        return self.prompts.train is None
+        return self.prompts.train is None and not self.prompts.from_feedback
 
     def to_params(self) -> dict:
         return self.model_dump(by_alias=True)

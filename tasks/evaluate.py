@@ -5,7 +5,7 @@ reward-model score, win-rate of the candidate (by the reward model and by the go
 a Wilson interval), KL to the reference, perplexity of the responses under the reference,
 response length; on the built-in scenario's prompts also its gold judge's fluent and degenerate
 rates and the gold metric (neutral-pronoun rate on held-out professions), which mean nothing on
-your own prompts (`prompts.heldout`) and are left out there. Responses side by side go to MLflow
+your own prompts (`prompts.heldout` or `prompts.from_feedback`) and are left out there. Responses side by side go to MLflow
 as a table.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import math
 import mlflow
 import torch
 
-from tasks import scenario, tracking
+from tasks import prompts as prompts_, scenario, tracking
 from tasks.config import PipelineConfig
 from tasks.modeling import (encode_prompt, generate_texts, left_pad, load_policy, load_reward, load_tokenizer,
                             score_texts)
@@ -179,13 +179,13 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
     with tracking.stage_run(ws, cfg.project, "evaluate", state):
         champion_ref = tracking.resolve_model(ws, state.policy)
         heldout = heldout_prompts(ws, cfg)
-        mlflow.log_params({"prompts.heldout": cfg.prompts.heldout or "built-in scenario",
+        mlflow.log_params({"prompts.heldout": prompts_.source(cfg, "heldout"),
                            "prompts.heldout_count": len(heldout), "models.chat_template": cfg.models.chat_template})
         report, table = evaluate(str(ws.policy_model), champion_ref, str(ws.base_model), str(ws.reward_model),
                                  heldout, cfg.evaluate.samples_per_prompt, cfg.evaluate.temperature,
                                  cfg.ppo.max_new_tokens, cfg.seed * 1000 + state.round,
                                  gold_judge=cfg.scenario_prompts,
-                                 where=f" of {cfg.prompts.heldout}" if cfg.prompts.heldout else "",
+                                 where=prompts_.where(cfg, "heldout"),
                                  chat=cfg.models.chat_template)
         reward_metrics = json.loads((ws.reward_model / "metrics.json").read_text())
         held_out = reward_metrics["held_out"]

@@ -1,5 +1,7 @@
 """Prompts: what PPO trains on and what evaluation measures. The built-in scenario's by default,
-or your own files (params.yaml `prompts.train` and `prompts.heldout`).
+your own files (params.yaml `prompts.train` and `prompts.heldout`), or the prompts of the
+validated feedback (`prompts.from_feedback`): each distinct prompt goes to training or to the
+held-out side by a hash of its text, so it stays on its side as feedback grows round by round.
 
 A prompts file lives under data/prompts/ (a dependency of the stages that read it, so a changed
 file reruns them) and holds one prompt a line: `.txt` as plain text, `.jsonl` as JSON objects
@@ -10,6 +12,7 @@ without any stops the stage with the file and line named: no prompt is skipped u
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -63,17 +66,56 @@ def load_prompts(path: str | Path) -> list[str]:
 
 
 def training_prompts(ws: Workspace, cfg: PipelineConfig) -> list[str]:
-    """PPO's prompts (and the label flow's): your file, or the scenario's feedback professions."""
+    """PPO's prompts (and the label flow's): your file, the feedback's, or the scenario's feedback professions."""
+    if cfg.prompts.from_feedback:
+        return feedback_prompts(ws.accepted, cfg.prompts.heldout_fraction)[0]
     if cfg.prompts.train is None:
         return scenario.feedback_prompts()
     return load_prompts(ws.root / cfg.prompts.train)
 
 
 def heldout_prompts(ws: Workspace, cfg: PipelineConfig) -> list[str]:
-    """Evaluation's prompts, never trained on: your file, or the scenario's held-out professions."""
+    """Evaluation's prompts, never trained on: your file, the feedback's, or the scenario's held-out professions."""
+    if cfg.prompts.from_feedback:
+        return feedback_prompts(ws.accepted, cfg.prompts.heldout_fraction)[1]
     if cfg.prompts.heldout is None:
         return scenario.heldout_prompts()
     return load_prompts(ws.root / cfg.prompts.heldout)
+
+
+def source(cfg: PipelineConfig, side: str) -> str:
+    """Where a side's prompts come from, as MLflow records it."""
+    if cfg.prompts.from_feedback:
+        return f"validated feedback ({side}, heldout_fraction {cfg.prompts.heldout_fraction:g})"
+    return getattr(cfg.prompts, side) or "built-in scenario"
+
+
+def held_out(prompt: str, fraction: float) -> bool:
+    """A prompt's side, from a hash of its text: the same in every round and on every machine."""
+    return int(hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:8], 16) % 1000 < fraction * 1000
+
+
+def feedback_prompts(accepted: Path, fraction: float) -> tuple[list[str], list[str]]:
+    """The distinct prompts of the validated pairs in their first order: (training, held out)."""
+    if not accepted.exists():
+        raise PromptsError(f"prompts.from_feedback: no validated feedback yet ({accepted}); run a round's "
+                           "validate stage first")
+    prompts = dict.fromkeys(json.loads(line)["prompt"] for line in accepted.read_text(encoding="utf-8").splitlines()
+                            if line.strip())
+    train = [p for p in prompts if not held_out(p, fraction)]
+    heldout = [p for p in prompts if held_out(p, fraction)]
+    if not train or not heldout:
+        raise PromptsError(f"prompts.from_feedback: the validated feedback holds {len(prompts)} distinct prompts, "
+                           f"{len(heldout)} of them held out (prompts.heldout_fraction {fraction:g}): PPO and "
+                           "evaluation need at least one each; give feedback on more prompts or change the fraction")
+    return train, heldout
+
+
+def where(cfg: PipelineConfig, side: str) -> str:
+    """How `check_lengths` names a side's prompts."""
+    if cfg.prompts.from_feedback:
+        return " of the validated feedback's " + ("training" if side == "train" else "held-out") + " prompts"
+    return f" of {getattr(cfg.prompts, side)}" if getattr(cfg.prompts, side) else ""
 
 
 def check_lengths(prompt_ids: list[list[int]], max_new_tokens: int, config, where: str = "") -> None:
@@ -82,6 +124,8 @@ def check_lengths(prompt_ids: list[list[int]], max_new_tokens: int, config, wher
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     if limit is not None and len(prompt_ids[longest]) + max_new_tokens > limit:
+        fix = ("set validate.max_tokens to set aside longer pairs" if "feedback" in where
+               else "shorten the prompts")
         raise PromptsError(f"prompt {longest + 1}{where} is {len(prompt_ids[longest])} tokens: with ppo.max_new_tokens "
-                           f"{max_new_tokens} that exceeds the model's {limit} positions; shorten the prompts or "
-                           "lower ppo.max_new_tokens")
+                           f"{max_new_tokens} that exceeds the model's {limit} positions; {fix} or lower "
+                           "ppo.max_new_tokens")

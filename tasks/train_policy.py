@@ -128,8 +128,7 @@ def build_trainer(policy_ref: str, ref_ref: str, reward_ref: str, prompts: list[
     ref = ref.to(device) if ref is not None else None
     reward = load_reward(reward_ref, tokenizer.pad_token_id).to(device)
     prompt_ids = [encode_prompt(tokenizer, p, chat) for p in prompts]
-    prompts_.check_lengths(prompt_ids, cfg.ppo.max_new_tokens, lm.config,
-                           f" of {cfg.prompts.train}" if cfg.prompts.train else "")
+    prompts_.check_lengths(prompt_ids, cfg.ppo.max_new_tokens, lm.config, prompts_.where(cfg, "train"))
     trainer = PPOTrainer(policy, ref, reward, prompt_ids, tokenizer.eos_token_id, tokenizer.pad_token_id,
                          cfg.ppo, seed=seed, device=device, checkpoint_dir=checkpoint_dir, accelerator=accelerator,
                          fsdp=cfg.ppo.fsdp)
@@ -227,7 +226,7 @@ def train(ws: Workspace, cfg: PipelineConfig, state: RoundState, policy_ref: str
         if main:
             mlflow.log_params({f"ppo.{k}": v for k, v in cfg.ppo.__dict__.items()}
                               | {"ppo.device": device.split(":")[0], "ppo.reference": reference,
-                                 "prompts.train": cfg.prompts.train or "built-in scenario",
+                                 "prompts.train": prompts_.source(cfg, "train"),
                                  "prompts.train_count": len(prompts), "models.chat_template": cfg.models.chat_template})
 
         def log(metrics: dict) -> None:

@@ -40,6 +40,11 @@ from tasks.config import ValidateConfig
     ("refinement:\n  timezone: Mars/Olympus\n", "refinement.timezone"),
     ("prompts:\n  train: data/prompts/train.txt\n", "set prompts.train and prompts.heldout together"),
     ("models:\n  chat_template: true\n", "models.chat_template needs models.policy"),
+    ("prompts:\n  from_feedback: true\n", "with prompts.from_feedback set, set collect.simulate to false"),
+    ("prompts:\n  from_feedback: true\n  train: data/prompts/t.txt\n  heldout: data/prompts/h.txt\n"
+     "collect:\n  simulate: false\n", "set one or the other"),
+    ("prompts:\n  heldout_fraction: 1\n", "prompts.heldout_fraction: Input should be less than 1"),
+    ("prompts:\n  heldout_fraction: 0\n", "prompts.heldout_fraction: Input should be greater than 0"),
     ("models:\n  chat_template: sometimes\n", "models.chat_template"),
     ("prompts:\n  train: /home/me/train.txt\n  heldout: data/prompts/h.txt\ncollect:\n  simulate: false\n",
      "prompts.train: Value error, '/home/me/train.txt' is not a file under data/prompts/"),
@@ -281,3 +286,28 @@ def test_a_prompt_too_long_for_the_model_is_named_before_ppo_starts():
         check_lengths(prompts, 5, GPT2Config(n_positions=16), " of data/prompts/t.txt")
     with pytest.raises(PromptsError, match="model's 10 positions"):
         check_lengths(prompts, 1, LlamaConfig(max_position_embeddings=10))
+    with pytest.raises(PromptsError, match="set validate.max_tokens to set aside longer pairs"):
+        check_lengths(prompts, 5, GPT2Config(n_positions=16), " of the validated feedback's training prompts")
+
+
+def test_prompts_from_feedback_split_by_their_text(tmp_path):
+    """Distinct prompts in first order, each on one side by a hash of its text: the same side
+    whatever else the feedback holds; no feedback, or a side left empty, is named."""
+    from tasks.prompts import PromptsError, feedback_prompts, held_out
+
+    accepted = tmp_path / "accepted.jsonl"
+    with pytest.raises(PromptsError, match="no validated feedback yet"):
+        feedback_prompts(accepted, 0.3)
+    prompts = [f"prompt {i}" for i in range(40)]
+    rows = [{"prompt": p, "chosen": "a", "rejected": "b"} for p in prompts for _ in range(3)]  # 3 pairs each
+    accepted.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    train, heldout = feedback_prompts(accepted, 0.3)
+    assert train + heldout == sorted(prompts, key=lambda p: (held_out(p, 0.3), prompts.index(p)))
+    assert 4 <= len(heldout) <= 20 and set(heldout) == {p for p in prompts if held_out(p, 0.3)}
+    accepted.write_text("".join(json.dumps(r) + "\n" for r in rows[::-1][:60]))  # half of them, other order
+    train2, heldout2 = feedback_prompts(accepted, 0.3)
+    assert set(train2) <= set(train) and set(heldout2) <= set(heldout)
+    one_side = [p for p in prompts if not held_out(p, 0.3)][:3]
+    accepted.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in one_side))
+    with pytest.raises(PromptsError, match="3 distinct prompts, 0 of them held out"):
+        feedback_prompts(accepted, 0.3)

@@ -95,6 +95,21 @@ def test_dvc_repro_runs_every_stage_on_a_users_model(tiny_model_dir, tmp_path):
     (ws.root / "data" / "prompts" / "train.txt").write_text("\n".join(train[:2]) + "\n")
     out = versioning.dvc(ws, "status").stdout
     assert "train_policy" in out and "evaluate" in out and "train_reward" not in out
+    # prompts from the validated feedback: each distinct prompt on one side, by a hash of its text
+    rounds.write_params(ws, load_config(None, {**FAST, "models.policy": str(tiny_model_dir), "ppo.steps": 4,
+                                               "evaluate.samples_per_prompt": 4, "collect.simulate": False,
+                                               "prompts.from_feedback": True, "prompts.heldout_fraction": 0.3}))
+    out = versioning.dvc(ws, "repro", "-s", "train_policy", "evaluate").stdout
+    assert "Running stage 'train_policy'" in out and "Running stage 'evaluate'" in out
+    runs = {stage: mlflow.search_runs(experiment_names=["rlhf"], filter_string=f"tags.stage = '{stage}'",
+                                      order_by=["attributes.start_time DESC"], output_format="list")[0].data.params
+            for stage in ("train_policy", "evaluate")}
+    assert runs["train_policy"]["prompts.train"] == "validated feedback (train, heldout_fraction 0.3)"
+    assert runs["train_policy"]["prompts.train_count"] == "8" and runs["evaluate"]["prompts.heldout_count"] == "2"
+    evaluation = json.loads(ws.evaluation_report.read_text())
+    assert evaluation["n_samples"] == 2 * 4 and not [k for k in evaluation if "gold" in k]
+    page = (ws.reports / "evaluation.html").read_text()
+    assert "the nurse said" in page and "the programmer said" in page and "the doctor said" not in page
 
 
 def test_gold_judge_and_simulated_annotator():
