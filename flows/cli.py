@@ -146,7 +146,7 @@ def cmd_run(args) -> int:
     if args.reward_model:
         overrides["models.reward"] = _check_model_arg(args.reward_model, "--reward-model")
     if args.chat_template:
-        overrides["models.chat_template"] = True
+        overrides["chat.template"] = True
     cfg = load_config(config_path, overrides)  # fails here, before any work, on a bad config
 
     from flows.pipeline import rlhf_loop
@@ -244,7 +244,7 @@ def cmd_validate(args) -> int:
         convert(f, fmt, {}, 0, kept, bad)
         to_check.append(kept)
         converted_bad += [json.loads(line) for line in bad.read_text(encoding="utf-8").splitlines()]
-    result = validate_files(to_check, cfg.validate_, out / "gx", tokenizer, chat=cfg.models.chat_template)
+    result = validate_files(to_check, cfg.validate_, out / "gx", tokenizer, chat=cfg.chat_format)
     result.quarantined += converted_bad
     summary = write_outputs(result, cfg.validate_, [str(f) for f in files], out / "accepted.jsonl",
                             out / "quarantine.jsonl", out / "validation.json", out=str(out))

@@ -76,7 +76,7 @@ def label(workspace: str = ".", pairs: int = 8, batch_size: int = 4, timeout_sec
     pool = prompts * -(-pairs // len(prompts))
     rng.shuffle(pool)
     triples = sample_pairs(policy_ref, pool[:pairs], 1, cfg.collect.max_new_tokens, cfg.collect.temperature, seed,
-                           cfg.models.chat_template)
+                           cfg.chat_format)
     shown = [{"prompt": p, "A": a, "B": b} for p, a, b in triples]  # two samples: already in random order
     round_ = ws.read_state().round
     records: list[PreferenceRecord] = []

@@ -11,7 +11,7 @@ import random
 import mlflow
 
 from tasks import scenario, tracking
-from tasks.config import PipelineConfig
+from tasks.config import ChatConfig, PipelineConfig
 from tasks.modeling import generate_texts, load_policy, load_tokenizer
 from tasks.records import PreferenceRecord, write_jsonl_atomic
 from tasks.stage import stage_main
@@ -19,7 +19,7 @@ from tasks.workspace import RoundState, Workspace
 
 
 def sample_pairs(policy_ref: str, prompts: list[str], pairs_per_prompt: int, max_new_tokens: int,
-                 temperature: float, seed: int, chat: bool = False) -> list[tuple[str, str, str]]:
+                 temperature: float, seed: int, chat: ChatConfig | None = None) -> list[tuple[str, str, str]]:
     """(prompt, response A, response B) triples: two independent samples per pair."""
     tokenizer, model = load_tokenizer(policy_ref, chat), load_policy(policy_ref)
     batch = [p for p in prompts for _ in range(pairs_per_prompt)]
@@ -52,7 +52,7 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> list[Preferenc
         policy_ref = tracking.resolve_model(ws, state.policy)
         seed = cfg.seed * 1000 + state.round
         triples = sample_pairs(policy_ref, scenario.feedback_prompts(), c.pairs_per_prompt, c.max_new_tokens,
-                               c.temperature, seed, cfg.models.chat_template)
+                               c.temperature, seed, cfg.chat_format)
         records = annotate(triples, state.round, state.champion_policy_version, c.annotator_beta, seed)
         write_jsonl_atomic(ws.collected, (r.to_json() for r in records))
         pairs = [r for r in records if r.label == "pair"]

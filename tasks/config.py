@@ -24,17 +24,35 @@ class ModelsConfig(_Strict):
                                                  "empty = pre-train the built-in scenario's tiny model")
     reward: str | None = Field(None, description="Hugging Face id or folder to start the reward model "
                                                  "from; empty = the base policy with a score head")
-    chat_template: bool = Field(False, description="chat or instruct models: every prompt (feedback's, prompt "
-                                                   "files', the label flow's) is one user turn of the policy "
-                                                   "tokenizer's chat template, every response the assistant's "
-                                                   "reply, ended by the template's end-of-turn token")
+
+
+class ChatConfig(_Strict):
+    template: bool = Field(False, description="chat or instruct models: every prompt (feedback's, prompt files', "
+                                              "the label flow's) is a user turn of the policy tokenizer's chat "
+                                              "template, every response the assistant's reply, ended by the "
+                                              "template's end-of-turn token")
+    system_prompt: str | None = Field(None, description="with template: a system turn before every prompt")
+    template_kwargs: dict[str, str | int | float | bool] = Field(
+        {}, description="with template: variables the template reads, e.g. {enable_thinking: false} for Qwen3")
 
     @model_validator(mode="after")
-    def _chat_needs_a_model(self) -> "ModelsConfig":
-        if self.chat_template and self.policy is None:
-            raise ValueError("models.chat_template needs models.policy: the built-in scenario's tiny model has no "
-                             "chat template; set models.policy to a chat or instruct model")
+    def _only_with_a_template(self) -> "ChatConfig":
+        if not self.template and (self.system_prompt is not None or self.template_kwargs):
+            raise ValueError("chat.system_prompt and chat.template_kwargs apply to a chat template: set chat.template "
+                             "to true, or leave them out")
         return self
+
+    def params(self) -> dict[str, str]:
+        """As MLflow params: chat.template, chat.system_prompt, chat.template_kwargs."""
+        return {f"chat.{k}": str(v) for k, v in self.model_dump().items()}
+
+    def messages(self, prompt: str, reply: str | None = None) -> list[dict[str, str]]:
+        """The turns a prompt (and a reply) make: the system turn if any, the user's, the assistant's."""
+        turns = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
+        turns.append({"role": "user", "content": prompt})
+        if reply is not None:
+            turns.append({"role": "assistant", "content": reply})
+        return turns
 
 
 class PretrainConfig(_Strict):
@@ -216,6 +234,7 @@ class PipelineConfig(_Strict):
                          description="registry names: PROJECT-reward and PROJECT-policy")
     seed: int = Field(0, description="seed of every random draw")
     models: ModelsConfig = ModelsConfig()
+    chat: ChatConfig = ChatConfig()
     prompts: PromptsConfig = PromptsConfig()
     pretrain: PretrainConfig = PretrainConfig()
     collect: CollectConfig = CollectConfig()
@@ -244,6 +263,18 @@ class PipelineConfig(_Strict):
                              f"not your prompts; with {which} set, set collect.simulate to false and give "
                              "feedback by the label flow, `rlhf import` or the refinement inbox")
         return self
+
+    @model_validator(mode="after")
+    def _chat_needs_a_model(self) -> "PipelineConfig":
+        if self.chat.template and self.models.policy is None:
+            raise ValueError("chat.template needs models.policy: the built-in scenario's tiny model has no chat "
+                             "template; set models.policy to a chat or instruct model")
+        return self
+
+    @property
+    def chat_format(self) -> ChatConfig | None:
+        """How prompts become tokens: None as plain text, else in the chat template (tasks.modeling)."""
+        return self.chat if self.chat.template else None
 
     @property
     def scenario_prompts(self) -> bool:

@@ -18,7 +18,7 @@ import mlflow
 import torch
 
 from tasks import prompts as prompts_, scenario, tracking
-from tasks.config import PipelineConfig
+from tasks.config import ChatConfig, PipelineConfig
 from tasks.modeling import (encode_prompt, generate_texts, left_pad, load_policy, load_reward, load_tokenizer,
                             score_texts)
 from tasks.ppo.core import logprobs_from_logits, response_mask
@@ -47,7 +47,7 @@ def win_rate(a: list[float], b: list[float]) -> dict[str, float]:
 
 @torch.no_grad()
 def sequence_logprobs(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 128,
-                      chat: bool = False):
+                      chat: ChatConfig | None = None):
     """Sum of log-probs of each response (with its EOS) given its prompt, and its token count. (N,), (N,)"""
     totals, counts = [], []
     for i in range(0, len(prompts), batch_size):
@@ -89,7 +89,7 @@ def describe(responses: list[str], scores: torch.Tensor, logp: torch.Tensor, ref
 
 def evaluate(candidate_ref: str, champion_ref: str, reference_ref: str, reward_ref: str,
              prompts: list[str], samples_per_prompt: int, temperature: float, max_new_tokens: int,
-             seed: int, gold_judge: bool = True, where: str = "", chat: bool = False) -> tuple[dict, list[dict]]:
+             seed: int, gold_judge: bool = True, where: str = "", chat: ChatConfig | None = None) -> tuple[dict, list[dict]]:
     tokenizer = load_tokenizer(reference_ref, chat)
     reference = load_policy(reference_ref).eval()
     check_lengths([encode_prompt(tokenizer, p, chat) for p in prompts], max_new_tokens, reference.config, where)
@@ -180,13 +180,13 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
         champion_ref = tracking.resolve_model(ws, state.policy)
         heldout = heldout_prompts(ws, cfg)
         mlflow.log_params({"prompts.heldout": prompts_.source(cfg, "heldout"),
-                           "prompts.heldout_count": len(heldout), "models.chat_template": cfg.models.chat_template})
+                           "prompts.heldout_count": len(heldout), **cfg.chat.params()})
         report, table = evaluate(str(ws.policy_model), champion_ref, str(ws.base_model), str(ws.reward_model),
                                  heldout, cfg.evaluate.samples_per_prompt, cfg.evaluate.temperature,
                                  cfg.ppo.max_new_tokens, cfg.seed * 1000 + state.round,
                                  gold_judge=cfg.scenario_prompts,
                                  where=prompts_.where(cfg, "heldout"),
-                                 chat=cfg.models.chat_template)
+                                 chat=cfg.chat_format)
         reward_metrics = json.loads((ws.reward_model / "metrics.json").read_text())
         held_out = reward_metrics["held_out"]
         report["reward_model/accuracy"] = held_out["accuracy"]

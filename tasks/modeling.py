@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from tasks.config import ChatConfig
 from tasks.errors import ModelLoadError  # noqa: F401  (raised here; importers catch it from here too)
 
 
@@ -25,10 +26,10 @@ def _explain(ref: str, kind: str, err: Exception) -> ModelLoadError:
     return ModelLoadError(f"cannot load {kind} {ref!r}: {hint}. ({type(err).__name__}: {str(err)[:300]})")
 
 
-def load_tokenizer(ref: str | Path, chat: bool = False):
-    """The tokenizer of a folder or Hugging Face id, left-padding, with a pad token. `chat`
-    (models.chat_template): its chat template is checked, and its EOS becomes the token that ends
-    the assistant's turn in that template (see `end_of_turn`)."""
+def load_tokenizer(ref: str | Path, chat: ChatConfig | None = None):
+    """The tokenizer of a folder or Hugging Face id, left-padding, with a pad token. With `chat`
+    (params.yaml `chat`, when chat.template is true): its chat template is checked, and its EOS
+    becomes the token that ends the assistant's turn in that template (see `end_of_turn`)."""
     ref = str(ref)
     try:
         tok = AutoTokenizer.from_pretrained(ref)
@@ -39,10 +40,10 @@ def load_tokenizer(ref: str | Path, chat: bool = False):
     if tok.eos_token is None:
         raise ModelLoadError(f"tokenizer {ref!r} has no EOS token; responses could never end")
     tok.padding_side = "left"  # prompts are left-padded so responses start at one column
-    if chat:
-        turn_end = end_of_turn(tok, ref)
+    if chat is not None:
+        turn_end = end_of_turn(tok, ref, chat)
         if turn_end != tok.eos_token:  # e.g. Gemma's <end_of_turn> where its EOS is <eos>
-            print(f"models.chat_template: {ref} ends the assistant's turn with {turn_end!r}, not its EOS "
+            print(f"chat.template: {ref} ends the assistant's turn with {turn_end!r}, not its EOS "
                   f"{tok.eos_token!r}: responses end at {turn_end!r}")
             tok.eos_token = turn_end
     return tok
@@ -51,18 +52,26 @@ def load_tokenizer(ref: str | Path, chat: bool = False):
 PROBE = "rlhf-pipeline probe reply"
 
 
-def end_of_turn(tokenizer, ref: str) -> str:
+def render(tokenizer, chat: ChatConfig, prompt: str, reply: str | None = None) -> str:
+    """The chat template's text of a prompt's turns: with `reply`, closed by the assistant's
+    turn; without, ending where the assistant's reply starts."""
+    return tokenizer.apply_chat_template(chat.messages(prompt, reply), add_generation_prompt=reply is None,
+                                         tokenize=False, **chat.template_kwargs)
+
+
+def end_of_turn(tokenizer, ref: str, chat: ChatConfig) -> str:
     """The special token the tokenizer's chat template writes right after an assistant's message
     (<|im_end|> for Qwen, <|eot_id|> for Llama 3, <end_of_turn> for Gemma): where a response ends."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ModelLoadError(f"models.chat_template is true but the tokenizer of {ref!r} has no chat template "
+        raise ModelLoadError(f"chat.template is true but the tokenizer of {ref!r} has no chat template "
                              "(a base model's usually has none): use a chat or instruct model, give the tokenizer "
-                             "a chat_template, or set models.chat_template to false and write prompts as text")
+                             "a chat_template, or set chat.template to false and write prompts as text")
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
-                                              {"role": "assistant", "content": PROBE}], tokenize=False)
+        text = render(tokenizer, chat, "hi", PROBE)
     except Exception as e:  # a template's own checks raise jinja's TemplateError or anything else
-        raise ModelLoadError(f"the chat template of {ref!r} cannot render a user turn and an assistant turn "
+        turns = "a system, a user and an assistant turn" if chat.system_prompt is not None else \
+            "a user turn and an assistant turn"
+        raise ModelLoadError(f"the chat template of {ref!r} cannot render {turns} "
                              f"({type(e).__name__}: {str(e)[:200]})") from None
     after = text.split(PROBE, 1)[1].lstrip() if PROBE in text else ""
     ids = tokenizer(after, add_special_tokens=False)["input_ids"]
@@ -73,26 +82,24 @@ def end_of_turn(tokenizer, ref: str) -> str:
     return tokenizer.convert_ids_to_tokens(ids[0])
 
 
-def encode_prompt(tokenizer, prompt: str, chat: bool = False) -> list[int]:
+def encode_prompt(tokenizer, prompt: str, chat: ChatConfig | None = None) -> list[int]:
     """The tokens a policy is given for a prompt. Plain: the text as the tokenizer encodes it, its
-    BOS included. `chat`: the prompt as one user turn of the tokenizer's chat template with the
-    assistant's turn opened, encoded without adding special tokens (the template writes its own
-    BOS; the tokenizer's on top would give Llama 3 two)."""
-    if not chat:
+    BOS included. `chat`: the prompt as a user turn of the tokenizer's chat template (after the
+    system turn, if any) with the assistant's turn opened, encoded without adding special tokens
+    (the template writes its own BOS; the tokenizer's on top would give Llama 3 two)."""
+    if chat is None:
         return tokenizer(prompt)["input_ids"]
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(render(tokenizer, chat, prompt), add_special_tokens=False)["input_ids"]
 
 
-def encode_sequence(tokenizer, prompt: str, response: str, chat: bool = False) -> list[int]:
+def encode_sequence(tokenizer, prompt: str, response: str, chat: ChatConfig | None = None) -> list[int]:
     """What the reward model reads, in training and when scoring: prompt, response, EOS. Plain: the
     joined text encoded at once, as TRL's RewardTrainer encodes text. `chat`: the prompt's turn as
     `encode_prompt` gives it to the policy, then the reply and the end of its turn, as PPO hands the
     reward model a rollout."""
-    if not chat:
+    if chat is None:
         return tokenizer(prompt + response + tokenizer.eos_token)["input_ids"]
-    return (encode_prompt(tokenizer, prompt, True) + tokenizer(response, add_special_tokens=False)["input_ids"]
+    return (encode_prompt(tokenizer, prompt, chat) + tokenizer(response, add_special_tokens=False)["input_ids"]
             + [tokenizer.eos_token_id])
 
 
@@ -125,7 +132,7 @@ def load_reward(ref: str | Path, pad_token_id: int, dtype: torch.dtype = torch.f
     return model
 
 
-def pair_token_length(tokenizer, prompt: str, chosen: str, rejected: str, chat: bool = False) -> int:
+def pair_token_length(tokenizer, prompt: str, chosen: str, rejected: str, chat: ChatConfig | None = None) -> int:
     """Tokens of the longer of prompt+chosen and prompt+rejected as the reward model reads them,
     not counting the EOS after them."""
     return max(len(encode_sequence(tokenizer, prompt, chosen, chat)),
@@ -142,7 +149,7 @@ def save(model, tokenizer, folder: str | Path) -> Path:
 
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float,
-                   seed: int, batch_size: int = 256, chat: bool = False) -> list[str]:
+                   seed: int, batch_size: int = 256, chat: ChatConfig | None = None) -> list[str]:
     """Sample one response per prompt; returns the decoded text after the prompt (no EOS)."""
     from tasks.ppo.core import truncate_after_eos
     from tasks.ppo.rollout import sample
@@ -162,7 +169,7 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, te
 
 @torch.no_grad()
 def score_texts(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 64,
-                chat: bool = False) -> torch.Tensor:
+                chat: ChatConfig | None = None) -> torch.Tensor:
     """Reward of prompt + response + EOS (`encode_sequence`: as RewardTrainer saw them in training), (N,).
 
     The batch is left-padded, so position ids come from the attention mask: without them a text's

@@ -65,8 +65,8 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> None:
         if cfg.models.policy:
             # The user's own model: no pre-training, the same from_pretrained path they use.
             tokenizer = load_tokenizer(cfg.models.policy)
-            if cfg.models.chat_template:  # a model without a usable chat template stops the round here
-                end_of_turn(tokenizer, cfg.models.policy)
+            if cfg.chat_format is not None:  # a model without a usable chat template stops the round here
+                end_of_turn(tokenizer, cfg.models.policy, cfg.chat_format)
             model = load_policy(cfg.models.policy)
             mlflow.log_param("base_model", cfg.models.policy)
         else:

@@ -81,7 +81,7 @@ def bootstrap_champion(ws: Workspace, cfg: PipelineConfig, state: RoundState) ->
     if current is not None:
         return current
     with tracking.stage_run(ws, cfg.project, "bootstrap", state):
-        version = tracking.log_model(ws.base_model, "policy", cfg.policy_name, cfg.models.chat_template)
+        version = tracking.log_model(ws.base_model, "policy", cfg.policy_name, cfg.chat_format)
     move_champion(client, cfg.policy_name, version, "bootstrap: the base policy before any feedback")
     return version
 
@@ -96,8 +96,8 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
                        "held-out prompts (perplexity_under_reference is in the evaluation report)")
     client = tracking.setup(ws, cfg.project)
     with tracking.stage_run(ws, cfg.project, "promote", state, data_file=ws.accepted) as run_:
-        reward_version = tracking.log_model(ws.reward_model, "reward", cfg.reward_name, cfg.models.chat_template)
-        policy_version = tracking.log_model(ws.policy_model, "policy", cfg.policy_name, cfg.models.chat_template)
+        reward_version = tracking.log_model(ws.reward_model, "reward", cfg.reward_name, cfg.chat_format)
+        policy_version = tracking.log_model(ws.policy_model, "policy", cfg.policy_name, cfg.chat_format)
         client.set_registered_model_alias(cfg.policy_name, tracking.CHALLENGER, policy_version)
         for g in gates:
             mlflow.log_metric(f"gate/{g.name}", g.value)

@@ -4,7 +4,7 @@
     policy.predict(["the ceo said"])  # -> ["the ceo said they were late ."]
 
 A reward model's predict takes a DataFrame with `prompt` and `response` and returns scores.
-A model trained with models.chat_template reads each prompt as a user turn of its chat template,
+A model trained with chat.template reads each prompt as a user turn of its chat template,
 and the policy returns the assistant's reply alone.
 """
 from __future__ import annotations
@@ -15,11 +15,13 @@ import pandas as pd
 
 class HFModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
+        from tasks.config import ChatConfig
         from tasks.modeling import load_policy, load_reward, load_tokenizer
 
         folder = context.artifacts["hf_model"]
         self.kind = (context.model_config or {}).get("kind", "policy")
-        self.chat = bool((context.model_config or {}).get("chat_template", False))
+        chat = (context.model_config or {}).get("chat")
+        self.chat = ChatConfig(**chat) if chat else None
         self.tokenizer = load_tokenizer(folder, self.chat)
         if self.kind == "policy":
             self.model = load_policy(folder).eval()
@@ -36,7 +38,7 @@ class HFModel(mlflow.pyfunc.PythonModel):
                                        int(params.get("max_new_tokens", 32)),
                                        float(params.get("temperature", 1.0)), int(params.get("seed", 0)),
                                        chat=self.chat)
-            return responses if self.chat else [p + r for p, r in zip(prompts, responses)]
+            return responses if self.chat is not None else [p + r for p, r in zip(prompts, responses)]
         from tasks.modeling import score_texts  # left-padded batch, positions from the mask
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)

@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from tasks import versioning
+from tasks.config import ChatConfig
 from tasks.workspace import RoundState, Workspace
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
@@ -51,15 +52,15 @@ def stage_run(ws: Workspace, project: str, stage: str, state: RoundState, data_f
         yield run
 
 
-def log_model(folder: Path, kind: str, registered_name: str, chat: bool = False) -> str:
+def log_model(folder: Path, kind: str, registered_name: str, chat: ChatConfig | None = None) -> str:
     """Log a save_pretrained folder as an MLflow pyfunc model (code-based, no pickle) inside the
     active run and register it. Returns the new registry version. `chat`: the model was trained with
-    models.chat_template, and serves prompts in its chat template."""
+    prompts in its chat template (params.yaml `chat`), and serves them so."""
     info = mlflow.pyfunc.log_model(
         name=kind,
         python_model=str(SERVING_CODE),
         artifacts={"hf_model": str(folder)},
-        model_config={"kind": kind, "chat_template": chat},
+        model_config={"kind": kind, "chat": chat.model_dump() if chat is not None else None},
         pip_requirements=PIP_REQUIREMENTS,
         code_paths=[str(Path(__file__).parent)],  # the `tasks` package, so a served model imports it
         registered_model_name=registered_name,

@@ -111,14 +111,14 @@ def save_policy(lm, tokenizer, folder: Path, base_ref: str) -> None:
 
 def build_trainer(policy_ref: str, ref_ref: str, reward_ref: str, prompts: list[str], cfg: PipelineConfig,
                   seed: int, checkpoint_dir=None, device: str = "cpu", accelerator=None) -> tuple[PPOTrainer, object]:
-    chat = cfg.models.chat_template
+    chat = cfg.chat_format
     tokenizer = load_tokenizer(policy_ref, chat)
     reward_tokenizer = load_tokenizer(reward_ref, chat)
     if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise StageError(f"the reward model {reward_ref} uses another tokenizer than the policy {policy_ref}; "
                          "start the reward model from the policy (leave models.reward empty) or from a model "
                          "with the same tokenizer")
-    if chat and (reward_tokenizer.chat_template, reward_tokenizer.eos_token) != (tokenizer.chat_template,
+    if chat is not None and (reward_tokenizer.chat_template, reward_tokenizer.eos_token) != (tokenizer.chat_template,
                                                                                  tokenizer.eos_token):
         raise StageError(f"the reward model {reward_ref} has another chat template than the policy {policy_ref}: "
                          "it would score rollouts in a form it was not trained on; start the reward model from "
@@ -227,7 +227,7 @@ def train(ws: Workspace, cfg: PipelineConfig, state: RoundState, policy_ref: str
             mlflow.log_params({f"ppo.{k}": v for k, v in cfg.ppo.__dict__.items()}
                               | {"ppo.device": device.split(":")[0], "ppo.reference": reference,
                                  "prompts.train": prompts_.source(cfg, "train"),
-                                 "prompts.train_count": len(prompts), "models.chat_template": cfg.models.chat_template})
+                                 "prompts.train_count": len(prompts), **cfg.chat.params()})
 
         def log(metrics: dict) -> None:
             if not main:

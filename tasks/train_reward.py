@@ -6,7 +6,7 @@ the held-out split by a hash of its id, so a pair stays on its side round after 
 Pairwise accuracy on the held-out split is computed by our own forward pass, the same way the
 evaluation stage scores responses. RewardTrainer gets the pairs tokenized by `encode_sequence`,
 the one function that also tokenizes for scoring, so training, evaluation and PPO read a pair
-alike; with models.chat_template the prompt is a user turn of the chat template.
+alike; with chat.template the prompt is a user turn of the chat template.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 from transformers import TrainerCallback
 
 from tasks import tracking
-from tasks.config import PipelineConfig
+from tasks.config import ChatConfig, PipelineConfig
 from tasks.modeling import encode_sequence, load_reward, load_tokenizer, pair_token_length, save, score_texts
 from tasks.stage import StageError, stage_main
 from tasks.workspace import RoundState, Workspace
@@ -50,7 +50,7 @@ def calibration(r_c: torch.Tensor, r_r: torch.Tensor, buckets: int = 4) -> list[
     return out
 
 
-def pairwise_accuracy(model, tokenizer, records: list[dict], chat: bool = False) -> dict:
+def pairwise_accuracy(model, tokenizer, records: list[dict], chat: ChatConfig | None = None) -> dict:
     if not records:
         return {"accuracy": float("nan"), "loss": float("nan"), "n": 0, "calibration": []}
     prompts = [r["prompt"] for r in records]
@@ -69,12 +69,12 @@ class _MlflowLoss(TrainerCallback):
                 mlflow.log_metric(f"reward/train_{k}", v, step=state.global_step)
 
 
-def fits(tokenizer, record: dict, max_length: int, chat: bool = False) -> bool:
+def fits(tokenizer, record: dict, max_length: int, chat: ChatConfig | None = None) -> bool:
     """Whether RewardTrainer keeps the pair: + 1 for the EOS after the response."""
     return pair_token_length(tokenizer, record["prompt"], record["chosen"], record["rejected"], chat) + 1 <= max_length
 
 
-def accuracy_on_file(model, tokenizer, path: str, max_length: int, chat: bool = False) -> dict:
+def accuracy_on_file(model, tokenizer, path: str, max_length: int, chat: ChatConfig | None = None) -> dict:
     """Pairwise accuracy on another preference file; pairs longer than max_length are counted, not scored."""
     from tasks.importers import READERS, detect_format
     from tasks.records import PreferenceRecord
@@ -92,7 +92,7 @@ def train(init_ref: str, tokenizer_ref: str, records: list[dict], cfg: PipelineC
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
 
-    chat = cfg.models.chat_template
+    chat = cfg.chat_format
     tokenizer = load_tokenizer(tokenizer_ref, chat)
     model = load_reward(init_ref, tokenizer.pad_token_id)
     train_set, held_out = split(records, cfg.reward.eval_fraction)
@@ -136,7 +136,7 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
     with tracking.stage_run(ws, cfg.project, "train_reward", state, data_file=ws.accepted):
         init = tracking.resolve_model(ws, cfg.models.reward) if cfg.models.reward else str(ws.base_model)
         mlflow.log_params({f"reward.{k}": v for k, v in cfg.reward.model_dump().items()}
-                          | {"reward.init": init, "models.chat_template": cfg.models.chat_template})
+                          | {"reward.init": init, **cfg.chat.params()})
         metrics = train(init, init, records, cfg, ws.reward_model)
         mlflow.log_metrics({"reward/accuracy": metrics["held_out"]["accuracy"],
                             "reward/held_out_loss": metrics["held_out"]["loss"],

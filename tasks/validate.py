@@ -20,7 +20,7 @@ import mlflow
 import pandas as pd
 
 from tasks import tracking, versioning
-from tasks.config import PipelineConfig, ValidateConfig
+from tasks.config import ChatConfig, PipelineConfig, ValidateConfig
 from tasks.records import SOURCE_PATTERN, BadLine, read_jsonl, write_jsonl_atomic
 from tasks.stage import StageError, stage_main
 from tasks.workspace import RoundState, Workspace
@@ -208,10 +208,10 @@ def drift(frame: pd.DataFrame, new_files: set[str], cfg: ValidateConfig) -> dict
 
 
 def validate_files(files: list[Path], cfg: ValidateConfig, gx_root: Path, tokenizer=None,
-                   previous_files: set[str] | None = None, chat: bool = False) -> ValidationResult:
+                   previous_files: set[str] | None = None, chat: ChatConfig | None = None) -> ValidationResult:
     """Row checks (bad rows set aside), then dataset checks on what is left.
     `previous_files`: the files of the previous version, for the drift check. `chat`: tokens are
-    counted with the prompt in the tokenizer's chat template (models.chat_template)."""
+    counted with the prompt in the tokenizer's chat template (params.yaml `chat`)."""
     rows, quarantined, not_pairs = load_rows(files)
     if not rows:
         return ValidationResult([], quarantined, not_pairs)
@@ -292,7 +292,7 @@ def policy_tokenizer(ws: Workspace, cfg: PipelineConfig):
         return None
     from tasks.modeling import load_tokenizer  # transformers: only when a token bound is set
 
-    return load_tokenizer(ws.base_model, cfg.models.chat_template)
+    return load_tokenizer(ws.base_model, cfg.chat_format)
 
 
 def write_outputs(result: ValidationResult, cfg: ValidateConfig, files: list[str], accepted: Path,
@@ -317,7 +317,7 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> ValidationResu
     tokenizer = policy_tokenizer(ws, cfg)
     with tracking.stage_run(ws, cfg.project, "validate", state):
         result = validate_files(files, cfg.validate_, ws.reports / "validation", tokenizer, previous_files,
-                                cfg.models.chat_template)
+                                cfg.chat_format)
         summary = write_outputs(result, cfg.validate_, [f.name for f in files], ws.accepted, ws.quarantine,
                                 ws.validation_report)
         failures = summary["blocking_failures"]

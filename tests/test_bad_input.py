@@ -39,13 +39,16 @@ from tasks.config import ValidateConfig
     ("refinement:\n  cron: 'H 3 * * *'\n", "refinement.cron"),
     ("refinement:\n  timezone: Mars/Olympus\n", "refinement.timezone"),
     ("prompts:\n  train: data/prompts/train.txt\n", "set prompts.train and prompts.heldout together"),
-    ("models:\n  chat_template: true\n", "models.chat_template needs models.policy"),
+    ("chat:\n  template: true\n", "chat.template needs models.policy"),
+    ("chat:\n  system_prompt: be brief\n", "set chat.template to true, or leave them out"),
+    ("chat:\n  template_kwargs: [enable_thinking]\n", "chat.template_kwargs"),
+    ("chat:\n  templat: true\n", "chat.templat"),
     ("prompts:\n  from_feedback: true\n", "with prompts.from_feedback set, set collect.simulate to false"),
     ("prompts:\n  from_feedback: true\n  train: data/prompts/t.txt\n  heldout: data/prompts/h.txt\n"
      "collect:\n  simulate: false\n", "set one or the other"),
     ("prompts:\n  heldout_fraction: 1\n", "prompts.heldout_fraction: Input should be less than 1"),
     ("prompts:\n  heldout_fraction: 0\n", "prompts.heldout_fraction: Input should be greater than 0"),
-    ("models:\n  chat_template: sometimes\n", "models.chat_template"),
+    ("chat:\n  template: sometimes\n", "chat.template"),
     ("prompts:\n  train: /home/me/train.txt\n  heldout: data/prompts/h.txt\ncollect:\n  simulate: false\n",
      "prompts.train: Value error, '/home/me/train.txt' is not a file under data/prompts/"),
     ("prompts:\n  train: data/prompts/../../x.txt\n  heldout: data/prompts/h.txt\ncollect:\n  simulate: false\n",
@@ -162,7 +165,7 @@ def test_cli_bad_config_file(tmp_path, capsys):
     assert not (tmp_path / "ws").exists()  # nothing started
     # a chat template with the built-in scenario's model, which has none
     assert main(["run", "--chat-template", "--workspace", str(tmp_path / "ws")]) == 2
-    assert "models.chat_template needs models.policy" in capsys.readouterr().err
+    assert "chat.template needs models.policy" in capsys.readouterr().err
     assert not (tmp_path / "ws").exists()
 
 
