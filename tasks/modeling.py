@@ -43,13 +43,16 @@ def load_tokenizer(ref: str | Path, chat: ChatConfig | None = None):
     if chat is not None:
         turn_end = end_of_turn(tok, ref, chat)
         if turn_end != tok.eos_token:  # e.g. Gemma's <end_of_turn> where its EOS is <eos>
-            print(f"chat.template: {ref} ends the assistant's turn with {turn_end!r}, not its EOS "
-                  f"{tok.eos_token!r}: responses end at {turn_end!r}")
+            if ref not in _TOLD:  # once a process: a stage loads the tokenizer up to three times
+                print(f"chat.template: {ref} ends the assistant's turn with {turn_end!r}, not its EOS "
+                      f"{tok.eos_token!r}: responses end at {turn_end!r}")
+                _TOLD.add(ref)
             tok.eos_token = turn_end
     return tok
 
 
 PROBE = "rlhf-pipeline probe reply"
+_TOLD: set[str] = set()
 
 
 def render(tokenizer, chat: ChatConfig, prompt: str, reply: str | None = None) -> str:
