@@ -67,7 +67,7 @@ def _serve_log(ws):
     return (ws.root / ".cache" / "serve.log").read_text(errors="replace")[-3000:]
 
 
-def _wait(cond, timeout, serve, ws, every=1.0):
+def _wait(cond, timeout, serve, ws, every=1.0, run_id=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if serve.poll() is not None:
@@ -76,7 +76,8 @@ def _wait(cond, timeout, serve, ws, every=1.0):
         if value:
             return value
         time.sleep(every)
-    pytest.fail(f"timed out after {timeout} s; rlhf serve log:\n{_serve_log(ws)}")
+    state = f"; the flow run is {_flow_run(run_id).state!r}" if run_id else ""
+    pytest.fail(f"timed out after {timeout} s{state}; rlhf serve log:\n{_serve_log(ws)}")
 
 
 def _in_thread(fn, *args, **kwargs):
@@ -393,7 +394,8 @@ def test_the_uis_show_the_deployment_a_paused_label_form_and_the_champion(served
     expect(form).to_contain_text("Choices")
     page.screenshot(path=shots / "prefect-label-form.png", full_page=True)
     form.get_by_role("button", name="Submit").click()  # the initial answers: skip, skip
-    final = _wait(lambda: _final(run.id), 120, serve, ws)
+    expect(form).to_be_hidden(timeout=60_000)  # the UI took the answers
+    final = _wait(lambda: _final(run.id), 180, serve, ws, run_id=run.id)
     assert final.state.is_completed(), final.state.message
     (labels,) = set(versioning.raw_files(ws)) - raw_before  # the form's answers, versioned
     records = [json.loads(line) for line in labels.read_text().splitlines()]
