@@ -6,6 +6,7 @@ params file is read, and it names the bad key and the fix when a value is wrong.
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -34,12 +35,16 @@ class ChatConfig(_Strict):
     system_prompt: str | None = Field(None, description="with template: a system turn before every prompt")
     template_kwargs: dict[str, str | int | float | bool] = Field(
         {}, description="with template: variables the template reads, e.g. {enable_thinking: false} for Qwen3")
+    hh_dialogue: bool = Field(False, description="with template: a prompt written as an HH-RLHF dialogue "
+                                                 "('\\n\\nHuman: ...\\n\\nAssistant: ...', ending in "
+                                                 "'\\n\\nAssistant:') becomes its turns; other prompts stay "
+                                                 "one user turn")
 
     @model_validator(mode="after")
     def _only_with_a_template(self) -> "ChatConfig":
-        if not self.template and (self.system_prompt is not None or self.template_kwargs):
-            raise ValueError("chat.system_prompt and chat.template_kwargs apply to a chat template: set chat.template "
-                             "to true, or leave them out")
+        if not self.template and (self.system_prompt is not None or self.template_kwargs or self.hh_dialogue):
+            raise ValueError("chat.system_prompt, chat.template_kwargs and chat.hh_dialogue apply to a chat template: "
+                             "set chat.template to true, or leave them out")
         return self
 
     def params(self) -> dict[str, str]:
@@ -47,12 +52,34 @@ class ChatConfig(_Strict):
         return {f"chat.{k}": str(v) for k, v in self.model_dump().items()}
 
     def messages(self, prompt: str, reply: str | None = None) -> list[dict[str, str]]:
-        """The turns a prompt (and a reply) make: the system turn if any, the user's, the assistant's."""
+        """The turns a prompt (and a reply) make: the system turn if any, the user's (with
+        hh_dialogue, an HH-RLHF dialogue's turns), the assistant's."""
         turns = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
-        turns.append({"role": "user", "content": prompt})
+        dialogue = hh_turns(prompt) if self.hh_dialogue else None
+        turns += dialogue or [{"role": "user", "content": prompt}]
         if reply is not None:
             turns.append({"role": "assistant", "content": reply})
         return turns
+
+
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def hh_turns(prompt: str) -> list[dict[str, str]] | None:
+    """An HH-RLHF dialogue ('\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:') as turns
+    [user a, assistant b, user c], the last Assistant turn left open, a speaker's turns in a row
+    joined; None for any other text."""
+    parts = HH_TURN.split(prompt)  # ['', 'Human', ' a', 'Assistant', ' b', ..., 'Assistant', '']
+    if len(parts) < 5 or parts[0].strip() or parts[1] != "Human" or parts[-2] != "Assistant" or parts[-1].strip():
+        return None
+    turns: list[dict[str, str]] = []
+    for speaker, text in zip(parts[1:-2:2], parts[2:-2:2]):
+        role = "user" if speaker == "Human" else "assistant"
+        if turns and turns[-1]["role"] == role:  # one speaker twice in a row (3 of HH's 1812): one turn
+            turns[-1]["content"] += "\n\n" + text.strip()
+        else:
+            turns.append({"role": role, "content": text.strip()})
+    return turns
 
 
 class PretrainConfig(_Strict):

@@ -41,6 +41,7 @@ from tasks.config import ValidateConfig
     ("prompts:\n  train: data/prompts/train.txt\n", "set prompts.train and prompts.heldout together"),
     ("chat:\n  template: true\n", "chat.template needs models.policy"),
     ("chat:\n  system_prompt: be brief\n", "set chat.template to true, or leave them out"),
+    ("chat:\n  hh_dialogue: true\n", "set chat.template to true, or leave them out"),
     ("chat:\n  template_kwargs: [enable_thinking]\n", "chat.template_kwargs"),
     ("chat:\n  templat: true\n", "chat.templat"),
     ("prompts:\n  from_feedback: true\n", "with prompts.from_feedback set, set collect.simulate to false"),

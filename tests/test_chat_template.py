@@ -10,7 +10,7 @@ import torch
 
 from tasks import scenario
 from tasks.collect import annotate, sample_pairs
-from tasks.config import ChatConfig, load_config
+from tasks.config import HH_TURN, ChatConfig, load_config
 from tasks.errors import ModelLoadError
 from tasks.evaluate import evaluate
 from tasks.modeling import (encode_prompt, encode_sequence, generate_texts, load_policy, load_reward, load_tokenizer,
@@ -18,7 +18,7 @@ from tasks.modeling import (encode_prompt, encode_sequence, generate_texts, load
 from tasks.train_policy import build_trainer
 from tasks.train_reward import pairwise_accuracy, train
 
-from conftest import CHAT_TEMPLATE, FAST
+from conftest import CHAT_TEMPLATE, FAST, HH_RLHF
 
 CHAT = ChatConfig(template=True)
 
@@ -81,6 +81,34 @@ def test_real_templates_end_the_turn_with_their_token(tiny_chat_model_dir, tmp_p
     assert ids.count(chat.bos_token_id) == (0 if template is QWEN else 1)
     reply = encode_sequence(chat, "the doctor said", " he was late .", chat=CHAT)
     assert chat.decode(reply[len(ids):]) == " he was late ." + turn_end
+
+
+def test_hh_rlhf_dialogues_become_their_turns(tiny_chat_model_dir, tmp_path):
+    from tasks.importers import READERS
+    from tasks.modeling import render
+    from tasks.records import PreferenceRecord
+
+    records = [r for r in READERS["hh-rlhf"](HH_RLHF, {}, 0) if isinstance(r, PreferenceRecord)]
+    chat = ChatConfig(template=True, hh_dialogue=True)
+    for r in records:  # every imported HH-RLHF prompt is a dialogue of alternating turns, the user's last
+        turns = chat.messages(r.prompt)
+        assert [t["role"] for t in turns] == ["user", "assistant"] * (len(turns) // 2) + ["user"]
+        words = " ".join(t["content"] for t in turns).split()  # every word kept, the markers gone
+        assert words == " ".join(HH_TURN.split(r.prompt)[2::2]).split()
+        assert not any("\n\nHuman:" in t["content"] or "\n\nAssistant:" in t["content"] for t in turns)
+    dialogue = next(r.prompt for r in records if r.prompt.count("\n\nHuman:") == 3)
+    tokenizer = load_tokenizer(tiny_chat_model_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = QWEN
+    tokenizer.save_pretrained(tmp_path)
+    text = render(load_tokenizer(tmp_path, chat), chat, dialogue)
+    assert text.count("<|im_start|>user\n") == 3 and text.count("<|im_start|>assistant\n") == 3  # 2 + the open one
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n") and "Human:" not in text
+    # other prompts stay one user turn; without the option a dialogue is one user message as written
+    assert chat.messages("the doctor said") == [{"role": "user", "content": "the doctor said"}]
+    assert chat.messages("\n\nHuman: a\n\nHuman: b\n\nAssistant:") == [{"role": "user", "content": "a\n\nb"}]
+    assert chat.messages("Human: a\n\nAssistant:") == [{"role": "user", "content": "Human: a\n\nAssistant:"}]
+    assert CHAT.messages(dialogue) == [{"role": "user", "content": dialogue}]
 
 
 BAD_TEMPLATES = [
