@@ -19,11 +19,10 @@ import torch
 
 from tasks import prompts as prompts_, scenario, tracking
 from tasks.config import ChatConfig, PipelineConfig
-from tasks.modeling import (encode_prompt, generate_texts, left_pad, load_policy, load_reward, load_tokenizer,
-                            score_texts)
+from tasks.modeling import encode_prompt, generate_texts, load_policy, load_reward, load_tokenizer, score_texts
 from tasks.ppo.core import logprobs_from_logits, response_mask
 from tasks.prompts import check_lengths, heldout_prompts
-from tasks.ppo.rollout import position_ids_from_mask
+from tasks.ppo.rollout import left_pad, position_ids_from_mask
 from tasks.stage import stage_main
 from tasks.workspace import RoundState, Workspace
 

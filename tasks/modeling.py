@@ -106,18 +106,6 @@ def encode_sequence(tokenizer, prompt: str, response: str, chat: ChatConfig | No
             + [tokenizer.eos_token_id])
 
 
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, T) token ids padded on the left, and their attention mask."""
-    T = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), T), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        if s:
-            ids[i, T - len(s):] = torch.tensor(s)
-            mask[i, T - len(s):] = 1
-    return ids, mask
-
-
 def load_policy(ref: str | Path, dtype: torch.dtype = torch.float32):
     try:
         return AutoModelForCausalLM.from_pretrained(str(ref), dtype=dtype)
@@ -155,7 +143,7 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, te
                    seed: int, batch_size: int = 256, chat: ChatConfig | None = None) -> list[str]:
     """Sample one response per prompt; returns the decoded text after the prompt (no EOS)."""
     from tasks.ppo.core import truncate_after_eos
-    from tasks.ppo.rollout import sample
+    from tasks.ppo.rollout import left_pad, sample
 
     generator = torch.Generator().manual_seed(seed)
     model.eval()
@@ -179,7 +167,7 @@ def score_texts(model, tokenizer, prompts: list[str], responses: list[str], batc
     positions shift with the longest text beside it, and so does its score (measured: 0.70 alone,
     -1.02 beside a longer text, same model and text).
     """
-    from tasks.ppo.rollout import position_ids_from_mask
+    from tasks.ppo.rollout import left_pad, position_ids_from_mask
 
     model.eval()
     out = []

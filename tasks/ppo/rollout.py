@@ -126,6 +126,19 @@ def sample(lm: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, m
     return torch.stack(tokens, dim=1)
 
 
+def left_pad(sequences: list[list[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, width) token ids padded on the left (width: the longest by default), and their attention
+    mask: every sequence ends at the last column, so a response sampled after it starts at one."""
+    T = max(len(s) for s in sequences) if width is None else width
+    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), T), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, T - len(s):] = torch.tensor(s)
+            mask[i, T - len(s):] = 1
+    return ids, mask
+
+
 def cat_responses(parts: list[torch.Tensor], pad_id: int) -> torch.Tensor:
     """Responses sampled in chunks, each (B_i, T_i), -> one (sum B_i, max T_i), right-padded with pad_id."""
     width = max(p.shape[1] for p in parts)

@@ -25,8 +25,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tasks.ppo import core, lora, static_decode
 from tasks.ppo.config import RESUMABLE_CHANGES, PPOConfig
-from tasks.ppo.rollout import (PolicyWithValue, cat_responses, pad_lm_head, response_forward, reward_scores,
-                               sample)
+from tasks.ppo.rollout import (PolicyWithValue, cat_responses, left_pad, pad_lm_head, response_forward,
+                               reward_scores, sample)
 
 
 @dataclass
@@ -150,12 +150,7 @@ class PPOTrainer:
     # -- 1. rollout ---------------------------------------------------------------------------
     def _prompt_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         batch = [self.prompts[self.rng.randrange(len(self.prompts))] for _ in range(self.cfg.batch_size)]
-        P = self.prompt_width
-        ids = torch.full((len(batch), P), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), P), dtype=torch.long)
-        for i, p in enumerate(batch):  # left padding: every response starts at column P
-            ids[i, P - len(p):] = torch.tensor(p)
-            mask[i, P - len(p):] = 1
+        ids, mask = left_pad(batch, self.pad_id, self.prompt_width)  # every response starts at one column
         return ids.to(self.device), mask.to(self.device)
 
     def _autocast(self):
