@@ -48,7 +48,7 @@ class ChatConfig(_Strict):
         return self
 
     def params(self) -> dict[str, str]:
-        """As MLflow params: chat.template, chat.system_prompt, chat.template_kwargs."""
+        """As MLflow params: chat.template, chat.system_prompt, chat.template_kwargs, chat.hh_dialogue."""
         return {f"chat.{k}": str(v) for k, v in self.model_dump().items()}
 
     def messages(self, prompt: str, reply: str | None = None) -> list[dict[str, str]]:

@@ -111,10 +111,13 @@ def feedback_prompts(accepted: Path, fraction: float) -> tuple[list[str], list[s
     return train, heldout
 
 
+FROM_FEEDBACK = " of the validated feedback's "  # how `where` begins for prompts.from_feedback
+
+
 def where(cfg: PipelineConfig, side: str) -> str:
     """How `check_lengths` names a side's prompts."""
     if cfg.prompts.from_feedback:
-        return " of the validated feedback's " + ("training" if side == "train" else "held-out") + " prompts"
+        return FROM_FEEDBACK + ("training" if side == "train" else "held-out") + " prompts"
     return f" of {getattr(cfg.prompts, side)}" if getattr(cfg.prompts, side) else ""
 
 
@@ -124,8 +127,8 @@ def check_lengths(prompt_ids: list[list[int]], max_new_tokens: int, config, wher
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     if limit is not None and len(prompt_ids[longest]) + max_new_tokens > limit:
-        fix = ("set validate.max_tokens to set aside longer pairs" if "feedback" in where
-               else "shorten the prompts")
+        fix = ("set validate.max_tokens to set aside longer pairs" if where.startswith(FROM_FEEDBACK)
+               else "shorten the prompts")  # (a prompts file's name may well hold "feedback")
         raise PromptsError(f"prompt {longest + 1}{where} is {len(prompt_ids[longest])} tokens: with ppo.max_new_tokens "
                            f"{max_new_tokens} that exceeds the model's {limit} positions; {fix} or lower "
                            "ppo.max_new_tokens")

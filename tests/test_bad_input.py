@@ -292,6 +292,8 @@ def test_a_prompt_too_long_for_the_model_is_named_before_ppo_starts():
         check_lengths(prompts, 1, LlamaConfig(max_position_embeddings=10))
     with pytest.raises(PromptsError, match="set validate.max_tokens to set aside longer pairs"):
         check_lengths(prompts, 5, GPT2Config(n_positions=16), " of the validated feedback's training prompts")
+    with pytest.raises(PromptsError, match="shorten the prompts"):  # a file named so is still a file
+        check_lengths(prompts, 5, GPT2Config(n_positions=16), " of data/prompts/feedback.txt")
 
 
 def test_prompts_from_feedback_split_by_their_text(tmp_path):
