@@ -2,7 +2,7 @@
 
     rlhf run [--rounds N] [--config FILE] [--workspace DIR] [--policy-model ID] [--reward-model ID] [--chat-template]
     rlhf status [--json] [--workspace DIR]
-    rlhf import FILE [--format auto|jsonl|csv|parquet|hh-rlhf|label-studio|argilla] [--map prompt=COL,...] [--json]
+    rlhf import FILE [--format auto|jsonl|conversational|csv|parquet|hh-rlhf|label-studio|argilla] [--map prompt=COL,...] [--json]
     rlhf data history [--json]        rlhf validate [FILE ...] [--json]
     rlhf label [--pairs N] [--batch-size N] [--timeout S]
     rlhf compare [A B] [--json]       rlhf promote VERSION --reason TEXT [--force]       rlhf rollback
@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp = sub.add_parser("import", help="import a preference file into the raw feedback (DVC-versioned)")
     imp.add_argument("file", type=Path)
     imp.add_argument("--format", default="auto",
-                     choices=["auto", "jsonl", "csv", "parquet", "hh-rlhf", "label-studio", "argilla"])
+                     choices=["auto", "jsonl", "conversational", "csv", "parquet", "hh-rlhf", "label-studio",
+                              "argilla"])
     imp.add_argument("--map", dest="mapping", help="column map for CSV/Parquet/JSONL: prompt=COL,chosen=COL,rejected=COL")
     imp.add_argument("--max-bad-fraction", type=float, default=None,
                      help="exit non-zero when more than this share of rows is set aside (default 0.5, the bound "
@@ -199,9 +200,28 @@ def cmd_import(args) -> int:
             print(f"versioned as {summary.raw_file}")
         if summary.quarantine_file:
             print(f"set-aside rows with their line numbers: {summary.quarantine_file}")
+        hint = chat_hint(summary, ws)
+        if hint:
+            print(f"note: {hint}")
         if problem:
             print(f"error: {problem}", file=sys.stderr)
     return 1 if problem else 0
+
+
+def chat_hint(summary, ws) -> str | None:
+    """What to set so a chat model reads imported conversations and dialogues as their turns."""
+    from tasks.config import load_config
+
+    if not summary.kept or (summary.format != "conversational" and not summary.dialogues):
+        return None
+    chat = load_config(ws.params if ws.params.exists() else None).chat
+    if chat.template and (chat.hh_dialogue or not summary.dialogues):
+        return None
+    n = summary.dialogues
+    what = (f"{n} of the {summary.kept} prompts {'is a dialogue' if n == 1 else 'are dialogues'} (earlier turns or a system message), "
+            "kept in HH-RLHF's form ('\\n\\nHuman: ...\\n\\nAssistant:'); ") if summary.dialogues else ""
+    return (what + "to train a chat model on them as its turns, set chat.template: true"
+            + (" and chat.hh_dialogue: true" if summary.dialogues else "") + " (with models.policy) in params.yaml")
 
 
 def cmd_validate(args) -> int:

@@ -37,8 +37,9 @@ class ChatConfig(_Strict):
         {}, description="with template: variables the template reads, e.g. {enable_thinking: false} for Qwen3")
     hh_dialogue: bool = Field(False, description="with template: a prompt written as an HH-RLHF dialogue "
                                                  "('\\n\\nHuman: ...\\n\\nAssistant: ...', ending in "
-                                                 "'\\n\\nAssistant:') becomes its turns; other prompts stay "
-                                                 "one user turn")
+                                                 "'\\n\\nAssistant:', optionally opened by '\\n\\nSystem: "
+                                                 "...', as imports write conversations) becomes its turns; "
+                                                 "other prompts stay one user turn")
 
     @model_validator(mode="after")
     def _only_with_a_template(self) -> "ChatConfig":
@@ -53,9 +54,12 @@ class ChatConfig(_Strict):
 
     def messages(self, prompt: str, reply: str | None = None) -> list[dict[str, str]]:
         """The turns a prompt (and a reply) make: the system turn if any, the user's (with
-        hh_dialogue, an HH-RLHF dialogue's turns), the assistant's."""
+        hh_dialogue, an HH-RLHF dialogue's turns; a dialogue's own system turn replaces
+        system_prompt), the assistant's."""
         turns = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
         dialogue = hh_turns(prompt) if self.hh_dialogue else None
+        if dialogue and dialogue[0]["role"] == "system":
+            turns = []
         turns += dialogue or [{"role": "user", "content": prompt}]
         if reply is not None:
             turns.append({"role": "assistant", "content": reply})
@@ -63,12 +67,21 @@ class ChatConfig(_Strict):
 
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+HH_SYSTEM = "\n\nSystem:"
 
 
 def hh_turns(prompt: str) -> list[dict[str, str]] | None:
     """An HH-RLHF dialogue ('\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:') as turns
     [user a, assistant b, user c], the last Assistant turn left open, a speaker's turns in a row
-    joined; None for any other text."""
+    joined; a dialogue opened by '\n\nSystem: s' (imported conversations) starts with system s.
+    None for any other text."""
+    system = []
+    if prompt.startswith(HH_SYSTEM):
+        cut = prompt.find("\n\nHuman:")
+        if cut < 0:
+            return None
+        system = [{"role": "system", "content": prompt[len(HH_SYSTEM):cut].strip()}]
+        prompt = prompt[cut:]
     parts = HH_TURN.split(prompt)  # ['', 'Human', ' a', 'Assistant', ' b', ..., 'Assistant', '']
     if len(parts) < 5 or parts[0].strip() or parts[1] != "Human" or parts[-2] != "Assistant" or parts[-1].strip():
         return None
@@ -79,7 +92,7 @@ def hh_turns(prompt: str) -> list[dict[str, str]] | None:
             turns[-1]["content"] += "\n\n" + text.strip()
         else:
             turns.append({"role": role, "content": text.strip()})
-    return turns
+    return system + turns
 
 
 class PretrainConfig(_Strict):

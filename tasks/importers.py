@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from tasks import versioning
+from tasks.config import hh_turns
 from tasks.records import SOURCE_PATTERN, BadLine, PreferenceRecord, read_jsonl, utc_now
 from tasks.workspace import Workspace
 
-FORMATS = ("jsonl", "csv", "parquet", "hh-rlhf", "label-studio", "argilla")
+FORMATS = ("jsonl", "conversational", "csv", "parquet", "hh-rlhf", "label-studio", "argilla")
 ASSISTANT = "\n\nAssistant:"
 MAX_FIELD_CHARS = 100_000  # a field longer than this is a broken export, not a response
 Row = PreferenceRecord | BadLine
@@ -42,10 +43,12 @@ class ImportSummary:
     raw_file: str | None = None
     quarantine_file: str | None = None
     received_file: str | None = None
+    dialogues: int = 0  # kept records whose prompt is a dialogue (several turns, or a system turn)
 
     def as_dict(self) -> dict:
         return {"source_file": self.source_file, "format": self.format, "kept": self.kept,
-                "set_aside": self.set_aside, "reasons": dict(self.reasons), "raw_file": self.raw_file,
+                "set_aside": self.set_aside, "reasons": dict(self.reasons), "dialogues": self.dialogues,
+                "raw_file": self.raw_file,
                 "quarantine_file": self.quarantine_file, "received_file": self.received_file}
 
 
@@ -69,7 +72,13 @@ def _source(given, importer: str) -> str:
 
 
 def make_record(line: int, data: dict, source: str, round_: int) -> Row:
-    """A record from a dict holding at least prompt/chosen/rejected, or a BadLine naming the problem."""
+    """A record from a dict holding at least prompt/chosen/rejected (as text, or as conversations:
+    see `from_conversation`), or a BadLine naming the problem."""
+    if any(isinstance(data.get(k), (list, dict)) for k in ("prompt", "chosen", "rejected")):
+        texts = from_conversation(data.get("prompt"), data.get("chosen"), data.get("rejected"))
+        if isinstance(texts, str):
+            return BadLine(line, texts, json.dumps(data, ensure_ascii=False, default=str)[:2000])
+        data = {**data, **texts}
     problems = [p for p in (_text_problem(k, data.get(k)) for k in ("prompt", "chosen", "rejected")) if p]
     margin = data.get("margin")
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
@@ -88,6 +97,103 @@ def make_record(line: int, data: dict, source: str, round_: int) -> Row:
         label=label, margin=margin, id=str(data.get("id") or ""))
 
 
+# ---- conversations: TRL's conversational preference format, ShareGPT's messages ------------------
+ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "model": "assistant",
+         "system": "system"}
+
+
+def _messages(name: str, value) -> list[tuple[str, str]] | str:
+    """A field holding messages ({"role", "content"}, or ShareGPT's {"from", "value"}; content as
+    text or as text parts) as (role, text) pairs, or the reason it is not such a field."""
+    if isinstance(value, dict):  # one message written as an object
+        value = [value]
+    if isinstance(value, str):
+        return f"field '{name}' is text where another of prompt, chosen, rejected is a list of messages"
+    if not isinstance(value, list) or not value:
+        return f"field '{name}' is not a list of messages"
+    messages = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            return f"message {i} of '{name}' is not an object with a role and a content"
+        role, content = m.get("role", m.get("from")), m.get("content", m.get("value"))
+        if role not in ROLES:
+            return f"message {i} of '{name}' has role {role!r}, not user, assistant or system"
+        if isinstance(content, list):  # content parts: text parts are joined; anything else (images) is not ours
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                return f"message {i} of '{name}' has a content part that is not text"
+            content = "".join(p["text"] for p in content)
+        problem = _text_problem(f"{name}[{i}].content", content)
+        if problem:
+            return problem
+        messages.append((ROLES[role], content))
+    return messages
+
+
+def from_conversation(prompt, chosen, rejected) -> dict[str, str] | str:
+    """TRL's conversational preference row as our record's texts, or the reason it cannot be one.
+
+    Three layouts: `prompt` a list of messages and `chosen`/`rejected` the assistant's reply each
+    (explicit prompt; a reply may repeat the prompt's messages in front); `chosen`/`rejected` whole
+    conversations sharing every turn but the last reply (implicit prompt, as in
+    trl-lib/hh-rlhf-helpful-base); the latter with `prompt` as text, which must be the last user
+    message (UltraFeedback binarized) or, with bare replies, is the user message. The replies become
+    `chosen` and `rejected` as written. The shared turns become `prompt`: one user message as its
+    text; anything more (earlier turns, a system message) as a dialogue in HH-RLHF's form
+    ('\n\nSystem: s\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:'), which
+    `chat.hh_dialogue` renders back into those turns.
+    """
+    sides = {"chosen": _messages("chosen", chosen), "rejected": _messages("rejected", rejected)}
+    for messages in sides.values():
+        if isinstance(messages, str):
+            return messages
+    if isinstance(prompt, (list, dict)):  # explicit: the shared turns are the prompt's
+        shared = _messages("prompt", prompt)
+        if isinstance(shared, str):
+            return shared
+        tails = {side: tail[len(shared):] if tail[:len(shared)] == shared and len(tail) > len(shared) else tail
+                 for side, tail in sides.items()}
+    else:  # implicit: the shared turns are the conversations' common start
+        c, r = sides["chosen"], sides["rejected"]
+        if c == r:
+            return "'chosen' and 'rejected' are the same conversation"
+        n = 0
+        while n < min(len(c), len(r)) - 1 and c[n] == r[n]:
+            n += 1
+        shared, tails = c[:n], {"chosen": c[n:], "rejected": r[n:]}
+        if not shared and isinstance(prompt, str):  # the prompt as text, the replies as messages
+            shared = [("user", prompt)]
+    for side, tail in tails.items():
+        if len(tail) != 1 or tail[0][0] != "assistant":
+            return (f"'{side}' does not end in one assistant reply after the turns it shares with the other side "
+                    f"({len(tail)} messages after them: {', '.join(role for role, _ in tail)})")
+    if any(role == "system" for role, _ in shared[1:]):
+        return "a system message after the first turn"
+    if not shared or shared[-1][0] != "user":
+        return "the turns before the replies do not end with a user message"
+    if isinstance(prompt, str) and prompt != shared[-1][1]:
+        return "field 'prompt' is not the conversation's last user message"
+    texts = {"chosen": tails["chosen"][0][1], "rejected": tails["rejected"][0][1]}
+    if len(shared) == 1:
+        return {"prompt": shared[0][1], **texts}
+    speaker = {"system": "System", "user": "Human", "assistant": "Assistant"}
+    dialogue = "".join(f"\n\n{speaker[role]}: {text}" for role, text in shared) + "\n\nAssistant:"
+    if hh_turns(dialogue) != _as_read_back(shared):
+        return ("the turns cannot be written as a dialogue that reads back the same: it must open with a user "
+                "message (after the system message, if any), and no message may hold '\\n\\nHuman:' or '\\n\\nAssistant:'")
+    return {"prompt": dialogue, **texts}
+
+
+def _as_read_back(turns: list[tuple[str, str]]) -> list[dict[str, str]]:
+    """The turns as `hh_turns` reads their dialogue back: stripped, a speaker's turns in a row joined."""
+    out: list[dict[str, str]] = []
+    for role, text in turns:
+        if out and out[-1]["role"] == role:
+            out[-1]["content"] += "\n\n" + text.strip()
+        else:
+            out.append({"role": role, "content": text.strip()})
+    return out
+
 # ---- readers ---------------------------------------------------------------------------------
 def read_records_jsonl(path: Path, mapping: dict, round_: int) -> Iterator[Row]:
     for item in read_jsonl(path):
@@ -95,7 +201,22 @@ def read_records_jsonl(path: Path, mapping: dict, round_: int) -> Iterator[Row]:
             yield item
             continue
         line, obj = item
-        yield make_record(line, {**obj, **{k: obj.get(v) for k, v in mapping.items()}}, "import:jsonl", round_)
+        yield make_record(line, _mapped(obj, mapping), "import:jsonl", round_)
+
+
+def read_conversational(path: Path, mapping: dict, round_: int) -> Iterator[Row]:
+    """JSON lines whose `chosen` and `rejected` are conversations (see `from_conversation`)."""
+    for item in read_jsonl(path):
+        if isinstance(item, BadLine):
+            yield item
+            continue
+        line, obj = item
+        row = _mapped(obj, mapping)
+        if not any(isinstance(row.get(k), (list, dict)) for k in ("prompt", "chosen", "rejected")):
+            yield BadLine(line, "not a conversation: no field holds messages (text rows are --format jsonl)",
+                          json.dumps(obj, ensure_ascii=False)[:2000])
+            continue
+        yield make_record(line, row, "import:conversational", round_)
 
 
 def split_dialogue(chosen: str, rejected: str) -> tuple[str, str, str] | str:
@@ -153,13 +274,17 @@ def read_csv(path: Path, mapping: dict, round_: int) -> Iterator[Row]:
 
 
 def read_parquet(path: Path, mapping: dict, round_: int) -> Iterator[Row]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a file that is not Parquet
         raise ImportError_(f"{path} is not a Parquet file: {e}") from None
-    _check_columns(pf.schema_arrow.names, mapping)
+    schema, chosen = pf.schema_arrow, mapping.get("chosen", "chosen")
+    conversations = chosen in schema.names and (pa.types.is_list(schema.field(chosen).type)
+                                                or pa.types.is_large_list(schema.field(chosen).type))
+    _check_columns(schema.names, mapping, prompt_optional=conversations)
     n = 0
     for batch in pf.iter_batches(batch_size=8192):  # streams: memory does not grow with the file
         for row in batch.to_pylist():
@@ -245,8 +370,9 @@ def _mapped(row: dict, mapping: dict) -> dict:
     return {**row, **{ours: row.get(theirs) for ours, theirs in mapping.items()}}
 
 
-def _check_columns(columns: list[str], mapping: dict) -> None:
-    needed = {k: mapping.get(k, k) for k in ("prompt", "chosen", "rejected")}
+def _check_columns(columns: list[str], mapping: dict, prompt_optional: bool = False) -> None:
+    """The prompt column may be missing where chosen holds whole conversations (implicit prompt)."""
+    needed = {k: mapping.get(k, k) for k in ("prompt", "chosen", "rejected") if k != "prompt" or not prompt_optional}
     missing = [f"{theirs}" + (f" (for {ours})" if ours != theirs else "")
                for ours, theirs in needed.items() if theirs not in columns]
     if missing:
@@ -255,8 +381,8 @@ def _check_columns(columns: list[str], mapping: dict) -> None:
 
 
 READERS: dict[str, Callable[[Path, dict, int], Iterator[Row]]] = {
-    "jsonl": read_records_jsonl, "hh-rlhf": read_hh_rlhf, "csv": read_csv, "parquet": read_parquet,
-    "label-studio": read_label_studio, "argilla": read_argilla}
+    "jsonl": read_records_jsonl, "conversational": read_conversational, "hh-rlhf": read_hh_rlhf, "csv": read_csv,
+    "parquet": read_parquet, "label-studio": read_label_studio, "argilla": read_argilla}
 
 
 def detect_format(path: Path) -> str:
@@ -281,6 +407,8 @@ def detect_format(path: Path) -> str:
         if isinstance(item, BadLine):
             continue
         keys = set(item[1])
+        if {"chosen", "rejected"} <= keys and isinstance(item[1]["chosen"], (list, dict)):
+            return "conversational"
         if {"prompt", "chosen", "rejected"} <= keys:
             return "jsonl"
         if {"chosen", "rejected"} <= keys and ASSISTANT in str(item[1].get("chosen")):
@@ -322,6 +450,7 @@ def convert(path: Path, fmt: str, mapping: dict, round_: int, kept_out: Path, ba
                 continue
             seen.add(row.id)
             summary.kept += 1
+            summary.dialogues += hh_turns(row.prompt) is not None
             kept.write(row.to_json() + "\n")
     return summary
 

@@ -111,6 +111,33 @@ def test_hh_rlhf_dialogues_become_their_turns(tiny_chat_model_dir, tmp_path):
     assert CHAT.messages(dialogue) == [{"role": "user", "content": dialogue}]
 
 
+@pytest.mark.parametrize("template,specials", [
+    (QWEN, ["<|im_start|>", "<|im_end|>"]),
+    (LLAMA3, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
+], ids=["qwen2.5", "llama3"])
+def test_an_imported_conversation_is_encoded_as_the_template_renders_it(tiny_chat_model_dir, tmp_path, template,
+                                                                        specials):
+    """A conversation imported from TRL's conversational format (system turn, earlier turns) reaches the
+    reward model as the tokens the template gives the original conversation."""
+    from tasks.importers import from_conversation
+
+    tokenizer = load_tokenizer(tiny_chat_model_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(tmp_path)
+    conversation = [{"role": "system", "content": "Answer in one sentence."},
+                    {"role": "user", "content": "the doctor said"}, {"role": "assistant", "content": "he was late ."},
+                    {"role": "user", "content": "the pilot said"}]
+    chosen, rejected = {"role": "assistant", "content": "they were late ."}, {"role": "assistant", "content": "no ."}
+    texts = from_conversation(None, conversation + [chosen], conversation + [rejected])
+    chat = ChatConfig(template=True, hh_dialogue=True)
+    tok = load_tokenizer(tmp_path, chat)
+    ids = encode_sequence(tok, texts["prompt"], texts["chosen"], chat=chat)
+    assert tok.decode(ids) == tok.apply_chat_template(conversation + [chosen], tokenize=False).removesuffix("\n")
+    assert tok.decode(encode_prompt(tok, texts["prompt"], chat=chat)) == tok.apply_chat_template(
+        conversation, tokenize=False, add_generation_prompt=True)
+
+
 BAD_TEMPLATES = [
     (None, "has no chat template"),
     ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}",

@@ -1,4 +1,5 @@
-"""Importers: HH-RLHF whole, round trips through every format, malformed files, DVC versioning."""
+"""Importers: HH-RLHF whole, round trips through every format (conversations too), malformed files,
+DVC versioning."""
 import csv
 import json
 import os
@@ -11,8 +12,8 @@ import pytest
 
 from flows.cli import main
 from tasks import versioning
-from tasks.config import ValidateConfig
-from tasks.importers import ImportError_, import_file, split_dialogue
+from tasks.config import ChatConfig, ValidateConfig
+from tasks.importers import ImportError_, from_conversation, import_file, split_dialogue
 from tasks.records import PreferenceRecord
 from tasks.validate import validate_files
 from tasks.workspace import init_workspace
@@ -292,3 +293,131 @@ def test_concurrent_imports_never_clobber_each_other(ws, tmp_path):
 
 def git_clean(ws):
     return subprocess.run(["git", "status", "--porcelain"], cwd=ws.root, capture_output=True, text=True).stdout == ""
+
+
+# ---- conversations (TRL's conversational preference format, ShareGPT) ---------------------------
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def bot(text):
+    return {"role": "assistant", "content": text}
+
+
+SYSTEM = {"role": "system", "content": "Answer in one sentence."}
+DIALOGUE = [SYSTEM, user("What is DVC?"), bot("A data version control tool."), user("And MLflow?")]
+
+
+@pytest.mark.parametrize("row,prompt", [
+    # implicit prompt (trl-lib/hh-rlhf-helpful-base): two whole conversations, the last reply differs
+    ({"chosen": [user("hi"), bot("Hello!")], "rejected": [user("hi"), bot("go away")]}, "hi"),
+    # explicit prompt (TRL's documented form)
+    ({"prompt": [user("hi")], "chosen": [bot("Hello!")], "rejected": [bot("go away")]}, "hi"),
+    # explicit prompt repeated in front of each reply
+    ({"prompt": [user("hi")], "chosen": [user("hi"), bot("Hello!")], "rejected": [user("hi"), bot("go away")]}, "hi"),
+    # UltraFeedback binarized: the prompt as text too
+    ({"prompt": "hi", "chosen": [user("hi"), bot("Hello!")], "rejected": [user("hi"), bot("go away")]}, "hi"),
+    # the prompt as text, bare replies as messages; a single message written as an object
+    ({"prompt": "hi", "chosen": bot("Hello!"), "rejected": [bot("go away")]}, "hi"),
+    # ShareGPT's keys, content as text parts
+    ({"chosen": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "Hello!"}],
+      "rejected": [{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]},
+                   {"role": "assistant", "content": [{"type": "text", "text": "go away"}]}]}, "hi"),
+    # earlier turns and a system message: a dialogue in HH-RLHF's form
+    ({"chosen": DIALOGUE + [bot("Experiment tracking.")], "rejected": DIALOGUE + [bot("go away")]},
+     "\n\nSystem: Answer in one sentence.\n\nHuman: What is DVC?\n\nAssistant: A data version control tool."
+     "\n\nHuman: And MLflow?\n\nAssistant:"),
+], ids=["implicit", "explicit", "explicit-repeated", "ultrafeedback", "bare-replies", "sharegpt-parts", "dialogue"])
+def test_conversation_layouts_become_records(row, prompt):
+    texts = from_conversation(row.get("prompt"), row["chosen"], row["rejected"])
+    assert texts["prompt"] == prompt and texts["rejected"] == "go away"
+    assert texts["chosen"] in ("Hello!", "Experiment tracking.")
+
+
+def test_an_imported_dialogue_renders_as_the_conversation_it_came_from():
+    """What the chat template gets from the record equals the original conversation, system turn included;
+    the record's own system turn replaces chat.system_prompt."""
+    texts = from_conversation(None, DIALOGUE + [bot("Experiment tracking.")], DIALOGUE + [bot("go away")])
+    chat = ChatConfig(template=True, hh_dialogue=True)
+    assert chat.messages(texts["prompt"], texts["chosen"]) == DIALOGUE + [bot("Experiment tracking.")]
+    with_system = ChatConfig(template=True, hh_dialogue=True, system_prompt="Be terse.")
+    assert with_system.messages(texts["prompt"]) == DIALOGUE
+    assert with_system.messages("hi") == [{"role": "system", "content": "Be terse."}, user("hi")]
+    # an HH-RLHF prompt that merely mentions "System:" later is read as before
+    assert chat.messages("\n\nHuman: a\n\nSystem: b\n\nAssistant:") == [user("a\n\nSystem: b")]
+
+
+BAD_CONVERSATIONS = [
+    ({"chosen": [user("q"), bot("x")], "rejected": [user("q"), bot("x")]}, "'chosen' and 'rejected' are the same"),
+    ({"chosen": [user("q"), bot("x"), user("more"), bot("y")], "rejected": [user("q"), bot("z")]},
+     "'chosen' does not end in one assistant reply after the turns it shares with the other side (3 messages"),
+    ({"chosen": [user("q"), user("x")], "rejected": [user("q"), bot("z")]}, "'chosen' does not end in one assistant"),
+    ({"chosen": [user("a"), bot("x")], "rejected": [user("b"), bot("z")]}, "(2 messages after them: user, assistant)"),
+    ({"chosen": [user("q"), SYSTEM, user("r"), bot("x")], "rejected": [user("q"), SYSTEM, user("r"), bot("z")]},
+     "a system message after the first turn"),
+    ({"prompt": [user("q"), bot("a")], "chosen": [bot("x")], "rejected": [bot("z")]},
+     "do not end with a user message"),
+    ({"prompt": "something else", "chosen": [user("q"), bot("x")], "rejected": [user("q"), bot("z")]},
+     "field 'prompt' is not the conversation's last user message"),
+    ({"chosen": [user("q\n\nAssistant: sneaky"), bot("a"), user("r"), bot("x")],
+      "rejected": [user("q\n\nAssistant: sneaky"), bot("a"), user("r"), bot("z")]},
+     "cannot be written as a dialogue that reads back the same"),
+    ({"chosen": [bot("welcome"), user("r"), bot("x")], "rejected": [bot("welcome"), user("r"), bot("z")]},
+     "it must open with a user message"),
+    ({"chosen": [{"role": "tool", "content": "42"}, bot("x")], "rejected": [user("q"), bot("z")]},
+     "message 0 of 'chosen' has role 'tool', not user, assistant or system"),
+    ({"chosen": [{"role": "user", "content": [{"type": "image", "url": "cat.png"}]}, bot("x")],
+      "rejected": [user("q"), bot("z")]}, "message 0 of 'chosen' has a content part that is not text"),
+    ({"chosen": [user("q"), bot("")], "rejected": [user("q"), bot("z")]}, "missing or empty field 'chosen[1].content'"),
+    ({"chosen": [user("q"), {"role": "assistant", "content": 3}], "rejected": [user("q"), bot("z")]},
+     "field 'chosen[1].content' is not text"),
+    ({"chosen": ["q", "x"], "rejected": [user("q"), bot("z")]}, "message 0 of 'chosen' is not an object"),
+    ({"chosen": [], "rejected": [user("q"), bot("z")]}, "field 'chosen' is not a list of messages"),
+    ({"chosen": [user("q"), bot("x")], "rejected": "z"},
+     "field 'rejected' is text where another of prompt, chosen, rejected is a list of messages"),
+    ({"prompt": "q", "chosen": "x", "rejected": "z"}, "not a conversation: no field holds messages"),
+]
+
+
+def test_malformed_conversations_are_set_aside_with_their_reason(ws, tmp_path, capsys):
+    good = {"chosen": [user("q"), bot("good")], "rejected": [user("q"), bot("bad")]}
+    path = tmp_path / "conversations.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [good] + [row for row, _ in BAD_CONVERSATIONS]))
+    code = main(["import", str(path), "--json", "--max-bad-fraction", "1", "--workspace", str(ws.root)])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["format"] == "conversational" and out["kept"] == 1
+    assert out["set_aside"] == len(BAD_CONVERSATIONS)
+    quarantined = {q["line"]: q["reasons"][0] for q in records(out["quarantine_file"])}
+    for line, (_, reason) in enumerate(BAD_CONVERSATIONS, start=2):
+        assert reason in quarantined[line], (line, quarantined[line])
+    assert records(out["raw_file"])[0]["source"] == "import:conversational"
+
+
+def test_conversations_import_from_jsonl_and_parquet_and_validate(ws, tmp_path, capsys):
+    rows = [{"chosen": [user(f"question {i}"), bot(f"a helpful answer {i}")],
+             "rejected": [user(f"question {i}"), bot(f"no {i}")]} for i in range(6)]
+    rows.append({"chosen": DIALOGUE + [bot("Experiment tracking.")], "rejected": DIALOGUE + [bot("go away")]})
+    jsonl = tmp_path / "prefs.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["import", str(jsonl), "--workspace", str(ws.root)]) == 0
+    out = capsys.readouterr().out
+    assert "format conversational; kept 7, set aside 0" in out
+    # the hint names the settings that render the dialogue as its turns
+    assert "note: 1 of the 7 prompts is a dialogue" in out and "chat.hh_dialogue: true" in out
+    kept = records(versioning.raw_files(ws)[0])
+    assert [r["prompt"] for r in kept[:2]] == ["question 0", "question 1"] and kept[0]["chosen"] == "a helpful answer 0"
+    assert kept[6]["prompt"].startswith("\n\nSystem: Answer in one sentence.\n\nHuman: What is DVC?")
+    # Parquet as the Hugging Face Hub serves such datasets: list<struct<role, content>> columns, no prompt column
+    parquet = tmp_path / "prefs.parquet"
+    pq.write_table(pa.Table.from_pylist([{"chosen": r["chosen"], "rejected": [user(f"question {i}"), bot(f"meh {i}")]}
+                                         for i, r in enumerate(rows[:6])]), parquet)
+    assert pa.types.is_list(pq.read_schema(parquet).field("chosen").type)
+    summary = import_file(ws, parquet)
+    assert (summary.format, summary.kept, summary.set_aside) == ("parquet", 6, 0)
+    assert records(summary.raw_file)[0]["rejected"] == "meh 0"
+    # `rlhf validate` converts the conversations before its checks: every row passes them, and the
+    # dataset check stops 7 pairs (fewer than validate.min_rows)
+    assert main(["validate", str(jsonl), "--json", "--workspace", str(ws.root), "--out", str(tmp_path / "v")]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["accepted"] == 7 and report["quarantined"] == 0
+    assert report["blocking_failures"] == ["only 7 usable pairs, fewer than validate.min_rows=20"]
