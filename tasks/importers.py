@@ -102,7 +102,7 @@ ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assi
          "system": "system"}
 
 
-def _messages(name: str, value) -> list[tuple[str, str]] | str:
+def messages_of(name: str, value) -> list[tuple[str, str]] | str:
     """A field holding messages ({"role", "content"}, or ShareGPT's {"from", "value"}; content as
     text or as text parts) as (role, text) pairs, or the reason it is not such a field."""
     if isinstance(value, dict):  # one message written as an object
@@ -143,12 +143,12 @@ def from_conversation(prompt, chosen, rejected) -> dict[str, str] | str:
     ('\n\nSystem: s\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:'), which
     `chat.hh_dialogue` renders back into those turns.
     """
-    sides = {"chosen": _messages("chosen", chosen), "rejected": _messages("rejected", rejected)}
+    sides = {"chosen": messages_of("chosen", chosen), "rejected": messages_of("rejected", rejected)}
     for messages in sides.values():
         if isinstance(messages, str):
             return messages
     if isinstance(prompt, (list, dict)):  # explicit: the shared turns are the prompt's
-        shared = _messages("prompt", prompt)
+        shared = messages_of("prompt", prompt)
         if isinstance(shared, str):
             return shared
         tails = {side: tail[len(shared):] if tail[:len(shared)] == shared and len(tail) > len(shared) else tail
@@ -167,21 +167,36 @@ def from_conversation(prompt, chosen, rejected) -> dict[str, str] | str:
         if len(tail) != 1 or tail[0][0] != "assistant":
             return (f"'{side}' does not end in one assistant reply after the turns it shares with the other side "
                     f"({len(tail)} messages after them: {', '.join(role for role, _ in tail)})")
-    if any(role == "system" for role, _ in shared[1:]):
-        return "a system message after the first turn"
-    if not shared or shared[-1][0] != "user":
-        return "the turns before the replies do not end with a user message"
-    if isinstance(prompt, str) and prompt != shared[-1][1]:
+    if isinstance(prompt, str) and shared and shared[-1] != ("user", prompt):
         return "field 'prompt' is not the conversation's last user message"
-    texts = {"chosen": tails["chosen"][0][1], "rejected": tails["rejected"][0][1]}
-    if len(shared) == 1:
-        return {"prompt": shared[0][1], **texts}
+    text = as_prompt(shared)
+    if isinstance(text, Problem):
+        return text.reason
+    return {"prompt": text, "chosen": tails["chosen"][0][1], "rejected": tails["rejected"][0][1]}
+
+
+@dataclass(frozen=True)
+class Problem:
+    reason: str
+
+
+def as_prompt(turns: list[tuple[str, str]]) -> str | Problem:
+    """The turns before a reply as a prompt's text: one user message as itself; anything more
+    (earlier turns, a system message first) as an HH-RLHF dialogue that `hh_turns` (and so
+    `chat.hh_dialogue`) reads back as those turns. A Problem says why the turns cannot be one."""
+    if any(role == "system" for role, _ in turns[1:]):
+        return Problem("a system message after the first turn")
+    if not turns or turns[-1][0] != "user":
+        return Problem("the turns before the reply do not end with a user message")
+    if len(turns) == 1:
+        return turns[0][1]
     speaker = {"system": "System", "user": "Human", "assistant": "Assistant"}
-    dialogue = "".join(f"\n\n{speaker[role]}: {text}" for role, text in shared) + "\n\nAssistant:"
-    if hh_turns(dialogue) != _as_read_back(shared):
-        return ("the turns cannot be written as a dialogue that reads back the same: it must open with a user "
-                "message (after the system message, if any), and no message may hold '\\n\\nHuman:' or '\\n\\nAssistant:'")
-    return {"prompt": dialogue, **texts}
+    dialogue = "".join(f"\n\n{speaker[role]}: {text}" for role, text in turns) + "\n\nAssistant:"
+    if hh_turns(dialogue) != _as_read_back(turns):
+        return Problem("the turns cannot be written as a dialogue that reads back the same: it must open with a user "
+                       "message (after the system message, if any), and no message may hold '\\n\\nHuman:' or "
+                       "'\\n\\nAssistant:'")
+    return dialogue
 
 
 def _as_read_back(turns: list[tuple[str, str]]) -> list[dict[str, str]]:

@@ -6,7 +6,10 @@ held-out side by a hash of its text, so it stays on its side as feedback grows r
 A prompts file lives under data/prompts/ (a dependency of the stages that read it, so a changed
 file reruns them) and holds one prompt a line: `.txt` as plain text, `.jsonl` as JSON objects
 with a "prompt" string (other fields are ignored, so preference records serve as they are; use
-it for prompts that span lines, such as HH-RLHF dialogues). A prompt is used as written,
+it for prompts that span lines, such as HH-RLHF dialogues) or a "prompt" list of messages (TRL's
+prompt-only conversational format: one user message becomes its text, earlier turns or a system
+message a dialogue that `chat.hh_dialogue` renders as those turns, as imports write conversations).
+A prompt is used as written,
 leading and trailing spaces included. An empty line, a line that is not a prompt or a file
 without any stops the stage with the file and line named: no prompt is skipped unsaid.
 """
@@ -18,6 +21,7 @@ from pathlib import Path
 
 from tasks import scenario
 from tasks.config import PipelineConfig
+from tasks.importers import Problem, as_prompt, messages_of
 from tasks.stage import StageError
 from tasks.workspace import Workspace
 
@@ -57,8 +61,14 @@ def load_prompts(path: str | Path) -> list[str]:
         except json.JSONDecodeError as e:
             raise PromptsError(f"{where} is not JSON ({e.msg}): each line must be an object with a \"prompt\"") from None
         prompt = row.get("prompt") if isinstance(row, dict) else None
+        if isinstance(prompt, (list, dict)):  # messages
+            turns = messages_of("prompt", prompt)
+            text = Problem(turns) if isinstance(turns, str) else as_prompt(turns)
+            if isinstance(text, Problem):
+                raise PromptsError(f"{where}: its \"prompt\" messages are not a prompt: {text.reason}")
+            prompt = text
         if not isinstance(prompt, str) or not prompt.strip():
-            raise PromptsError(f"{where} has no \"prompt\" string (got {str(row)[:80]!r})")
+            raise PromptsError(f"{where} has no \"prompt\" string or messages (got {str(row)[:80]!r})")
         prompts.append(prompt)
     if not prompts:
         raise PromptsError(f"{path} holds no prompts")

@@ -105,6 +105,10 @@ def test_stages_that_load_no_model_import_no_torch_prefect_or_transformers():
     ("p.jsonl", '{"prompt": 3}\n', 'line 1 has no "prompt" string'),
     ("p.jsonl", '["a list"]\n', 'line 1 has no "prompt" string'),
     ("p.jsonl", '{"prompt": "  "}\n', 'line 1 has no "prompt" string'),
+    ("p.jsonl", '{"prompt": []}\n', "line 1: its \"prompt\" messages are not a prompt: field 'prompt' is not a list"),
+    ("p.jsonl", '{"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n',
+     "line 1: its \"prompt\" messages are not a prompt: the turns before the reply do not end with a user message"),
+    ("p.jsonl", '{"prompt": [{"role": "tool", "content": "a"}]}\n', "has role 'tool'"),
     ("p.txt", b"caf\xe9 said\n", "not UTF-8"),
     ("p.csv", "prompt\nthe doctor said\n", "ends in .txt"),
     ("missing.txt", None, "does not exist"),
@@ -131,6 +135,11 @@ def test_prompts_files_are_read_as_written(tmp_path):
     rows = [{"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": "x"}, {"prompt": "caf\u00e9 said", "id": 3}]
     (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     assert load_prompts(tmp_path / "b.jsonl") == ["\n\nHuman: hi\n\nAssistant:", "caf\u00e9 said"]
+    # TRL's prompt-only conversational rows: as imports write conversations
+    rows = [{"prompt": [{"role": "user", "content": "the doctor said"}]},
+            {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]}]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert load_prompts(tmp_path / "c.jsonl") == ["the doctor said", "\n\nSystem: Be brief.\n\nHuman: hi\n\nAssistant:"]
 
 
 def test_missing_config_file(tmp_path):
