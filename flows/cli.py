@@ -2,6 +2,7 @@
 
     rlhf run [--rounds N] [--config FILE] [--workspace DIR] [--policy-model ID] [--reward-model ID] [--chat-template]
     rlhf status [--json] [--workspace DIR]
+    rlhf gc [--keep N] [--remote] [--dry-run] [--json]
     rlhf import FILE [--format auto|jsonl|conversational|csv|parquet|hh-rlhf|label-studio|argilla] [--map prompt=COL,...] [--json]
     rlhf data history [--json]        rlhf validate [FILE ...] [--json]
     rlhf label [--pairs N] [--batch-size N] [--timeout S]
@@ -116,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     rb = sub.add_parser("rollback", help="champion back to previous (policy and reward model)")
     rb.add_argument("--reason", default="rollback requested", help="why: kept on the versions")
     rb.add_argument("--workspace", type=Path, default=Path("."))
+
+    gc = sub.add_parser("gc", help="free disk: delete the weights of old model versions and unused DVC cache")
+    gc.add_argument("--keep", type=_positive_int, default=2,
+                    help="newest versions of each model to keep besides those with an alias (default 2)")
+    gc.add_argument("--remote", action="store_true", help="prune the DVC remote too (feedback is always kept)")
+    gc.add_argument("--dry-run", action="store_true", help="say what would go, delete nothing")
+    gc.add_argument("--json", action="store_true", help="print one JSON object")
+    gc.add_argument("--workspace", type=Path, default=Path("."))
 
     srv = sub.add_parser("server", help="start the Prefect and MLflow servers with their UIs (loopback by default)")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind; beyond loopback both servers need auth")
@@ -322,6 +331,49 @@ def _workspace_config(args):
     return ws, load_config(ws.params)
 
 
+def cmd_gc(args) -> int:
+    import shutil
+
+    from filelock import Timeout
+
+    from tasks import registry, rounds
+    from tasks.versioning import VersioningError, collect_garbage
+
+    ws, cfg = _workspace_config(args)
+    try:
+        lock = rounds.round_lock(ws).acquire()
+    except Timeout:
+        print(f"error: a round is running in {ws.root}; run gc after it", file=sys.stderr)
+        return 1
+    with lock:
+        try:
+            models = registry.prune_models(ws, cfg, args.keep, args.dry_run)
+            data = collect_garbage(ws, args.remote, args.dry_run)
+        except (registry.RegistryError, VersioningError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        downloads = sum(f.stat().st_size for f in ws.model_cache.rglob("*") if f.is_file()) \
+            if ws.model_cache.exists() else 0
+        if not args.dry_run:
+            shutil.rmtree(ws.model_cache, ignore_errors=True)  # registry models fetched for rounds: fetched again
+    size = {"models": models["bytes"], "dvc": data["bytes"], "downloads": downloads}
+    out = {"dry_run": args.dry_run, "keep": args.keep, "models": models["models"], "dvc": data,
+           "bytes": {**size, "total": sum(size.values())}}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    verb = "would free" if args.dry_run else "freed"
+    for name, m in out["models"].items():
+        kept = ", ".join(f"v{k['version']} ({k['why']})" for k in m["kept"]) or "none"
+        pruned = ", ".join(f"v{p['version']}" for p in m["pruned"]) or "none"
+        print(f"{name}: kept {kept}; weights {'to delete' if args.dry_run else 'deleted'}: {pruned}"
+              + (f"; pruned before: {', '.join('v' + v for v in m['already_pruned'])}" if m["already_pruned"] else ""))
+    print(f"DVC {'cache and remote' if args.remote else 'cache'}: {data['objects']} unused objects")
+    mib = {k: f"{v / 2**20:.1f}" for k, v in out["bytes"].items()}
+    print(f"{verb} {mib['total']} MiB (model weights {mib['models']}, DVC {mib['dvc']}, downloaded models {mib['downloads']})")
+    return 0
+
+
 def cmd_registry(args) -> int:
     from tasks import registry
 
@@ -449,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"run": cmd_run, "status": cmd_status, "import": cmd_import, "data": cmd_data,
                     "validate": cmd_validate, "label": cmd_label,
                     "compare": cmd_registry, "promote": cmd_registry, "rollback": cmd_registry,
-                    "server": cmd_server, "serve": cmd_serve}
+                    "gc": cmd_gc, "server": cmd_server, "serve": cmd_serve}
         return commands[args.command](args)
     except (ConfigError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,10 +1,16 @@
 """Registry operations a person runs by hand: compare two policy versions, force a promotion,
-roll back. Each change is tagged on the versions it touches and logged as an MLflow run."""
+roll back, prune old weights. Each change is tagged on the versions it touches and logged as an
+MLflow run."""
 from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urlparse
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from tasks import tracking
 from tasks.config import PipelineConfig
@@ -62,6 +68,9 @@ def force_promote(ws: Workspace, cfg: PipelineConfig, version: str, reason: str,
         raise RegistryError("a manual promotion needs a reason (--reason)")
     client = tracking.setup(ws, cfg.project)
     v = _version(client, cfg.policy_name, version)
+    if PRUNED in v.tags:
+        raise RegistryError(f"{cfg.policy_name} v{v.version} was pruned ({v.tags[PRUNED]}): its weights are gone; "
+                            "promote a version `rlhf gc` kept")
     if v.tags.get("promoted") == "false" and not force:
         raise RegistryError(f"{cfg.policy_name} v{v.version} failed its gates ({v.tags.get('gates')}); "
                             "pass --force with a --reason to promote it anyway")
@@ -92,3 +101,54 @@ def rollback(ws: Workspace, cfg: PipelineConfig, reason: str) -> dict:
             result[name] = {"from": champion, "to": previous}
         mlflow.log_param("reason", reason)
     return result
+
+
+# ---- pruning: a scheduled loop registers two models a round; their weights fill the disk ---------
+PRUNED = tracking.PRUNED
+
+
+def _size(uri: str) -> int:
+    """Bytes under a local artifact folder (0 for a remote store, which reports no size)."""
+    path = Path(urlparse(uri).path) if uri.startswith("file:") else None
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path and path.exists() else 0
+
+
+def prune_models(ws: Workspace, cfg: PipelineConfig, keep: int, dry_run: bool = False) -> dict:
+    """Delete the weights of registry versions nothing points at: each model keeps every version
+    holding an alias (champion, previous, challenger) and its newest `keep` versions. A pruned
+    version keeps its registry entry, run, metrics and tags (`rlhf compare` still reads them) and
+    gains a `pruned` tag; only its logged model's artifacts go. Logged as an MLflow run."""
+    if keep < 1:
+        raise RegistryError(f"keep must be at least 1, got {keep}")
+    client = tracking.setup(ws, cfg.project)
+    report = {"keep": keep, "dry_run": dry_run, "models": {}, "bytes": 0}
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for name in (cfg.policy_name, cfg.reward_name):
+        found = client.search_model_versions(f"name='{name}'")
+        versions = sorted((client.get_model_version(name, v.version) for v in found),  # with their aliases
+                          key=lambda v: int(v.version), reverse=True)
+        newest = {str(v.version) for v in versions[:keep]}
+        kept, pruned, already = [], [], []
+        for v in versions:
+            version = str(v.version)
+            if v.aliases or version in newest:
+                kept.append({"version": version, "why": ", ".join(v.aliases) or "newest"})
+            elif PRUNED in v.tags:
+                already.append(version)
+            else:
+                location = client.get_model_version_download_uri(name, version)
+                pruned.append({"version": version, "bytes": _size(location), "location": location})
+        report["models"][name] = {"kept": kept, "pruned": pruned, "already_pruned": already}
+        report["bytes"] += sum(p["bytes"] for p in pruned)
+    if dry_run:
+        return report
+    with mlflow.start_run(run_name="gc", tags={"stage": "gc"}):
+        for name, models in report["models"].items():
+            for p in models["pruned"]:
+                get_artifact_repository(p["location"]).delete_artifacts()
+                client.set_model_version_tag(name, p["version"], PRUNED,
+                                             f"{stamp}: weights deleted by rlhf gc (kept: aliases, newest {keep})")
+            mlflow.log_param(f"{name}.pruned", ",".join(p["version"] for p in models["pruned"]) or "none")
+        mlflow.log_params({"keep": keep})
+        mlflow.log_metric("bytes_freed", report["bytes"])
+    return report

@@ -12,11 +12,13 @@ from mlflow.exceptions import MlflowException
 
 from tasks import versioning
 from tasks.config import ChatConfig
+from tasks.errors import ModelLoadError
 from tasks.workspace import RoundState, Workspace
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
 PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "pandas"]
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
+PRUNED = "pruned"  # version tag set by `rlhf gc`: when and why the version's weights were deleted
 
 
 def setup(ws: Workspace, experiment: str) -> MlflowClient:
@@ -75,12 +77,28 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
         return None
 
 
+def check_not_pruned(client: MlflowClient, ref: str) -> None:
+    """A models:/NAME/VERSION or models:/NAME@ALIAS whose weights `rlhf gc` deleted is named as such."""
+    body = ref[len("models:/"):]
+    name, sep, which = body.partition("@")
+    if not sep:
+        name, _, which = body.partition("/")
+    try:
+        version = client.get_model_version_by_alias(name, which) if sep else client.get_model_version(name, which)
+    except MlflowException:
+        return  # not a registry version (a logged model's id, a typo): the download names it
+    if PRUNED in version.tags:
+        raise ModelLoadError(f"{ref} is {name} v{version.version}, pruned ({version.tags[PRUNED]}): its weights are "
+                             "gone, its metrics remain; use a version `rlhf gc` kept")
+
+
 def resolve_model(ws: Workspace, ref: str) -> str:
     """A folder, HF id or models:/ URI -> something from_pretrained loads (a folder or HF id)."""
     if not ref.startswith("models:/"):
         path = ws.root / ref
         return str(path) if path.exists() else ref
     mlflow.set_tracking_uri(ws.tracking_uri)
+    check_not_pruned(MlflowClient(), ref)
     key = ref[len("models:/"):].replace("/", "_").replace("@", "_at_")
     target = ws.model_cache / key
     if "@" in ref or not (target / "MLmodel").exists():  # an alias can move: always fetch it anew

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -163,6 +164,30 @@ def commit_round(ws: Workspace, message: str) -> str | None:
         git(ws, "commit", "-q", "-m", message)
         dvc(ws, "push", "-q", check=False)  # stage outputs too, where a remote is reachable
         return head_commit(ws)
+
+
+def collect_garbage(ws: Workspace, cloud: bool = False, dry_run: bool = False) -> dict:
+    """`dvc gc --workspace`: drop the cached data the workspace no longer uses (earlier rounds'
+    models and stage outputs; MLflow keeps the models that matter). Feedback is never dropped:
+    every raw, received and set-aside file stays in the workspace, and with `cloud` (prune the
+    remote too) a feedback file that history holds but the workspace lacks stops it, named.
+    Returns the objects removed (or, dry, that would be) and their bytes where they are local."""
+    flags = ["gc", "--workspace", "--force"] + (["--cloud"] if cloud else [])
+    with lock(ws):
+        if cloud:
+            ever = git(ws, "log", "--all", "--format=", "--name-only", "--", "data/feedback").stdout.split()
+            lost = sorted({p for p in ever if p.endswith(".dvc") and not (ws.root / p).exists()})
+            if lost:
+                raise VersioningError(f"{len(lost)} feedback file(s) in history are not in the workspace "
+                                      f"({', '.join(lost[:5])}): pruning the remote would delete their only copy. "
+                                      "Restore them (git checkout COMMIT -- FILE.dvc; dvc pull), or prune without --remote")
+        dry = dvc(ws, *flags, "--dry")
+        listed = [Path(p) for p in re.findall(r"^Removing (.+)$", dry.stdout + dry.stderr, re.M)]
+        result = {"objects": len(listed), "bytes": sum(p.stat().st_size for p in listed if p.is_file()),
+                  "cloud": cloud, "dry_run": dry_run}
+        if not dry_run and listed:
+            dvc(ws, *flags)
+    return result
 
 
 def head_commit(ws: Workspace) -> str | None:

@@ -158,6 +158,9 @@ def test_project_params_yaml_is_the_documented_default():
     (["run", "--rounds", "three"], "expected a whole number"),
     (["frobnicate"], "invalid choice"),
     (["run", "--unknown-flag"], "unrecognized arguments"),
+    (["gc", "--keep", "0"], "must be at least 1"),
+    (["gc", "--keep", "all"], "expected a whole number"),
+    (["import", "f.jsonl", "--format", "sharegpt"], "invalid choice: 'sharegpt'"),
 ])
 def test_bad_cli_arguments_exit_2_with_a_message(capsys, argv, expected):
     with pytest.raises(SystemExit) as e:

@@ -4,6 +4,7 @@ One round runs once for the module; the tests then check what every stage left b
 """
 import json
 import subprocess
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -301,3 +302,70 @@ def test_label_flow_pauses_resumes_with_answers_and_keeps_them_on_timeout(finish
     assert recs[0]["source"] == "prefect-ui" and recs[0]["annotator"] == "alice" and recs[0]["comment"] == "clearer"
     assert recs[0]["shown_as_a"] == "chosen" and recs[0]["policy_version"] == "2"
     assert "prefect-ui, 2 records" in git(ws, "log", "-1", "--format=%s", "--", result["raw_file"] + ".dvc")
+
+
+def test_gc_deletes_only_weights_nothing_points_at(finished_round, capsys):
+    """`rlhf gc`: versions with an alias and the newest --keep keep their weights; the others lose
+    them (their metrics and tags stay, and loading one names the prune); DVC drops unused cache;
+    feedback is never dropped. Runs last in this module: it deletes."""
+    from flows.cli import main
+    from tasks import tracking
+    from tasks.errors import ModelLoadError
+
+    ws, _ = finished_round
+    root = str(ws.root)
+    cfg = load_config(ws.params)
+    client = tracking.setup(ws, cfg.project)
+    with mlflow.start_run(run_name="extra-versions"):  # two more policy versions, newer than any alias
+        extra = [tracking.log_model(ws.policy_model, "policy", cfg.policy_name) for _ in range(2)]
+    versions = {str(v.version): client.get_model_version(cfg.policy_name, v.version)
+                for v in client.search_model_versions(f"name='{cfg.policy_name}'")}
+    unaliased = sorted((n for n, v in versions.items() if not v.aliases and n != extra[-1]), key=int)
+    assert extra[0] in unaliased  # neither aliased nor the newest: pruned with --keep 1
+    location = {n: client.get_model_version_download_uri(cfg.policy_name, n) for n in versions}
+    folder = {n: Path(location[n].removeprefix("file://")) for n in versions}
+    assert all(folder[n].is_dir() for n in versions)
+    cache_before = sum(1 for f in (ws.root / ".dvc" / "cache").rglob("*") if f.is_file())
+
+    assert main(["gc", "--keep", "1", "--dry-run", "--json", "--workspace", root]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [p["version"] for p in plan["models"][cfg.policy_name]["pruned"]] == unaliased
+    assert all(folder[n].is_dir() for n in versions)  # a dry run deletes nothing
+    assert sum(1 for f in (ws.root / ".dvc" / "cache").rglob("*") if f.is_file()) == cache_before
+
+    assert main(["gc", "--keep", "1", "--json", "--workspace", root]) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert [p["version"] for p in done["models"][cfg.policy_name]["pruned"]] == unaliased
+    assert done["models"][cfg.policy_name]["pruned"][0]["bytes"] > 100_000
+    assert done["bytes"]["models"] == plan["bytes"]["models"] > 0
+    for n in versions:
+        assert folder[n].exists() == (n not in unaliased), n
+        assert (tracking.PRUNED in client.get_model_version(cfg.policy_name, n).tags) == (n in unaliased)
+    assert Path(tracking.resolve_model(ws, f"models:/{cfg.policy_name}@champion"), "model.safetensors").exists()
+    with pytest.raises(ModelLoadError, match=f"v{extra[0]}, pruned"):
+        tracking.resolve_model(ws, f"models:/{cfg.policy_name}/{extra[0]}")
+    assert main(["promote", extra[0], "--reason", "r", "--force", "--workspace", root]) == 2
+    assert "was pruned" in capsys.readouterr().err
+    assert main(["compare", "champion", unaliased[0], "--json", "--workspace", root]) == 0  # metrics remain
+    capsys.readouterr()
+    runs = mlflow.search_runs(experiment_names=[cfg.project], filter_string="tags.stage = 'gc'", output_format="list")
+    assert runs and runs[0].data.metrics["bytes_freed"] == done["bytes"]["models"]
+    # DVC: unused cache gone, the workspace's data intact, feedback untouched
+    assert sum(1 for f in (ws.root / ".dvc" / "cache").rglob("*") if f.is_file()) < cache_before
+    assert (ws.policy_model / "model.safetensors").exists() and (ws.reward_model / "model.safetensors").exists()
+    assert all(len(f.read_bytes()) > 0 for f in versioning.raw_files(ws))
+    # a second gc finds nothing new to prune
+    assert main(["gc", "--keep", "1", "--json", "--workspace", root]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["models"][cfg.policy_name]["pruned"] == [] and \
+        again["models"][cfg.policy_name]["already_pruned"] == unaliased
+    # pruning the remote refuses while a feedback file of history is missing from the workspace
+    pointer = next(p for p in (ws.root / "data" / "feedback" / "raw").glob("*.dvc"))
+    versioning.git(ws, "rm", "-q", str(pointer.relative_to(ws.root)))
+    versioning.git(ws, "commit", "-q", "-m", "drop a feedback file")
+    assert main(["gc", "--remote", "--workspace", root]) == 1
+    assert "pruning the remote would delete their only copy" in capsys.readouterr().err
+    versioning.git(ws, "revert", "--no-edit", "HEAD")
+    assert main(["gc", "--remote", "--json", "--workspace", root]) == 0
+    assert json.loads(capsys.readouterr().out)["dvc"]["cloud"] is True
+    versioning.dvc(ws, "pull", "-q", str(pointer.relative_to(ws.root)))  # its data is still on the remote
