@@ -209,6 +209,7 @@ def _as_read_back(turns: list[tuple[str, str]]) -> list[dict[str, str]]:
             out.append({"role": role, "content": text.strip()})
     return out
 
+
 # ---- readers ---------------------------------------------------------------------------------
 def read_records_jsonl(path: Path, mapping: dict, round_: int) -> Iterator[Row]:
     for item in read_jsonl(path):
