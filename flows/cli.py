@@ -338,6 +338,7 @@ def cmd_gc(args) -> int:
 
     from tasks import registry, rounds
     from tasks.versioning import VersioningError, collect_garbage
+    from tasks.workspace import folder_bytes
 
     ws, cfg = _workspace_config(args)
     try:
@@ -352,8 +353,7 @@ def cmd_gc(args) -> int:
         except (registry.RegistryError, VersioningError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-        downloads = sum(f.stat().st_size for f in ws.model_cache.rglob("*") if f.is_file()) \
-            if ws.model_cache.exists() else 0
+        downloads = folder_bytes(ws.model_cache)
         if not args.dry_run:
             shutil.rmtree(ws.model_cache, ignore_errors=True)  # registry models fetched for rounds: fetched again
     size = {"models": models["bytes"], "dvc": data["bytes"], "downloads": downloads}

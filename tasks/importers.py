@@ -102,30 +102,36 @@ ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assi
          "system": "system"}
 
 
-def messages_of(name: str, value) -> list[tuple[str, str]] | str:
+@dataclass(frozen=True)
+class Problem:
+    """Why a field or a conversation cannot be part of a record (returned where success is text too)."""
+    reason: str
+
+
+def messages_of(name: str, value) -> list[tuple[str, str]] | Problem:
     """A field holding messages ({"role", "content"}, or ShareGPT's {"from", "value"}; content as
-    text or as text parts) as (role, text) pairs, or the reason it is not such a field."""
+    text or as text parts) as (role, text) pairs, or a Problem saying why it is not such a field."""
     if isinstance(value, dict):  # one message written as an object
         value = [value]
     if isinstance(value, str):
-        return f"field '{name}' is text where another of prompt, chosen, rejected is a list of messages"
+        return Problem(f"field '{name}' is text where another of prompt, chosen, rejected is a list of messages")
     if not isinstance(value, list) or not value:
-        return f"field '{name}' is not a list of messages"
+        return Problem(f"field '{name}' is not a list of messages")
     messages = []
     for i, m in enumerate(value):
         if not isinstance(m, dict):
-            return f"message {i} of '{name}' is not an object with a role and a content"
+            return Problem(f"message {i} of '{name}' is not an object with a role and a content")
         role, content = m.get("role", m.get("from")), m.get("content", m.get("value"))
         if role not in ROLES:
-            return f"message {i} of '{name}' has role {role!r}, not user, assistant or system"
+            return Problem(f"message {i} of '{name}' has role {role!r}, not user, assistant or system")
         if isinstance(content, list):  # content parts: text parts are joined; anything else (images) is not ours
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                        for p in content):
-                return f"message {i} of '{name}' has a content part that is not text"
+                return Problem(f"message {i} of '{name}' has a content part that is not text")
             content = "".join(p["text"] for p in content)
         problem = _text_problem(f"{name}[{i}].content", content)
         if problem:
-            return problem
+            return Problem(problem)
         messages.append((ROLES[role], content))
     return messages
 
@@ -145,12 +151,12 @@ def from_conversation(prompt, chosen, rejected) -> dict[str, str] | str:
     """
     sides = {"chosen": messages_of("chosen", chosen), "rejected": messages_of("rejected", rejected)}
     for messages in sides.values():
-        if isinstance(messages, str):
-            return messages
+        if isinstance(messages, Problem):
+            return messages.reason
     if isinstance(prompt, (list, dict)):  # explicit: the shared turns are the prompt's
         shared = messages_of("prompt", prompt)
-        if isinstance(shared, str):
-            return shared
+        if isinstance(shared, Problem):
+            return shared.reason
         tails = {side: tail[len(shared):] if tail[:len(shared)] == shared and len(tail) > len(shared) else tail
                  for side, tail in sides.items()}
     else:  # implicit: the shared turns are the conversations' common start
@@ -173,11 +179,6 @@ def from_conversation(prompt, chosen, rejected) -> dict[str, str] | str:
     if isinstance(text, Problem):
         return text.reason
     return {"prompt": text, "chosen": tails["chosen"][0][1], "rejected": tails["rejected"][0][1]}
-
-
-@dataclass(frozen=True)
-class Problem:
-    reason: str
 
 
 def as_prompt(turns: list[tuple[str, str]]) -> str | Problem:

@@ -63,7 +63,7 @@ def load_prompts(path: str | Path) -> list[str]:
         prompt = row.get("prompt") if isinstance(row, dict) else None
         if isinstance(prompt, (list, dict)):  # messages
             turns = messages_of("prompt", prompt)
-            text = Problem(turns) if isinstance(turns, str) else as_prompt(turns)
+            text = turns if isinstance(turns, Problem) else as_prompt(turns)
             if isinstance(text, Problem):
                 raise PromptsError(f"{where}: its \"prompt\" messages are not a prompt: {text.reason}")
             prompt = text

@@ -15,7 +15,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from tasks import tracking
 from tasks.config import PipelineConfig
 from tasks.promote import move_champion
-from tasks.workspace import Workspace
+from tasks.workspace import Workspace, folder_bytes
 
 COMPARED = ["candidate/reward_mean", "candidate/neutral_rate", "candidate/fluent_rate", "candidate/kl_to_reference",
             "candidate/perplexity_under_reference", "candidate/degenerate_rate", "candidate/length_tokens",
@@ -109,8 +109,7 @@ PRUNED = tracking.PRUNED
 
 def _size(uri: str) -> int:
     """Bytes under a local artifact folder (0 for a remote store, which reports no size)."""
-    path = Path(urlparse(uri).path) if uri.startswith("file:") else None
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path and path.exists() else 0
+    return folder_bytes(Path(urlparse(uri).path)) if uri.startswith("file:") else 0
 
 
 def prune_models(ws: Workspace, cfg: PipelineConfig, keep: int, dry_run: bool = False) -> dict:

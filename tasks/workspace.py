@@ -89,6 +89,11 @@ class RoundState:
     champion_reward_version: str | None = None
 
 
+def folder_bytes(path: Path) -> int:
+    """Bytes of the files under `path` (0 when it does not exist)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
 def init_workspace(root: str | Path) -> Workspace:
     """Make `root` a usable workspace: git and DVC repositories, a local DVC remote, the
     pipeline definition (dvc.yaml, params.yaml) and a first state.yaml. Idempotent."""
