@@ -332,45 +332,17 @@ def _workspace_config(args):
 
 
 def cmd_gc(args) -> int:
-    import shutil
-
-    from filelock import Timeout
-
     from tasks import registry, rounds
-    from tasks.versioning import VersioningError, collect_garbage
-    from tasks.workspace import folder_bytes
+    from tasks.gc import collect_garbage, describe
+    from tasks.versioning import VersioningError
 
     ws, cfg = _workspace_config(args)
     try:
-        lock = rounds.round_lock(ws).acquire()
-    except Timeout:
-        print(f"error: a round is running in {ws.root}; run gc after it", file=sys.stderr)
+        out = collect_garbage(ws, cfg, args.keep, args.remote, args.dry_run)
+    except (rounds.RoundBusy, registry.RegistryError, VersioningError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
-    with lock:
-        try:
-            models = registry.prune_models(ws, cfg, args.keep, args.dry_run)
-            data = collect_garbage(ws, args.remote, args.dry_run)
-        except (registry.RegistryError, VersioningError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        downloads = folder_bytes(ws.model_cache)
-        if not args.dry_run:
-            shutil.rmtree(ws.model_cache, ignore_errors=True)  # registry models fetched for rounds: fetched again
-    size = {"models": models["bytes"], "dvc": data["bytes"], "downloads": downloads}
-    out = {"dry_run": args.dry_run, "keep": args.keep, "models": models["models"], "dvc": data,
-           "bytes": {**size, "total": sum(size.values())}}
-    if args.json:
-        print(json.dumps(out, indent=2))
-        return 0
-    verb = "would free" if args.dry_run else "freed"
-    for name, m in out["models"].items():
-        kept = ", ".join(f"v{k['version']} ({k['why']})" for k in m["kept"]) or "none"
-        pruned = ", ".join(f"v{p['version']}" for p in m["pruned"]) or "none"
-        print(f"{name}: kept {kept}; weights {'to delete' if args.dry_run else 'deleted'}: {pruned}"
-              + (f"; pruned before: {', '.join('v' + v for v in m['already_pruned'])}" if m["already_pruned"] else ""))
-    print(f"DVC {'cache and remote' if args.remote else 'cache'}: {data['objects']} unused objects")
-    mib = {k: f"{v / 2**20:.1f}" for k, v in out["bytes"].items()}
-    print(f"{verb} {mib['total']} MiB (model weights {mib['models']}, DVC {mib['dvc']}, downloaded models {mib['downloads']})")
+    print(json.dumps(out, indent=2) if args.json else "\n".join(describe(out)))
     return 0
 
 

@@ -166,6 +166,17 @@ def commit_round(ws: Workspace, message: str) -> str | None:
         return head_commit(ws)
 
 
+def check_remote_prunable(ws: Workspace) -> None:
+    """Refuse to prune the remote while git history holds a feedback file the workspace lacks:
+    the remote holds its only copy."""
+    ever = git(ws, "log", "--all", "--format=", "--name-only", "--", "data/feedback").stdout.split()
+    lost = sorted({p for p in ever if p.endswith(".dvc") and not (ws.root / p).exists()})
+    if lost:
+        raise VersioningError(f"{len(lost)} feedback file(s) in history are not in the workspace "
+                              f"({', '.join(lost[:5])}): pruning the remote would delete their only copy. "
+                              "Restore them (git checkout COMMIT -- FILE.dvc; dvc pull), or prune without --remote")
+
+
 def collect_garbage(ws: Workspace, cloud: bool = False, dry_run: bool = False) -> dict:
     """`dvc gc --workspace`: drop the cached data the workspace no longer uses (earlier rounds'
     models and stage outputs; MLflow keeps the models that matter). Feedback is never dropped:
@@ -175,12 +186,7 @@ def collect_garbage(ws: Workspace, cloud: bool = False, dry_run: bool = False) -
     flags = ["gc", "--workspace", "--force"] + (["--cloud"] if cloud else [])
     with lock(ws):
         if cloud:
-            ever = git(ws, "log", "--all", "--format=", "--name-only", "--", "data/feedback").stdout.split()
-            lost = sorted({p for p in ever if p.endswith(".dvc") and not (ws.root / p).exists()})
-            if lost:
-                raise VersioningError(f"{len(lost)} feedback file(s) in history are not in the workspace "
-                                      f"({', '.join(lost[:5])}): pruning the remote would delete their only copy. "
-                                      "Restore them (git checkout COMMIT -- FILE.dvc; dvc pull), or prune without --remote")
+            check_remote_prunable(ws)
         dry = dvc(ws, *flags, "--dry")
         listed = [Path(p) for p in re.findall(r"^Removing (.+)$", dry.stdout + dry.stderr, re.M)]
         result = {"objects": len(listed), "bytes": sum(p.stat().st_size for p in listed if p.is_file()),

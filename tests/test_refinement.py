@@ -26,7 +26,7 @@ from flows.serve import ServerError, check_exposure, free_port, spawn_serve, sta
 from tasks import rounds, tracking, versioning
 from tasks.config import load_config
 from tasks.processes import stop_groups
-from tasks.workspace import Workspace, init_workspace
+from tasks.workspace import Workspace, folder_bytes, init_workspace
 
 from conftest import FAST, still_running
 
@@ -277,6 +277,76 @@ def test_people_feedback_from_the_inbox_trains_a_round_and_without_new_feedback_
     run = _wait(lambda: _final(run.id), 300, serve, ws, every=2)
     assert run.state.is_completed() and "no feedback since the last round" in run.state.message
     assert len(rounds.completed_rounds(ws)) == done_before + 1
+
+
+def _task_runs(flow_run_id, prefix):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs = _api(lambda c: c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))))
+    return [t for t in runs if t.name.startswith(prefix)]
+
+
+def _refinement_note(flow_run_id):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    found = _api(lambda c: c.read_artifacts(artifact_filter=ArtifactFilter(
+        key=ArtifactFilterKey(any_=["rlhf-refinement"]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))))
+    assert len(found) == 1, found
+    return found[0].data
+
+
+def test_keep_versions_prunes_after_each_round_and_a_refused_gc_deletes_nothing(served):
+    """refinement.keep_versions: after its round, a scheduled run frees disk as `rlhf gc --keep N`
+    does. First with gc_remote while a feedback file of history is missing from the workspace: the
+    gc refuses before deleting anything, its task fails, the run (whose round is done) completes
+    and says why. Then, the file restored, the next round's gc prunes the weights nothing points at."""
+    import mlflow
+
+    ws, serve, _ = served
+    cfg = load_config(ws.params)
+    client = tracking.setup(ws, cfg.project)
+    with mlflow.start_run(run_name="extra-version"):  # neither aliased nor, after the next round, newest
+        extra = tracking.log_model(ws.policy_model, "policy", cfg.policy_name)
+    extra_folder = Path(client.get_model_version_download_uri(cfg.policy_name, extra).removeprefix("file://"))
+    weights = folder_bytes(extra_folder)
+    assert weights > 100_000
+    pointer = sorted((ws.root / "data" / "feedback" / "raw").glob("*.dvc"))[0]
+    versioning.git(ws, "rm", "-q", str(pointer.relative_to(ws.root)))
+    versioning.git(ws, "commit", "-q", "-m", "drop a feedback file")
+    dropped = versioning.head_commit(ws)
+    rounds_before = len(rounds.completed_rounds(ws))
+    prune = {"refinement.keep_versions": 1, "refinement.gc_remote": True,
+             "collect.simulate": True}  # the inbox test's run left params.yaml at false
+
+    run = _run_deployment("rlhf-refinement/scheduled", {"overrides": prune})
+    run = _wait(lambda: _final(run.id), 600, serve, ws, every=2)
+    assert run.state.is_completed(), run.state.message
+    assert len(rounds.completed_rounds(ws)) == rounds_before + 1, (run.state.message, _serve_log(ws))
+    [gc_task] = _task_runs(run.id, "collect_garbage")
+    assert gc_task.state.is_failed() and "would delete their only copy" in gc_task.state.message
+    assert "gc failed" in _refinement_note(run.id) and "would delete their only copy" in _refinement_note(run.id)
+    assert folder_bytes(extra_folder) == weights  # refused before anything was deleted
+    assert tracking.PRUNED not in client.get_model_version(cfg.policy_name, extra).tags
+
+    versioning.git(ws, "revert", "--no-edit", dropped)  # the round committed its lineage since
+    versioning.dvc(ws, "pull", "-q", str(pointer.relative_to(ws.root)))
+    run = _run_deployment("rlhf-refinement/scheduled", {"overrides": prune})
+    run = _wait(lambda: _final(run.id), 600, serve, ws, every=2)
+    assert run.state.is_completed(), run.state.message
+    [gc_task] = _task_runs(run.id, "collect_garbage")
+    assert gc_task.state.is_completed()
+    assert re.search(r"gc: freed \d+\.\d MiB", _refinement_note(run.id))
+    for name in (cfg.policy_name, cfg.reward_name):
+        versions = sorted((client.get_model_version(name, v.version) for v in client.search_model_versions(f"name='{name}'")),
+                          key=lambda v: int(v.version))
+        for v in versions:  # kept: an alias or the newest; every other version's weights are gone
+            kept = bool(v.aliases) or v is versions[-1]
+            assert (tracking.PRUNED in v.tags) != kept, (name, v.version, v.aliases)
+    assert not extra_folder.exists()
+    assert Path(tracking.resolve_model(ws, f"models:/{cfg.policy_name}@champion"), "model.safetensors").exists()
+    gc_runs = mlflow.search_runs(experiment_names=[cfg.project], filter_string="tags.stage = 'gc'", output_format="list")
+    assert len(gc_runs) == 1 and gc_runs[0].data.metrics["bytes_freed"] > 100_000
+    assert all(len(f.read_bytes()) > 0 for f in versioning.raw_files(ws))  # feedback is never pruned
 
 
 def _stage_processes(serve):

@@ -1,0 +1,55 @@
+"""Free disk: what `rlhf gc` does, and what a scheduled refinement round does after itself when
+`refinement.keep_versions` is set.
+
+Each round registers a policy and a reward model, and each is stored three times (MLflow
+artifacts, the DVC cache, the DVC remote). This deletes the weights of registry versions nothing
+points at (registry.prune_models), runs `dvc gc --workspace` (versioning.collect_garbage) and
+empties the registry download cache, all under the round lock so no round runs meanwhile.
+"""
+from __future__ import annotations
+
+import shutil
+
+from filelock import Timeout
+
+from tasks import registry, rounds, versioning
+from tasks.config import PipelineConfig
+from tasks.workspace import Workspace, folder_bytes
+
+
+def collect_garbage(ws: Workspace, cfg: PipelineConfig, keep: int, remote: bool = False,
+                    dry_run: bool = False) -> dict:
+    """Prune model weights (each model keeps its aliased versions and newest `keep`), unused DVC
+    cache (and remote, with `remote`) and downloaded models. Raises rounds.RoundBusy while a round
+    runs, registry.RegistryError or versioning.VersioningError when it cannot go on safely."""
+    try:
+        lock = rounds.round_lock(ws).acquire()
+    except Timeout:
+        raise rounds.RoundBusy(f"a round is running in {ws.root}; run gc after it") from None
+    with lock:
+        if remote:  # before anything is deleted: a refusal leaves everything as it was
+            versioning.check_remote_prunable(ws)
+        models = registry.prune_models(ws, cfg, keep, dry_run)
+        data = versioning.collect_garbage(ws, remote, dry_run)
+        downloads = folder_bytes(ws.model_cache)
+        if not dry_run:
+            shutil.rmtree(ws.model_cache, ignore_errors=True)  # registry models fetched for rounds: fetched again
+    size = {"models": models["bytes"], "dvc": data["bytes"], "downloads": downloads}
+    return {"dry_run": dry_run, "keep": keep, "models": models["models"], "dvc": data,
+            "bytes": {**size, "total": sum(size.values())}}
+
+
+def describe(out: dict) -> list[str]:
+    """What collect_garbage did (or would do), as lines for people."""
+    dry = out["dry_run"]
+    lines = []
+    for name, m in out["models"].items():
+        kept = ", ".join(f"v{k['version']} ({k['why']})" for k in m["kept"]) or "none"
+        pruned = ", ".join(f"v{p['version']}" for p in m["pruned"]) or "none"
+        before = f"; pruned before: {', '.join('v' + v for v in m['already_pruned'])}" if m["already_pruned"] else ""
+        lines.append(f"{name}: kept {kept}; weights {'to delete' if dry else 'deleted'}: {pruned}{before}")
+    lines.append(f"DVC {'cache and remote' if out['dvc']['cloud'] else 'cache'}: {out['dvc']['objects']} unused objects")
+    mib = {k: f"{v / 2**20:.1f}" for k, v in out["bytes"].items()}
+    lines.append(f"{'would free' if dry else 'freed'} {mib['total']} MiB (model weights {mib['models']}, "
+                 f"DVC {mib['dvc']}, downloaded models {mib['downloads']})")
+    return lines
