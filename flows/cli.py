@@ -378,6 +378,7 @@ def cmd_registry(args) -> int:
 
 def cmd_status(args) -> int:
     from tasks.config import load_config
+    from tasks.gc import describe_usage
     from tasks.rounds import headline, status
     from tasks.workspace import Workspace
 
@@ -394,6 +395,10 @@ def cmd_status(args) -> int:
 
     print(f"champion       policy {v(info['champion']['policy_version'])}, reward {v(info['champion']['reward_version'])}")
     print(f"previous       policy {v(info['previous']['policy_version'])}, reward {v(info['previous']['reward_version'])}")
+    keep = info["disk"]["keep_versions"]
+    print(f"disk           {describe_usage(info['disk'])}; "
+          + (f"scheduled rounds keep the weights of each model's aliased and newest {keep} versions" if keep else
+             "nothing is pruned by itself (`rlhf gc`, refinement.keep_versions)"))
     last = info["last_round"]
     if not last:
         print("no round completed yet")

@@ -27,7 +27,7 @@ from prefect.tasks import exponential_backoff
 from flows.pipeline import rlhf_round
 from tasks import gc, importers, rounds, versioning
 from tasks.config import PipelineConfig, load_config, with_overrides
-from tasks.workspace import Workspace, folder_bytes, init_workspace
+from tasks.workspace import Workspace, init_workspace
 
 
 class TrackingUnavailable(RuntimeError):
@@ -122,21 +122,22 @@ def rlhf_refinement(workspace: str = ".", config: PipelineConfig | None = None,
         logger.info("new feedback since the last round: %s", ", ".join(new))
     line = rlhf_round(str(ws.root), cfg)
     line["inbox"] = inbox
-    disk = f"disk: {folder_bytes(ws.root) / 2**20:.1f} MiB in the workspace (refinement.keep_versions: null, nothing pruned)"
+    pruning = "refinement.keep_versions is null: nothing pruned"
     if cfg.refinement.keep_versions is not None:
         state = collect_garbage(str(ws.root), cfg, return_state=True)
         if state.is_completed():
             line["gc"] = state.result()
-            disk = "gc: " + gc.describe(line["gc"])[-1]
+            pruning = "gc: " + gc.describe(line["gc"])[-1]
         else:  # the round is done and recorded; its run stays completed, the failed gc task shows why
             line["gc"] = {"error": state.message}
-            disk = f"gc failed: {state.message}"
+            pruning = f"gc failed: {state.message}"
             logger.error("gc after round %s failed (the round itself is complete): %s", line["round"], state.message)
     create_markdown_artifact(
         key="rlhf-refinement", description=f"Refinement round {line['round']}",
         markdown=f"# Refinement round {line['round']}: {'promoted' if line['promoted'] else 'not promoted'}\n\n"
                  f"{rounds.headline(line)}, "
                  f"KL {line['kl']:.2f}, win-rate {line['win_rate']:.2f}\n\n"
-                 f"inbox: {len(inbox['imported'])} imported, {len(inbox['failed'])} failed\n\n{disk}\n")
+                 f"inbox: {len(inbox['imported'])} imported, {len(inbox['failed'])} failed\n\n{pruning}\n\n"
+                 f"disk: {gc.describe_usage(gc.disk_usage(ws))}\n")
     return line
 

@@ -39,6 +39,20 @@ def collect_garbage(ws: Workspace, cfg: PipelineConfig, keep: int, remote: bool 
             "bytes": {**size, "total": sum(size.values())}}
 
 
+def disk_usage(ws: Workspace) -> dict:
+    """Bytes the workspace holds on this disk, all of it (`total`) and where models pile up: MLflow's
+    artifacts, the DVC cache, the local DVC remote, downloaded registry models."""
+    where = {"mlflow": ws.root / "mlruns", "dvc_cache": ws.root / ".dvc" / "cache",
+             "dvc_remote": ws.root / versioning.DEFAULT_REMOTE, "downloads": ws.model_cache}
+    return {"total": folder_bytes(ws.root), **{name: folder_bytes(path) for name, path in where.items()}}
+
+
+def describe_usage(usage: dict) -> str:
+    mb = {k: f"{usage[k] / 2**20:.1f}" for k in ("total", "mlflow", "dvc_cache", "dvc_remote", "downloads")}
+    return (f"{mb['total']} MiB in the workspace (MLflow {mb['mlflow']}, DVC cache {mb['dvc_cache']}, "
+            f"DVC remote {mb['dvc_remote']}, downloaded models {mb['downloads']})")
+
+
 def describe(out: dict) -> list[str]:
     """What collect_garbage did (or would do), as lines for people."""
     dry = out["dry_run"]

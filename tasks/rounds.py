@@ -118,7 +118,7 @@ def headline(line: dict) -> str:
 
 
 def status(ws: Workspace, cfg: PipelineConfig) -> dict:
-    """What `rlhf status` prints: champion and previous versions, and the last round."""
+    """What `rlhf status` prints: champion and previous versions, disk use, and the last round."""
     client = tracking.setup(ws, cfg.project)
     out = {
         "workspace": str(ws.root),
@@ -128,6 +128,9 @@ def status(ws: Workspace, cfg: PipelineConfig) -> dict:
         "previous": {"policy_version": tracking.alias_version(client, cfg.policy_name, tracking.PREVIOUS),
                      "reward_version": tracking.alias_version(client, cfg.reward_name, tracking.PREVIOUS)},
     }
+    from tasks.gc import disk_usage  # gc imports this module
+
+    out["disk"] = {**disk_usage(ws), "keep_versions": cfg.refinement.keep_versions}
     done = completed_rounds(ws)
     out["last_round"] = done[-1] if done else None
     out["rounds"] = [{k: r[k] for k in ("round", "gold_before", "gold_after", "kl", "promoted")} for r in done]

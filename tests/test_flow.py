@@ -3,6 +3,7 @@
 One round runs once for the module; the tests then check what every stage left behind.
 """
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -116,9 +117,16 @@ def test_validation_report_artifact_and_data_docs(finished_round):
     assert "preference_rows" in docs.read_text() and "preference_dataset" in docs.read_text()
 
 
-def test_status_json_holds_the_documented_keys(finished_round):
+def test_status_json_holds_the_documented_keys(finished_round, capsys):
+    from flows.cli import main
+
     ws, line = finished_round
     info = rounds.status(ws, load_config(ws.params))
+    disk = info["disk"]
+    assert disk["keep_versions"] is None and min(disk["mlflow"], disk["dvc_cache"], disk["dvc_remote"]) > 100_000
+    assert disk["total"] > disk["mlflow"] + disk["dvc_cache"] + disk["dvc_remote"] + disk["downloads"]
+    assert main(["status", "--workspace", str(ws.root)]) == 0
+    assert re.search(r"disk +\d+\.\d MiB in the workspace \(MLflow \d+\.\d, DVC cache", capsys.readouterr().out)
     assert info["champion"]["policy_version"] == "2" and info["previous"]["policy_version"] == "1"
     assert info["champion"]["reward_version"] == line["reward_version"]
     last = info["last_round"]
