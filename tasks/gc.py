@@ -40,17 +40,28 @@ def collect_garbage(ws: Workspace, cfg: PipelineConfig, keep: int, remote: bool 
 
 
 def disk_usage(ws: Workspace) -> dict:
-    """Bytes the workspace holds on this disk, all of it (`total`) and where models pile up: MLflow's
-    artifacts, the DVC cache, the local DVC remote, downloaded registry models."""
-    where = {"mlflow": ws.root / "mlruns", "dvc_cache": ws.root / ".dvc" / "cache",
-             "dvc_remote": ws.root / versioning.DEFAULT_REMOTE, "downloads": ws.model_cache}
-    return {"total": folder_bytes(ws.root), **{name: folder_bytes(path) for name, path in where.items()}}
+    """Bytes of what the pipeline keeps in the workspace, by where: MLflow (artifacts and its
+    SQLite database), the DVC cache, the local DVC remote, downloaded registry models, and the
+    working copy (data, models, reports, PPO checkpoints). Anything else in the folder (a virtual
+    environment, the project's own git history) is not counted."""
+    def size(path):
+        return path.stat().st_size if path.is_file() else folder_bytes(path)
+
+    where = {"mlflow": [ws.root / "mlruns", ws.root / "mlflow.db"], "dvc_cache": [ws.root / ".dvc" / "cache"],
+             "dvc_remote": [ws.root / versioning.DEFAULT_REMOTE], "downloads": [ws.model_cache],
+             "working": [ws.root / "data", ws.root / "models", ws.root / "reports",
+                         ws.root / ".cache" / "ppo-checkpoints"]}
+    usage = {name: sum(size(p) for p in paths) for name, paths in where.items()}
+    return {"total": sum(usage.values()), **usage}
+
+
+PARTS = {"mlflow": "MLflow", "dvc_cache": "DVC cache", "dvc_remote": "DVC remote", "downloads": "downloaded models",
+         "working": "working copy"}
 
 
 def describe_usage(usage: dict) -> str:
-    mb = {k: f"{usage[k] / 2**20:.1f}" for k in ("total", "mlflow", "dvc_cache", "dvc_remote", "downloads")}
-    return (f"{mb['total']} MiB in the workspace (MLflow {mb['mlflow']}, DVC cache {mb['dvc_cache']}, "
-            f"DVC remote {mb['dvc_remote']}, downloaded models {mb['downloads']})")
+    parts = ", ".join(f"{label} {usage[key] / 2**20:.1f}" for key, label in PARTS.items())
+    return f"{usage['total'] / 2**20:.1f} MiB kept by the pipeline ({parts})"
 
 
 def describe(out: dict) -> list[str]:

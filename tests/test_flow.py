@@ -123,10 +123,11 @@ def test_status_json_holds_the_documented_keys(finished_round, capsys):
     ws, line = finished_round
     info = rounds.status(ws, load_config(ws.params))
     disk = info["disk"]
-    assert disk["keep_versions"] is None and min(disk["mlflow"], disk["dvc_cache"], disk["dvc_remote"]) > 100_000
-    assert disk["total"] > disk["mlflow"] + disk["dvc_cache"] + disk["dvc_remote"] + disk["downloads"]
+    parts = ("mlflow", "dvc_cache", "dvc_remote", "downloads", "working")
+    assert disk["keep_versions"] is None and min(disk[k] for k in parts if k != "downloads") > 100_000
+    assert disk["total"] == sum(disk[k] for k in parts)
     assert main(["status", "--workspace", str(ws.root)]) == 0
-    assert re.search(r"disk +\d+\.\d MiB in the workspace \(MLflow \d+\.\d, DVC cache", capsys.readouterr().out)
+    assert re.search(r"disk +\d+\.\d MiB kept by the pipeline \(MLflow \d+\.\d, DVC cache", capsys.readouterr().out)
     assert info["champion"]["policy_version"] == "2" and info["previous"]["policy_version"] == "1"
     assert info["champion"]["reward_version"] == line["reward_version"]
     last = info["last_round"]

@@ -336,7 +336,7 @@ def test_keep_versions_prunes_after_each_round_and_a_refused_gc_deletes_nothing(
     [gc_task] = _task_runs(run.id, "collect_garbage")
     assert gc_task.state.is_completed()
     note = _refinement_note(run.id)
-    assert re.search(r"gc: freed \d+\.\d MiB", note) and re.search(r"disk: \d+\.\d MiB in the workspace", note)
+    assert re.search(r"gc: freed \d+\.\d MiB", note) and re.search(r"disk: \d+\.\d MiB kept by the pipeline", note)
     for name in (cfg.policy_name, cfg.reward_name):
         versions = sorted((client.get_model_version(name, v.version) for v in client.search_model_versions(f"name='{name}'")),
                           key=lambda v: int(v.version))
