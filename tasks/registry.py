@@ -108,8 +108,18 @@ PRUNED = tracking.PRUNED
 
 
 def _size(uri: str) -> int:
-    """Bytes under a local artifact folder (0 for a remote store, which reports no size)."""
-    return folder_bytes(Path(urlparse(uri).path)) if uri.startswith("file:") else 0
+    """Bytes of the artifacts under `uri`: a local folder's, or what a remote store lists (0 when
+    it lists no sizes)."""
+    if uri.startswith("file:"):
+        return folder_bytes(Path(urlparse(uri).path))
+    repo = get_artifact_repository(uri)
+
+    def listed(path: str | None) -> int:
+        return sum(listed(f.path) if f.is_dir else (f.file_size or 0) for f in repo.list_artifacts(path))
+    try:
+        return listed(None)
+    except MlflowException:
+        return 0
 
 
 def prune_models(ws: Workspace, cfg: PipelineConfig, keep: int, dry_run: bool = False) -> dict:

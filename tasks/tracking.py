@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 from pathlib import Path
+from urllib.parse import urlparse
 
 import mlflow
 import yaml
@@ -21,15 +22,26 @@ CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 PRUNED = "pruned"  # version tag set by `rlhf gc`: when and why the version's weights were deleted
 
 
+def tracking_server(uri: str) -> bool:
+    """Whether MLflow is reached through a server (http, https, databricks), which has an artifact
+    store of its own, rather than a database or folder this machine opens itself."""
+    return urlparse(uri).scheme in ("http", "https", "databricks")
+
+
 def setup(ws: Workspace, experiment: str) -> MlflowClient:
-    """Point MLflow at the workspace (SQLite beside mlruns/) and create the experiment with its
-    artifacts under mlruns/, once."""
+    """Point MLflow at the workspace's store (SQLite beside mlruns/, or the tracking server of
+    MLFLOW_TRACKING_URI) and create the experiment once: its artifacts under mlruns/, or with a
+    server, in the server's artifact store, where its UI, other machines and `mlflow models serve`
+    reach them (a folder on the machine that ran the first round they could not)."""
     mlflow.set_tracking_uri(ws.tracking_uri)
     client = MlflowClient()
     if client.get_experiment_by_name(experiment) is None:
-        ws.mlruns.mkdir(parents=True, exist_ok=True)
+        location = None
+        if not tracking_server(ws.tracking_uri):
+            ws.mlruns.mkdir(parents=True, exist_ok=True)
+            location = ws.mlruns.as_uri()
         try:
-            client.create_experiment(experiment, artifact_location=ws.mlruns.as_uri())
+            client.create_experiment(experiment, artifact_location=location)
         except MlflowException:  # another process created it first
             pass
     mlflow.set_experiment(experiment)
