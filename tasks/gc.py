@@ -12,7 +12,7 @@ import shutil
 
 from filelock import Timeout
 
-from tasks import registry, rounds, versioning
+from tasks import registry, rounds, tracking, versioning
 from tasks.config import PipelineConfig
 from tasks.workspace import Workspace, folder_bytes
 
@@ -52,7 +52,7 @@ def disk_usage(ws: Workspace) -> dict:
              "working": [ws.root / "data", ws.root / "models", ws.root / "reports",
                          ws.root / ".cache" / "ppo-checkpoints"]}
     usage = {name: sum(size(p) for p in paths) for name, paths in where.items()}
-    return {"total": sum(usage.values()), **usage}
+    return {"total": sum(usage.values()), **usage, "mlflow_server": tracking.tracking_server(ws.tracking_uri)}
 
 
 PARTS = {"mlflow": "MLflow", "dvc_cache": "DVC cache", "dvc_remote": "DVC remote", "downloads": "downloaded models",
@@ -61,6 +61,8 @@ PARTS = {"mlflow": "MLflow", "dvc_cache": "DVC cache", "dvc_remote": "DVC remote
 
 def describe_usage(usage: dict) -> str:
     parts = ", ".join(f"{label} {usage[key] / 2**20:.1f}" for key, label in PARTS.items())
+    if usage["mlflow_server"]:  # its artifacts are in the server's store, not here
+        parts = parts.replace("MLflow 0.0", "MLflow on its server", 1)
     return f"{usage['total'] / 2**20:.1f} MiB kept by the pipeline ({parts})"
 
 
