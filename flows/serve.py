@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tasks.config import PipelineConfig
 from tasks.processes import stop_groups
-from tasks.workspace import Workspace
+from tasks.workspace import Workspace, tracking_server
 
 LOOPBACK = "127.0.0.1"
 
@@ -109,7 +109,8 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float, what: str, log: 
 
 def start_servers(ws: Workspace, host: str = LOOPBACK, prefect_port: int = 4200, mlflow_port: int | None = 5000,
                   mlflow_auth: bool = False, timeout: float = 180) -> Servers:
-    """Prefect's server (API + UI) and MLflow's (tracking + UI on the workspace's store)."""
+    """Prefect's server (API + UI) and MLflow's (tracking + UI on the workspace's store). With
+    MLFLOW_TRACKING_URI at a tracking server of your own, that server is MLflow's: none is started."""
     check_exposure(host, mlflow_auth)
     logs = ws.root / ".cache" / "servers"
     logs.mkdir(parents=True, exist_ok=True)
@@ -123,6 +124,8 @@ def start_servers(ws: Workspace, host: str = LOOPBACK, prefect_port: int = 4200,
                                stdout=open(prefect_log, "ab"), stderr=subprocess.STDOUT, env=env,
                                start_new_session=True)
     mlflow = mlflow_url = None
+    if tracking_server(ws.tracking_uri):
+        mlflow_url, mlflow_port = ws.tracking_uri, None
     try:
         if mlflow_port is not None:
             mlflow_log = logs / "mlflow.log"

@@ -12,9 +12,9 @@ import shutil
 
 from filelock import Timeout
 
-from tasks import registry, rounds, tracking, versioning
+from tasks import registry, rounds, versioning
 from tasks.config import PipelineConfig
-from tasks.workspace import Workspace, folder_bytes
+from tasks.workspace import Workspace, folder_bytes, tracking_server
 
 
 def collect_garbage(ws: Workspace, cfg: PipelineConfig, keep: int, remote: bool = False,
@@ -52,7 +52,7 @@ def disk_usage(ws: Workspace) -> dict:
              "working": [ws.root / "data", ws.root / "models", ws.root / "reports",
                          ws.root / ".cache" / "ppo-checkpoints"]}
     usage = {name: sum(size(p) for p in paths) for name, paths in where.items()}
-    return {"total": sum(usage.values()), **usage, "mlflow_server": tracking.tracking_server(ws.tracking_uri)}
+    return {"total": sum(usage.values()), **usage, "mlflow_server": tracking_server(ws.tracking_uri)}
 
 
 PARTS = {"mlflow": "MLflow", "dvc_cache": "DVC cache", "dvc_remote": "DVC remote", "downloads": "downloaded models",

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 from pathlib import Path
-from urllib.parse import urlparse
 
 import mlflow
 import yaml
@@ -14,18 +13,12 @@ from mlflow.exceptions import MlflowException
 from tasks import versioning
 from tasks.config import ChatConfig
 from tasks.errors import ModelLoadError
-from tasks.workspace import RoundState, Workspace
+from tasks.workspace import RoundState, Workspace, tracking_server
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
 PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "pandas"]
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 PRUNED = "pruned"  # version tag set by `rlhf gc`: when and why the version's weights were deleted
-
-
-def tracking_server(uri: str) -> bool:
-    """Whether MLflow is reached through a server (http, https, databricks), which has an artifact
-    store of its own, rather than a database or folder this machine opens itself."""
-    return urlparse(uri).scheme in ("http", "https", "databricks")
 
 
 def setup(ws: Workspace, experiment: str) -> MlflowClient:

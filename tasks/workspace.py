@@ -11,6 +11,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import yaml
 
@@ -87,6 +88,12 @@ class RoundState:
     policy: str = "models/base"  # where the round's policy starts: a folder or models:/<name>/<version>
     champion_policy_version: str | None = None  # registry versions of the champion when the round began
     champion_reward_version: str | None = None
+
+
+def tracking_server(uri: str) -> bool:
+    """Whether MLflow is reached through a server (http, https, databricks), which has an artifact
+    store of its own, rather than a database or folder this machine opens itself."""
+    return urlparse(uri).scheme in ("http", "https", "databricks")
 
 
 def folder_bytes(path: Path) -> int:

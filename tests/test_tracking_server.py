@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from flows.serve import free_port, wait_http
+from flows.serve import free_port, start_servers, wait_http
 from tasks import gc, tracking, workspace
 from tasks.config import load_config
 from tasks.errors import ModelLoadError
@@ -65,3 +65,15 @@ def test_models_live_in_the_servers_store_and_gc_prunes_them_there(tmp_path, tin
     for ref in (f"models:/{cfg.policy_name}@champion", f"models:/{cfg.policy_name}/{versions[2]}"):
         folder = tracking.resolve_model(ws, ref)  # fetched through the server
         assert (Path(folder) / "model.safetensors").exists()
+
+
+def test_serve_uses_your_tracking_server_and_starts_no_mlflow_of_its_own(tmp_path, monkeypatch, mlflow_server):
+    url, _ = mlflow_server
+    monkeypatch.setattr(workspace, "USER_TRACKING_URI", url)
+    ws = init_workspace(tmp_path / "ws")
+    servers = start_servers(ws, prefect_port=free_port(), mlflow_port=free_port())
+    try:
+        assert servers.mlflow is None and servers.mlflow_url == url  # the UI `rlhf serve` names is yours
+        assert servers.prefect.poll() is None
+    finally:
+        servers.stop()
