@@ -486,6 +486,14 @@ def main(argv: list[str] | None = None) -> int:
     except VersioningError as e:  # a stage failed: its own message is at the end of what DVC printed
         print(f"error: the round stopped.\n{e}", file=sys.stderr)
         return 1
+    except Exception as e:  # MLflow's own errors (an unreachable or refusing tracking server): said, not a traceback
+        if not type(e).__module__.startswith("mlflow."):
+            raise
+        from tasks.workspace import USER_TRACKING_URI
+
+        store = USER_TRACKING_URI or "the workspace's mlflow.db"
+        print(f"error: MLflow ({store}): {str(e).splitlines()[0][:500]}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Bad input gets a clear error and loses nothing: configs, CLI arguments, feedback files, models."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -205,6 +206,21 @@ def test_cli_status_outside_a_workspace(tmp_path):
 def test_cli_entry_point_prints_no_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--rounds", "-1"], capture_output=True, text=True)
     assert out.returncode == 2 and "must be at least 1" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("command", [["status"], ["gc", "--dry-run"], ["compare"], ["rollback", "--reason", "r"]])
+def test_cli_names_an_unreachable_tracking_server_without_a_traceback(tmp_path, command):
+    from flows.serve import free_port
+    from tasks.workspace import init_workspace
+
+    ws = init_workspace(tmp_path / "ws")
+    url = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
+    out = subprocess.run([sys.executable, "-m", "flows.cli", *command, "--workspace", str(ws.root)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 1 and out.stderr.startswith(f"error: MLflow ({url}): "), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and len(out.stderr.splitlines()) == 1
 
 
 def test_model_loading_errors_name_the_problem(tmp_path):
