@@ -60,9 +60,11 @@ PARTS = {"mlflow": "MLflow", "dvc_cache": "DVC cache", "dvc_remote": "DVC remote
 
 
 def describe_usage(usage: dict) -> str:
-    parts = ", ".join(f"{label} {usage[key] / 2**20:.1f}" for key, label in PARTS.items())
-    if usage["mlflow_server"]:  # its artifacts are in the server's store, not here
-        parts = parts.replace("MLflow 0.0", "MLflow on its server", 1)
+    def part(key: str, label: str) -> str:
+        if key == "mlflow" and usage["mlflow_server"]:  # its artifacts are in the server's store, not here
+            return "MLflow on its server"
+        return f"{label} {usage[key] / 2**20:.1f}"
+    parts = ", ".join(part(key, label) for key, label in PARTS.items())
     return f"{usage['total'] / 2**20:.1f} MiB kept by the pipeline ({parts})"
 
 
