@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 import re
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Iterable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -85,14 +85,20 @@ def hh_turns(prompt: str) -> list[dict[str, str]] | None:
     parts = HH_TURN.split(prompt)  # ['', 'Human', ' a', 'Assistant', ' b', ..., 'Assistant', '']
     if len(parts) < 5 or parts[0].strip() or parts[1] != "Human" or parts[-2] != "Assistant" or parts[-1].strip():
         return None
-    turns: list[dict[str, str]] = []
-    for speaker, text in zip(parts[1:-2:2], parts[2:-2:2]):
-        role = "user" if speaker == "Human" else "assistant"
-        if turns and turns[-1]["role"] == role:  # one speaker twice in a row (3 of HH's 1812): one turn
-            turns[-1]["content"] += "\n\n" + text.strip()
+    speakers = zip(parts[1:-2:2], parts[2:-2:2])
+    return system + joined_turns(("user" if speaker == "Human" else "assistant", text) for speaker, text in speakers)
+
+
+def joined_turns(turns: Iterable[tuple[str, str]]) -> list[dict[str, str]]:
+    """(role, text) pairs as chat messages, each text stripped and a speaker's turns in a row joined
+    into one (one speaker twice in a row: 3 of HH-RLHF's 1812 dialogues)."""
+    out: list[dict[str, str]] = []
+    for role, text in turns:
+        if out and out[-1]["role"] == role:
+            out[-1]["content"] += "\n\n" + text.strip()
         else:
-            turns.append({"role": role, "content": text.strip()})
-    return system + turns
+            out.append({"role": role, "content": text.strip()})
+    return out
 
 
 class PretrainConfig(_Strict):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from tasks import versioning
-from tasks.config import hh_turns
+from tasks.config import hh_turns, joined_turns
 from tasks.records import SOURCE_PATTERN, BadLine, PreferenceRecord, read_jsonl, utc_now
 from tasks.workspace import Workspace
 
@@ -74,7 +74,7 @@ def _source(given, importer: str) -> str:
 def make_record(line: int, data: dict, source: str, round_: int) -> Row:
     """A record from a dict holding at least prompt/chosen/rejected (as text, or as conversations:
     see `from_conversation`), or a BadLine naming the problem."""
-    if any(isinstance(data.get(k), (list, dict)) for k in ("prompt", "chosen", "rejected")):
+    if holds_messages(data):
         texts = from_conversation(data.get("prompt"), data.get("chosen"), data.get("rejected"))
         if isinstance(texts, str):
             return BadLine(line, texts, json.dumps(data, ensure_ascii=False, default=str)[:2000])
@@ -106,6 +106,11 @@ ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assi
 class Problem:
     """Why a field or a conversation cannot be part of a record (returned where success is text too)."""
     reason: str
+
+
+def holds_messages(row: dict) -> bool:
+    """Whether any of prompt, chosen, rejected is written as messages (a list or an object), not text."""
+    return any(isinstance(row.get(k), (list, dict)) for k in ("prompt", "chosen", "rejected"))
 
 
 def messages_of(name: str, value) -> list[tuple[str, str]] | Problem:
@@ -193,22 +198,11 @@ def as_prompt(turns: list[tuple[str, str]]) -> str | Problem:
         return turns[0][1]
     speaker = {"system": "System", "user": "Human", "assistant": "Assistant"}
     dialogue = "".join(f"\n\n{speaker[role]}: {text}" for role, text in turns) + "\n\nAssistant:"
-    if hh_turns(dialogue) != _as_read_back(turns):
+    if hh_turns(dialogue) != joined_turns(turns):  # as chat.hh_dialogue will read it
         return Problem("the turns cannot be written as a dialogue that reads back the same: it must open with a user "
                        "message (after the system message, if any), and no message may hold '\\n\\nHuman:' or "
                        "'\\n\\nAssistant:'")
     return dialogue
-
-
-def _as_read_back(turns: list[tuple[str, str]]) -> list[dict[str, str]]:
-    """The turns as `hh_turns` reads their dialogue back: stripped, a speaker's turns in a row joined."""
-    out: list[dict[str, str]] = []
-    for role, text in turns:
-        if out and out[-1]["role"] == role:
-            out[-1]["content"] += "\n\n" + text.strip()
-        else:
-            out.append({"role": role, "content": text.strip()})
-    return out
 
 
 # ---- readers ---------------------------------------------------------------------------------
@@ -229,7 +223,7 @@ def read_conversational(path: Path, mapping: dict, round_: int) -> Iterator[Row]
             continue
         line, obj = item
         row = _mapped(obj, mapping)
-        if not any(isinstance(row.get(k), (list, dict)) for k in ("prompt", "chosen", "rejected")):
+        if not holds_messages(row):
             yield BadLine(line, "not a conversation: no field holds messages (text rows are --format jsonl)",
                           json.dumps(obj, ensure_ascii=False)[:2000])
             continue
