@@ -27,10 +27,10 @@ def collect_garbage(ws: Workspace, cfg: PipelineConfig, keep: int, remote: bool 
     except Timeout:
         raise rounds.RoundBusy(f"a round is running in {ws.root}; run gc after it") from None
     with lock:
-        if remote:  # before anything is deleted: a refusal leaves everything as it was
-            versioning.check_remote_prunable(ws)
-        models = registry.prune_models(ws, cfg, keep, dry_run)
+        # DVC first: with `remote` it refuses (before deleting anything) while history holds a
+        # feedback file the workspace lacks, so a refusal leaves the model weights as they were too
         data = versioning.collect_garbage(ws, remote, dry_run)
+        models = registry.prune_models(ws, cfg, keep, dry_run)
         downloads = folder_bytes(ws.model_cache)
         if not dry_run:
             shutil.rmtree(ws.model_cache, ignore_errors=True)  # registry models fetched for rounds: fetched again
