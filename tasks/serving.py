@@ -2,14 +2,18 @@
 
     policy = mlflow.pyfunc.load_model("models:/rlhf-policy@champion")
     policy.predict(["the ceo said"])  # -> ["the ceo said they were late ."]
+    policy.predict(["the ceo said"], params={"max_new_tokens": 64, "temperature": 0})  # greedy
 
-A reward model's predict takes a DataFrame with `prompt` and `response` and returns scores.
+A reward model's predict takes `prompt` and `response` (a DataFrame, records or a dict of lists)
+and returns scores. Both are logged with their signature, so `mlflow models serve` takes
+{"inputs": [...], "params": {...}} and the MLflow UI shows what goes in and out.
 A model trained with chat.template reads each prompt as a user turn of its chat template,
 and the policy returns the assistant's reply alone.
 """
 from __future__ import annotations
 
 import mlflow
+import numpy as np
 import pandas as pd
 
 
@@ -28,30 +32,39 @@ class HFModel(mlflow.pyfunc.PythonModel):
         else:
             self.model = load_reward(folder, self.tokenizer.pad_token_id).eval()
 
-    def predict(self, context, model_input, params=None):
-        params = params or {}
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list:
+        """MLflow has checked the input against the logged signature (tracking.signature) and filled
+        in the params' defaults; what it cannot check is said here."""
         if self.kind == "policy":
             from tasks.modeling import generate_texts
 
-            prompts = _column(model_input, "prompt")
-            responses = generate_texts(self.model, self.tokenizer, prompts,
-                                       int(params.get("max_new_tokens", 32)),
-                                       float(params.get("temperature", 1.0)), int(params.get("seed", 0)),
-                                       chat=self.chat)
+            prompts = _texts(model_input, model_input.columns[0])
+            max_new_tokens, temperature = int(params["max_new_tokens"]), float(params["temperature"])
+            if max_new_tokens < 1:
+                raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+            if not temperature >= 0 or temperature == float("inf"):
+                raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
+            responses = generate_texts(self.model, self.tokenizer, prompts, max_new_tokens, temperature,
+                                       int(params["seed"]), chat=self.chat)
             return responses if self.chat is not None else [p + r for p, r in zip(prompts, responses)]
         from tasks.modeling import score_texts  # left-padded batch, positions from the mask
 
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        return score_texts(self.model, self.tokenizer, [str(p) for p in frame["prompt"]],
-                           [str(r) for r in frame["response"]], chat=self.chat).tolist()
+        prompts, responses = _texts(model_input, "prompt"), _texts(model_input, "response")
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses: give one response per prompt")
+        return score_texts(self.model, self.tokenizer, prompts, responses, chat=self.chat).tolist()
 
 
-def _column(model_input, name: str) -> list[str]:
-    if isinstance(model_input, pd.DataFrame):
-        return [str(x) for x in (model_input[name] if name in model_input else model_input.iloc[:, 0])]
-    if isinstance(model_input, str):
-        return [model_input]
-    return [str(x) for x in model_input]
+def _texts(frame: pd.DataFrame, column) -> list[str]:
+    """One text per row, or per item where a row holds a list: MLflow reads {"prompt": ["a", "b"]}
+    as one row of lists. A missing text is an error, not the string "None"."""
+    texts = []
+    for row, cell in enumerate(frame[column]):
+        for text in (list(cell) if isinstance(cell, (list, tuple, np.ndarray)) else [cell]):
+            if not isinstance(text, str):
+                raise ValueError(f"{column!r} in row {row} is {text!r}, not a text")
+            texts.append(text)
+    return texts
 
 
 mlflow.models.set_model(HFModel())

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import warnings
 from pathlib import Path
 
 import mlflow
 import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from tasks import versioning
 from tasks.config import ChatConfig
@@ -19,6 +22,19 @@ SERVING_CODE = Path(__file__).with_name("serving.py")
 PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "pandas"]
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 PRUNED = "pruned"  # version tag set by `rlhf gc`: when and why the version's weights were deleted
+# A served policy's `predict(prompts, params={...})` settings: MLflow passes params on only when the
+# logged signature names them, and fills in these defaults.
+PREDICT_PARAMS = {"max_new_tokens": ("long", 32), "temperature": ("double", 1.0), "seed": ("long", 0)}
+
+
+def signature(kind: str) -> ModelSignature:
+    """policy: prompts (one string column, or a list of strings) -> texts, with PREDICT_PARAMS;
+    reward: a frame of `prompt` and `response` -> scores."""
+    if kind == "policy":
+        return ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
+                              params=ParamSchema([ParamSpec(k, t, d) for k, (t, d) in PREDICT_PARAMS.items()]))
+    return ModelSignature(inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "response")]),
+                          outputs=Schema([ColSpec("double")]))
 
 
 def setup(ws: Workspace, experiment: str) -> MlflowClient:
@@ -63,15 +79,18 @@ def log_model(folder: Path, kind: str, registered_name: str, chat: ChatConfig | 
     """Log a save_pretrained folder as an MLflow pyfunc model (code-based, no pickle) inside the
     active run and register it. Returns the new registry version. `chat`: the model was trained with
     prompts in its chat template (params.yaml `chat`), and serves them so."""
-    info = mlflow.pyfunc.log_model(
-        name=kind,
-        python_model=str(SERVING_CODE),
-        artifacts={"hf_model": str(folder)},
-        model_config={"kind": kind, "chat": chat.model_dump() if chat is not None else None},
-        pip_requirements=PIP_REQUIREMENTS,
-        code_paths=[str(Path(__file__).parent)],  # the `tasks` package, so a served model imports it
-        registered_model_name=registered_name,
-    )
+    with warnings.catch_warnings():  # an input example would make MLflow load the model and predict, here
+        warnings.filterwarnings("ignore", message=".*An input example was not provided")
+        info = mlflow.pyfunc.log_model(
+            name=kind,
+            python_model=str(SERVING_CODE),
+            artifacts={"hf_model": str(folder)},
+            model_config={"kind": kind, "chat": chat.model_dump() if chat is not None else None},
+            pip_requirements=PIP_REQUIREMENTS,
+            signature=signature(kind),  # without it MLflow drops predict's params (max_new_tokens, ...)
+            code_paths=[str(Path(__file__).parent)],  # the `tasks` package, so a served model imports it
+            registered_model_name=registered_name,
+        )
     return str(info.registered_model_version)
 
 

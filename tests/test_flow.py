@@ -192,6 +192,53 @@ def test_champion_loads_with_pyfunc_and_generates(finished_round):
     assert scores[0] > scores[1]  # the reward model learned the feedback, on a held-out profession
 
 
+def test_served_models_take_params_and_refuse_bad_input(finished_round):
+    """Both models are logged with a signature, so predict's params reach the model (without one
+    MLflow drops them with a log line), and the REST server of `mlflow models serve` takes them."""
+    import pandas as pd
+    from fastapi.testclient import TestClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc import scoring_server
+
+    ws, _ = finished_round
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    policy = mlflow.pyfunc.load_model("models:/rlhf-policy@champion")
+    assert [p.name for p in policy.metadata.get_params_schema().params] == ["max_new_tokens", "temperature", "seed"]
+    prompt = "the ceo said"
+    one = policy.predict([prompt], params={"max_new_tokens": 1, "temperature": 0})[0]
+    greedy = policy.predict([prompt] * 3, params={"max_new_tokens": 40, "temperature": 0, "seed": 5})
+    assert len(set(greedy)) == 1 and greedy[0].startswith(one) and len(prompt) < len(one) < len(greedy[0])
+    assert len(one[len(prompt):].split()) == 1  # one token: a word of the scenario's word-level tokenizer
+    sampled = policy.predict([prompt] * 8, params={"max_new_tokens": 40, "temperature": 1.5, "seed": 1})
+    assert len(set(sampled)) > 1
+    # a dict of lists reaches predict as one row of lists: still one reply per prompt
+    assert policy.predict({"prompt": [prompt, prompt]}, params={"temperature": 0, "max_new_tokens": 40}) == greedy[:2]
+    for bad, said in [({"max_new_tokens": 0}, "max_new_tokens must be at least 1"),
+                      ({"temperature": -1}, "temperature must be a finite number >= 0"),
+                      ({"max_new_tokens": "many"}, "max_new_tokens")]:
+        with pytest.raises((ValueError, MlflowException), match=said):
+            policy.predict([prompt], params=bad)
+
+    server = TestClient(scoring_server.init(policy))
+    reply = server.post("/invocations", json={"inputs": [prompt], "params": {"max_new_tokens": 1, "temperature": 0}})
+    assert reply.status_code == 200 and reply.json()["predictions"] == [one]
+    reply = server.post("/invocations", json={"inputs": [prompt], "params": {"max_new_tokens": 0}})
+    assert reply.status_code >= 400 and "max_new_tokens must be at least 1" in reply.text
+
+    reward = mlflow.pyfunc.load_model("models:/rlhf-reward@champion")
+    pair = {"prompt": [prompt] * 2, "response": [" they were late .", " he was late ."]}
+    scores = reward.predict(pd.DataFrame(pair))
+    assert reward.predict(pair) == scores  # a dict of lists, as a frame
+    rows = [{"prompt": p, "response": r} for p, r in zip(pair["prompt"], pair["response"])]
+    reply = TestClient(scoring_server.init(reward)).post("/invocations", json={"dataframe_records": rows})
+    assert reply.status_code == 200 and reply.json()["predictions"] == pytest.approx(scores, abs=1e-6)
+    for bad, said in [({"prompt": [prompt] * 2, "response": [" they were late ."]}, "2 prompts but 1 responses"),
+                      (pd.DataFrame({"prompt": [prompt], "response": [None]}), "'response' in row 0 is None"),
+                      ({"prompt": [prompt]}, "response")]:
+        with pytest.raises((ValueError, MlflowException), match=said):
+            reward.predict(bad)
+
+
 def test_compare_rollback_and_manual_promotion_are_logged(finished_round, capsys):
     from flows.cli import main
 

@@ -96,6 +96,24 @@ def test_rollout_logprobs_match_a_full_forward(tiny_model_dir):
         assert torch.allclose(out["logprobs"][i, :n], ref, atol=1e-5)
 
 
+def test_temperature_zero_is_greedy(tiny_model_dir):
+    """A served policy's params={"temperature": 0}: each token is the argmax of a full forward
+    pass, whatever the seed."""
+    tok = load_tokenizer(tiny_model_dir)
+    lm = load_policy(tiny_model_dir).eval()
+    enc = tok(["the doctor said", "the ceo said"], return_tensors="pt", padding=True)
+    a, b = (sample(lm, enc["input_ids"], enc["attention_mask"], 6, 0.0, tok.eos_token_id, tok.pad_token_id,
+                   torch.Generator().manual_seed(seed)) for seed in (0, 1))
+    assert torch.equal(a, b)
+    for i in range(2):
+        ids = enc["input_ids"][i][enc["attention_mask"][i].bool()]
+        for token in a[i]:
+            assert int(token) == int(lm(input_ids=ids[None]).logits[0, -1].argmax())
+            if token == tok.eos_token_id:
+                break
+            ids = torch.cat([ids, token[None]])
+
+
 @pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
 def test_disable_dropout_covers_functional_dropout_rates(family):
     """PPO trains with dropout off (the update's log-probs must be the rollout's). GPT-2 drops out

@@ -85,8 +85,10 @@ def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Gene
 
     The exponential race: argmax of p_i / E_i with E_i ~ Exp(1) picks i with probability p_i.
     Unlike torch.multinomial it never waits for the GPU, and it draws one number per logit, so
-    both samplers consume a generator identically.
+    both samplers consume a generator identically. Temperature 0 is greedy: the argmax, no draw.
     """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)
     race = torch.empty_like(probs).exponential_(generator=generator)
     return (probs / race).argmax(dim=-1)
