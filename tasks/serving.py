@@ -15,6 +15,7 @@ from __future__ import annotations
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 
 class HFModel(mlflow.pyfunc.PythonModel):
@@ -34,16 +35,23 @@ class HFModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list:
         """MLflow has checked the input against the logged signature (tracking.signature) and filled
-        in the params' defaults; what it cannot check is said here."""
+        in the params' defaults; what it cannot check is refused here, as an MlflowException, whose
+        message the REST server answers with (any other error becomes a generic one)."""
         if self.kind == "policy":
-            from tasks.modeling import generate_texts
+            from tasks.modeling import encode_prompt, generate_texts
 
             prompts = _texts(model_input, model_input.columns[0])
             max_new_tokens, temperature = int(params["max_new_tokens"]), float(params["temperature"])
             if max_new_tokens < 1:
-                raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+                raise _refused(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+            config = self.model.config
+            limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+            longest = max((len(encode_prompt(self.tokenizer, p, self.chat)) for p in prompts), default=0)
+            if limit is not None and longest + max_new_tokens > limit:
+                raise _refused(f"a prompt of {longest} tokens and max_new_tokens {max_new_tokens} exceed the "
+                               f"model's {limit} positions: shorten the prompt or lower max_new_tokens")
             if not temperature >= 0 or temperature == float("inf"):
-                raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
+                raise _refused(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
             responses = generate_texts(self.model, self.tokenizer, prompts, max_new_tokens, temperature,
                                        int(params["seed"]), chat=self.chat)
             return responses if self.chat is not None else [p + r for p, r in zip(prompts, responses)]
@@ -51,8 +59,12 @@ class HFModel(mlflow.pyfunc.PythonModel):
 
         prompts, responses = _texts(model_input, "prompt"), _texts(model_input, "response")
         if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses: give one response per prompt")
+            raise _refused(f"{len(prompts)} prompts but {len(responses)} responses: give one response per prompt")
         return score_texts(self.model, self.tokenizer, prompts, responses, chat=self.chat).tolist()
+
+
+def _refused(message: str) -> MlflowException:
+    return MlflowException.invalid_parameter_value(message)  # a 400 with this message over REST
 
 
 def _texts(frame: pd.DataFrame, column) -> list[str]:
@@ -62,7 +74,7 @@ def _texts(frame: pd.DataFrame, column) -> list[str]:
     for row, cell in enumerate(frame[column]):
         for text in (list(cell) if isinstance(cell, (list, tuple, np.ndarray)) else [cell]):
             if not isinstance(text, str):
-                raise ValueError(f"{column!r} in row {row} is {text!r}, not a text")
+                raise _refused(f"{column!r} in row {row} is {text!r}, not a text")
             texts.append(text)
     return texts
 
