@@ -81,7 +81,7 @@ def bootstrap_champion(ws: Workspace, cfg: PipelineConfig, state: RoundState) ->
     if current is not None:
         return current
     with tracking.stage_run(ws, cfg.project, "bootstrap", state):
-        version = tracking.log_model(ws.base_model, "policy", cfg.policy_name, cfg.chat_format)
+        version = tracking.log_model(ws.base_model, "policy", cfg.policy_name, cfg.chat_format, {"round": 0}).version
     move_champion(client, cfg.policy_name, version, "bootstrap: the base policy before any feedback")
     return version
 
@@ -95,12 +95,20 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
         reasons.append("fluency_drop not checked: the built-in scenario's fluency judge does not apply to your "
                        "held-out prompts (perplexity_under_reference is in the evaluation report)")
     client = tracking.setup(ws, cfg.project)
+    # each logged model carries the figures about it: MLflow 3 compares logged models by them
+    figures = {k: float(v) for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    policy_metrics = {k: v for k, v in figures.items() if k.startswith(("candidate/", "win_rate/", "gold_win_rate/"))}
+    policy_metrics |= {f"gate/{g.name}": g.value for g in gates}
+    reward_metrics = {k: v for k, v in figures.items() if k.startswith("reward_model/")}
     with tracking.stage_run(ws, cfg.project, "promote", state, data_file=ws.accepted) as run_:
-        reward_version = tracking.log_model(ws.reward_model, "reward", cfg.reward_name, cfg.chat_format)
-        policy_version = tracking.log_model(ws.policy_model, "policy", cfg.policy_name, cfg.chat_format)
+        reward = tracking.log_model(ws.reward_model, "reward", cfg.reward_name, cfg.chat_format, {"round": state.round})
+        policy = tracking.log_model(ws.policy_model, "policy", cfg.policy_name, cfg.chat_format,
+                                    {"round": state.round, "reward_version": reward.version})
+        mlflow.log_metrics(reward_metrics, model_id=reward.model_id)
+        mlflow.log_metrics(policy_metrics, model_id=policy.model_id)
+        reward_version, policy_version = reward.version, policy.version
         client.set_registered_model_alias(cfg.policy_name, tracking.CHALLENGER, policy_version)
         for g in gates:
-            mlflow.log_metric(f"gate/{g.name}", g.value)
             mlflow.set_tag(f"gate.{g.name}", "passed" if g.passed else "failed")
         mlflow.set_tag("promoted", str(promoted).lower())
         decision = {"round": state.round, "promoted": promoted, "reasons": reasons,

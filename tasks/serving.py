@@ -12,6 +12,9 @@ and the policy returns the assistant's reply alone.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -24,8 +27,8 @@ class HFModel(mlflow.pyfunc.PythonModel):
         from tasks.modeling import load_policy, load_reward, load_tokenizer
 
         folder = context.artifacts["hf_model"]
-        self.kind = (context.model_config or {}).get("kind", "policy")
-        chat = (context.model_config or {}).get("chat")
+        settings = json.loads(Path(context.artifacts["serving"]).read_text())  # tracking.log_model wrote it
+        self.kind, chat = settings["kind"], settings["chat"]
         self.chat = ChatConfig(**chat) if chat else None
         self.tokenizer = load_tokenizer(folder, self.chat)
         if self.kind == "policy":

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import mlflow
 import yaml
@@ -19,6 +22,7 @@ from tasks.errors import ModelLoadError
 from tasks.workspace import RoundState, Workspace, tracking_server
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
+SERVING_SETTINGS = "serving.json"  # the artifact serving.py reads: {"kind": "policy" | "reward", "chat": ...}
 PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "pandas"]
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 PRUNED = "pruned"  # version tag set by `rlhf gc`: when and why the version's weights were deleted
@@ -75,23 +79,40 @@ def stage_run(ws: Workspace, project: str, stage: str, state: RoundState, data_f
         yield run
 
 
-def log_model(folder: Path, kind: str, registered_name: str, chat: ChatConfig | None = None) -> str:
+class Logged(NamedTuple):
+    version: str  # in the registry
+    model_id: str  # the logged model's: mlflow.log_metrics(..., model_id=...) files figures under it
+
+
+def log_model(folder: Path, kind: str, registered_name: str, chat: ChatConfig | None = None,
+              params: dict | None = None) -> Logged:
     """Log a save_pretrained folder as an MLflow pyfunc model (code-based, no pickle) inside the
-    active run and register it. Returns the new registry version. `chat`: the model was trained with
-    prompts in its chat template (params.yaml `chat`), and serves them so."""
-    with warnings.catch_warnings():  # an input example would make MLflow load the model and predict, here
+    active run and register it. `chat`: the model was trained with prompts in its chat template
+    (params.yaml `chat`), and serves them so.
+
+    The logged model (the experiment's Models tab in MLflow 3) carries its own params (kind, chat
+    settings, `params`); give it its metrics after every model of the run is logged (MLflow files
+    the run's metrics so far under each model it logs). The serving settings
+    travel as an artifact, not as model_config: MLflow copies model_config into the run's params,
+    and a logged model takes the run's params as its own, so the second model of a run read the
+    first one's (the policy's logged model said kind=reward)."""
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # an input example would make MLflow load the model and predict, here
         warnings.filterwarnings("ignore", message=".*An input example was not provided")
+        settings = Path(tmp) / SERVING_SETTINGS
+        settings.write_text(json.dumps({"kind": kind, "chat": chat.model_dump() if chat is not None else None}))
         info = mlflow.pyfunc.log_model(
             name=kind,
             python_model=str(SERVING_CODE),
-            artifacts={"hf_model": str(folder)},
-            model_config={"kind": kind, "chat": chat.model_dump() if chat is not None else None},
+            artifacts={"hf_model": str(folder), "serving": str(settings)},
+            params={"kind": kind, **(chat.params() if chat is not None else {"chat.template": "False"}),
+                    **(params or {})},
             pip_requirements=PIP_REQUIREMENTS,
             signature=signature(kind),  # without it MLflow drops predict's params (max_new_tokens, ...)
             code_paths=[str(Path(__file__).parent)],  # the `tasks` package, so a served model imports it
             registered_model_name=registered_name,
         )
-    return str(info.registered_model_version)
+    return Logged(str(info.registered_model_version), info.model_id)
 
 
 def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:

@@ -255,7 +255,7 @@ def test_a_served_chat_model_answers_with_its_reply(tiny_chat_model_dir, tmp_pat
     try:
         mlflow.set_experiment(experiment_id=mlflow.create_experiment("chat", (tmp_path / "artifacts").as_uri()))
         with mlflow.start_run():
-            version = tracking.log_model(tiny_chat_model_dir, "policy", "chat-policy", chat=served)
+            version = tracking.log_model(tiny_chat_model_dir, "policy", "chat-policy", chat=served).version
         replies = mlflow.pyfunc.load_model(f"models:/chat-policy/{version}").predict(["the ceo said", "the nurse said"])
     finally:
         mlflow.set_tracking_uri(before)

@@ -192,6 +192,37 @@ def test_champion_loads_with_pyfunc_and_generates(finished_round):
     assert scores[0] > scores[1]  # the reward model learned the feedback, on a held-out profession
 
 
+def test_each_logged_model_carries_its_own_params_and_metrics(finished_round):
+    """MLflow 3 compares logged models (the experiment's Models tab) by their params and metrics.
+    Both models of a round are logged in its promote run: the policy once read the reward model's
+    params there (kind=reward) and the reward model the policy's gate metrics."""
+    ws, _ = finished_round
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    client = MlflowClient()
+    report = json.loads(ws.evaluation_report.read_text())
+    decision = json.loads(ws.decision_report.read_text())
+
+    def logged(name, version):  # a registry version's source is models:/<the logged model's id>
+        return client.get_logged_model(client.get_model_version(name, version).source.removeprefix("models:/"))
+
+    policy, reward = logged("rlhf-policy", decision["policy_version"]), logged("rlhf-reward", decision["reward_version"])
+    assert policy.params["kind"] == "policy" and reward.params["kind"] == "reward"
+    assert policy.params["round"] == reward.params["round"] == "1" and policy.params["chat.template"] == "False"
+    assert policy.params["reward_version"] == decision["reward_version"]
+    policy_metrics = {m.key: m.value for m in policy.metrics}
+    reward_metrics = {m.key: m.value for m in reward.metrics}
+    assert policy_metrics["candidate/kl_to_reference"] == pytest.approx(report["candidate/kl_to_reference"])
+    assert policy_metrics["win_rate/rate"] == pytest.approx(report["win_rate/rate"])
+    assert {f"gate/{g['name']}" for g in decision["gates"]} <= set(policy_metrics)
+    assert reward_metrics == pytest.approx({k: v for k, v in report.items() if k.startswith("reward_model/")})
+    assert not any(k.startswith(("gate/", "candidate/", "champion/")) for k in reward_metrics)
+    assert not any(k.startswith(("reward_model/", "champion/")) for k in policy_metrics)
+    promote_run = client.get_run(policy.source_run_id)
+    assert promote_run.data.tags["stage"] == "promote" and "kind" not in promote_run.data.params
+    bootstrap = logged("rlhf-policy", "1")
+    assert bootstrap.params["kind"] == "policy" and bootstrap.params["round"] == "0"
+
+
 def test_served_models_take_params_and_refuse_bad_input(finished_round):
     """Both models are logged with a signature, so predict's params reach the model (without one
     MLflow drops them with a log line), and the REST server of `mlflow models serve` takes them."""
@@ -375,7 +406,7 @@ def test_gc_deletes_only_weights_nothing_points_at(finished_round, capsys):
     cfg = load_config(ws.params)
     client = tracking.setup(ws, cfg.project)
     with mlflow.start_run(run_name="extra-versions"):  # two more policy versions, newer than any alias
-        extra = [tracking.log_model(ws.policy_model, "policy", cfg.policy_name) for _ in range(2)]
+        extra = [tracking.log_model(ws.policy_model, "policy", cfg.policy_name).version for _ in range(2)]
     versions = {str(v.version): client.get_model_version(cfg.policy_name, v.version)
                 for v in client.search_model_versions(f"name='{cfg.policy_name}'")}
     unaliased = sorted((n for n, v in versions.items() if not v.aliases and n != extra[-1]), key=int)

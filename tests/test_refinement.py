@@ -306,7 +306,7 @@ def test_keep_versions_prunes_after_each_round_and_a_refused_gc_deletes_nothing(
     cfg = load_config(ws.params)
     client = tracking.setup(ws, cfg.project)
     with mlflow.start_run(run_name="extra-version"):  # neither aliased nor, after the next round, newest
-        extra = tracking.log_model(ws.policy_model, "policy", cfg.policy_name)
+        extra = tracking.log_model(ws.policy_model, "policy", cfg.policy_name).version
     extra_folder = Path(client.get_model_version_download_uri(cfg.policy_name, extra).removeprefix("file://"))
     weights = folder_bytes(extra_folder)
     assert weights > 100_000

@@ -44,7 +44,7 @@ def test_models_live_in_the_servers_store_and_gc_prunes_them_there(tmp_path, tin
     assert ws.tracking_uri == url
     assert client.get_experiment_by_name(cfg.project).artifact_location.startswith("mlflow-artifacts:")
     with mlflow.start_run(run_name="three-versions"):
-        versions = [tracking.log_model(tiny_model_dir, "policy", cfg.policy_name) for _ in range(3)]
+        versions = [tracking.log_model(tiny_model_dir, "policy", cfg.policy_name).version for _ in range(3)]
     client.set_registered_model_alias(cfg.policy_name, tracking.CHAMPION, versions[0])
     assert folder_bytes(ws.mlruns) == 0  # nothing in a folder only this machine reaches
     assert "MLflow on its server" in gc.describe_usage(gc.disk_usage(ws))
