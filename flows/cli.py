@@ -167,6 +167,8 @@ def cmd_run(args) -> int:
         print(f"round {line['round']}: {headline(line)}, "
               f"KL {line['kl']:.2f}, reward accuracy {line['reward_accuracy']:.2f}, win-rate {line['win_rate']:.2f}, "
               f"{'PROMOTED' if line['promoted'] else 'not promoted'}")
+        if "pruning" in line:
+            print(f"  {line['pruning']}")
     return 0
 
 
@@ -397,7 +399,7 @@ def cmd_status(args) -> int:
     print(f"previous       policy {v(info['previous']['policy_version'])}, reward {v(info['previous']['reward_version'])}")
     keep = info["disk"]["keep_versions"]
     print(f"disk           {describe_usage(info['disk'])}; "
-          + (f"scheduled rounds keep the weights of each model's aliased and newest {keep} versions" if keep else
+          + (f"each round keeps the weights of each model's aliased and newest {keep} versions" if keep else
              "nothing is pruned by itself (`rlhf gc`, refinement.keep_versions)"))
     last = info["last_round"]
     if not last:

@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks import promote, rounds, versioning
+from tasks import gc, promote, rounds, versioning
 from tasks.config import PipelineConfig, load_config
 from tasks.records import read_jsonl
 from tasks.workspace import Workspace, init_workspace
@@ -129,7 +129,38 @@ def rlhf_round(workspace: str = ".", config: PipelineConfig | None = None) -> di
         return finish_round(workspace, state)
 
 
+@task(cache_policy=NO_CACHE)
+def collect_garbage(workspace: str, config: PipelineConfig) -> dict:
+    """After a round: `rlhf gc --keep refinement.keep_versions` (and --remote with refinement.gc_remote)."""
+    ws = Workspace(workspace)
+    out = gc.collect_garbage(ws, config, config.refinement.keep_versions, config.refinement.gc_remote)
+    for line in gc.describe(out):
+        get_run_logger().info("gc: %s", line)
+    return out
+
+
+def prune_after_round(workspace: str, config: PipelineConfig, round_: int) -> dict:
+    """With refinement.keep_versions set, free disk as `rlhf gc --keep N` does, after a round:
+    {"gc": what it did, "pruning": one line saying it}, or {} with keep_versions null. A gc that
+    fails is a failed task of a run that stays completed (the round is done and recorded; the
+    next round's gc tries again): {"gc": {"error": why}, "pruning": "gc failed: why"}."""
+    if config.refinement.keep_versions is None:
+        return {}
+    state = collect_garbage(workspace, config, return_state=True)
+    if state.is_completed():
+        out = state.result()
+        return {"gc": out, "pruning": "gc: " + gc.describe(out)[-1]}
+    get_run_logger().error("gc after round %s failed (the round itself is complete): %s", round_, state.message)
+    return {"gc": {"error": state.message}, "pruning": f"gc failed: {state.message}"}
+
+
 @flow(name="rlhf-loop", log_prints=True)
 def rlhf_loop(workspace: str = ".", rounds_: int = 1, config: PipelineConfig | None = None) -> list[dict]:
-    """`rounds_` rounds one after another, each starting from the champion the last one left."""
-    return [rlhf_round(workspace, config) for _ in range(rounds_)]
+    """`rounds_` rounds one after another, each starting from the champion the last one left,
+    each followed by pruning when refinement.keep_versions is set."""
+    lines = []
+    for _ in range(rounds_):
+        line = rlhf_round(workspace, config)
+        ran_with = load_config(Workspace(workspace).params)  # the round wrote its config there
+        lines.append(line | prune_after_round(workspace, ran_with, line["round"]))
+    return lines

@@ -5,8 +5,7 @@ Each run: check that MLflow answers (retried with backoff), take the workspace's
 the inbox, then one round of the loop (`rlhf-round`): new feedback on the champion's outputs,
 validation, the reward model retrained on all feedback so far, PPO from the champion,
 evaluation, gated promotion. With `refinement.keep_versions` set, the run then frees disk as
-`rlhf gc --keep N` does; a gc that fails shows as a failed task of a completed run (the round
-itself is done), and the next round's gc tries again.
+`rlhf gc --keep N` does (`flows.pipeline.prune_after_round`, as `rlhf run` does after each round).
 
 A round killed at any point leaves the champion untouched (only `promote` moves it, last) and
 the next run redoes it under the same number: DVC skips the stages whose inputs did not change
@@ -24,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Cancelled, Completed
 from prefect.tasks import exponential_backoff
 
-from flows.pipeline import rlhf_round
+from flows.pipeline import prune_after_round, rlhf_round
 from tasks import gc, importers, rounds, versioning
 from tasks.config import PipelineConfig, load_config, with_overrides
 from tasks.workspace import Workspace, init_workspace
@@ -75,16 +74,6 @@ def import_inbox(workspace: str, inbox: str) -> dict:
     return result
 
 
-@task(cache_policy=NO_CACHE)
-def collect_garbage(workspace: str, config: PipelineConfig) -> dict:
-    """After a round: `rlhf gc --keep refinement.keep_versions` (and --remote with refinement.gc_remote)."""
-    ws = Workspace(workspace)
-    out = gc.collect_garbage(ws, config, config.refinement.keep_versions, config.refinement.gc_remote)
-    for line in gc.describe(out):
-        get_run_logger().info("gc: %s", line)
-    return out
-
-
 def new_feedback_since_last_round(ws: Workspace) -> list[str]:
     """Raw feedback files that the last completed round did not train on."""
     done = rounds.completed_rounds(ws)
@@ -122,16 +111,8 @@ def rlhf_refinement(workspace: str = ".", config: PipelineConfig | None = None,
         logger.info("new feedback since the last round: %s", ", ".join(new))
     line = rlhf_round(str(ws.root), cfg)
     line["inbox"] = inbox
-    pruning = "refinement.keep_versions is null: nothing pruned"
-    if cfg.refinement.keep_versions is not None:
-        state = collect_garbage(str(ws.root), cfg, return_state=True)
-        if state.is_completed():
-            line["gc"] = state.result()
-            pruning = "gc: " + gc.describe(line["gc"])[-1]
-        else:  # the round is done and recorded; its run stays completed, the failed gc task shows why
-            line["gc"] = {"error": state.message}
-            pruning = f"gc failed: {state.message}"
-            logger.error("gc after round %s failed (the round itself is complete): %s", line["round"], state.message)
+    line |= prune_after_round(str(ws.root), cfg, line["round"])
+    pruning = line.get("pruning", "refinement.keep_versions is null: nothing pruned")
     create_markdown_artifact(
         key="rlhf-refinement", description=f"Refinement round {line['round']}",
         markdown=f"# Refinement round {line['round']}: {'promoted' if line['promoted'] else 'not promoted'}\n\n"

@@ -254,9 +254,9 @@ class RefinementConfig(_Strict):
                                             "refinement round imports first; done/ and failed/ keep them after")
     skip_without_new_feedback: bool = Field(True, description="when collect.simulate is false, skip a round "
                                                               "that has no feedback newer than the last round")
-    keep_versions: int | None = Field(None, ge=1, description="after each refinement round, delete the weights of "
-                                      "registry versions with no alias beyond each model's newest N, and unused "
-                                      "DVC cache (`rlhf gc --keep N`); null = keep everything")
+    keep_versions: int | None = Field(None, ge=1, description="after each round (scheduled or `rlhf run`), delete "
+                                      "the weights of registry versions with no alias beyond each model's newest "
+                                      "N, and unused DVC cache (`rlhf gc --keep N`); null = keep everything")
     gc_remote: bool = Field(False, description="with keep_versions: prune the DVC remote too (`rlhf gc --remote`)")
 
     @model_validator(mode="after")

@@ -458,3 +458,33 @@ def test_gc_deletes_only_weights_nothing_points_at(finished_round, capsys):
     assert main(["gc", "--remote", "--json", "--workspace", root]) == 0
     assert json.loads(capsys.readouterr().out)["dvc"]["cloud"] is True
     versioning.dvc(ws, "pull", "-q", str(pointer.relative_to(ws.root)))  # its data is still on the remote
+
+
+def test_rlhf_run_prunes_after_each_round_with_keep_versions(finished_round, tmp_path, capsys):
+    """`rlhf run` with refinement.keep_versions prunes after its round as a scheduled run does,
+    and says so under the round's line. Runs after the gc test: a round after pruning."""
+    import yaml
+
+    from flows.cli import main
+    from tasks import tracking
+
+    ws, _ = finished_round
+    cfg = load_config(None, {**FAST, "refinement.keep_versions": 1})  # (the blocked-validation test's params linger)
+    config = tmp_path / "params.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_params()))
+    with mlflow.start_run(run_name="extra-version"):  # one more policy version, soon neither aliased nor newest
+        extra = tracking.log_model(ws.policy_model, "policy", cfg.policy_name).version
+    code = main(["run", "--workspace", str(ws.root), "--config", str(config)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert re.search(r"^round \d+: .*\n  gc: freed [\d.]+ MiB", out, re.M), out
+    client = MlflowClient()
+    for name in (cfg.policy_name, cfg.reward_name):
+        versions = [client.get_model_version(name, v.version)  # (search leaves out the aliases)
+                    for v in client.search_model_versions(f"name='{name}'")]
+        newest = max(int(v.version) for v in versions)
+        for v in versions:
+            kept = bool(v.aliases) or int(v.version) == newest
+            assert (tracking.PRUNED in v.tags) != kept, (name, v.version)
+    assert tracking.PRUNED in client.get_model_version(cfg.policy_name, extra).tags
+    assert load_config(ws.params).refinement.keep_versions == 1  # the run's config, kept for the next rounds
