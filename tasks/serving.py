@@ -2,7 +2,7 @@
 
     policy = mlflow.pyfunc.load_model("models:/rlhf-policy@champion")
     policy.predict(["the ceo said"])  # -> ["the ceo said they were late ."]
-    policy.predict(["the ceo said"], params={"max_new_tokens": 64, "temperature": 0})  # greedy
+    policy.predict(["the ceo said"], params={"max_new_tokens": 20, "temperature": 0})  # greedy
 
 A reward model's predict takes `prompt` and `response` (a DataFrame, records or a dict of lists)
 and returns scores. Both are logged with their signature, so `mlflow models serve` takes
