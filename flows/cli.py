@@ -359,12 +359,14 @@ def cmd_registry(args) -> int:
                 print(json.dumps(out, indent=2))
                 return 0
             (la, a), (lb, b) = out.items()
-            print(f"{'':34}{la + ' v' + a['version']:>18}{lb + ' v' + b['version']:>18}")
-            for key in ("round", "promoted"):
-                print(f"{key:34}{str(a[key]):>18}{str(b[key]):>18}")
+            print(f"{'':34}{la + ' v' + a['version']:>26}{lb + ' v' + b['version']:>26}")
+            rows = [(key, str(a[key]), str(b[key])) for key in ("round", "promoted")]
+            rows.append(("measured in", a["measured_in"] or "never evaluated", b["measured_in"] or "never evaluated"))
             for key in sorted(set(a["metrics"]) | set(b["metrics"])):
                 fa, fb = a["metrics"].get(key), b["metrics"].get(key)
-                print(f"{key:34}{'-' if fa is None else f'{fa:.4g}':>18}{'-' if fb is None else f'{fb:.4g}':>18}")
+                rows.append((key, "-" if fa is None else f"{fa:.4g}", "-" if fb is None else f"{fb:.4g}"))
+            for key, fa, fb in rows:
+                print(f"{key:34}{fa:>26}{fb:>26}")
         elif args.command == "promote":
             out = registry.force_promote(ws, cfg, args.version, args.reason, args.force)
             print(f"{cfg.policy_name}: champion is now v{out['champion']} (previous: v{out['previous']})")

@@ -42,13 +42,24 @@ def _version(client: MlflowClient, name: str, ref: str):
         raise RegistryError(f"{name} has no version or alias {ref!r}") from None
 
 
-def _evaluation(client: MlflowClient, version) -> dict:
-    """The metrics of the evaluate run of the round that registered `version`."""
+def _evaluation(client: MlflowClient, version) -> tuple[dict, str | None]:
+    """The metrics of the evaluate run of the round that registered `version`, and where they come
+    from. A version no round registered (the bootstrapped base policy) was measured as the champion
+    by the first round evaluated against it: its champion/* figures, read as candidate/*."""
+    experiment = client.get_run(version.run_id).info.experiment_id
     round_ = version.tags.get("round")
-    run = client.get_run(version.run_id)
-    found = client.search_runs([run.info.experiment_id], f"tags.stage = 'evaluate' and tags.round = '{round_}'",
-                               order_by=["attributes.start_time DESC"], max_results=1) if round_ else []
-    return found[0].data.metrics if found else {}
+    if round_:
+        found = client.search_runs([experiment], f"tags.stage = 'evaluate' and tags.round = '{round_}'",
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+        return (found[0].data.metrics, f"round {round_}") if found else ({}, None)
+    found = client.search_runs([experiment], f"tags.stage = 'evaluate' and "
+                                             f"tags.parent_champion_policy = '{version.version}'",
+                               order_by=["attributes.start_time ASC"], max_results=1)
+    if not found:
+        return {}, None
+    metrics = {"candidate/" + k.removeprefix("champion/"): v for k, v in found[0].data.metrics.items()
+               if k.startswith("champion/")}
+    return metrics, f"round {found[0].data.tags.get('round')}, as the champion"
 
 
 def compare(ws: Workspace, cfg: PipelineConfig, a: str = "champion", b: str = "latest") -> dict:
@@ -56,9 +67,10 @@ def compare(ws: Workspace, cfg: PipelineConfig, a: str = "champion", b: str = "l
     va, vb = _version(client, cfg.policy_name, a), _version(client, cfg.policy_name, b)
     out = {}
     for label, v in ((a, va), (b, vb)):
+        metrics, measured_in = _evaluation(client, v)
         out[label] = {"version": str(v.version), "aliases": list(v.aliases), "round": v.tags.get("round"),
-                      "promoted": v.tags.get("promoted"), "gates": v.tags.get("gates"),
-                      "metrics": {k: m for k, m in _evaluation(client, v).items() if k in COMPARED}}
+                      "promoted": v.tags.get("promoted"), "gates": v.tags.get("gates"), "measured_in": measured_in,
+                      "metrics": {k: m for k, m in metrics.items() if k in COMPARED}}
     return out
 
 

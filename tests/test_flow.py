@@ -280,7 +280,18 @@ def test_compare_rollback_and_manual_promotion_are_logged(finished_round, capsys
     assert main(["compare", "champion", "latest", "--json", "--workspace", root]) == 0
     cmp_ = json.loads(capsys.readouterr().out)
     assert cmp_["champion"]["version"] == "2" and cmp_["latest"]["version"] == "3"
-    assert cmp_["champion"]["metrics"]["candidate/neutral_rate"] > 0
+    assert cmp_["champion"]["metrics"]["candidate/neutral_rate"] > 0 and cmp_["champion"]["measured_in"] == "round 1"
+    # the base policy no round registered: its figures as the champion round 1 measured it against
+    assert main(["compare", "champion", "1", "--json", "--workspace", root]) == 0
+    base = json.loads(capsys.readouterr().out)["1"]
+    first = mlflow.search_runs(experiment_names=["rlhf"], filter_string="tags.stage = 'evaluate' and tags.round = '1'",
+                               order_by=["attributes.start_time ASC"], output_format="list")[0]
+    assert base["measured_in"] == "round 1, as the champion" and base["round"] is None
+    assert base["metrics"]["candidate/neutral_rate"] == pytest.approx(first.data.metrics["champion/neutral_rate"])
+    assert base["metrics"]["candidate/kl_to_reference"] == 0  # the base policy is the reference
+    assert "win_rate/rate" not in base["metrics"]
+    assert main(["compare", "champion", "1", "--workspace", root]) == 0
+    assert re.search(r"^measured in +round 1 +round 1, as the champion$", capsys.readouterr().out, re.M)
     assert main(["rollback", "--reason", "bad outputs reported", "--workspace", root]) == 0
     client = MlflowClient()
     assert str(client.get_model_version_by_alias("rlhf-policy", "champion").version) == "1"
