@@ -6,7 +6,8 @@
     rlhf import FILE [--format auto|jsonl|conversational|csv|parquet|hh-rlhf|label-studio|argilla] [--map prompt=COL,...] [--json]
     rlhf data history [--json]        rlhf validate [FILE ...] [--json]
     rlhf label [--pairs N] [--batch-size N] [--timeout S]
-    rlhf compare [A B] [--json]       rlhf promote VERSION --reason TEXT [--force]       rlhf rollback
+    rlhf compare [A B] [--evaluate] [--json]
+    rlhf promote VERSION --reason TEXT [--force]       rlhf rollback
     rlhf server [--host H] [--prefect-port P] [--mlflow-port P] [--mlflow-auth]
     rlhf serve [--workspace DIR] [--prefect-port P] [--mlflow-port P]
 
@@ -105,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_ = sub.add_parser("compare", help="two policy versions side by side (default: champion vs latest)")
     cmp_.add_argument("a", nargs="?", default="champion", help="version number or alias (default: champion)")
     cmp_.add_argument("b", nargs="?", default="latest", help="version number, alias or 'latest' (default)")
+    cmp_.add_argument("--evaluate", action="store_true",
+                      help="evaluate both now, on the same prompts, judged by the champion reward model")
     cmp_.add_argument("--json", action="store_true")
     cmp_.add_argument("--workspace", type=Path, default=Path("."))
 
@@ -354,19 +357,23 @@ def cmd_registry(args) -> int:
     ws, cfg = _workspace_config(args)
     try:
         if args.command == "compare":
-            out = registry.compare(ws, cfg, args.a, args.b)
+            out = (registry.head_to_head if args.evaluate else registry.compare)(ws, cfg, args.a, args.b)
             if args.json:
                 print(json.dumps(out, indent=2))
                 return 0
+            win = out.pop("win_rate", None)
             (la, a), (lb, b) = out.items()
-            print(f"{'':34}{la + ' v' + a['version']:>26}{lb + ' v' + b['version']:>26}")
+            print(f"{'':34}{la + ' v' + a['version']:>30}{lb + ' v' + b['version']:>30}")
             rows = [(key, str(a[key]), str(b[key])) for key in ("round", "promoted")]
             rows.append(("measured in", a["measured_in"] or "never evaluated", b["measured_in"] or "never evaluated"))
             for key in sorted(set(a["metrics"]) | set(b["metrics"])):
                 fa, fb = a["metrics"].get(key), b["metrics"].get(key)
                 rows.append((key, "-" if fa is None else f"{fa:.4g}", "-" if fb is None else f"{fb:.4g}"))
             for key, fa, fb in rows:
-                print(f"{key:34}{fa:>26}{fb:>26}")
+                print(f"{key:34}{fa:>30}{fb:>30}")
+            if win is not None:
+                print(f"win-rate of v{a['version']} over v{b['version']}: {win['rate']:.3f} "
+                      f"(95% interval {win['low']:.3f}-{win['high']:.3f})")
         elif args.command == "promote":
             out = registry.force_promote(ws, cfg, args.version, args.reason, args.force)
             print(f"{cfg.policy_name}: champion is now v{out['champion']} (previous: v{out['previous']})")

@@ -3,6 +3,7 @@ roll back, prune old weights. Each change is tagged on the versions it touches a
 MLflow run."""
 from __future__ import annotations
 
+import math
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
@@ -42,6 +43,13 @@ def _version(client: MlflowClient, name: str, ref: str):
         raise RegistryError(f"{name} has no version or alias {ref!r}") from None
 
 
+def _pair(client: MlflowClient, name: str, a: str, b: str):
+    va, vb = _version(client, name, a), _version(client, name, b)
+    if va.version == vb.version:
+        raise RegistryError(f"{a!r} and {b!r} are both {name} v{va.version}: name two different versions")
+    return va, vb
+
+
 def _evaluation(client: MlflowClient, version) -> tuple[dict, str | None]:
     """The metrics of the evaluate run of the round that registered `version`, and where they come
     from. A version no round registered (the bootstrapped base policy) was measured as the champion
@@ -64,13 +72,51 @@ def _evaluation(client: MlflowClient, version) -> tuple[dict, str | None]:
 
 def compare(ws: Workspace, cfg: PipelineConfig, a: str = "champion", b: str = "latest") -> dict:
     client = tracking.setup(ws, cfg.project)
-    va, vb = _version(client, cfg.policy_name, a), _version(client, cfg.policy_name, b)
-    out = {}
-    for label, v in ((a, va), (b, vb)):
-        metrics, measured_in = _evaluation(client, v)
-        out[label] = {"version": str(v.version), "aliases": list(v.aliases), "round": v.tags.get("round"),
-                      "promoted": v.tags.get("promoted"), "gates": v.tags.get("gates"), "measured_in": measured_in,
-                      "metrics": {k: m for k, m in metrics.items() if k in COMPARED}}
+    va, vb = _pair(client, cfg.policy_name, a, b)
+    return {label: _column(v, *_evaluation(client, v)) for label, v in ((a, va), (b, vb))}
+
+
+def _column(version, metrics: dict, measured_in: str | None) -> dict:
+    """One version's side of a comparison."""
+    return {"version": str(version.version), "aliases": list(version.aliases), "round": version.tags.get("round"),
+            "promoted": version.tags.get("promoted"), "gates": version.tags.get("gates"), "measured_in": measured_in,
+            "metrics": {k: m for k, m in metrics.items() if k in COMPARED}}
+
+
+def head_to_head(ws: Workspace, cfg: PipelineConfig, a: str, b: str) -> dict:
+    """Evaluate two policy versions now, on the same held-out prompts and seeds, judged by the
+    champion reward model: the figures of `compare` are each from their own round (another
+    reward model, another champion), these from one evaluation. Logged as an MLflow run
+    (stage `compare`); the output has compare's shape, `win_rate` being a's over b's."""
+    from tasks import prompts as prompts_
+    from tasks.evaluate import evaluate
+    from tasks.stage import StageError
+
+    client = tracking.setup(ws, cfg.project)
+    va, vb = _pair(client, cfg.policy_name, a, b)
+    reward = tracking.alias_version(client, cfg.reward_name, tracking.CHAMPION)
+    if reward is None:
+        raise RegistryError(f"{cfg.reward_name} has no champion to judge with yet; run a round first")
+    refs = [tracking.resolve_model(ws, f"models:/{cfg.policy_name}/{v.version}") for v in (va, vb)]
+    try:
+        heldout = prompts_.heldout_prompts(ws, cfg)
+        report, table = evaluate(refs[0], refs[1], str(ws.base_model),
+                                 tracking.resolve_model(ws, f"models:/{cfg.reward_name}/{reward}"), heldout,
+                                 cfg.evaluate.samples_per_prompt, cfg.evaluate.temperature, cfg.ppo.max_new_tokens,
+                                 cfg.seed * 1000, gold_judge=cfg.scenario_prompts,
+                                 where=prompts_.where(cfg, "heldout"), chat=cfg.chat_format)
+    except StageError as e:  # no held-out prompts yet, a prompt too long for the model: said as such
+        raise RegistryError(str(e)) from None
+    with mlflow.start_run(run_name=f"compare-v{va.version}-v{vb.version}", tags={"stage": "compare"}):
+        mlflow.log_params({"a": va.version, "b": vb.version, "reward_version": reward,
+                           "prompts.heldout_count": len(heldout)})
+        mlflow.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float)) and math.isfinite(v)})
+        mlflow.log_table({k: [row[k] for row in table] for k in table[0]}, "samples_side_by_side.json")
+    measured_in = f"now, judged by {cfg.reward_name} v{reward}"
+    out = {label: _column(v, {"candidate/" + k.removeprefix(side): m for k, m in report.items() if k.startswith(side)},
+                          measured_in)
+           for label, v, side in ((a, va, "candidate/"), (b, vb, "champion/"))}
+    out["win_rate"] = {k.removeprefix("win_rate/"): m for k, m in report.items() if k.startswith("win_rate/")}
     return out
 
 

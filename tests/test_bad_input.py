@@ -208,7 +208,8 @@ def test_cli_entry_point_prints_no_traceback(tmp_path):
     assert out.returncode == 2 and "must be at least 1" in out.stderr and "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("command", [["status"], ["gc", "--dry-run"], ["compare"], ["rollback", "--reason", "r"]])
+@pytest.mark.parametrize("command", [["status"], ["gc", "--dry-run"], ["compare"], ["compare", "--evaluate"],
+                                     ["rollback", "--reason", "r"]])
 def test_cli_names_an_unreachable_tracking_server_without_a_traceback(tmp_path, command):
     from flows.serve import free_port
     from tasks.workspace import init_workspace

@@ -292,6 +292,22 @@ def test_compare_rollback_and_manual_promotion_are_logged(finished_round, capsys
     assert "win_rate/rate" not in base["metrics"]
     assert main(["compare", "champion", "1", "--workspace", root]) == 0
     assert re.search(r"^measured in +round 1 +round 1, as the champion$", capsys.readouterr().out, re.M)
+    # --evaluate: both evaluated now, on the same prompts and seeds, by the champion reward model
+    assert main(["compare", "2", "1", "--evaluate", "--json", "--workspace", root]) == 0
+    now = json.loads(capsys.readouterr().out)
+    assert now["2"]["measured_in"] == now["1"]["measured_in"] == "now, judged by rlhf-reward v1"
+    assert now["2"]["metrics"]["candidate/neutral_rate"] > now["1"]["metrics"]["candidate/neutral_rate"] + 0.3
+    assert now["1"]["metrics"]["candidate/kl_to_reference"] == 0  # the base policy is the reference
+    assert now["win_rate"]["low"] > 0.5 and set(now) == {"2", "1", "win_rate"}
+    run = mlflow.search_runs(experiment_names=["rlhf"], filter_string="tags.stage = 'compare'", output_format="list")[0]
+    assert run.data.params["a"] == "2" and run.data.params["b"] == "1"
+    assert run.data.metrics["win_rate/rate"] == pytest.approx(now["win_rate"]["rate"])
+    assert main(["compare", "1", "2", "--evaluate", "--workspace", root]) == 0
+    assert re.search(r"^win-rate of v1 over v2: 0\.[0-4]\d\d \(95% interval", capsys.readouterr().out, re.M)
+    assert main(["compare", "2", "9", "--evaluate", "--workspace", root]) == 2
+    assert "has no version or alias '9'" in capsys.readouterr().err
+    assert main(["compare", "champion", "2", "--evaluate", "--workspace", root]) == 2
+    assert "'champion' and '2' are both rlhf-policy v2: name two different versions" in capsys.readouterr().err
     assert main(["rollback", "--reason", "bad outputs reported", "--workspace", root]) == 0
     client = MlflowClient()
     assert str(client.get_model_version_by_alias("rlhf-policy", "champion").version) == "1"
