@@ -3,6 +3,7 @@ roll back, prune old weights. Each change is tagged on the versions it touches a
 MLflow run."""
 from __future__ import annotations
 
+import hashlib
 import math
 from datetime import datetime, timezone
 from pathlib import Path
@@ -109,7 +110,10 @@ def head_to_head(ws: Workspace, cfg: PipelineConfig, a: str, b: str) -> dict:
         raise RegistryError(str(e)) from None
     with mlflow.start_run(run_name=f"compare-v{va.version}-v{vb.version}", tags={"stage": "compare"}):
         mlflow.log_params({"a": va.version, "b": vb.version, "reward_version": reward,
-                           "prompts.heldout_count": len(heldout)})
+                           "prompts.heldout": prompts_.source(cfg, "heldout"), "prompts.heldout_count": len(heldout),
+                           "prompts.heldout_sha256": hashlib.sha256("\n".join(heldout).encode()).hexdigest()[:16],
+                           "seed": cfg.seed * 1000, "max_new_tokens": cfg.ppo.max_new_tokens, **cfg.chat.params(),
+                           **{f"evaluate.{k}": v for k, v in cfg.evaluate.model_dump().items()}})
         mlflow.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float)) and math.isfinite(v)})
         mlflow.log_table({k: [row[k] for row in table] for k in table[0]}, "samples_side_by_side.json")
     measured_in = f"now, judged by {cfg.reward_name} v{reward}"

@@ -300,7 +300,7 @@ def test_compare_rollback_and_manual_promotion_are_logged(finished_round, capsys
     assert now["1"]["metrics"]["candidate/kl_to_reference"] == 0  # the base policy is the reference
     assert now["win_rate"]["low"] > 0.5 and set(now) == {"2", "1", "win_rate"}
     run = mlflow.search_runs(experiment_names=["rlhf"], filter_string="tags.stage = 'compare'", output_format="list")[0]
-    assert run.data.params["a"] == "2" and run.data.params["b"] == "1"
+    assert run.data.params["a"] == "2" and run.data.params["b"] == "1" and len(run.data.params["prompts.heldout_sha256"]) == 16
     assert run.data.metrics["win_rate/rate"] == pytest.approx(now["win_rate"]["rate"])
     assert main(["compare", "1", "2", "--evaluate", "--workspace", root]) == 0
     assert re.search(r"^win-rate of v1 over v2: 0\.[0-4]\d\d \(95% interval", capsys.readouterr().out, re.M)
