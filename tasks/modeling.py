@@ -106,6 +106,11 @@ def encode_sequence(tokenizer, prompt: str, response: str, chat: ChatConfig | No
             + [tokenizer.eos_token_id])
 
 
+def max_positions(config) -> int | None:
+    """How many positions (prompt + response tokens) a model config allows; None if it says not."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 def load_policy(ref: str | Path, dtype: torch.dtype = torch.float32):
     try:
         return AutoModelForCausalLM.from_pretrained(str(ref), dtype=dtype)

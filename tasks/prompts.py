@@ -134,7 +134,9 @@ def where(cfg: PipelineConfig, side: str) -> str:
 def check_lengths(prompt_ids: list[list[int]], max_new_tokens: int, config, where: str = "") -> None:
     """Every prompt and its response must fit the model's positions: say which prompt does not
     (`where`: " of data/prompts/x.txt", say)."""
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    from tasks.modeling import max_positions  # (torch: imported by the stages that check, not by this module)
+
+    limit = max_positions(config)
     longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     if limit is not None and len(prompt_ids[longest]) + max_new_tokens > limit:
         fix = ("set validate.max_tokens to set aside longer pairs" if where.startswith(FROM_FEEDBACK)

@@ -41,14 +41,13 @@ class HFModel(mlflow.pyfunc.PythonModel):
         in the params' defaults; what it cannot check is refused here, as an MlflowException, whose
         message the REST server answers with (any other error becomes a generic one)."""
         if self.kind == "policy":
-            from tasks.modeling import encode_prompt, generate_texts
+            from tasks.modeling import encode_prompt, generate_texts, max_positions
 
             prompts = _texts(model_input, model_input.columns[0])
             max_new_tokens, temperature = int(params["max_new_tokens"]), float(params["temperature"])
             if max_new_tokens < 1:
                 raise _refused(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-            config = self.model.config
-            limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+            limit = max_positions(self.model.config)
             longest = max((len(encode_prompt(self.tokenizer, p, self.chat)) for p in prompts), default=0)
             if limit is not None and longest + max_new_tokens > limit:
                 raise _refused(f"a prompt of {longest} tokens and max_new_tokens {max_new_tokens} exceed the "
