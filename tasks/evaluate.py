@@ -116,6 +116,12 @@ def evaluate(candidate_ref: str, champion_ref: str, reference_ref: str, reward_r
     return report, table
 
 
+def log_report(report: dict, table: list[dict]) -> None:
+    """Into the active MLflow run: the report's finite figures as metrics, the responses side by side as a table."""
+    mlflow.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float)) and math.isfinite(v)})
+    mlflow.log_table({k: [row[k] for row in table] for k in table[0]}, "samples_side_by_side.json")
+
+
 def figures(report: dict, table: list[dict], past_rounds: list[dict]):
     """Reward distributions of both policies, and reward / gold against sqrt(KL) over the rounds
     (the over-optimisation view of Gao et al., 2022). Returns {name: matplotlib figure}."""
@@ -195,9 +201,7 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
         report["round"] = state.round
         ws.evaluation_report.parent.mkdir(parents=True, exist_ok=True)
         ws.evaluation_report.write_text(json.dumps(report, indent=2))
-        mlflow.log_metrics({k: v for k, v in report.items()
-                            if isinstance(v, (int, float)) and math.isfinite(v)})
-        mlflow.log_table({k: [row[k] for row in table] for k in table[0]}, "samples_side_by_side.json")
+        log_report(report, table)
         from tasks.rounds import completed_rounds
 
         images = {}

@@ -4,7 +4,6 @@ MLflow run."""
 from __future__ import annotations
 
 import hashlib
-import math
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
@@ -66,9 +65,13 @@ def _evaluation(client: MlflowClient, version) -> tuple[dict, str | None]:
                                order_by=["attributes.start_time ASC"], max_results=1)
     if not found:
         return {}, None
-    metrics = {"candidate/" + k.removeprefix("champion/"): v for k, v in found[0].data.metrics.items()
-               if k.startswith("champion/")}
-    return metrics, f"round {found[0].data.tags.get('round')}, as the champion"
+    first = found[0].data
+    return _as_candidate(first.metrics, "champion/"), f"round {first.tags.get('round')}, as the champion"
+
+
+def _as_candidate(metrics: dict, side: str) -> dict:
+    """One side's figures of an evaluation (`candidate/...` or `champion/...`), named as compare shows them."""
+    return {"candidate/" + k.removeprefix(side): v for k, v in metrics.items() if k.startswith(side)}
 
 
 def compare(ws: Workspace, cfg: PipelineConfig, a: str = "champion", b: str = "latest") -> dict:
@@ -90,7 +93,7 @@ def head_to_head(ws: Workspace, cfg: PipelineConfig, a: str, b: str) -> dict:
     reward model, another champion), these from one evaluation. Logged as an MLflow run
     (stage `compare`); the output has compare's shape, `win_rate` being a's over b's."""
     from tasks import prompts as prompts_
-    from tasks.evaluate import evaluate
+    from tasks.evaluate import evaluate, log_report
     from tasks.stage import StageError
 
     client = tracking.setup(ws, cfg.project)
@@ -114,11 +117,9 @@ def head_to_head(ws: Workspace, cfg: PipelineConfig, a: str, b: str) -> dict:
                            "prompts.heldout_sha256": hashlib.sha256("\n".join(heldout).encode()).hexdigest()[:16],
                            "seed": cfg.seed * 1000, "max_new_tokens": cfg.ppo.max_new_tokens, **cfg.chat.params(),
                            **{f"evaluate.{k}": v for k, v in cfg.evaluate.model_dump().items()}})
-        mlflow.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float)) and math.isfinite(v)})
-        mlflow.log_table({k: [row[k] for row in table] for k in table[0]}, "samples_side_by_side.json")
+        log_report(report, table)
     measured_in = f"now, judged by {cfg.reward_name} v{reward}"
-    out = {label: _column(v, {"candidate/" + k.removeprefix(side): m for k, m in report.items() if k.startswith(side)},
-                          measured_in)
+    out = {label: _column(v, _as_candidate(report, side), measured_in)
            for label, v, side in ((a, va, "candidate/"), (b, vb, "champion/"))}
     out["win_rate"] = {k.removeprefix("win_rate/"): m for k, m in report.items() if k.startswith("win_rate/")}
     return out
