@@ -13,6 +13,7 @@ and the policy returns the assistant's reply alone.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import mlflow
@@ -52,7 +53,7 @@ class HFModel(mlflow.pyfunc.PythonModel):
             if limit is not None and longest + max_new_tokens > limit:
                 raise _refused(f"a prompt of {longest} tokens and max_new_tokens {max_new_tokens} exceed the "
                                f"model's {limit} positions: shorten the prompt or lower max_new_tokens")
-            if not temperature >= 0 or temperature == float("inf"):
+            if not (math.isfinite(temperature) and temperature >= 0):
                 raise _refused(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
             responses = generate_texts(self.model, self.tokenizer, prompts, max_new_tokens, temperature,
                                        int(params["seed"]), chat=self.chat)
