@@ -34,8 +34,8 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           LlamaConfig, Qwen3Config)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tasks.ppo import lora  # noqa: E402
-from tasks.ppo.rollout import PolicyWithValue  # noqa: E402
+from tasks.ppo import lora, static_decode  # noqa: E402
+from tasks.ppo.rollout import PolicyWithValue, sample_token  # noqa: E402
 from tasks.ppo.trainer import PPOConfig, PPOTrainer  # noqa: E402
 
 SHAPES = {  # the reference README's shapes
@@ -68,6 +68,41 @@ def policy_config(s: dict, family: str):
                       n_positions=positions, pad_token_id=0, eos_token_id=1, bos_token_id=1)
 
 
+def decode_ops(lm, device: str) -> dict | None:
+    """Operations one token costs our static decoder on this device in this dtype, counted at
+    PyTorch's dispatcher (views excluded): each is a GPU kernel, so this is the count a CUDA graph
+    replays per token, comparable on any machine. None where the static decoder does not apply."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    if not static_decode.supports(lm, 6):
+        return None
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            aliases = any(r.alias_info is not None for r in func._schema.returns) and not func._schema.is_mutable
+            if not aliases and func not in (torch.ops.aten.detach.default, torch.ops.aten._unsafe_view.default):
+                self.ops[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    dec = static_decode.StaticDecoder(lm, batch=1, prompt_len=4, max_new_tokens=2, use_graph=False)
+    ids = torch.full((1, 4), 2, dtype=torch.long, device=device)
+    step, sampling = Count(), Count()
+    with torch.no_grad():
+        dec.refresh_head()
+        dec._prefill(ids, torch.ones_like(ids))
+        with step:
+            dec._step()
+        with sampling:
+            sample_token(dec.logits, 1.0, None)
+    return {"step": sum(step.ops.values()), "sampling": sum(sampling.ops.values())}
+
+
 def run_ours(s: dict, device: str, bf16: bool, profile: bool = False, lora_rank: int = 0, family: str = "gpt2",
              generation: str = "auto", generation_batch: int = 0) -> dict:
     torch.manual_seed(0)
@@ -82,6 +117,7 @@ def run_ours(s: dict, device: str, bf16: bool, profile: bool = False, lora_rank:
     # the reward model of the policy's family and size (a scalar head), as the pipeline makes it
     reward = AutoModelForSequenceClassification.from_config(type(cfg)(**score_cfg, num_labels=1),
                                                             dtype=dtype).to(device)
+    ops = decode_ops(lm, device)  # before training: the counting step writes into a cache of its own
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(2, s["vocab"], (s["prompts"], s["prompt_len"]), generator=g).tolist()
     ppo = PPOConfig(steps=s["prompts"] // s["batch"], batch_size=s["batch"], minibatches=1, epochs=1,
@@ -116,6 +152,7 @@ def run_ours(s: dict, device: str, bf16: bool, profile: bool = False, lora_rank:
             "gen_fraction": round(gen_fraction, 3),
             "steady_episodes_per_s": round(len(later) / sum(1 / h["perf/episodes_per_s"] for h in later), 2),
             "first_step_s": round(history[0]["perf/step_s"], 3),
+            "decode_ops_per_token": ops if trainer.decoder is not None else None,
             **{f"steady_{k}": round(sum(h[f"perf/{k}"] for h in later) / len(later), 4)
                for k in ("generate_s", "score_s", "train_s")},
             "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
@@ -207,6 +244,9 @@ def main(argv: list[str] | None = None) -> None:
         if r:
             print(f"{r['system']:<36}{r['episodes_per_s']:>12}{r['gen_tokens_per_s']:>12}"
                   f"{str(r.get('gen_fraction', '-')):>11}{str(r['peak_gpu_gib']):>14}{str(r['peak_rss_gib']):>14}")
+    if ours["decode_ops_per_token"]:
+        n = ours["decode_ops_per_token"]
+        print(f"our decoder: {n['step']} operations per token in its graph, {n['sampling']} to sample")
     if reference:
         what = f"ours with LoRA {a.lora} / reference's full fine-tuning" if a.lora else "ours / reference"
         print(f"ratio ({what}): {ratio}x")

@@ -41,6 +41,11 @@ def test_tiny_shape_runs_on_cpu(bench, tmp_path, capsys, rank, family, generatio
     assert ("LoRA" in ours["system"]) == bool(rank) and (family in ours["system"]) == (family != "gpt2")
     assert ("HF cache" in ours["system"]) == (generation == "dynamic")
     assert ours["episodes_per_s"] > 0 and 0 < ours["gen_fraction"] < 1
+    if generation == "dynamic":
+        assert ours["decode_ops_per_token"] is None
+    else:  # 2 layers, each at least norms, projections, cache writes, two products, softmax and MLP
+        ops = ours["decode_ops_per_token"]
+        assert 2 * 10 < ops["step"] < 2 * 100 and ops["sampling"] >= 3, ops
     # 32 prompts of batch 8: 4 steps of 8 episodes of 16 tokens each
     assert ours["gen_tokens_per_s"] == pytest.approx(ours["episodes_per_s"] * 16, rel=0.01)
 

@@ -649,6 +649,54 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
             assert torch.equal(fast, slow), (with_lora, seed)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3", "gemma3"])
+def test_static_decoder_in_bf16_is_as_close_to_the_truth_as_the_model_itself(family, tiny_model_dir):
+    """In bf16 the decoder computes its own way (q scaled before the product, softmax read in bf16,
+    F.rms_norm, rotary as one addcmul): at every step its logits are as close to a float64 forward
+    of the same weights as HF's own bf16 forward is. Norm weights are random, so where each norm
+    applies its weight (Llama after the cast back, Gemma 3 before) shows."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig, Qwen3Config
+
+    tok = load_tokenizer(tiny_model_dir)
+    common = dict(_LLAMA_LIKE, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    config = {"gpt2": lambda: GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=len(tok), n_positions=128),
+              "llama": lambda: LlamaConfig(**common),
+              "qwen3": lambda: Qwen3Config(**common),
+              "gemma3": lambda: Gemma3TextConfig(**common, head_dim=16, sliding_window=64,
+                                                 sliding_window_pattern=2)}[family]()
+    torch.manual_seed(0)
+    truth = AutoModelForCausalLM.from_config(config).double().eval()
+    with torch.no_grad():
+        for name, p in truth.named_parameters():
+            if "norm" in name or "ln_" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    lm = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    lm.load_state_dict(truth.state_dict())
+    ids, mask = _two_prompts(tok)
+    T = 6
+    dec = static_decode.StaticDecoder(lm, batch=2, prompt_len=ids.shape[1], max_new_tokens=T)
+    with torch.no_grad():
+        dec.refresh_head()
+        ours = [dec._prefill(ids, mask)]
+        fed = torch.randint(3, len(tok), (2, T - 1), generator=torch.Generator().manual_seed(0))
+        for t in range(T - 1):
+            dec.token.copy_(fed[:, t])
+            dec._step()
+            ours.append(dec.logits.clone())
+        full_ids, full_mask = torch.cat([ids, fed], 1), torch.cat([mask, torch.ones_like(fed)], 1)
+        pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        exact = truth(input_ids=full_ids, attention_mask=full_mask, position_ids=pos).logits
+        hf = lm(input_ids=full_ids, attention_mask=full_mask, position_ids=pos).logits.double()
+    P = ids.shape[1]
+    rows = full_mask[:, :P].bool().any(-1)  # both prompts have a real token
+    assert rows.all()
+    ours = torch.stack(ours, 1).double()  # (B, T, V)
+    exact, hf = exact[:, P - 1:P - 1 + T], hf[:, P - 1:P - 1 + T]
+    ours_err, hf_err = (ours - exact).abs().max().item(), (hf - exact).abs().max().item()
+    assert 0 < hf_err < 0.5  # bf16 rounding is there, and small
+    assert ours_err <= 1.5 * hf_err, (ours_err, hf_err)
+
+
 def test_the_ppo_core_imports_with_torch_and_transformers_alone():
     """The GPU machine has torch and transformers but no Prefect, MLflow, TRL or pydantic: the PPO
     core and its benchmark must import without any part of the pipeline (peft only when LoRA is used)."""

@@ -72,7 +72,10 @@ class _GPT2:
     def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return self.tr.wte(ids) + self.tr.wpe(pos)
 
-    def qkv(self, block: nn.Module, h: torch.Tensor, pos: torch.Tensor):
+    def rotary(self, pos: torch.Tensor) -> None:
+        return None  # learned positions, added to the embeddings
+
+    def qkv(self, block: nn.Module, h: torch.Tensor, rope):
         attn = block.attn
         q, k, v = attn.c_attn(block.ln_1(h)).split(attn.split_size, dim=2)
         B, S, _ = q.shape
@@ -109,25 +112,31 @@ class _Llama:
         # its sliding-window layers and one for its global layers
         device = self.embedding.weight.device
         positions = torch.arange(max_len, device=device)[None]
-        tables, self.rope = {}, {}
+        self.tables, self.layer_kind = {}, {}  # layer kind (None but for Gemma 3) -> (cos, sin), block -> kind
         for i, block in enumerate(self.blocks):
             kind = cfg.layer_types[i] if cfg.model_type == GEMMA3 else None
-            if kind not in tables:
+            if kind not in self.tables:
                 cos, sin = self.m.rotary_emb(torch.zeros(1, device=device), positions, *([kind] if kind else []))
-                tables[kind] = (cos[0], sin[0])  # (L, head_dim) each
-            self.rope[id(block)] = tables[kind]
+                cos, sin = cos[0], sin[0]  # (L, head_dim) each
+                half = sin.shape[-1] // 2
+                self.tables[kind] = (cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1))  # see _rotate
+            self.layer_kind[id(block)] = kind
 
     def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return self.m.embed_tokens(ids)
 
-    def qkv(self, block: nn.Module, h: torch.Tensor, pos: torch.Tensor):
-        attn, x = block.self_attn, block.input_layernorm(h)
+    def rotary(self, pos: torch.Tensor) -> dict:
+        """cos / sin at the positions fed in, (B, 1, S, D) float32, once per step for every layer."""
+        return {kind: (cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)) for kind, (cos, sin) in self.tables.items()}
+
+    def qkv(self, block: nn.Module, h: torch.Tensor, rope: dict):
+        attn, x = block.self_attn, _rms_norm(block.input_layernorm, h)
         B, S, _ = x.shape
         q, k, v = (proj(x).view(B, S, -1, self.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
         if self.head_norms:
-            q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = _rms_norm(attn.q_norm, q), _rms_norm(attn.k_norm, k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        cos, sin = (table[pos].unsqueeze(1) for table in self.rope[id(block)])  # (B, 1, S, D) float32
+        cos, sin = rope[self.layer_kind[id(block)]]
         # in float32 as HF's (its bf16 q and k meet float32 cos / sin), kept in the projection's dtype
         return _rotate(q, cos, sin).to(q.dtype), _rotate(k, cos, sin).to(k.dtype), v
 
@@ -135,10 +144,10 @@ class _Llama:
         return block.self_attn.o_proj(a)
 
     def mlp(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        return block.mlp(block.post_attention_layernorm(h))
+        return block.mlp(_rms_norm(block.post_attention_layernorm, h))
 
     def norm(self, h: torch.Tensor) -> torch.Tensor:
-        return self.m.norm(h)
+        return _rms_norm(self.m.norm, h)
 
 
 class _Gemma3(_Llama):
@@ -148,16 +157,33 @@ class _Gemma3(_Llama):
     bidirectional attention (EmbeddingGemma)."""
 
     def out(self, block: nn.Module, a: torch.Tensor) -> torch.Tensor:
-        return block.post_attention_layernorm(block.self_attn.o_proj(a))
+        return _rms_norm(block.post_attention_layernorm, block.self_attn.o_proj(a))
 
     def mlp(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        return block.post_feedforward_layernorm(block.mlp(block.pre_feedforward_layernorm(h)))
+        return _rms_norm(block.post_feedforward_layernorm, block.mlp(_rms_norm(block.pre_feedforward_layernorm, h)))
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding, as HF's apply_rotary_pos_emb (the two halves rotated)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+LLAMA_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+
+
+def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's RMSNorm, computed as HF's module computes it, through F.rms_norm: one fused
+    kernel on CUDA for the normalisation where HF's module launches five (cast, square, mean,
+    add, rsqrt, multiply). Llama's weight multiplies after the cast back, Gemma 3's (1 + weight)
+    before it. Any other norm module runs as it is."""
+    kind = type(norm).__name__
+    if kind in LLAMA_NORMS:
+        return F.rms_norm(x.float(), x.shape[-1:], eps=norm.variance_epsilon).to(x.dtype) * norm.weight
+    if kind == "Gemma3RMSNorm":
+        return F.rms_norm(x.float(), x.shape[-1:], 1.0 + norm.weight.float(), norm.eps).type_as(x)
+    return norm(x)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding, as HF's apply_rotary_pos_emb: x * cos + rotate_half(x) * sin, where
+    rotate_half(x) = cat(-x2, x1). With the sign folded into the table (signed_sin = cat(-sin1, sin2))
+    that is x * cos + roll(x) * signed_sin: three kernels where HF's form takes five."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
 
 
 class StaticDecoder:
@@ -213,16 +239,21 @@ class StaticDecoder:
         """The transformer blocks; `write(layer, k, v)` stores new keys/values and returns the cache to attend."""
         arch = self.arch
         groups = arch.n_head // arch.n_kv  # query heads per key/value head
+        rope = arch.rotary(pos)  # every layer's positions, looked up once
+        blocked = ~attn_mask if decode else None  # once per step, not per layer
         for i, block in enumerate(arch.blocks):
-            q, k, v = arch.qkv(block, h, pos)  # (B, heads, S, D), positions applied
+            q, k, v = arch.qkv(block, h, rope)  # (B, heads, S, D), positions applied
             B, _, S, D = q.shape
             keys, values = write(i, k, v)
             keys, values = keys.to(q.dtype), values.to(q.dtype)
             if decode:  # one query per row: plain matmuls beat a fused attention kernel's launch cost here
-                q = q.reshape(B, arch.n_kv, groups, D)  # a key/value head's queries side by side, no copy of the cache
-                scores = (q @ keys.transpose(-1, -2)) * (arch.scale or D ** -0.5)  # (B, kv_heads, groups, L)
-                scores = scores.float().masked_fill(~attn_mask, float("-inf"))
-                a = (torch.softmax(scores, dim=-1).to(values.dtype) @ values).reshape(B, arch.n_head, 1, D)
+                # q is a strided view of the projection; the matmul needs it copied into a layout
+                # whose (batch, head) dims fold into one, so the scale rides on that copy (as
+                # PyTorch's own math attention scales q before the product)
+                q = (q * (arch.scale or D ** -0.5)).reshape(B, arch.n_kv, groups, D)  # kv head's queries side by side
+                scores = (q @ keys.transpose(-1, -2)).masked_fill(blocked, float("-inf"))  # (B, kv_heads, groups, L)
+                # softmax reads the scores' dtype and accumulates in float32 inside the one kernel
+                a = (torch.softmax(scores, dim=-1) @ values).reshape(B, arch.n_head, 1, D)
             else:
                 if groups > 1:
                     keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
@@ -231,9 +262,12 @@ class StaticDecoder:
             h = h + arch.mlp(block, h)
         return arch.norm(h)
 
+    def _head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, D) last hidden states -> (B, V) logits in the compute dtype, through the padded head copy."""
+        return (h.to(self.head.dtype) @ self.head.T)[:, :self.logits.shape[1]]
+
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, D) last hidden states -> (B, V) float32 logits, through the padded head copy."""
-        return (h.to(self.head.dtype) @ self.head.T)[:, :self.logits.shape[1]].float()
+        return self._head_logits(h).float()
 
     @torch.no_grad()
     def refresh_head(self) -> None:
@@ -273,7 +307,7 @@ class StaticDecoder:
 
         pos = self.pos[:, None]
         h = self._blocks(self.arch.embed(self.token[:, None], pos), pos, write, self.mask, decode=True)
-        self.logits.copy_(self._logits(h[:, -1]))
+        self.logits.copy_(self._head_logits(h[:, -1]))  # cast to float32 by the copy itself
         self.col.add_(1)
         self.pos.add_(1)
 
