@@ -68,7 +68,7 @@ def policy_config(s: dict, family: str):
                       n_positions=positions, pad_token_id=0, eos_token_id=1, bos_token_id=1)
 
 
-def decode_ops(lm, device: str) -> dict | None:
+def decode_ops(lm, device: str, autocast_dtype: torch.dtype | None = None) -> dict | None:
     """Operations one token costs our static decoder on this device in this dtype, counted at
     PyTorch's dispatcher (views excluded): each is a GPU kernel, so this is the count a CUDA graph
     replays per token, comparable on any machine. None where the static decoder does not apply."""
@@ -90,24 +90,32 @@ def decode_ops(lm, device: str) -> dict | None:
                 self.ops[str(func)] += 1
             return func(*args, **(kwargs or {}))
 
-    dec = static_decode.StaticDecoder(lm, batch=1, prompt_len=4, max_new_tokens=2, use_graph=False)
+    dec = static_decode.StaticDecoder(lm, batch=1, prompt_len=4, max_new_tokens=2, use_graph=False,
+                                      autocast_dtype=autocast_dtype)
     ids = torch.full((1, 4), 2, dtype=torch.long, device=device)
     step, sampling = Count(), Count()
-    with torch.no_grad():
-        dec.refresh_head()
+
+    def prefill_and_step():
         dec._prefill(ids, torch.ones_like(ids))
         with step:
             dec._step()
+
+    with torch.no_grad():
+        dec.refresh_head()
+        dec.refresh_shadow()
+        dec.run(prefill_and_step)  # as sample() runs it: over the bf16 copies under mixed precision
         with sampling:
             sample_token(dec.logits, 1.0, None)
     return {"step": sum(step.ops.values()), "sampling": sum(sampling.ops.values())}
 
 
 def run_ours(s: dict, device: str, bf16: bool, profile: bool = False, lora_rank: int = 0, family: str = "gpt2",
-             generation: str = "auto", generation_batch: int = 0) -> dict:
+             generation: str = "auto", generation_batch: int = 0, mixed: bool = False) -> dict:
     torch.manual_seed(0)
     cfg = policy_config(s, family)
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    # bf16 weights computed as they are (the reference's setting), or with `mixed` float32 weights
+    # under bf16 autocast, as the pipeline runs PPO on a GPU
+    dtype = torch.bfloat16 if bf16 and not mixed else torch.float32
     lm = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     if lora_rank:  # adapters in float32 over the bf16 base, as PEFT makes them; no reference copy
         policy, ref = PolicyWithValue(lora.add_lora(lm, lora_rank, 2.0 * lora_rank)).to(device), None
@@ -117,12 +125,13 @@ def run_ours(s: dict, device: str, bf16: bool, profile: bool = False, lora_rank:
     # the reward model of the policy's family and size (a scalar head), as the pipeline makes it
     reward = AutoModelForSequenceClassification.from_config(type(cfg)(**score_cfg, num_labels=1),
                                                             dtype=dtype).to(device)
-    ops = decode_ops(lm, device)  # before training: the counting step writes into a cache of its own
+    ops = decode_ops(lm, device, torch.bfloat16 if mixed else None)  # before training: the counting step writes into a cache of its own
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(2, s["vocab"], (s["prompts"], s["prompt_len"]), generator=g).tolist()
     ppo = PPOConfig(steps=s["prompts"] // s["batch"], batch_size=s["batch"], minibatches=1, epochs=1,
                     max_new_tokens=s["response_len"], missing_eos_penalty=None, checkpoint_every=0,
-                    generation=generation, generation_batch_size=generation_batch)
+                    generation=generation, generation_batch_size=generation_batch,
+                    mixed_precision="bf16" if mixed else "no")
     # eos_id=-1: no token ends a response, so every one has the fixed length, as in the reference
     trainer = PPOTrainer(policy, ref, reward, prompts, eos_id=-1, pad_id=0, cfg=ppo, seed=0, device=device)
     if device == "cuda":
@@ -144,7 +153,7 @@ def run_ours(s: dict, device: str, bf16: bool, profile: bool = False, lora_rank:
     gen_fraction = sum(h["perf/gen_fraction"] for h in history) / len(history)
     later = history[1:] or history  # after the first step (CUDA graph capture, allocator warm-up)
     label = ", ".join(x for x in (family if family != "gpt2" else "", f"LoRA {lora_rank}" if lora_rank else "",
-                                   "HF cache" if trainer.decoder is None else "") if x)
+                                   "HF cache" if trainer.decoder is None else "", "mixed" if mixed else "") if x)
     return {"system": f"rlhf-pipeline-ppo{f' ({label})' if label else ''}", "seconds": round(dt, 3),
             "models": {"policy": type(lm).__name__, "reward": type(reward).__name__},
             "episodes_per_s": round(s["prompts"] / dt, 2),
@@ -195,6 +204,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="our rollout decoder: static KV cache (+ CUDA graphs) or HF's dynamic cache")
     p.add_argument("--generation-batch", type=int, default=0, metavar="N",
                    help="sample N episodes at a time (ppo.generation_batch_size; 0 = the whole batch)")
+    p.add_argument("--mixed", action="store_true",
+                   help="ours with float32 weights under bf16 autocast (ppo.mixed_precision: bf16), as the "
+                        "pipeline runs PPO on a GPU; without it ours, like the reference, computes in the "
+                        "weights' dtype (bf16 on cuda)")
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
@@ -219,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"reference script {a.reference_script} not found; pass --reference-script")
     bf16 = a.device == "cuda"  # the reference README's GPU figures are bf16
     shape = SHAPES[a.shape]
-    ours = max((run_ours(shape, a.device, bf16, a.profile, a.lora, a.family, a.generation, a.generation_batch)
+    ours = max((run_ours(shape, a.device, bf16, a.profile, a.lora, a.family, a.generation, a.generation_batch,
+                         a.mixed)
                 for _ in range(a.repeats)),
                key=lambda r: r["episodes_per_s"])
     reference = None
@@ -230,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     ratio = round(ours["episodes_per_s"] / reference["episodes_per_s"], 2) if reference else None
     result = {"shape": a.shape, **shape, "device": device, "bf16": bf16, "repeats": a.repeats, "lora_rank": a.lora,
               "family": a.family, "generation": a.generation, "generation_batch": a.generation_batch,
+              "mixed_precision": a.mixed,
               "ours": ours, "reference": reference,
               # the issue's measure compares the same work: full fine-tuning on both sides
               "ratio": None if a.lora else ratio, "ratio_lora_vs_full": ratio if a.lora else None}

@@ -226,6 +226,8 @@ def train(ws: Workspace, cfg: PipelineConfig, state: RoundState, policy_ref: str
         if main:
             mlflow.log_params({f"ppo.{k}": v for k, v in cfg.ppo.__dict__.items()}
                               | {"ppo.device": device.split(":")[0], "ppo.reference": reference,
+                                 "ppo.autocast": str(trainer.autocast_dtype).removeprefix("torch.")
+                                 if trainer.autocast_dtype else "off",
                                  "prompts.train": prompts_.source(cfg, "train"),
                                  "prompts.train_count": len(prompts), **cfg.chat.params()})
 

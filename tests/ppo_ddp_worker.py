@@ -22,6 +22,7 @@ p.add_argument("--fsdp", action="store_true")
 p.add_argument("--steps", type=int, default=3)
 p.add_argument("--checkpoint-dir", default=None)
 p.add_argument("--micro-batch", type=int, default=0, help="ppo.micro_batch_size: gradients accumulated")
+p.add_argument("--mixed-precision", default="auto", help="ppo.mixed_precision")
 p.add_argument("--cuda", action="store_true", help="on the GPUs (tests/test_gpu.py); default: CPU processes")
 p.add_argument("--lora-resume", default=None, metavar="DIR",
                help="then, with --fsdp: a LoRA run checkpointing into DIR, killed after step 2 and resumed")
@@ -36,7 +37,7 @@ reward = load_reward(a.model_dir, tok.pad_token_id).to(accelerator.device)
 before = torch.cat([p.detach().flatten().clone() for p in policy.parameters()])
 prompts = [tok(p)["input_ids"] for p in scenario.feedback_prompts()]
 cfg = PPOConfig(steps=a.steps, batch_size=16, minibatches=2, epochs=2, checkpoint_every=2 if a.checkpoint_dir else 0,
-                micro_batch_size=a.micro_batch)
+                micro_batch_size=a.micro_batch, mixed_precision=a.mixed_precision)
 trainer = PPOTrainer(policy, ref, reward, prompts, tok.eos_token_id, tok.pad_token_id, cfg, seed=0,
                      accelerator=accelerator, fsdp=a.fsdp, checkpoint_dir=a.checkpoint_dir)
 sharded = type(next(trainer.policy.parameters())).__name__ == "DTensor"
@@ -53,6 +54,9 @@ if accelerator.is_main_process:
     json.dump({"processes": accelerator.num_processes, "backend": str(accelerator.distributed_type),
                "sharded": sharded, "graph": trainer.decoder is not None and trainer.decoder.graph is not None, "steps": [h["step"] for h in history],
                "weights_changed": bool(not torch.equal(before, after)),
+               # the bf16 copies generation read (mixed precision): of the whole weights, not the shards
+               "shadow": {k: list(v.shape) for k, v in (trainer.decoder.shadow if trainer.decoder else {}).items()},
+               "shapes": {k: list(v.shape) for k, v in weights.items()},
                "kl_coef": [h["objective/kl_coef"] for h in history],
                "scores": [h["objective/scores"] for h in history]}, open(a.out, "w"))
 if not a.fsdp and accelerator.num_processes > 1:  # DDP: every process holds the whole weights; they must be the same everywhere

@@ -31,6 +31,8 @@ from tasks.config import ValidateConfig
     ("ppo:\n  generation_batch_size: -2\n", "ppo.generation_batch_size must be >= 0"),
     ("ppo:\n  batch_size: 16\n  minibatches: 2\n  generation_batch_size: 5\n", "multiple of ppo.generation_batch_size"),
     ("ppo:\n  fsdp: true\n", "set ppo.processes to 2 or more"),
+    ("ppo:\n  mixed_precision: fp16\n", "ppo.mixed_precision"),
+    ("ppo:\n  mixed_precision: true\n", "ppo.mixed_precision"),
     ("gates:\n  min_win_rate: 1.5\n", "gates.min_win_rate"),
     ("project: 'has spaces'\n", "project"),
     ("collect:\n  pairs_per_prompt: 0\n", "collect.pairs_per_prompt"),

@@ -50,6 +50,21 @@ def test_tiny_shape_runs_on_cpu(bench, tmp_path, capsys, rank, family, generatio
     assert ours["gen_tokens_per_s"] == pytest.approx(ours["episodes_per_s"] * 16, rel=0.01)
 
 
+def test_mixed_precision_runs_on_cpu(bench, tmp_path, capsys):
+    """--mixed: float32 weights under bf16 autocast (the pipeline's GPU setting), here on the CPU;
+    its decoder counts the same operations per token as over bf16 weights (it reads bf16 copies)."""
+    runs = {}
+    for mixed in (False, True):
+        bench.main(["--shape", "tiny", "--no-reference", "--repeats", "1", "--json", "--out", str(tmp_path)]
+                   + (["--mixed"] if mixed else []))
+        runs[mixed] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert runs[True]["mixed_precision"] and not runs[False]["mixed_precision"]
+    assert "mixed" in runs[True]["ours"]["system"] and "mixed" not in runs[False]["ours"]["system"]
+    assert runs[True]["ours"]["episodes_per_s"] > 0
+    # float32 weights computed as they are cast nothing; over the bf16 copies nothing either
+    assert runs[True]["ours"]["decode_ops_per_token"] == runs[False]["ours"]["decode_ops_per_token"]
+
+
 def test_a_failing_reference_is_reported(bench, tmp_path):
     broken = tmp_path / "broken.py"
     broken.write_text("import sys\nprint('no json here')\nsys.exit(3)\n")

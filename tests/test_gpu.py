@@ -84,15 +84,23 @@ def test_ppo_on_the_gpu_trains_and_stays_finite(mode, arch):
                                                             dtype=dtype).cuda()
     g = torch.Generator().manual_seed(1)
     prompt_ids = [torch.randint(2, CFG.vocab_size, (n,), generator=g).tolist() for n in (8, 12, 16) * 8]
-    cfg = PPOConfig(steps=3, batch_size=16, minibatches=2, epochs=2, max_new_tokens=24, checkpoint_every=0)
-    autocast = torch.bfloat16 if mode == "bf16-autocast" else None
-    trainer = PPOTrainer(policy, ref, reward, prompt_ids, eos_id=1, pad_id=0, cfg=cfg, device="cuda",
-                         autocast_dtype=autocast)
+    # bf16 weights computed as they are, or float32 weights under bf16 autocast (the pipeline's GPU default)
+    cfg = PPOConfig(steps=3, batch_size=16, minibatches=2, epochs=2, max_new_tokens=24, checkpoint_every=0,
+                    mixed_precision="no" if mode == "bf16-weights" else "auto")
+    trainer = PPOTrainer(policy, ref, reward, prompt_ids, eos_id=1, pad_id=0, cfg=cfg, device="cuda")
     assert trainer.decoder is not None and trainer.decoder.use_graph
+    assert trainer.autocast_dtype == (None if mode == "bf16-weights" else torch.bfloat16)
     before = [p.detach().clone() for p in policy.parameters()]
     history = trainer.train()
     assert len(history) == 3 and all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in history)
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    # under autocast the graph decodes over bf16 copies of the float32 weights, refreshed each rollout
+    trainer.rollout()
+    shadow = trainer.decoder.shadow
+    assert set(shadow) == (set() if mode == "bf16-weights" else {n for n, _ in policy.lm.named_parameters()})
+    for name, p in policy.lm.named_parameters():
+        if name in shadow:
+            assert torch.equal(shadow[name], p.detach().to(torch.bfloat16)), name
 
 
 def test_fsdp_on_the_gpu_gathers_for_the_graph_decoder_and_trains(tmp_path):

@@ -199,6 +199,12 @@ def test_ppo_on_two_processes_ddp_and_fsdp(tiny_model_dir, tmp_path):
     for kind in ("lora_fsdp", "lora_ddp"):
         assert resumed[kind] == dict(checkpoint_trainable_only=True, resumed_steps=[3], resumed_equal=True,
                                      adapters_moved=True), kind
+    assert not fsdp["shadow"]  # float32 on CPUs: no bf16 copies
+    # sharded under bf16 autocast: each rollout's decoder reads bf16 copies of the gathered whole weights
+    mixed, _ = _two_processes(tiny_model_dir, tmp_path / "mixed.json", "--fsdp", "--steps", "2",
+                              "--mixed-precision", "bf16")
+    assert mixed["sharded"] and mixed["weights_changed"] and torch.isfinite(torch.tensor(mixed["scores"])).all()
+    assert mixed["shadow"] and all(mixed["shapes"]["lm." + k] == shape for k, shape in mixed["shadow"].items())
 
 
 def _two_prompts(tok):
@@ -695,6 +701,61 @@ def test_static_decoder_in_bf16_is_as_close_to_the_truth_as_the_model_itself(fam
     ours_err, hf_err = (ours - exact).abs().max().item(), (hf - exact).abs().max().item()
     assert 0 < hf_err < 0.5  # bf16 rounding is there, and small
     assert ours_err <= 1.5 * hf_err, (ours_err, hf_err)
+
+
+@pytest.mark.parametrize("model", ["tiny_model_dir", "tiny_llama_dir"])
+def test_mixed_precision_decoder_samples_over_bf16_copies_refreshed_each_rollout(model, request):
+    """bf16 autocast over float32 weights (ppo.mixed_precision): the decoder samples exactly what a
+    decoder over the bf16 cast of the weights samples, also inside the trainer's autocast; the
+    model keeps its own float32 weights; after the weights change (an optimizer step, in place)
+    the next rollout reads the new ones."""
+    import copy
+
+    model_dir = request.getfixturevalue(model)
+    tok, lm = load_tokenizer(model_dir), load_policy(model_dir).eval()
+    ids, mask = _two_prompts(tok)
+    dec = static_decode.StaticDecoder(lm, 2, ids.shape[1], 12, autocast_dtype=torch.bfloat16)
+    weights = dict(lm.named_parameters())
+    drawn = []
+    for update in range(2):
+        bf16 = copy.deepcopy(lm)
+        for p in bf16.parameters():  # the weights cast, the buffers as they are (rotary inv_freq in float32)
+            p.data = p.data.to(torch.bfloat16)
+        cast = static_decode.StaticDecoder(bf16, 2, ids.shape[1], 12)
+        for seed in range(3):
+            args = (ids, mask, 1.0, tok.eos_token_id, tok.pad_token_id)
+            ours = dec.sample(*args, torch.Generator().manual_seed(seed))
+            assert torch.equal(ours, cast.sample(*args, torch.Generator().manual_seed(seed))), (update, seed)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert torch.equal(ours, dec.sample(*args, torch.Generator().manual_seed(seed)))
+            drawn.append(ours)
+        assert set(dec.shadow) == set(weights)
+        assert all(p is weights[n] and p.dtype == torch.float32 for n, p in lm.named_parameters())
+        with torch.no_grad():
+            for p in lm.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+    assert any(not torch.equal(a, b) for a, b in zip(drawn[:3], drawn[3:]))  # the update was read
+
+
+def test_mixed_precision_bf16_trains_on_the_cpu_too(tiny_model_dir, tiny_reward_dir):
+    """ppo.mixed_precision: auto is float32 on a CPU; bf16 asked for runs there too (autocast on the
+    CPU): the KL starts at zero (policy and reference computed alike), the weights train, the
+    decoder reads bf16 copies of them, and a checkpoint records the precision it ran at."""
+    from tasks.ppo.trainer import autocast_dtype
+
+    assert autocast_dtype("auto", torch.device("cpu")) is None and autocast_dtype("no", torch.device("cpu")) is None
+    assert autocast_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    trainer, _ = make_trainer(tiny_model_dir, tiny_reward_dir, steps=3, mixed_precision="bf16")
+    assert trainer.autocast_dtype == torch.bfloat16
+    before = [p.detach().clone() for p in trainer.policy.lm.parameters()]
+    history = trainer.train()
+    assert abs(history[0]["objective/kl"]) < 1e-6
+    assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in history)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.lm.parameters()))
+    assert trainer.decoder.shadow and all(t.dtype == torch.bfloat16 for t in trainer.decoder.shadow.values())
+    assert trainer.run_key()["autocast"] == "torch.bfloat16"
+    plain, _ = make_trainer(tiny_model_dir, tiny_reward_dir, steps=3)
+    assert plain.autocast_dtype is None and not plain.decoder.shadow and plain.run_key()["autocast"] == "None"
 
 
 def test_the_ppo_core_imports_with_torch_and_transformers_alone():

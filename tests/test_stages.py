@@ -55,6 +55,8 @@ def test_dvc_repro_runs_every_stage_on_a_users_model(tiny_model_dir, tmp_path):
     params = ppo_runs[0].data.params
     assert params["ppo.reference"] == "base model, adapters off" and ppo_runs[1].data.params["ppo.reference"] == "base model"
     assert params["ppo.processes"] == "2" and params["ppo.fsdp"] == "True"
+    # mixed precision: "auto" logged as set, and what it came to on these CPUs
+    assert params["ppo.mixed_precision"] == "auto" and params["ppo.autocast"] == "off"
     steps = MlflowClient().get_metric_history(ppo_runs[0].info.run_id, "objective/scores")
     assert sorted(m.step for m in steps) == [1, 2, 3, 4]  # logged once, by the first process
     trained, base = load_file(ws.policy_model / "model.safetensors"), load_file(ws.base_model / "model.safetensors")

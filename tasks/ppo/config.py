@@ -62,6 +62,8 @@ class PPOConfig:
     """gradient clipping"""
     checkpoint_every: int = 10
     """save a resumable checkpoint every N iterations; 0 = never"""
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"
+    """bf16: the passes run under bf16 autocast over float32 weights (generation over a bf16 copy of them, refreshed each rollout); no: in the weights' own dtype; auto: bf16 on a GPU that has it, no on a CPU"""
     generation: Literal["auto", "static", "dynamic"] = "auto"
     """static KV cache (+ CUDA graph on GPU) for GPT-2, Llama-family and Gemma 3 models"""
     lora_rank: int = 0
@@ -98,5 +100,7 @@ class PPOConfig:
             raise ValueError(f"ppo.processes must be >= 1, got {self.processes!r}")
         if self.fsdp and self.processes < 2:
             raise ValueError("ppo.fsdp shards the models over ppo.processes: set ppo.processes to 2 or more")
+        if self.mixed_precision not in ("auto", "bf16", "no"):
+            raise ValueError(f"ppo.mixed_precision must be 'auto', 'bf16' or 'no', got {self.mixed_precision!r}")
         if self.generation not in ("auto", "static", "dynamic"):
             raise ValueError(f"ppo.generation must be 'auto', 'static' or 'dynamic', got {self.generation!r}")

@@ -186,6 +186,18 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
 
 
+class _Runner(nn.Module):
+    """Calls a function with the LM as its submodule, so that torch.func.functional_call can run
+    the decoder with other tensors in place of the LM's weights (the shadow copies)."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, fn, *args):
+        return fn(*args)
+
+
 class StaticDecoder:
     """Samples responses with a fixed-size KV cache; `use_graph` (CUDA only) replays a captured step.
 
@@ -201,6 +213,7 @@ class StaticDecoder:
             raise ValueError(f"StaticDecoder supports GPT-2, Llama-family models (Mistral, Qwen2 and Qwen3) and "
                              f"Gemma 3 within their sliding window, not {type(lm).__name__}")
         self.lm = lm
+        self.runner = _Runner(lm)
         self.arch = {"gpt2": _GPT2, GEMMA3: _Gemma3}.get(lm.config.model_type, _Llama)(lm, self.L)
         if self.L > self.arch.max_positions:
             raise ValueError(f"prompt {prompt_len} + response {max_new_tokens} tokens exceed the model's "
@@ -210,8 +223,13 @@ class StaticDecoder:
         self.use_graph = device.type == "cuda" if use_graph is None else use_graph
         if self.use_graph and device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
-        self.autocast_dtype = autocast_dtype
         dtype = autocast_dtype or weight.dtype
+        self.autocast_dtype = autocast_dtype
+        # Mixed precision (float32 weights, bf16 autocast): autocast would cast every weight at
+        # every token (its weight cache cannot be kept across graph replays: the weights train).
+        # Instead the decoder reads a bf16 copy of the weights, refreshed once per rollout, and
+        # runs in bf16 throughout, as over bf16 weights; `shadow` maps names to those copies.
+        self.shadow: dict[str, torch.Tensor] = {}
         shape = (batch, self.arch.n_kv, self.L, self.arch.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.arch.blocks]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.arch.blocks]
@@ -230,9 +248,27 @@ class StaticDecoder:
 
     def _autocast(self):
         device_type = self.head.device.type
-        # cache_enabled=False: a graph must not capture autocast's weight cache (stale after an update)
+        # off over the shadow copies (every weight already bf16), and off where no autocast was
+        # asked for, also inside a caller's autocast; cache_enabled=False: a graph must not
+        # capture autocast's weight cache (stale after an update)
         return torch.autocast(device_type, dtype=self.autocast_dtype or torch.bfloat16,
-                              enabled=self.autocast_dtype is not None, cache_enabled=False)
+                              enabled=self.autocast_dtype is not None and not self.shadow, cache_enabled=False)
+
+    @torch.no_grad()
+    def refresh_shadow(self) -> None:
+        """The bf16 copies of the weights that are not bf16 (mixed precision), as they are now.
+        (Re)made when a weight's shape changed (FSDP gathers whole weights for each rollout):
+        then the graph is captured again over the new copies."""
+        if self.autocast_dtype is None:
+            return
+        for name, p in self.lm.named_parameters():
+            if p.dtype == self.autocast_dtype or not p.is_floating_point():
+                continue
+            copy = self.shadow.get(name)
+            if copy is None or copy.shape != p.shape:
+                copy = self.shadow[name] = torch.empty_like(p, dtype=self.autocast_dtype)
+                self.graph = None
+            copy.copy_(p)
 
     def _blocks(self, h: torch.Tensor, pos: torch.Tensor, write, attn_mask: torch.Tensor,
                 decode: bool) -> torch.Tensor:
@@ -313,15 +349,16 @@ class StaticDecoder:
 
     def _capture(self) -> None:
         # Warm up on a side stream (cuBLAS handles, workspaces), then record one step. Capture
-        # writes into the cache like a real step; sample() runs the prefill again after it.
+        # writes into the cache like a real step; sample() runs the prefill again after it. Called
+        # inside run(): over the shadow copies, under the decoder's autocast.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), self._autocast():
+        with torch.cuda.stream(stream):
             for _ in range(2):
                 self._step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), self._autocast():
+        with torch.cuda.graph(self.graph):
             self._step()
 
     @torch.no_grad()
@@ -338,6 +375,18 @@ class StaticDecoder:
             raise ValueError(f"this decoder was built for prompts of shape {(self.B, self.P)}, "
                              f"got {tuple(prompt_ids.shape)}")
         self.refresh_head()
+        self.refresh_shadow()
+        return self.run(self._sample, prompt_ids, prompt_mask, temperature, eos_id, pad_id, generator, check_every)
+
+    def run(self, fn, *args):
+        """fn(*args) with the model's modules computing over the shadow copies (if any) in place of
+        their weights, and autocast as the decoder needs it."""
+        def call(*args):
+            with self._autocast():
+                return fn(*args)
+        return torch.func.functional_call(self.runner, {"lm." + k: v for k, v in self.shadow.items()}, (call, *args))
+
+    def _sample(self, prompt_ids, prompt_mask, temperature, eos_id, pad_id, generator, check_every) -> torch.Tensor:
         if self.use_graph and self.graph is None:
             try:
                 self._capture()
@@ -345,8 +394,7 @@ class StaticDecoder:
                 warnings.warn(f"CUDA graph capture of the decode step failed for {type(self.lm).__name__} ({e}); "
                               "decoding with the static cache, step by step", stacklevel=2)
                 self.use_graph, self.graph = False, None
-        with self._autocast():
-            logits = self._prefill(prompt_ids, prompt_mask)
+        logits = self._prefill(prompt_ids, prompt_mask)
         done = torch.zeros(self.B, dtype=torch.bool, device=prompt_ids.device)
         tokens = torch.full((self.B, self.T), pad_id, dtype=torch.long, device=prompt_ids.device)
         for t in range(self.T):
@@ -360,7 +408,6 @@ class StaticDecoder:
             if self.graph is not None:
                 self.graph.replay()
             else:
-                with self._autocast():
-                    self._step()
+                self._step()
             logits = self.logits
         return tokens

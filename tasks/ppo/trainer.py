@@ -58,6 +58,9 @@ class PPOTrainer:
     scenario and the pipeline's reward stage both ensure it). `ref_lm=None` with a LoRA policy
     (tasks.ppo.lora): the reference is the policy's LM with its adapters off.
 
+    Precision (`cfg.mixed_precision`): the passes run under bf16 autocast over the models' own
+    weights (float32 as the pipeline loads them; a GPU's default), or in those weights' dtype.
+
     Several processes (`accelerator`, launched by `accelerate launch` or torchrun): DDP by default,
     each process a whole copy; `fsdp=True` shards the policy, reference and reward model over them
     instead (tasks.ppo.sharding), for models too large to train whole on one device.
@@ -65,8 +68,7 @@ class PPOTrainer:
 
     def __init__(self, policy: PolicyWithValue, ref_lm: torch.nn.Module | None, reward_model: torch.nn.Module,
                  prompts: list[list[int]], eos_id: int, pad_id: int, cfg: PPOConfig, seed: int = 0,
-                 device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None,
-                 checkpoint_dir: str | Path | None = None, accelerator=None, fsdp: bool = False):
+                 device: str | torch.device = "cpu", checkpoint_dir: str | Path | None = None, accelerator=None, fsdp: bool = False):
         if not prompts:
             raise ValueError("PPO needs at least one prompt")
         if fsdp and accelerator is None:
@@ -77,7 +79,6 @@ class PPOTrainer:
         self.policy, self.ref_lm, self.reward_model = policy, ref_lm, reward_model
         self.prompts, self.eos_id, self.pad_id, self.cfg = prompts, eos_id, pad_id, cfg
         self.device = torch.device(device)
-        self.autocast_dtype = autocast_dtype
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         for frozen in (ref_lm, reward_model):
             if frozen is not None:
@@ -107,6 +108,7 @@ class PPOTrainer:
             if not fsdp:
                 self.policy, self.optimizer = accelerator.prepare(policy, self.optimizer)
             self.device = accelerator.device
+        self.autocast_dtype = autocast_dtype(cfg.mixed_precision, self.device)
         self.seed = seed
         if accelerator is not None:
             seed = seed + accelerator.process_index
@@ -123,7 +125,7 @@ class PPOTrainer:
         self.decoder = None
         if use_static[cfg.generation]:
             self.decoder = static_decode.StaticDecoder(self.unwrapped.lm, self._generation_batch, self.prompt_width,
-                                                       cfg.max_new_tokens, autocast_dtype=autocast_dtype)
+                                                       cfg.max_new_tokens, autocast_dtype=self.autocast_dtype)
 
     @property
     def _generation_batch(self) -> int:
@@ -339,10 +341,12 @@ class PPOTrainer:
 
     def run_key(self) -> dict:
         """What a checkpoint must share with this trainer to be resumed by it: the settings (but
-        RESUMABLE_CHANGES), the seed, the prompts and the number of processes. The weights it
-        starts from are the caller's to check (the pipeline stamps its checkpoint folder)."""
-        return {"ppo": {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in RESUMABLE_CHANGES},
-                "seed": self.seed, "processes": 1 if self.accelerator is None else self.accelerator.num_processes,
+        RESUMABLE_CHANGES), the seed, the prompts, the number of processes and the precision the
+        settings come to here (mixed_precision "auto" is bf16 on a GPU, float32 on a CPU). The weights
+        it starts from are the caller's to check (the pipeline stamps its checkpoint folder)."""
+        settings = {k: v for k, v in dataclasses.asdict(self.cfg).items()
+                    if k not in RESUMABLE_CHANGES and k != "mixed_precision"}  # it counts as what it comes to
+        return {"ppo": settings, "autocast": str(self.autocast_dtype), "seed": self.seed, "processes": 1 if self.accelerator is None else self.accelerator.num_processes,
                 "prompts": hashlib.sha256(json.dumps(self.prompts).encode()).hexdigest()}
 
     def save_checkpoint(self, folder: str | Path) -> None:
@@ -385,6 +389,8 @@ class PPOTrainer:
         folder = Path(folder)
         state = torch.load(folder / self._state_name, weights_only=True)
         ours, theirs = self.run_key(), state.get("run")
+        if theirs is not None and "autocast" not in theirs:  # written before mixed precision: float32 throughout
+            theirs = {**theirs, "autocast": "None"}
         if theirs is not None and theirs != ours:  # (checkpoints written before run keys: not checked)
             changed = ", ".join(changed_keys(ours, theirs))
             raise ValueError(f"the checkpoint in {folder} is another run's ({changed} differ): resuming it would "
@@ -418,6 +424,13 @@ class PPOTrainer:
         self.rng.setstate(_as_random_state(state["rng"]))
         self.generator.set_state(state["generator"])
         self.history = state["history"]
+
+
+def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """ppo.mixed_precision on `device`: the dtype the passes autocast to, or None (the weights' own)."""
+    if mixed_precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if mixed_precision == "bf16" else None
 
 
 def changed_keys(now: dict, then: dict) -> list[str]:
