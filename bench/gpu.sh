@@ -5,11 +5,13 @@
 #   bench/gpu.sh fetch       where pip works: the reference's wheels (TRL 0.29 and what it needs
 #                            beyond torch + transformers + accelerate) and its script into .whl/
 #   bench/gpu.sh run [OUT]   on the GPU machine, from the repository root: the GPU tests, then our
-#                            PPO against the reference on the 124m and 355m shapes, in the same run,
-#                            LoRA on 355m, 124m sampled 16 episodes at a time, and a Llama of the
-#                            124m shape with either decoder; the
-#                            device and tests in OUT/gpu.txt, the tables in OUT/bench.txt, one JSON
-#                            per run (OUT defaults to bench/results)
+#                            PPO against the reference on the 124m and 355m shapes, in the same run
+#                            (124m with a kernel profile of one more step), LoRA on 355m, 124m
+#                            under mixed precision (the pipeline's setting), 124m sampled 16
+#                            episodes at a time, and a Llama (either decoder) and a Qwen3 of the
+#                            124m shape; the device and tests in OUT/gpu.txt, the tables in
+#                            OUT/bench.txt, each run's JSON a line of OUT/runs.jsonl (OUT
+#                            defaults to bench/results)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,30 +29,35 @@ run)
     [ -f .whl/trl_ppo_reference.py ] || { echo "no .whl/: run 'bench/gpu.sh fetch' where pip works" >&2; exit 2; }
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/ref-site .whl/*.whl
     printf '#!/bin/sh\nPYTHONPATH=/tmp/ref-site exec python3 "$@"\n' > /tmp/refpy && chmod +x /tmp/refpy
-    # what comes back from a lent machine is at most 8 files: two logs and one JSON per run
+    # what comes back from a lent machine is at most 8 files: two logs and one file of JSON lines
     log="$out/bench.txt"
+    : > "$out/runs.jsonl"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
         | tee -a "$out/gpu.txt"
     # a failing test or run is reported in the logs and the rest still runs
     python3 -m pytest -q -ra tests/test_gpu.py --noconftest -p no:cacheprovider 2>&1 | tee -a "$out/gpu.txt" || true
-    bench() {  # NAME ARGS...: one benchmark run, its table into the log and its JSON as NAME.json
+    bench() {  # NAME ARGS...: one benchmark run, its table into the log, its JSON a line of runs.jsonl
         local name=$1; shift
         echo "== $name: bench/ppo_throughput.py $*" | tee -a "$log"
         if python3 bench/ppo_throughput.py --device cuda --repeats 1 --out "/tmp/bench-$name" "$@" 2>&1 | tee -a "$log"
-        then cp "/tmp/bench-$name/ppo_throughput.json" "$out/$name.json"
+        then python3 -c "import json, sys; print(json.dumps({'name': sys.argv[1], **json.load(open(sys.argv[2]))}))" \
+                 "$name" "/tmp/bench-$name/ppo_throughput.json" >> "$out/runs.jsonl"
         else echo "== $name FAILED" | tee -a "$log"
         fi
     }
-    for shape in 124m 355m; do  # against the reference, in the same run
-        bench "ppo_$shape" --shape "$shape" --reference-python /tmp/refpy --reference-script .whl/trl_ppo_reference.py
-    done
+    # against the reference, in the same run; 124m then profiles one more step of ours (its kernel table)
+    bench ppo_124m --shape 124m --reference-python /tmp/refpy --reference-script .whl/trl_ppo_reference.py --profile
+    bench ppo_355m --shape 355m --reference-python /tmp/refpy --reference-script .whl/trl_ppo_reference.py
     # LoRA's speed and memory beside full fine-tuning (ours alone: the reference has no LoRA run)
     bench ppo_355m_lora16 --shape 355m --lora 16 --no-reference
+    # the pipeline's setting: float32 weights under bf16 autocast, generation over bf16 copies
+    bench ppo_124m_mixed --shape 124m --mixed --no-reference
     bench ppo_124m_gen16 --shape 124m --generation-batch 16 --no-reference  # the cost of a bounded KV cache
     # a Llama of the 124m shape: the graph decoder against HF's cache (the reference runs GPT-2 only)
     bench ppo_124m_llama_static --shape 124m --family llama --generation static --no-reference
     bench ppo_124m_llama_dynamic --shape 124m --family llama --generation dynamic --no-reference
+    bench ppo_124m_qwen3 --shape 124m --family qwen3 --no-reference
     ;;
 *)
     echo "usage: bench/gpu.sh fetch | run [OUT]" >&2
