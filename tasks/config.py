@@ -200,6 +200,9 @@ class RewardConfig(_Strict):
     max_length: int = Field(64, gt=0, description="longest prompt+response, in tokens")
     eval_file: str | None = Field(None, description="a preference file (our records, HH-RLHF, CSV, Parquet) "
                                                     "to report the reward model's pairwise accuracy on as well")
+    mixed_precision: Literal["auto", "bf16", "no"] = Field(
+        "auto", description="bf16: train under bf16 autocast over float32 weights; no: float32; auto: bf16 on a GPU "
+                            "that has it, no on a CPU (as ppo.mixed_precision)")
 
 
 class EvaluateConfig(_Strict):

@@ -112,13 +112,15 @@ def train(init_ref: str, tokenizer_ref: str, records: list[dict], cfg: PipelineC
         args = TRLRewardConfig(
             output_dir=tmp, num_train_epochs=cfg.reward.epochs, per_device_train_batch_size=cfg.reward.batch_size,
             learning_rate=cfg.reward.lr, max_length=cfg.reward.max_length, seed=cfg.seed,
-            use_cpu=not torch.cuda.is_available(), bf16=False, gradient_checkpointing=False,
+            use_cpu=not torch.cuda.is_available(), bf16=bf16(cfg), gradient_checkpointing=False,
             report_to=[], save_strategy="no", logging_steps=5, disable_tqdm=True, dataset_num_proc=None,
             lr_scheduler_type="linear", warmup_steps=0)
         trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                                 callbacks=[_MlflowLoss()])
         trainer.train()
-    model = trainer.model.float().eval()
+    # without the autocast wrapper accelerate puts on forward under mixed precision: the reward
+    # model is measured, saved and used in float32
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).float().eval()
     metrics = {"train": pairwise_accuracy(model, tokenizer, train_set, chat),
                "held_out": pairwise_accuracy(model, tokenizer, held_out, chat),
                "too_long": len(too_long)}
@@ -131,12 +133,21 @@ def train(init_ref: str, tokenizer_ref: str, records: list[dict], cfg: PipelineC
     return metrics
 
 
+def bf16(cfg: PipelineConfig) -> bool:
+    """reward.mixed_precision on this machine: whether RewardTrainer trains under bf16 autocast."""
+    from tasks.ppo.trainer import autocast_dtype
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return autocast_dtype(cfg.reward.mixed_precision, device) is not None
+
+
 def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
     records = [json.loads(line) for line in ws.accepted.read_text(encoding="utf-8").splitlines() if line.strip()]
     with tracking.stage_run(ws, cfg.project, "train_reward", state, data_file=ws.accepted):
         init = tracking.resolve_model(ws, cfg.models.reward) if cfg.models.reward else str(ws.base_model)
         mlflow.log_params({f"reward.{k}": v for k, v in cfg.reward.model_dump().items()}
-                          | {"reward.init": init, **cfg.chat.params()})
+                          | {"reward.init": init, "reward.autocast": "bfloat16" if bf16(cfg) else "off",
+                             **cfg.chat.params()})
         metrics = train(init, init, records, cfg, ws.reward_model)
         mlflow.log_metrics({"reward/accuracy": metrics["held_out"]["accuracy"],
                             "reward/held_out_loss": metrics["held_out"]["loss"],

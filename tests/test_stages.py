@@ -179,3 +179,26 @@ def test_a_cancelled_round_stops_its_stage_and_what_the_stage_started(tmp_path):
     assert driver.wait(timeout=60) != 0
     alive = still_running(started, timeout=15)
     assert not alive, [(p.pid, p.cmdline()) for p in alive]
+
+
+def test_reward_model_trains_under_bf16_autocast_and_is_measured_in_float32(tiny_model_dir, tmp_path):
+    """reward.mixed_precision: bf16 (a GPU's default; asked for here on the CPU): RewardTrainer trains
+    under autocast, and the model it hands back is measured and saved in float32, without the
+    autocast wrapper accelerate puts on its forward (its scores would be bf16-rounded otherwise)."""
+    from tasks.collect import annotate, sample_pairs
+    from tasks.modeling import load_reward, load_tokenizer
+    from tasks.train_reward import bf16, pairwise_accuracy, split, train
+
+    assert not bf16(load_config(None, FAST))  # auto, on this CPU
+    cfg = load_config(None, {**FAST, "reward.mixed_precision": "bf16"})
+    assert bf16(cfg)
+    triples = sample_pairs(str(tiny_model_dir), scenario.feedback_prompts(), 96, 10, 1.0, seed=1)
+    records = [json.loads(r.to_json()) for r in annotate(triples, 1, None, 3.0, seed=1) if r.label == "pair"]
+    metrics = train(str(tiny_model_dir), str(tiny_model_dir), records, cfg, tmp_path / "reward")
+    assert metrics["held_out"]["accuracy"] > 0.7
+    assert all(t.dtype == torch.float32 for t in load_file(tmp_path / "reward" / "model.safetensors").values())
+    # the figures it reports are the saved model's, loaded as anyone loads it (float32, no autocast)
+    tok = load_tokenizer(tmp_path / "reward")
+    saved = load_reward(tmp_path / "reward", tok.pad_token_id).eval()
+    again = pairwise_accuracy(saved, tok, split(records, cfg.reward.eval_fraction)[1])
+    assert again["n"] == metrics["held_out"]["n"] and again["loss"] == pytest.approx(metrics["held_out"]["loss"], abs=1e-6)

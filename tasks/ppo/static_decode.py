@@ -12,7 +12,9 @@ adapters on them); only the cached attention and the layout of a block are writt
 per family: `_GPT2` (learned positions, fused qkv), `_Llama` (rotary positions, grouped-query
 attention; also Mistral, Qwen2 and Qwen3) and `_Gemma3` (Llama's, with more norms). `sample` in
 rollout.py is the general path (any causal LM, HF's dynamic cache); `supports(lm)` says whether
-this one applies. Imports torch and transformers only.
+this one applies. Under mixed precision (float32 weights, bf16 autocast) it decodes over bf16
+copies of the weights made at each rollout, so the graph casts nothing per token. Imports torch
+and transformers only.
 """
 from __future__ import annotations
 
@@ -168,7 +170,7 @@ LLAMA_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The model's RMSNorm, computed as HF's module computes it, through F.rms_norm: one fused
-    kernel on CUDA for the normalisation where HF's module launches five (cast, square, mean,
+    kernel on CUDA for the normalisation where HF's module launches six (cast, square, mean,
     add, rsqrt, multiply). Llama's weight multiplies after the cast back, Gemma 3's (1 + weight)
     before it. Any other norm module runs as it is."""
     kind = type(norm).__name__
