@@ -3,7 +3,8 @@
 # transformers but no TRL and no network (the lent H100 / H200).
 #
 #   bench/gpu.sh fetch       where pip works: the reference's wheels (TRL 0.29 and what it needs
-#                            beyond torch + transformers + accelerate) and its script into .whl/
+#                            beyond torch + transformers + accelerate, and pydantic for the GPU
+#                            tests of the pipeline's sampling) and its script into .whl/
 #   bench/gpu.sh run [OUT]   on the GPU machine, from the repository root: the GPU tests, then our
 #                            PPO against the reference on the 124m and 355m shapes, in the same run
 #                            (124m with a kernel profile of one more step), LoRA on 355m, 124m
@@ -19,7 +20,8 @@ case "${1:-}" in
 fetch)
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl trl==0.29.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+        -d .whl trl==0.29.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
+        pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5
     cp ../shared/bench/trl_ppo_reference.py .whl/
     du -sh .whl
     ;;
@@ -36,7 +38,9 @@ run)
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
         | tee -a "$out/gpu.txt"
     # a failing test or run is reported in the logs and the rest still runs
-    python3 -m pytest -q -ra tests/test_gpu.py --noconftest -p no:cacheprovider 2>&1 | tee -a "$out/gpu.txt" || true
+    # (pydantic from the same wheels: the pipeline's sampling and scoring read its config types)
+    PYTHONPATH=/tmp/ref-site python3 -m pytest -q -ra tests/test_gpu.py --noconftest -p no:cacheprovider 2>&1 \
+        | tee -a "$out/gpu.txt" || true
     bench() {  # NAME ARGS...: one benchmark run, its table into the log, its JSON a line of runs.jsonl
         local name=$1; shift
         echo "== $name: bench/ppo_throughput.py $*" | tee -a "$log"

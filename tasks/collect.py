@@ -12,7 +12,7 @@ import mlflow
 
 from tasks import scenario, tracking
 from tasks.config import ChatConfig, PipelineConfig
-from tasks.modeling import generate_texts, load_policy, load_tokenizer
+from tasks.modeling import compute_device, generate_texts, load_policy, load_tokenizer
 from tasks.records import PreferenceRecord, write_jsonl_atomic
 from tasks.stage import stage_main
 from tasks.workspace import RoundState, Workspace
@@ -21,7 +21,7 @@ from tasks.workspace import RoundState, Workspace
 def sample_pairs(policy_ref: str, prompts: list[str], pairs_per_prompt: int, max_new_tokens: int,
                  temperature: float, seed: int, chat: ChatConfig | None = None) -> list[tuple[str, str, str]]:
     """(prompt, response A, response B) triples: two independent samples per pair."""
-    tokenizer, model = load_tokenizer(policy_ref, chat), load_policy(policy_ref)
+    tokenizer, model = load_tokenizer(policy_ref, chat), load_policy(policy_ref).to(compute_device())
     batch = [p for p in prompts for _ in range(pairs_per_prompt)]
     a = generate_texts(model, tokenizer, batch, max_new_tokens, temperature, seed, chat=chat)
     b = generate_texts(model, tokenizer, batch, max_new_tokens, temperature, seed + 1, chat=chat)

@@ -19,10 +19,9 @@ import torch
 
 from tasks import prompts as prompts_, scenario, tracking
 from tasks.config import ChatConfig, PipelineConfig
-from tasks.modeling import encode_prompt, generate_texts, load_policy, load_reward, load_tokenizer, score_texts
-from tasks.ppo.core import logprobs_from_logits, response_mask
+from tasks.modeling import (compute_device, encode_prompt, generate_texts, load_policy, load_reward, load_tokenizer,
+                            score_texts, sequence_logprobs)
 from tasks.prompts import check_lengths, heldout_prompts
-from tasks.ppo.rollout import left_pad, position_ids_from_mask
 from tasks.stage import stage_main
 from tasks.workspace import RoundState, Workspace
 
@@ -42,31 +41,6 @@ def win_rate(a: list[float], b: list[float]) -> dict[str, float]:
     wins = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b))
     low, high = wilson_interval(wins, len(a))
     return {"rate": wins / max(len(a), 1), "low": low, "high": high}
-
-
-@torch.no_grad()
-def sequence_logprobs(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 128,
-                      chat: ChatConfig | None = None):
-    """Sum of log-probs of each response (with its EOS) given its prompt, and its token count. (N,), (N,)"""
-    totals, counts = [], []
-    for i in range(0, len(prompts), batch_size):
-        prompt_ids, prompt_mask = left_pad([encode_prompt(tokenizer, p, chat) for p in prompts[i:i + batch_size]],
-                                           tokenizer.pad_token_id)
-        r_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                 for r in responses[i:i + batch_size]]
-        T = max(len(r) for r in r_ids)
-        resp = torch.full((len(r_ids), T), tokenizer.pad_token_id)
-        for j, r in enumerate(r_ids):
-            resp[j, :len(r)] = torch.tensor(r)
-        mask = response_mask(resp, tokenizer.eos_token_id)
-        ids = torch.cat([prompt_ids, resp], 1)
-        att = torch.cat([prompt_mask, mask.long()], 1)
-        pos = position_ids_from_mask(att)
-        logits = model(input_ids=ids, attention_mask=att, position_ids=pos).logits[:, prompt_ids.shape[1] - 1:-1]
-        lp = logprobs_from_logits(logits, resp) * mask
-        totals.append(lp.sum(1))
-        counts.append(mask.sum(1))
-    return torch.cat(totals), torch.cat(counts)
 
 
 def describe(responses: list[str], scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor,
@@ -90,13 +64,14 @@ def evaluate(candidate_ref: str, champion_ref: str, reference_ref: str, reward_r
              prompts: list[str], samples_per_prompt: int, temperature: float, max_new_tokens: int,
              seed: int, gold_judge: bool = True, where: str = "", chat: ChatConfig | None = None) -> tuple[dict, list[dict]]:
     tokenizer = load_tokenizer(reference_ref, chat)
-    reference = load_policy(reference_ref).eval()
+    device = compute_device()  # the GPU if there is one
+    reference = load_policy(reference_ref).to(device).eval()
     check_lengths([encode_prompt(tokenizer, p, chat) for p in prompts], max_new_tokens, reference.config, where)
-    reward = load_reward(reward_ref, tokenizer.pad_token_id).eval()
+    reward = load_reward(reward_ref, tokenizer.pad_token_id).to(device).eval()
     batch = [p for p in prompts for _ in range(samples_per_prompt)]
     results, responses, gold = {}, {}, {}
     for name, ref in (("candidate", candidate_ref), ("champion", champion_ref)):
-        model = load_policy(ref).eval()
+        model = load_policy(ref).to(device).eval()
         texts = generate_texts(model, tokenizer, batch, max_new_tokens, temperature, seed, chat=chat)
         scores = score_texts(reward, tokenizer, batch, texts, chat=chat)
         logp, counts = sequence_logprobs(model, tokenizer, batch, texts, chat=chat)

@@ -111,6 +111,15 @@ def max_positions(config) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
+def compute_device() -> torch.device:
+    """Where sampling and scoring run outside PPO (collect, evaluate, serving): the GPU if there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def load_policy(ref: str | Path, dtype: torch.dtype = torch.float32):
     try:
         return AutoModelForCausalLM.from_pretrained(str(ref), dtype=dtype)
@@ -146,20 +155,22 @@ def save(model, tokenizer, folder: str | Path) -> Path:
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float,
                    seed: int, batch_size: int = 256, chat: ChatConfig | None = None) -> list[str]:
-    """Sample one response per prompt; returns the decoded text after the prompt (no EOS)."""
+    """Sample one response per prompt on the model's device; returns the decoded text after the
+    prompt (no EOS)."""
     from tasks.ppo.core import truncate_after_eos
     from tasks.ppo.rollout import left_pad, sample
 
-    generator = torch.Generator().manual_seed(seed)
+    device = _device(model)
+    generator = torch.Generator(device=device).manual_seed(seed)
     model.eval()
     texts: list[str] = []
     for start in range(0, len(prompts), batch_size):
         ids, mask = left_pad([encode_prompt(tokenizer, p, chat) for p in prompts[start:start + batch_size]],
                              tokenizer.pad_token_id)
-        out = sample(model, ids, mask, max_new_tokens, temperature, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                     generator)
+        out = sample(model, ids.to(device), mask.to(device), max_new_tokens, temperature, tokenizer.eos_token_id,
+                     tokenizer.pad_token_id, generator)
         out = truncate_after_eos(out, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        texts += tokenizer.batch_decode(out, skip_special_tokens=True)
+        texts += tokenizer.batch_decode(out.cpu(), skip_special_tokens=True)
     return texts
 
 
@@ -175,11 +186,46 @@ def score_texts(model, tokenizer, prompts: list[str], responses: list[str], batc
     from tasks.ppo.rollout import left_pad, position_ids_from_mask
 
     model.eval()
+    device = _device(model)
     out = []
     for i in range(0, len(prompts), batch_size):
         ids, mask = left_pad([encode_sequence(tokenizer, p, r, chat)
                               for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])],
                              tokenizer.pad_token_id)
+        ids, mask = ids.to(device), mask.to(device)
         out.append(model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, 0]
-                   .float())
+                   .float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def sequence_logprobs(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 128,
+                      chat: ChatConfig | None = None):
+    """Sum of log-probs of each response (with its EOS) given its prompt, and its token count. (N,), (N,)"""
+    from tasks.ppo.core import logprobs_from_logits, response_mask
+    from tasks.ppo.rollout import keep_last_logits, left_pad, position_ids_from_mask
+
+    totals, counts = [], []
+    for i in range(0, len(prompts), batch_size):
+        prompt_ids, prompt_mask = left_pad([encode_prompt(tokenizer, p, chat) for p in prompts[i:i + batch_size]],
+                                           tokenizer.pad_token_id)
+        r_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                 for r in responses[i:i + batch_size]]
+        T = max(len(r) for r in r_ids)
+        resp = torch.full((len(r_ids), T), tokenizer.pad_token_id)
+        for j, r in enumerate(r_ids):
+            resp[j, :len(r)] = torch.tensor(r)
+        mask = response_mask(resp, tokenizer.eos_token_id)
+        ids = torch.cat([prompt_ids, resp], 1)
+        att = torch.cat([prompt_mask, mask.long()], 1)
+        device = _device(model)
+        ids, att, resp, mask = ids.to(device), att.to(device), resp.to(device), mask.to(device)
+        pos = position_ids_from_mask(att)
+        # the LM head on the response's positions only (and the one before it): the logits of a
+        # large vocabulary over whole sequences would not fit a GPU at this batch size
+        logits = model(input_ids=ids, attention_mask=att, position_ids=pos,
+                       **keep_last_logits(model, T + 1)).logits[:, -(T + 1):-1]
+        lp = logprobs_from_logits(logits, resp) * mask
+        totals.append(lp.sum(1).cpu())
+        counts.append(mask.sum(1).cpu())
+    return torch.cat(totals), torch.cat(counts)

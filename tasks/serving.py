@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 class HFModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from tasks.config import ChatConfig
-        from tasks.modeling import load_policy, load_reward, load_tokenizer
+        from tasks.modeling import compute_device, load_policy, load_reward, load_tokenizer
 
         folder = context.artifacts["hf_model"]
         settings = json.loads(Path(context.artifacts["serving"]).read_text())  # tracking.log_model wrote it
@@ -33,9 +33,10 @@ class HFModel(mlflow.pyfunc.PythonModel):
         self.chat = ChatConfig(**chat) if chat else None
         self.tokenizer = load_tokenizer(folder, self.chat)
         if self.kind == "policy":
-            self.model = load_policy(folder).eval()
+            self.model = load_policy(folder)
         else:
-            self.model = load_reward(folder, self.tokenizer.pad_token_id).eval()
+            self.model = load_reward(folder, self.tokenizer.pad_token_id)
+        self.model = self.model.to(compute_device()).eval()  # served from the GPU where there is one
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list:
         """MLflow has checked the input against the logged signature (tracking.signature) and filled

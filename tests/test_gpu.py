@@ -174,3 +174,33 @@ def test_graph_decoder_runs_a_lora_policy_as_eager_steps_do(arch):
     a = graph.sample(ids, mask, 1.0, -1, 0, torch.Generator("cuda").manual_seed(0))
     b = eager.sample(ids, mask, 1.0, -1, 0, torch.Generator("cuda").manual_seed(0))
     assert graph.graph is not None and torch.equal(a, b)
+
+
+def test_sampling_and_scoring_outside_ppo_run_on_the_gpu(tmp_path):
+    """collect, evaluate and serving sample and score on the model's device (tasks.modeling): on the
+    GPU the same seed gives the same texts, and scores and log-probs come back on the CPU, equal to
+    the CPU's for the same texts to float rounding."""
+    pytest.importorskip("pydantic")  # tasks.modeling reads the pipeline's config types (bench/gpu.sh carries it)
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from tasks import scenario
+    from tasks.modeling import (generate_texts, load_policy, load_reward, load_tokenizer, save, score_texts,
+                                sequence_logprobs)
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(scenario.corpus(2000, 0.1, seed=0), vocab_size=300, special_tokens=["<|endoftext|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=len(tok), n_positions=64,
+                     eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    folder = save(GPT2LMHeadModel(cfg), tok, tmp_path / "model")
+    tok = load_tokenizer(folder)
+    prompts = ["the doctor said", "the ceo said that"] * 4
+    policy, reward = load_policy(folder).cuda(), load_reward(folder, tok.pad_token_id).cuda()
+    texts = generate_texts(policy, tok, prompts, 12, 1.0, seed=3)
+    assert texts == generate_texts(policy, tok, prompts, 12, 1.0, seed=3) and any(texts)
+    scores, (logp, counts) = score_texts(reward, tok, prompts, texts), sequence_logprobs(policy, tok, prompts, texts)
+    assert scores.device.type == logp.device.type == counts.device.type == "cpu"
+    assert torch.allclose(scores, score_texts(reward.cpu(), tok, prompts, texts), atol=1e-4)
+    cpu_logp, cpu_counts = sequence_logprobs(policy.cpu(), tok, prompts, texts)
+    assert torch.allclose(logp, cpu_logp, atol=1e-3) and torch.equal(counts, cpu_counts)

@@ -34,6 +34,9 @@ def test_dvc_repro_runs_every_stage_on_a_users_model(tiny_model_dir, tmp_path):
                                       output_format="list")[0]
     assert pretrain_run.data.params["base_model"] == str(tiny_model_dir)
     assert "pretrain/loss" not in pretrain_run.data.metrics
+    reward_run = mlflow.search_runs(experiment_names=["rlhf"], filter_string="tags.stage = 'train_reward'",
+                                    output_format="list")[0]
+    assert reward_run.data.params["reward.mixed_precision"] == "auto" and reward_run.data.params["reward.autocast"] == "off"
     decision = json.loads(ws.decision_report.read_text())
     client = MlflowClient()
     assert decision["policy_version"] == "1" and decision["reward_version"] == "1"  # no bootstrap without Prefect
