@@ -154,9 +154,12 @@ def save(model, tokenizer, folder: str | Path) -> Path:
 
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float,
-                   seed: int, batch_size: int = 256, chat: ChatConfig | None = None) -> list[str]:
+                   seed: int, batch_size: int = 256, chat: ChatConfig | None = None,
+                   static: bool | None = None) -> list[str]:
     """Sample one response per prompt on the model's device; returns the decoded text after the
-    prompt (no EOS)."""
+    prompt (no EOS). `static`: through PPO's static-cache decoder (a CUDA graph per token), by
+    default on a GPU for the models it covers; else HF's cache, token by token."""
+    from tasks.ppo import static_decode
     from tasks.ppo.core import truncate_after_eos
     from tasks.ppo.rollout import left_pad, sample
 
@@ -167,8 +170,14 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, te
     for start in range(0, len(prompts), batch_size):
         ids, mask = left_pad([encode_prompt(tokenizer, p, chat) for p in prompts[start:start + batch_size]],
                              tokenizer.pad_token_id)
-        out = sample(model, ids.to(device), mask.to(device), max_new_tokens, temperature, tokenizer.eos_token_id,
-                     tokenizer.pad_token_id, generator)
+        ids, mask = ids.to(device), mask.to(device)
+        width = ids.shape[1] + max_new_tokens
+        if static if static is not None else device.type == "cuda" and static_decode.supports(model, width):
+            decoder = static_decode.StaticDecoder(model, len(ids), ids.shape[1], max_new_tokens)
+            out = decoder.sample(ids, mask, temperature, tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
+        else:
+            out = sample(model, ids, mask, max_new_tokens, temperature, tokenizer.eos_token_id,
+                         tokenizer.pad_token_id, generator)
         out = truncate_after_eos(out, tokenizer.eos_token_id, tokenizer.pad_token_id)
         texts += tokenizer.batch_decode(out.cpu(), skip_special_tokens=True)
     return texts

@@ -247,6 +247,19 @@ def test_static_decoder_samples_what_the_dynamic_sampler_samples(model, request)
 
 
 @pytest.mark.parametrize("model", ["tiny_model_dir", "tiny_llama_dir"])
+def test_generate_texts_through_either_decoder_gives_the_same_texts(model, request):
+    """collect, evaluate and serving sample through generate_texts, which takes the static decoder
+    on a GPU: on the same seed it gives what HF's cache gives, batch by batch, greedy or not."""
+    model_dir = request.getfixturevalue(model)
+    tok, lm = load_tokenizer(model_dir), load_policy(model_dir)
+    prompts = scenario.heldout_prompts() * 3  # batches of 4: the last one short, widths vary
+    for temperature in (1.0, 0.0):
+        static = generate_texts(lm, tok, prompts, 10, temperature, seed=5, batch_size=4, static=True)
+        assert static == generate_texts(lm, tok, prompts, 10, temperature, seed=5, batch_size=4, static=False)
+        assert static == generate_texts(lm, tok, prompts, 10, temperature, seed=5, batch_size=4)  # CPU: HF's
+
+
+@pytest.mark.parametrize("model", ["tiny_model_dir", "tiny_llama_dir"])
 def test_static_decoder_logits_match_the_model_at_every_step(model, request):
     """Greedy-free check of the cache itself: each step's logits equal a full forward's, padded rows included."""
     tiny_model_dir = request.getfixturevalue(model)
