@@ -12,7 +12,7 @@ import tempfile
 import mlflow
 import torch
 from tokenizers import ByteLevelBPETokenizer
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from tasks import scenario, tracking
 from tasks.config import PipelineConfig, PretrainConfig
@@ -32,15 +32,19 @@ def train_tokenizer(lines: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     return tok
 
 
-def train_model(tokenizer, lines: list[str], cfg: PretrainConfig, seed: int) -> tuple[GPT2LMHeadModel, list[float]]:
-    """Next-token training on whole sentences, each ending in EOS. Returns the model and losses."""
+def train_model(tokenizer, lines: list[str], cfg: PretrainConfig, seed: int,
+                config=None) -> tuple[GPT2LMHeadModel, list[float]]:
+    """Next-token training on whole sentences, each ending in EOS. Returns the model and losses.
+    `config`: another architecture's config (the tests' Qwen3), else the GPT-2 of `cfg`'s size."""
     torch.manual_seed(seed)
     enc = tokenizer([line + EOS for line in lines], padding="longest", return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]  # (N, L), left-padded
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-                        n_head=cfg.n_head, bos_token_id=tokenizer.eos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = GPT2LMHeadModel(config)
+    if config is None:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=cfg.n_embd,
+                                           n_layer=cfg.n_layer, n_head=cfg.n_head, bos_token_id=tokenizer.eos_token_id,
+                                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    else:
+        model = AutoModelForCausalLM.from_config(config)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)

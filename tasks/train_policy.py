@@ -228,6 +228,7 @@ def train(ws: Workspace, cfg: PipelineConfig, state: RoundState, policy_ref: str
                               | {"ppo.device": device.split(":")[0], "ppo.reference": reference,
                                  "ppo.autocast": str(trainer.autocast_dtype).removeprefix("torch.")
                                  if trainer.autocast_dtype else "off",
+                                 "ppo.decoder": "static" if trainer.decoder is not None else "dynamic",
                                  "prompts.train": prompts_.source(cfg, "train"),
                                  "prompts.train_count": len(prompts), **cfg.chat.params()})
 

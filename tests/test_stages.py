@@ -1,5 +1,6 @@
 """Stages without Prefect: `dvc repro` runs the whole pipeline, here on a user's own model folder."""
 import json
+import math
 import random
 
 import mlflow
@@ -205,3 +206,40 @@ def test_reward_model_trains_under_bf16_autocast_and_is_measured_in_float32(tiny
     saved = load_reward(tmp_path / "reward", tok.pad_token_id).eval()
     again = pairwise_accuracy(saved, tok, split(records, cfg.reward.eval_fraction)[1])
     assert again["n"] == metrics["held_out"]["n"] and again["loss"] == pytest.approx(metrics["held_out"]["loss"], abs=1e-6)
+
+
+def test_a_qwen3_users_model_runs_every_stage(tiny_model_dir, tmp_path):
+    """Not GPT-2: a user's Qwen3 (rotary positions, grouped-query attention, norms on each query and
+    key head) through every stage. Its reward model is a Qwen3 classifier started from it, PPO
+    samples with the static decoder, and both registered models load and answer through MLflow."""
+    import pandas as pd
+    from transformers import AutoConfig, Qwen3Config
+
+    from tasks.modeling import load_tokenizer, save
+    from tasks.pretrain import train_model
+
+    # pre-trained on the scenario's sentences as the GPT-2 is (a random model's gibberish would be
+    # set aside by validation, rightly)
+    tok, pretrain = load_tokenizer(tiny_model_dir), load_config(None, FAST).pretrain
+    lines = scenario.corpus(pretrain.n_sentences, pretrain.neutral_rate, seed=0)
+    qwen3 = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    folder = save(train_model(tok, lines, pretrain, seed=0, config=qwen3)[0], tok, tmp_path / "qwen3")
+    ws = init_workspace(tmp_path / "ws")
+    rounds.write_params(ws, load_config(None, {**FAST, "models.policy": str(folder)}))
+    out = versioning.dvc(ws, "repro").stdout
+    for stage in ("collect", "validate", "train_reward", "train_policy", "evaluate", "promote"):
+        assert f"Running stage '{stage}'" in out
+    assert AutoConfig.from_pretrained(ws.policy_model).architectures == ["Qwen3ForCausalLM"]
+    assert AutoConfig.from_pretrained(ws.reward_model).architectures == ["Qwen3ForSequenceClassification"]
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    ppo_run = mlflow.search_runs(experiment_names=["rlhf"], filter_string="tags.stage = 'train_policy'",
+                                 output_format="list")[0]
+    assert ppo_run.data.params["ppo.decoder"] == "static"
+    policy = mlflow.pyfunc.load_model("models:/rlhf-policy/1")
+    texts = policy.predict(["the ceo said", "the nurse said"], params={"max_new_tokens": 5, "temperature": 0})
+    assert len(texts) == 2 and all(t.startswith(p) for t, p in zip(texts, ["the ceo said", "the nurse said"]))
+    reward = mlflow.pyfunc.load_model("models:/rlhf-reward/1")
+    scores = reward.predict(pd.DataFrame({"prompt": ["the ceo said"] * 2, "response": [" they left .", " he left ."]}))
+    assert len(scores) == 2 and all(math.isfinite(s) for s in scores) and scores[0] != scores[1]
