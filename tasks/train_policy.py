@@ -34,7 +34,7 @@ from tasks.modeling import encode_prompt, load_policy, load_reward, load_tokeniz
 from tasks.ppo import lora
 from tasks.ppo.rollout import PolicyWithValue
 from tasks.ppo.config import RESUMABLE_CHANGES
-from tasks.ppo.trainer import PPOTrainer, changed_keys
+from tasks.ppo.trainer import PPOTrainer, autocast_dtype, changed_keys
 from tasks.stage import StageError, stage_main
 from tasks.workspace import RoundState, Workspace
 
@@ -66,27 +66,31 @@ def _sha256(files: tuple[tuple[str, int, int], ...]) -> str:
     return digest.hexdigest()
 
 
-def build_policy(policy_ref: str, base_ref: str, rank: int, alpha: float, seed: int = 0, reference: bool = True):
+def build_policy(policy_ref: str, base_ref: str, rank: int, alpha: float, seed: int = 0, reference: bool = True,
+                 frozen_dtype: torch.dtype = torch.float32):
     """The policy LM to train and its frozen reference (None: the policy with its adapters off, or
     `reference=False`: the policy alone, with the shape to load its trained weights into).
 
     Without LoRA: the round's policy, the base beside it. With LoRA: the base with the round's
     adapters (continued when the round's policy was saved with adapters on this same base, new
     when the round's policy is the base itself); a policy trained otherwise gets new adapters on
-    its own weights, and then the base is loaded beside it as the reference.
+    its own weights, and then the base is loaded beside it as the reference. `frozen_dtype`: the
+    dtype of LoRA's frozen weights (bf16 under mixed precision: half the memory; the adapters
+    stay float32, as PEFT makes them).
     """
     if not rank:
         return load_policy(policy_ref), load_policy(base_ref) if reference else None
     base = weights_fingerprint(base_ref)
     adapters = Path(policy_ref) / LORA_DIR
     if base and _saved_adapters(adapters) == (base, rank, alpha):
-        return lora.load_lora(load_policy(base_ref), adapters), None
+        return lora.load_lora(load_policy(base_ref, frozen_dtype), adapters), None
     if base and weights_fingerprint(policy_ref) == base:
-        return lora.add_lora(load_policy(base_ref), rank, alpha, seed), None
+        return lora.add_lora(load_policy(base_ref, frozen_dtype), rank, alpha, seed), None
     if reference:
         print(f"LoRA: {policy_ref} holds no rank-{rank} adapters on the base model and is not the base model; "
               "new adapters on its weights, the base model loaded beside it as the reference")
-    return lora.add_lora(load_policy(policy_ref), rank, alpha, seed), load_policy(base_ref) if reference else None
+    return (lora.add_lora(load_policy(policy_ref, frozen_dtype), rank, alpha, seed),
+            load_policy(base_ref, frozen_dtype) if reference else None)
 
 
 def _saved_adapters(folder: Path) -> tuple[str, int, float] | None:
@@ -105,7 +109,9 @@ def save_policy(lm, tokenizer, folder: Path, base_ref: str) -> None:
     if lora.is_lora(lm):
         lm.save_pretrained(folder / LORA_DIR)
         (folder / LORA_DIR / "base.sha256").write_text(weights_fingerprint(base_ref) or "")
-        lm = lm.merge_and_unload()
+        # merged in float32, on the CPU: merged into a bf16 base (mixed precision) the adapters'
+        # update would be rounded to bf16, and an upcast copy on the GPU could outgrow it
+        lm = lm.cpu().float().merge_and_unload()
     save(lm.float(), tokenizer, folder)
 
 
@@ -123,7 +129,9 @@ def build_trainer(policy_ref: str, ref_ref: str, reward_ref: str, prompts: list[
         raise StageError(f"the reward model {reward_ref} has another chat template than the policy {policy_ref}: "
                          "it would score rollouts in a form it was not trained on; start the reward model from "
                          "the policy (leave models.reward empty) or from a model with the same chat template")
-    lm, ref = build_policy(policy_ref, ref_ref, cfg.ppo.lora_rank, cfg.ppo.lora_alpha, seed)
+    mixed = autocast_dtype(cfg.ppo.mixed_precision, torch.device(device)) is not None
+    lm, ref = build_policy(policy_ref, ref_ref, cfg.ppo.lora_rank, cfg.ppo.lora_alpha, seed,
+                           frozen_dtype=torch.bfloat16 if mixed else torch.float32)
     policy = PolicyWithValue(lm).to(device)
     ref = ref.to(device) if ref is not None else None
     reward = load_reward(reward_ref, tokenizer.pad_token_id).to(device)

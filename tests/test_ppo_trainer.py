@@ -1,5 +1,6 @@
 """The PPO loop on a tiny model: it learns, stays near the reference, and resumes exactly."""
 import json
+import math
 
 import pytest
 import torch
@@ -436,6 +437,23 @@ def test_pipeline_lora_saves_merged_weights_and_continues_its_adapters(tiny_mode
     for rank in (0, 8):
         lm5, ref5 = build_policy(str(tmp_path / "round1"), str(base), rank, 16.0, reference=False)
         assert ref5 is None and lora.is_lora(lm5) == bool(rank)
+    # mixed precision: the frozen base in bf16 (half the memory), the adapters and value head float32,
+    # and the saved merge done in float32, so the adapters' update is not rounded to bf16
+    lm6, _ = build_policy(str(champion), str(base), 4, 8.0, frozen_dtype=torch.bfloat16)
+    assert {p.dtype for n, p in lm6.named_parameters() if ".lora_" in n} == {torch.float32}
+    assert {p.dtype for n, p in lm6.named_parameters() if ".lora_" not in n} == {torch.bfloat16}
+    assert PolicyWithValue(lm6).value_head.weight.dtype == torch.float32
+    with torch.no_grad():
+        for name, p in lm6.named_parameters():
+            if ".lora_" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    layer = lm6.base_model.model.transformer.h[0].mlp.c_fc
+    delta = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight).T * layer.scaling["default"]
+    expected = layer.base_layer.weight.float() + delta  # GPT-2's Conv1D keeps its weight transposed
+    save_policy(lm6, load_tokenizer(base), tmp_path / "round1-bf16", str(base))
+    merged = load_file(tmp_path / "round1-bf16" / "model.safetensors")["transformer.h.0.mlp.c_fc.weight"]
+    assert merged.dtype == torch.float32 and torch.allclose(merged, expected, atol=1e-6)
+    assert not torch.equal(merged, merged.to(torch.bfloat16).float())  # not rounded to bf16
 
 
 def test_reward_scores_do_not_depend_on_the_texts_beside_them(tiny_model_dir, tiny_reward_dir):
@@ -769,6 +787,13 @@ def test_mixed_precision_bf16_trains_on_the_cpu_too(tiny_model_dir, tiny_reward_
     assert trainer.run_key()["autocast"] == "torch.bfloat16"
     plain, _ = make_trainer(tiny_model_dir, tiny_reward_dir, steps=3)
     assert plain.autocast_dtype is None and not plain.decoder.shadow and plain.run_key()["autocast"] == "None"
+    # with LoRA the frozen base is held in bf16: the decoder copies only the float32 adapters
+    lora_trainer, _ = make_trainer(tiny_model_dir, tiny_reward_dir, steps=2, mixed_precision="bf16", lora_rank=4)
+    history = lora_trainer.train()
+    assert abs(history[0]["objective/kl"]) < 1e-6 and all(math.isfinite(h["loss/policy"]) for h in history)
+    lm = lora_trainer.policy.lm
+    assert set(lora_trainer.decoder.shadow) == {n for n, p in lm.named_parameters() if p.dtype == torch.float32}
+    assert lora_trainer.decoder.shadow and all(".lora_" in n for n in lora_trainer.decoder.shadow)
 
 
 def test_the_ppo_core_imports_with_torch_and_transformers_alone():

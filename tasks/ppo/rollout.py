@@ -22,7 +22,10 @@ class PolicyWithValue(nn.Module):
         super().__init__()
         self.lm = lm
         hidden = lm.config.hidden_size if hasattr(lm.config, "hidden_size") else lm.config.n_embd
-        self.value_head = nn.Linear(hidden, 1, dtype=next(lm.parameters()).dtype)  # bf16 weights -> bf16 head
+        # in the dtype of the weights that train (bf16 weights: a bf16 head; LoRA's float32 adapters
+        # over a bf16 base: a float32 head)
+        trains = [p.dtype for p in lm.parameters() if p.requires_grad] or [next(lm.parameters()).dtype]
+        self.value_head = nn.Linear(hidden, 1, dtype=trains[0])
         nn.init.zeros_(self.value_head.weight)  # start from V = 0: no bias in the first advantages
         nn.init.zeros_(self.value_head.bias)
 
