@@ -5,7 +5,8 @@
 #   bench/gpu.sh fetch       where pip works: the reference's wheels (TRL 0.29 and what it needs
 #                            beyond torch + transformers + accelerate, and pydantic for the GPU
 #                            tests of the pipeline's sampling) and its script into .whl/
-#   bench/gpu.sh run [OUT]   on the GPU machine, from the repository root: the GPU tests, then our
+#   bench/gpu.sh run [OUT] [tests|bench|all]
+#                            on the GPU machine, from the repository root: the GPU tests, then our
 #                            PPO against the reference on the 124m and 355m shapes, in the same run
 #                            (124m with a kernel profile of one more step), LoRA on 355m, 124m
 #                            under mixed precision (the pipeline's setting), 124m sampled 16
@@ -27,20 +28,25 @@ fetch)
     ;;
 run)
     out=${2:-bench/results}
+    part=${3:-all}  # tests | bench | all: the two halves fit one 10-minute device call each
+    case "$part" in tests|bench|all) ;; *) echo "bench/gpu.sh run [OUT] [tests|bench|all], not '$part'" >&2; exit 2;; esac
     mkdir -p "$out"
     [ -f .whl/trl_ppo_reference.py ] || { echo "no .whl/: run 'bench/gpu.sh fetch' where pip works" >&2; exit 2; }
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/ref-site .whl/*.whl
     printf '#!/bin/sh\nPYTHONPATH=/tmp/ref-site exec python3 "$@"\n' > /tmp/refpy && chmod +x /tmp/refpy
     # what comes back from a lent machine is at most 8 files: two logs and one file of JSON lines
     log="$out/bench.txt"
-    : > "$out/runs.jsonl"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
         | tee -a "$out/gpu.txt"
     # a failing test or run is reported in the logs and the rest still runs
-    # (pydantic from the same wheels: the pipeline's sampling and scoring read its config types)
-    PYTHONPATH=/tmp/ref-site python3 -m pytest -q -ra tests/test_gpu.py --noconftest -p no:cacheprovider 2>&1 \
-        | tee -a "$out/gpu.txt" || true
+    if [ "$part" != bench ]; then
+        # (pydantic from the same wheels: the pipeline's sampling and scoring read its config types)
+        PYTHONPATH=/tmp/ref-site python3 -m pytest -q -ra tests/test_gpu.py --noconftest -p no:cacheprovider 2>&1 \
+            | tee -a "$out/gpu.txt" || true
+    fi
+    [ "$part" = tests ] && exit 0
+    : > "$out/runs.jsonl"
     bench() {  # NAME ARGS...: one benchmark run, its table into the log, its JSON a line of runs.jsonl
         local name=$1; shift
         echo "== $name: bench/ppo_throughput.py $*" | tee -a "$log"
@@ -64,7 +70,7 @@ run)
     bench ppo_124m_qwen3 --shape 124m --family qwen3 --no-reference
     ;;
 *)
-    echo "usage: bench/gpu.sh fetch | run [OUT]" >&2
+    echo "usage: bench/gpu.sh fetch | run [OUT] [tests|bench|all]" >&2
     exit 2
     ;;
 esac
