@@ -176,6 +176,31 @@ def test_graph_decoder_runs_a_lora_policy_as_eager_steps_do(arch):
     assert graph.graph is not None and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("lora_base", [False, True])
+def test_graph_decoder_under_mixed_precision_reads_fresh_bf16_copies(arch, lora_base):
+    """float32 weights (or LoRA's float32 adapters over a bf16 base) under bf16 autocast: the graph
+    replays over bf16 copies of them, made again at each sample(), so after an in-place update the
+    captured graph samples what eager steps over the new weights sample."""
+    from tasks.ppo.lora import add_lora
+
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(CONFIGS[arch], dtype=torch.bfloat16 if lora_base else torch.float32)
+    lm = (add_lora(lm, rank=4, alpha=8) if lora_base else lm).cuda().eval()
+    ids, mask = prompts(8, 16)
+    graph = static_decode.StaticDecoder(lm, 8, 16, 20, use_graph=True, autocast_dtype=torch.bfloat16)
+    eager = static_decode.StaticDecoder(lm, 8, 16, 20, use_graph=False, autocast_dtype=torch.bfloat16)
+    for update in range(2):
+        a = graph.sample(ids, mask, 1.0, -1, 0, torch.Generator("cuda").manual_seed(update))
+        b = eager.sample(ids, mask, 1.0, -1, 0, torch.Generator("cuda").manual_seed(update))
+        assert graph.graph is not None and torch.equal(a, b), update
+        assert graph.shadow and all(t.dtype == torch.bfloat16 for t in graph.shadow.values())
+        with torch.no_grad():  # an optimizer step: same storage, new values
+            for p in lm.parameters():
+                if p.dtype == torch.float32:
+                    p.add_(torch.randn_like(p) * 0.05)
+
+
 def test_sampling_and_scoring_outside_ppo_run_on_the_gpu(tmp_path):
     """collect, evaluate and serving sample and score on the model's device (tasks.modeling): on the
     GPU the same seed gives the same texts, and scores and log-probs come back on the CPU, equal to
