@@ -78,10 +78,13 @@ class _GPT2:
         return None  # learned positions, added to the embeddings
 
     def qkv(self, block: nn.Module, h: torch.Tensor, rope):
+        """q (B, heads, S, D) and keys and values together (2, B, heads, S, D): both views of the
+        one projection, so the cache takes keys and values in one copy."""
         attn = block.attn
-        q, k, v = attn.c_attn(block.ln_1(h)).split(attn.split_size, dim=2)
-        B, S, _ = q.shape
-        return (x.view(B, S, attn.num_heads, attn.head_dim).transpose(1, 2) for x in (q, k, v))
+        x = attn.c_attn(block.ln_1(h))
+        B, S, _ = x.shape
+        x = x.view(B, S, 3, attn.num_heads, attn.head_dim)  # [q | k | v] along the last dim
+        return x[:, :, 0].transpose(1, 2), x[:, :, 1:].permute(2, 0, 3, 1, 4)
 
     def out(self, block: nn.Module, a: torch.Tensor) -> torch.Tensor:
         return block.attn.c_proj(a)
@@ -140,7 +143,7 @@ class _Llama:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         cos, sin = rope[self.layer_kind[id(block)]]
         # in float32 as HF's (its bf16 q and k meet float32 cos / sin), kept in the projection's dtype
-        return _rotate(q, cos, sin).to(q.dtype), _rotate(k, cos, sin).to(k.dtype), v
+        return _rotate(q, cos, sin).to(q.dtype), torch.stack((_rotate(k, cos, sin).to(k.dtype), v))
 
     def out(self, block: nn.Module, a: torch.Tensor) -> torch.Tensor:
         return block.self_attn.o_proj(a)
@@ -233,8 +236,9 @@ class StaticDecoder:
         # runs in bf16 throughout, as over bf16 weights; `shadow` maps names to those copies.
         self.shadow: dict[str, torch.Tensor] = {}
         shape = (batch, self.arch.n_kv, self.L, self.arch.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.arch.blocks]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.arch.blocks]
+        # keys and values of a layer in one buffer (2, B, kv_heads, L, D): one copy writes both
+        self.kv = [torch.zeros((2, *shape), dtype=dtype, device=device) for _ in self.arch.blocks]
+        self.k, self.v = [kv[0] for kv in self.kv], [kv[1] for kv in self.kv]
         # Per-step state, all in fixed buffers so the captured graph can read and advance it.
         self.mask = torch.zeros(batch, 1, 1, self.L, dtype=torch.bool, device=device)  # True = may attend
         self.col = torch.zeros(1, dtype=torch.long, device=device)  # cache column of the token fed in
@@ -274,15 +278,16 @@ class StaticDecoder:
 
     def _blocks(self, h: torch.Tensor, pos: torch.Tensor, write, attn_mask: torch.Tensor,
                 decode: bool) -> torch.Tensor:
-        """The transformer blocks; `write(layer, k, v)` stores new keys/values and returns the cache to attend."""
+        """The transformer blocks; `write(layer, kv)` stores new keys and values (2, B, kv_heads, S, D)
+        and returns the keys and values to attend."""
         arch = self.arch
         groups = arch.n_head // arch.n_kv  # query heads per key/value head
         rope = arch.rotary(pos)  # every layer's positions, looked up once
         blocked = ~attn_mask if decode else None  # once per step, not per layer
         for i, block in enumerate(arch.blocks):
-            q, k, v = arch.qkv(block, h, rope)  # (B, heads, S, D), positions applied
+            q, kv = arch.qkv(block, h, rope)  # (B, heads, S, D) and (2, B, kv_heads, S, D), positions applied
             B, _, S, D = q.shape
-            keys, values = write(i, k, v)
+            keys, values = write(i, kv)
             keys, values = keys.to(q.dtype), values.to(q.dtype)
             if decode:  # one query per row: plain matmuls beat a fused attention kernel's launch cost here
                 # q is a strided view of the projection; the matmul needs it copied into a layout
@@ -322,10 +327,9 @@ class StaticDecoder:
         # a left-padding row attends to nothing; let it see itself so softmax stays finite (ignored)
         attn_mask = attn_mask | torch.eye(P, dtype=torch.bool, device=real.device)[None, None]
 
-        def write(i, k, v):
-            self.k[i][:, :, :P] = k
-            self.v[i][:, :, :P] = v
-            return k, v
+        def write(i, kv):
+            self.kv[i][:, :, :, :P] = kv
+            return kv[0], kv[1]
 
         h = self._blocks(self.arch.embed(prompt_ids, pos), pos, write, attn_mask, decode=False)
         self.mask.zero_()
@@ -338,9 +342,8 @@ class StaticDecoder:
         """One token per row at column `col`: writes its keys/values, leaves next-token logits in `logits`."""
         self.mask.index_fill_(3, self.col, True)
 
-        def write(i, k, v):
-            self.k[i].index_copy_(2, self.col, k.to(self.k[i].dtype))
-            self.v[i].index_copy_(2, self.col, v.to(self.v[i].dtype))
+        def write(i, kv):
+            self.kv[i].index_copy_(3, self.col, kv.to(self.kv[i].dtype))
             return self.k[i], self.v[i]
 
         pos = self.pos[:, None]
