@@ -63,22 +63,35 @@ def describe(responses: list[str], scores: torch.Tensor, logp: torch.Tensor, ref
 def evaluate(candidate_ref: str, champion_ref: str, reference_ref: str, reward_ref: str,
              prompts: list[str], samples_per_prompt: int, temperature: float, max_new_tokens: int,
              seed: int, gold_judge: bool = True, where: str = "", chat: ChatConfig | None = None) -> tuple[dict, list[dict]]:
+    """Both policies sample the same held-out prompts; the reference and the reward model then read
+    every response. One model is on the device at a time (a GPU holds the largest of the four, not
+    all of them): each policy samples and scores its own log-probs, then the reference reads both
+    sides' responses, then the reward model scores them."""
     tokenizer = load_tokenizer(reference_ref, chat)
     device = compute_device()  # the GPU if there is one
-    reference = load_policy(reference_ref).to(device).eval()
-    check_lengths([encode_prompt(tokenizer, p, chat) for p in prompts], max_new_tokens, reference.config, where)
-    reward = load_reward(reward_ref, tokenizer.pad_token_id).to(device).eval()
     batch = [p for p in prompts for _ in range(samples_per_prompt)]
-    results, responses, gold = {}, {}, {}
-    for name, ref in (("candidate", candidate_ref), ("champion", champion_ref)):
+    sides = {"candidate": candidate_ref, "champion": champion_ref}
+    texts, logp, counts = {}, {}, {}
+    for name, ref in sides.items():
         model = load_policy(ref).to(device).eval()
-        texts = generate_texts(model, tokenizer, batch, max_new_tokens, temperature, seed, chat=chat)
-        scores = score_texts(reward, tokenizer, batch, texts, chat=chat)
-        logp, counts = sequence_logprobs(model, tokenizer, batch, texts, chat=chat)
-        ref_logp, _ = sequence_logprobs(reference, tokenizer, batch, texts, chat=chat)
-        results[name] = describe(texts, scores, logp, ref_logp, counts, gold_judge)
-        responses[name] = (texts, scores.tolist())
-        gold[name] = [scenario.gold_score(t) for t in texts]
+        if name == "candidate":  # before any sampling: a prompt too long for the model stops here
+            check_lengths([encode_prompt(tokenizer, p, chat) for p in prompts], max_new_tokens, model.config, where)
+        texts[name] = generate_texts(model, tokenizer, batch, max_new_tokens, temperature, seed, chat=chat)
+        logp[name], counts[name] = sequence_logprobs(model, tokenizer, batch, texts[name], chat=chat)
+        del model
+        _release(device)
+    reference = load_policy(reference_ref).to(device).eval()
+    ref_logp = {name: sequence_logprobs(reference, tokenizer, batch, texts[name], chat=chat)[0] for name in sides}
+    del reference
+    _release(device)
+    reward = load_reward(reward_ref, tokenizer.pad_token_id).to(device).eval()
+    scores = {name: score_texts(reward, tokenizer, batch, texts[name], chat=chat) for name in sides}
+    del reward
+    _release(device)
+    results = {name: describe(texts[name], scores[name], logp[name], ref_logp[name], counts[name], gold_judge)
+               for name in sides}
+    responses = {name: (texts[name], scores[name].tolist()) for name in sides}
+    gold = {name: [scenario.gold_score(t) for t in texts[name]] for name in sides}
     report = {
         **{f"{side}/{k}": v for side in results for k, v in results[side].items()},
         **{f"win_rate/{k}": v for k, v in win_rate(responses["candidate"][1], responses["champion"][1]).items()},
@@ -89,6 +102,12 @@ def evaluate(candidate_ref: str, champion_ref: str, reference_ref: str, reward_r
     table = [{"prompt": p, "champion": c, "champion_reward": cs, "candidate": n, "candidate_reward": ns}
              for p, c, cs, n, ns in zip(batch, *responses["champion"], *responses["candidate"])]
     return report, table
+
+
+def _release(device: torch.device) -> None:
+    """Hand a dropped model's memory back, for the next model (the caching allocator keeps it)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def log_report(report: dict, table: list[dict]) -> None:
