@@ -157,8 +157,23 @@ def test_missing_config_file(tmp_path):
 
 
 def test_project_params_yaml_is_the_documented_default():
+    """The project's params.yaml holds the defaults, and names every setting (each with its comment)."""
+    import yaml
+
     root = Path(__file__).resolve().parents[1]
     assert load_config(root / "params.yaml") == load_config(None)
+
+    def missing(settings: dict, written: dict, prefix: str = "") -> list[str]:
+        out = []
+        for key, value in settings.items():
+            if key not in written:
+                out.append(prefix + key)
+            elif isinstance(value, dict) and value and isinstance(written[key], dict):
+                out += missing(value, written[key], f"{prefix}{key}.")
+        return out
+
+    written = yaml.safe_load((root / "params.yaml").read_text())
+    assert missing(load_config(None).model_dump(by_alias=True), written) == []
 
 
 # ---- CLI arguments ----------------------------------------------------------------------------
