@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 
 from tasks import tracking
 from tasks.config import ChatConfig, PipelineConfig
-from tasks.modeling import encode_sequence, load_reward, load_tokenizer, pair_token_length, save, score_texts
+from tasks.modeling import compute_device, encode_sequence, load_reward, load_tokenizer, pair_token_length, save, score_texts
 from tasks.stage import StageError, stage_main
 from tasks.workspace import RoundState, Workspace
 
@@ -137,8 +137,7 @@ def bf16(cfg: PipelineConfig) -> bool:
     """reward.mixed_precision on this machine: whether RewardTrainer trains under bf16 autocast."""
     from tasks.ppo.trainer import autocast_dtype
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return autocast_dtype(cfg.reward.mixed_precision, device) is not None
+    return autocast_dtype(cfg.reward.mixed_precision, compute_device()) is not None
 
 
 def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
