@@ -211,9 +211,10 @@ def score_texts(model, tokenizer, prompts: list[str], responses: list[str], batc
 def sequence_logprobs(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 128,
                       chat: ChatConfig | None = None):
     """Sum of log-probs of each response (with its EOS) given its prompt, and its token count. (N,), (N,)"""
-    from tasks.ppo.core import logprobs_from_logits, response_mask
-    from tasks.ppo.rollout import keep_last_logits, left_pad, position_ids_from_mask
+    from tasks.ppo.core import response_mask
+    from tasks.ppo.rollout import left_pad, response_forward
 
+    device = _device(model)
     totals, counts = [], []
     for i in range(0, len(prompts), batch_size):
         prompt_ids, prompt_mask = left_pad([encode_prompt(tokenizer, p, chat) for p in prompts[i:i + batch_size]],
@@ -224,17 +225,10 @@ def sequence_logprobs(model, tokenizer, prompts: list[str], responses: list[str]
         resp = torch.full((len(r_ids), T), tokenizer.pad_token_id)
         for j, r in enumerate(r_ids):
             resp[j, :len(r)] = torch.tensor(r)
-        mask = response_mask(resp, tokenizer.eos_token_id)
-        ids = torch.cat([prompt_ids, resp], 1)
-        att = torch.cat([prompt_mask, mask.long()], 1)
-        device = _device(model)
-        ids, att, resp, mask = ids.to(device), att.to(device), resp.to(device), mask.to(device)
-        pos = position_ids_from_mask(att)
-        # the LM head on the response's positions only (and the one before it): the logits of a
-        # large vocabulary over whole sequences would not fit a GPU at this batch size
-        logits = model(input_ids=ids, attention_mask=att, position_ids=pos,
-                       **keep_last_logits(model, T + 1)).logits[:, -(T + 1):-1]
-        lp = logprobs_from_logits(logits, resp) * mask
+        mask = response_mask(resp, tokenizer.eos_token_id).to(device)
+        # PPO's scoring pass, as the rollout reads log-probs (the LM head on the response's positions only)
+        lp = response_forward(model, prompt_ids.to(device), prompt_mask.to(device), resp.to(device), mask, 1.0,
+                              with_value=False, with_entropy=False)["logprobs"] * mask
         totals.append(lp.sum(1).cpu())
         counts.append(mask.sum(1).cpu())
     return torch.cat(totals), torch.cat(counts)

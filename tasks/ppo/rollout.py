@@ -31,7 +31,7 @@ class PolicyWithValue(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      output_hidden_states=True, use_cache=False, **keep_last_logits(self.lm, logits_to_keep))
+                      output_hidden_states=True, use_cache=False, **_keep(self.lm, logits_to_keep))
         values = self.value_head(out.hidden_states[-1]).squeeze(-1)  # (B, L)
         return out.logits, values
 
@@ -77,7 +77,7 @@ def base_model(lm: nn.Module) -> nn.Module:
     return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
 
 
-def keep_last_logits(lm: nn.Module, n: int) -> dict:
+def _keep(lm: nn.Module, n: int) -> dict:
     """HF's `logits_to_keep`: the LM head runs on the last n positions only (the response's)."""
     model = base_model(lm)  # PEFT passes it through
     return {"logits_to_keep": n} if n and "logits_to_keep" in inspect.signature(model.forward).parameters else {}
@@ -168,7 +168,7 @@ def response_forward(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: to
         out["values"] = values[:, P - 1:-1].float()
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False, **keep_last_logits(model, T + 1)).logits
+                       use_cache=False, **_keep(model, T + 1)).logits
     logits = logits[:, -(T + 1):-1]  # (B, T, V): all columns, or the T + 1 kept
     if temperature != 1.0:
         logits = logits / temperature
