@@ -309,9 +309,6 @@ class StaticDecoder:
         """(B, D) last hidden states -> (B, V) logits in the compute dtype, through the padded head copy."""
         return (h.to(self.head.dtype) @ self.head.T)[:, :self.logits.shape[1]]
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self._head_logits(h).float()
-
     @torch.no_grad()
     def refresh_head(self) -> None:
         """Copy the LM head's current weights into the padded copy (every rollout: they train)."""
@@ -336,7 +333,7 @@ class StaticDecoder:
         self.mask[:, 0, 0, :P] = real
         self.pos.copy_(real.long().sum(-1))
         self.col.fill_(P)
-        return self._logits(h[:, -1])
+        return self._head_logits(h[:, -1]).float()
 
     def _step(self) -> None:
         """One token per row at column `col`: writes its keys/values, leaves next-token logits in `logits`."""

@@ -346,7 +346,8 @@ class PPOTrainer:
         it starts from are the caller's to check (the pipeline stamps its checkpoint folder)."""
         settings = {k: v for k, v in dataclasses.asdict(self.cfg).items()
                     if k not in RESUMABLE_CHANGES and k != "mixed_precision"}  # it counts as what it comes to
-        return {"ppo": settings, "autocast": str(self.autocast_dtype), "seed": self.seed, "processes": 1 if self.accelerator is None else self.accelerator.num_processes,
+        return {"ppo": settings, "autocast": str(self.autocast_dtype), "seed": self.seed,
+                "processes": 1 if self.accelerator is None else self.accelerator.num_processes,
                 "prompts": hashlib.sha256(json.dumps(self.prompts).encode()).hexdigest()}
 
     def save_checkpoint(self, folder: str | Path) -> None:
