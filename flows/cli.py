@@ -163,7 +163,11 @@ def cmd_run(args) -> int:
     cfg = load_config(config_path, overrides)  # fails here, before any work, on a bad config
 
     from flows.pipeline import rlhf_loop
+    from tasks.promote import check_same_base
     from tasks.rounds import headline
+    from tasks.workspace import init_workspace
+
+    check_same_base(init_workspace(ws_root), cfg)  # as the flow does, said before a server starts
 
     results = rlhf_loop(workspace=str(ws_root), rounds_=args.rounds, config=cfg)
     for line in results:
@@ -483,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tasks.config import ConfigError
     from tasks.errors import ModelLoadError
+    from tasks.promote import BaseChanged
     from tasks.versioning import VersioningError
 
     try:
@@ -491,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
                     "compare": cmd_registry, "promote": cmd_registry, "rollback": cmd_registry,
                     "gc": cmd_gc, "server": cmd_server, "serve": cmd_serve}
         return commands[args.command](args)
-    except (ConfigError, ModelLoadError) as e:
+    except (ConfigError, ModelLoadError, BaseChanged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except VersioningError as e:  # a stage failed: its own message is at the end of what DVC printed

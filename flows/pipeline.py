@@ -44,6 +44,8 @@ def run_stage(workspace: str, stage: str) -> bool:
 @task(cache_policy=NO_CACHE)
 def prepare_workspace(workspace: str, config: PipelineConfig | None) -> PipelineConfig:
     ws = init_workspace(workspace)
+    # before params.yaml changes and the base model is made again: nothing of the workspace is touched
+    promote.check_same_base(ws, config if config is not None else load_config(ws.params))
     if config is not None and rounds.write_params(ws, config):
         get_run_logger().info("params.yaml updated from the run's parameters")
     return load_config(ws.params)

@@ -12,7 +12,9 @@ import math
 from dataclasses import asdict, dataclass
 
 import mlflow
+import yaml
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from tasks import tracking
 from tasks.config import GatesConfig, PipelineConfig
@@ -62,6 +64,65 @@ def check_gates(report: dict, gates: GatesConfig) -> list[Gate]:
     ]
 
 
+class BaseChanged(ValueError):
+    """The config names another base model than the one the champion was trained from."""
+
+
+def base_identity(cfg: PipelineConfig) -> dict:
+    """The settings the base model (models/base: the first champion, PPO's reference, the tokenizer)
+    is made from: your model, or the built-in scenario's seed and pre-training settings. Recorded
+    on every registered version (tag `base_model`): a champion trained from one base cannot go on
+    training against another."""
+    return _identity(cfg.models.policy, cfg.seed, cfg.pretrain.model_dump())
+
+
+def _identity(policy: str | None, seed: int, pretrain: dict) -> dict:
+    if policy:
+        return {"models.policy": policy}  # the seed and pre-training settings do not touch your model
+    return {"models.policy": None, "seed": seed, **{f"pretrain.{k}": v for k, v in pretrain.items()}}
+
+
+def base_differences(before: dict, now: dict) -> list[str]:
+    """Pure: the settings that differ, as 'key: old -> new'. A key only one side has is a setting
+    added or dropped by an upgrade (its default), not a change."""
+    return [f"{k}: {before[k]!r} -> {now[k]!r}" for k in before if k in now and before[k] != now[k]]
+
+
+def _locked_base(ws: Workspace) -> dict | None:
+    """The base settings dvc.lock says the pretrain stage last ran with: the base of a champion
+    registered before versions carried the `base_model` tag."""
+    try:
+        params = yaml.safe_load((ws.root / "dvc.lock").read_text())["stages"]["pretrain"]["params"]["params.yaml"]
+    except (OSError, TypeError, KeyError, yaml.YAMLError):
+        return None
+    return _identity(params.get("models.policy"), params.get("seed"), params.get("pretrain") or {})
+
+
+def version_base(version) -> dict | None:
+    """A registered version's base settings (its `base_model` tag), None for one registered before the tag."""
+    recorded = version.tags.get(tracking.BASE)
+    return json.loads(recorded) if recorded else None
+
+
+def check_same_base(ws: Workspace, cfg: PipelineConfig) -> None:
+    """Refuse, before anything runs, a config whose base model is not the champion's: the round
+    would sample from the champion, then train it against another reference (another tokenizer,
+    or another model's log-probs). A workspace holds one base model's line of policies."""
+    client = tracking.setup(ws, cfg.project)
+    try:
+        champion = client.get_model_version_by_alias(cfg.policy_name, tracking.CHAMPION)
+    except MlflowException:
+        return  # no champion yet: this round's base becomes the first
+    before = version_base(champion) or _locked_base(ws)
+    changed = base_differences(before or {}, base_identity(cfg))
+    if changed:
+        raise BaseChanged(
+            f"the champion {cfg.policy_name} v{champion.version} was trained from another base model than this "
+            f"config names ({'; '.join(changed)}). A workspace trains one base model's line of policies: "
+            f"train the new one in a workspace of its own (`rlhf run --workspace DIR`, with the new settings), "
+            f"or set these back")
+
+
 def move_champion(client: MlflowClient, name: str, version: str, reason: str) -> str | None:
     """champion -> version, old champion -> previous. Returns the old champion version."""
     old = tracking.alias_version(client, name, tracking.CHAMPION)
@@ -82,6 +143,7 @@ def bootstrap_champion(ws: Workspace, cfg: PipelineConfig, state: RoundState) ->
         return current
     with tracking.stage_run(ws, cfg.project, "bootstrap", state):
         version = tracking.log_model(ws.base_model, "policy", cfg.policy_name, cfg.chat_format, {"round": 0}).version
+    client.set_model_version_tag(cfg.policy_name, version, tracking.BASE, json.dumps(base_identity(cfg)))
     move_champion(client, cfg.policy_name, version, "bootstrap: the base policy before any feedback")
     return version
 
@@ -122,6 +184,7 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
         client.set_model_version_tag(name, version, "round", str(state.round))
         client.set_model_version_tag(name, version, "promoted", str(promoted).lower())
         client.set_model_version_tag(name, version, "gates", summary)
+        client.set_model_version_tag(name, version, tracking.BASE, json.dumps(base_identity(cfg)))
     if promoted:
         move_champion(client, cfg.policy_name, policy_version, f"round {state.round}: all gates passed")
         move_champion(client, cfg.reward_name, reward_version, f"round {state.round}: trained the promoted policy")

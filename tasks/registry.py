@@ -15,7 +15,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 
 from tasks import tracking
 from tasks.config import PipelineConfig
-from tasks.promote import move_champion
+from tasks.promote import base_differences, base_identity, move_champion, version_base
 from tasks.workspace import Workspace, folder_bytes
 
 COMPARED = ["candidate/reward_mean", "candidate/neutral_rate", "candidate/fluent_rate", "candidate/kl_to_reference",
@@ -98,6 +98,12 @@ def head_to_head(ws: Workspace, cfg: PipelineConfig, a: str, b: str) -> dict:
 
     client = tracking.setup(ws, cfg.project)
     va, vb = _pair(client, cfg.policy_name, a, b)
+    for v in (va, vb):  # KL to this workspace's reference and the champion's scores would mean nothing
+        changed = base_differences(version_base(v) or {}, base_identity(cfg))
+        if changed:
+            raise RegistryError(f"{cfg.policy_name} v{v.version} was trained from another base model than this "
+                                f"workspace's ({'; '.join(changed)}): it cannot be evaluated against this base and "
+                                f"judged by this reward model; `rlhf compare` without --evaluate shows its own figures")
     reward = tracking.alias_version(client, cfg.reward_name, tracking.CHAMPION)
     if reward is None:
         raise RegistryError(f"{cfg.reward_name} has no champion to judge with yet; run a round first")

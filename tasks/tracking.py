@@ -26,6 +26,7 @@ SERVING_SETTINGS = "serving.json"  # the artifact serving.py reads: {"kind": "po
 PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "pandas"]
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 PRUNED = "pruned"  # version tag set by `rlhf gc`: when and why the version's weights were deleted
+BASE = "base_model"  # version tag: JSON of the settings the version's base model was made from (promote.base_identity)
 # A served policy's `predict(prompts, params={...})` settings: MLflow passes params on only when the
 # logged signature names them, and fills in these defaults.
 PREDICT_PARAMS = {"max_new_tokens": ("long", 32), "temperature": ("double", 1.0), "seed": ("long", 0)}

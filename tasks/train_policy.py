@@ -119,6 +119,10 @@ def build_trainer(policy_ref: str, ref_ref: str, reward_ref: str, prompts: list[
                   seed: int, checkpoint_dir=None, device: str = "cpu", accelerator=None) -> tuple[PPOTrainer, object]:
     chat = cfg.chat_format
     tokenizer = load_tokenizer(policy_ref, chat)
+    if load_tokenizer(ref_ref, chat).get_vocab() != tokenizer.get_vocab():
+        raise StageError(f"the policy {policy_ref} uses another tokenizer than its reference, the base model "
+                         f"{ref_ref}: it was trained from another base model. Train the base model's own line "
+                         "of policies in a workspace of its own, or set models.policy back")
     reward_tokenizer = load_tokenizer(reward_ref, chat)
     if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise StageError(f"the reward model {reward_ref} uses another tokenizer than the policy {policy_ref}; "

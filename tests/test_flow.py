@@ -323,6 +323,54 @@ def test_compare_rollback_and_manual_promotion_are_logged(finished_round, capsys
     assert runs[0].data.params["reason"] == "issue fixed upstream"
 
 
+def test_a_config_naming_another_base_model_is_refused_before_anything_changes(finished_round, tiny_model_dir,
+                                                                              capsys, tmp_path):
+    """A workspace trains one base model's policies: every version records its base, and a round
+    whose config names another (your model after the demo's, another seed of the scenario's) stops
+    before params.yaml, the base model or git change, from the CLI and from a flow run alike."""
+    from flows.cli import main
+    from flows.pipeline import rlhf_round
+    from tasks.promote import BaseChanged, base_identity
+
+    ws, _ = finished_round
+    root, cfg = str(ws.root), load_config(ws.params)
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    client = MlflowClient()
+    for name, version in ((cfg.policy_name, "1"), (cfg.policy_name, "2"), (cfg.reward_name, "1")):
+        assert json.loads(client.get_model_version(name, version).tags["base_model"]) == base_identity(cfg)
+    champion = str(client.get_model_version_by_alias(cfg.policy_name, "champion").version)
+    params, head = ws.params.read_text(), git(ws, "rev-parse", "HEAD")
+    base_files = {p.name: p.stat().st_mtime_ns for p in ws.base_model.iterdir()}
+    assert main(["run", "--policy-model", str(tiny_model_dir), "--workspace", root]) == 2
+    err = capsys.readouterr().err
+    assert f"the champion rlhf-policy v{champion} was trained from another base model" in err
+    assert f"models.policy: None -> '{tiny_model_dir}'" in err and "--workspace DIR" in err
+    changed = tmp_path / "params.yaml"
+    changed.write_text(params.replace("seed: 0", "seed: 7", 1))
+    assert main(["run", "--config", str(changed), "--workspace", root]) == 2
+    assert "seed: 0 -> 7" in capsys.readouterr().err
+    with pytest.raises(BaseChanged, match="models.policy: None -> 'gpt2'"):  # a run triggered from the UI
+        rlhf_round(workspace=root, config=load_config(ws.params, {"models.policy": "gpt2"}))
+    # a champion registered before versions carried the tag: its base is what dvc.lock says pretrain ran with
+    client.delete_model_version_tag(cfg.policy_name, champion, "base_model")
+    try:
+        assert main(["run", "--policy-model", str(tiny_model_dir), "--workspace", root]) == 2
+        assert f"models.policy: None -> '{tiny_model_dir}'" in capsys.readouterr().err
+    finally:
+        client.set_model_version_tag(cfg.policy_name, champion, "base_model", json.dumps(base_identity(cfg)))
+    assert ws.params.read_text() == params and git(ws, "rev-parse", "HEAD") == head
+    assert {p.name: p.stat().st_mtime_ns for p in ws.base_model.iterdir()} == base_files
+    # nor are versions of another base evaluated against this one
+    client.set_model_version_tag(cfg.policy_name, "1", "base_model", json.dumps({"models.policy": "gpt2"}))
+    try:
+        assert main(["compare", "2", "1", "--evaluate", "--workspace", root]) == 2
+        assert "rlhf-policy v1 was trained from another base model than this workspace's (models.policy: 'gpt2' -> " \
+               "None)" in capsys.readouterr().err
+        assert main(["compare", "2", "1", "--workspace", root]) == 0  # each version's own round figures still show
+    finally:
+        client.set_model_version_tag(cfg.policy_name, "1", "base_model", json.dumps(base_identity(cfg)))
+
+
 def test_served_champion_answers_on_loopback(finished_round):
     import os
     import sys

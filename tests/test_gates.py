@@ -68,3 +68,20 @@ def test_a_rounds_headline_is_the_gold_metric_or_else_the_reward():
     assert headline({"gold_before": None, "gold_after": None, "reward_before": -0.25, "reward": 0.5}) == (
         "held-out reward -0.250 -> +0.500")
     assert headline({"gold_after": None, "reward": 0.5}) == "held-out reward +0.500"  # a line of an older version
+
+
+def test_a_base_model_is_named_by_the_settings_it_is_made_from():
+    from tasks.config import load_config
+    from tasks.promote import base_differences, base_identity
+
+    builtin = base_identity(load_config(None, {}))
+    assert builtin["models.policy"] is None and builtin["seed"] == 0 and builtin["pretrain.vocab_size"] == 512
+    # your model is named by itself: the scenario's seed and pre-training settings do not make it
+    assert base_identity(load_config(None, {"models.policy": "Qwen/Qwen3-0.6B", "seed": 3})) == {
+        "models.policy": "Qwen/Qwen3-0.6B"}
+    assert base_differences(builtin, {"models.policy": "Qwen/Qwen3-0.6B"}) == ["models.policy: None -> 'Qwen/Qwen3-0.6B'"]
+    assert base_differences(builtin, base_identity(load_config(None, {"seed": 7, "pretrain.vocab_size": 300}))) == [
+        "seed: 0 -> 7", "pretrain.vocab_size: 512 -> 300"]
+    # a setting only one side has came or went with an upgrade (at its default): not a change
+    assert base_differences({**builtin, "pretrain.gone": 1}, {**builtin, "pretrain.new": 2}) == []
+    assert base_differences({}, builtin) == []

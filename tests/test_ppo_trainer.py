@@ -46,6 +46,24 @@ def test_ppo_raises_the_reward_and_keeps_kl_bounded(tiny_model_dir, tiny_reward_
     assert scenario.neutral_rate(texts) > scenario.neutral_rate(base) + 0.2
 
 
+def test_a_policy_or_reward_model_of_another_tokenizer_is_refused_before_any_model_loads(tiny_model_dir, tmp_path):
+    """The policy a round trains must share the tokenizer of its reference (the base model), and so
+    must the reward model: a champion trained from another base model is said to be one."""
+    from tasks.modeling import load_tokenizer
+    from tasks.stage import StageError
+
+    other = tmp_path / "other-tokenizer"
+    tok = load_tokenizer(tiny_model_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
+    tok.save_pretrained(other)
+    cfg, prompts = load_config(None, FAST), scenario.feedback_prompts()
+    with pytest.raises(StageError, match="uses another tokenizer than its reference, the base model .*trained from "
+                                         "another base model"):
+        build_trainer(str(other), str(tiny_model_dir), str(tiny_model_dir), prompts, cfg, seed=0)
+    with pytest.raises(StageError, match="the reward model .*other-tokenizer uses another tokenizer than the policy"):
+        build_trainer(str(tiny_model_dir), str(tiny_model_dir), str(other), prompts, cfg, seed=0)
+
+
 def test_killed_run_resumes_with_identical_results(tiny_model_dir, tiny_reward_dir, tmp_path):
     straight, _ = make_trainer(tiny_model_dir, tiny_reward_dir, steps=6, checkpoint_every=3, batch_size=32)
     straight.train()
