@@ -19,7 +19,7 @@ from mlflow.exceptions import MlflowException
 from tasks import tracking
 from tasks.config import GatesConfig, PipelineConfig
 from tasks.stage import stage_main
-from tasks.workspace import RoundState, Workspace
+from tasks.workspace import RoundState, Workspace, tracking_server
 
 
 @dataclass
@@ -116,11 +116,13 @@ def check_same_base(ws: Workspace, cfg: PipelineConfig) -> None:
     before = version_base(champion) or _locked_base(ws)
     changed = base_differences(before or {}, base_identity(cfg))
     if changed:
+        shared = (f", and with a `project` of its own: the registry of {ws.tracking_uri} is shared by every "
+                  f"workspace that uses it" if tracking_server(ws.tracking_uri) else "")
         raise BaseChanged(
             f"the champion {cfg.policy_name} v{champion.version} was trained from another base model than this "
             f"config names ({'; '.join(changed)}). A workspace trains one base model's line of policies: "
-            f"train the new one in a workspace of its own (`rlhf run --workspace DIR`, with the new settings), "
-            f"or set these back")
+            f"train the new one in a workspace of its own (`rlhf run --workspace DIR`, with the new settings"
+            f"{shared}), or set these back")
 
 
 def move_champion(client: MlflowClient, name: str, version: str, reason: str) -> str | None:

@@ -1,6 +1,7 @@
 """With MLFLOW_TRACKING_URI pointing at a tracking server (a real `mlflow server` started here, its
 artifacts proxied as teams run it), the registered models live in the server's artifact store,
 not in a folder of the machine that ran the first round, and `rlhf gc` prunes them there."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ import mlflow
 import pytest
 
 from flows.serve import free_port, start_servers, wait_http
-from tasks import gc, tracking, workspace
+from tasks import gc, promote, tracking, workspace
 from tasks.config import load_config
 from tasks.errors import ModelLoadError
 from tasks.processes import stop_groups
@@ -65,6 +66,12 @@ def test_models_live_in_the_servers_store_and_gc_prunes_them_there(tmp_path, tin
     for ref in (f"models:/{cfg.policy_name}@champion", f"models:/{cfg.policy_name}/{versions[2]}"):
         folder = tracking.resolve_model(ws, ref)  # fetched through the server
         assert (Path(folder) / "model.safetensors").exists()
+    # another workspace on the same server shares its registry: another base needs its own project too
+    client.set_model_version_tag(cfg.policy_name, versions[0], tracking.BASE, json.dumps(promote.base_identity(cfg)))
+    other = init_workspace(tmp_path / "other")
+    with pytest.raises(promote.BaseChanged, match=f"with a `project` of its own: the registry of {url} is shared"):
+        promote.check_same_base(other, load_config(None, {"models.policy": str(tiny_model_dir)}))
+    promote.check_same_base(other, load_config(None, {"models.policy": str(tiny_model_dir), "project": "mine"}))
 
 
 def test_serve_uses_your_tracking_server_and_starts_no_mlflow_of_its_own(tmp_path, monkeypatch, mlflow_server):
