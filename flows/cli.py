@@ -394,6 +394,7 @@ def cmd_registry(args) -> int:
 def cmd_status(args) -> int:
     from tasks.config import load_config
     from tasks.gc import describe_usage
+    from tasks.promote import describe_base
     from tasks.rounds import headline, status
     from tasks.workspace import Workspace
 
@@ -410,6 +411,8 @@ def cmd_status(args) -> int:
 
     print(f"champion       policy {v(info['champion']['policy_version'])}, reward {v(info['champion']['reward_version'])}")
     print(f"previous       policy {v(info['previous']['policy_version'])}, reward {v(info['previous']['reward_version'])}")
+    if info["champion"]["policy_version"] is not None:
+        print(f"base model     {describe_base(info['base_model'])}")
     keep = info["disk"]["keep_versions"]
     print(f"disk           {describe_usage(info['disk'])}; "
           + (f"each round keeps the weights of each model's aliased and newest {keep} versions" if keep else

@@ -82,6 +82,15 @@ def _identity(policy: str | None, seed: int, pretrain: dict) -> dict:
     return {"models.policy": None, "seed": seed, **{f"pretrain.{k}": v for k, v in pretrain.items()}}
 
 
+def describe_base(identity: dict | None) -> str:
+    """A base model's settings in a few words, as `rlhf status` prints them."""
+    if not identity:
+        return "not recorded (versions registered before the base_model tag)"
+    if identity.get("models.policy"):
+        return identity["models.policy"]
+    return f"the built-in scenario's, pre-trained with seed {identity.get('seed')}"
+
+
 def base_differences(before: dict, now: dict) -> list[str]:
     """Pure: the settings that differ, as 'key: old -> new'. A key only one side has is a setting
     added or dropped by an upgrade (its default), not a change."""

@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 
 from filelock import FileLock, Timeout
+from mlflow.exceptions import MlflowException
 from ruamel.yaml import YAML
 
 from tasks import tracking, versioning
+from tasks.promote import version_base
 from tasks.config import PipelineConfig, load_config
 from tasks.workspace import RoundState, Workspace
 
@@ -120,9 +122,14 @@ def headline(line: dict) -> str:
 def status(ws: Workspace, cfg: PipelineConfig) -> dict:
     """What `rlhf status` prints: champion and previous versions, disk use, and the last round."""
     client = tracking.setup(ws, cfg.project)
+    try:
+        base = version_base(client.get_model_version_by_alias(cfg.policy_name, tracking.CHAMPION))
+    except MlflowException:
+        base = None
     out = {
         "workspace": str(ws.root),
         "tracking_uri": ws.tracking_uri,
+        "base_model": base,
         "champion": {"policy_version": tracking.alias_version(client, cfg.policy_name, tracking.CHAMPION),
                      "reward_version": tracking.alias_version(client, cfg.reward_name, tracking.CHAMPION)},
         "previous": {"policy_version": tracking.alias_version(client, cfg.policy_name, tracking.PREVIOUS),

@@ -127,7 +127,10 @@ def test_status_json_holds_the_documented_keys(finished_round, capsys):
     assert disk["keep_versions"] is None and disk["mlflow_server"] is False and min(disk[k] for k in parts if k != "downloads") > 100_000
     assert disk["total"] == sum(disk[k] for k in parts)
     assert main(["status", "--workspace", str(ws.root)]) == 0
-    assert re.search(r"disk +\d+\.\d MiB kept by the pipeline \(MLflow \d+\.\d, DVC cache", capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert re.search(r"disk +\d+\.\d MiB kept by the pipeline \(MLflow \d+\.\d, DVC cache", out)
+    assert re.search(r"^base model +the built-in scenario's, pre-trained with seed 0$", out, re.M)
+    assert info["base_model"]["models.policy"] is None and info["base_model"]["pretrain.n_layer"] == 2
     assert info["champion"]["policy_version"] == "2" and info["previous"]["policy_version"] == "1"
     assert info["champion"]["reward_version"] == line["reward_version"]
     last = info["last_round"]
