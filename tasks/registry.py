@@ -87,6 +87,13 @@ def _column(version, metrics: dict, measured_in: str | None) -> dict:
             "metrics": {k: m for k, m in metrics.items() if k in COMPARED}}
 
 
+def _check_base(cfg: PipelineConfig, version, why: str) -> None:
+    changed = base_differences(version_base(version) or {}, base_identity(cfg))
+    if changed:
+        raise RegistryError(f"{cfg.policy_name} v{version.version} was trained from another base model than this "
+                            f"workspace's ({'; '.join(changed)}): {why}")
+
+
 def head_to_head(ws: Workspace, cfg: PipelineConfig, a: str, b: str) -> dict:
     """Evaluate two policy versions now, on the same held-out prompts and seeds, judged by the
     champion reward model: the figures of `compare` are each from their own round (another
@@ -99,11 +106,8 @@ def head_to_head(ws: Workspace, cfg: PipelineConfig, a: str, b: str) -> dict:
     client = tracking.setup(ws, cfg.project)
     va, vb = _pair(client, cfg.policy_name, a, b)
     for v in (va, vb):  # KL to this workspace's reference and the champion's scores would mean nothing
-        changed = base_differences(version_base(v) or {}, base_identity(cfg))
-        if changed:
-            raise RegistryError(f"{cfg.policy_name} v{v.version} was trained from another base model than this "
-                                f"workspace's ({'; '.join(changed)}): it cannot be evaluated against this base and "
-                                f"judged by this reward model; `rlhf compare` without --evaluate shows its own figures")
+        _check_base(cfg, v, "it cannot be evaluated against this base and judged by this reward model; "
+                            "`rlhf compare` without --evaluate shows its own figures")
     reward = tracking.alias_version(client, cfg.reward_name, tracking.CHAMPION)
     if reward is None:
         raise RegistryError(f"{cfg.reward_name} has no champion to judge with yet; run a round first")
@@ -140,6 +144,7 @@ def force_promote(ws: Workspace, cfg: PipelineConfig, version: str, reason: str,
     if PRUNED in v.tags:
         raise RegistryError(f"{cfg.policy_name} v{v.version} was pruned ({v.tags[PRUNED]}): its weights are gone; "
                             "promote a version `rlhf gc` kept")
+    _check_base(cfg, v, "the next round would train it against another reference")
     if v.tags.get("promoted") == "false" and not force:
         raise RegistryError(f"{cfg.policy_name} v{v.version} failed its gates ({v.tags.get('gates')}); "
                             "pass --force with a --reason to promote it anyway")

@@ -370,6 +370,8 @@ def test_a_config_naming_another_base_model_is_refused_before_anything_changes(f
         assert "rlhf-policy v1 was trained from another base model than this workspace's (models.policy: 'gpt2' -> " \
                "None)" in capsys.readouterr().err
         assert main(["compare", "2", "1", "--workspace", root]) == 0  # each version's own round figures still show
+        assert main(["promote", "1", "--reason", "try", "--workspace", root]) == 2
+        assert "rlhf-policy v1 was trained from another base model" in capsys.readouterr().err
     finally:
         client.set_model_version_tag(cfg.policy_name, "1", "base_model", json.dumps(base_identity(cfg)))
 
