@@ -163,13 +163,15 @@ def cmd_run(args) -> int:
     cfg = load_config(config_path, overrides)  # fails here, before any work, on a bad config
 
     from flows.pipeline import rlhf_loop
+    from flows.serve import prefect_api
     from tasks.promote import check_same_base
     from tasks.rounds import headline
     from tasks.workspace import init_workspace
 
-    check_same_base(init_workspace(ws_root), cfg)  # as the flow does, said before a server starts
-
-    results = rlhf_loop(workspace=str(ws_root), rounds_=args.rounds, config=cfg)
+    ws = init_workspace(ws_root)
+    check_same_base(ws, cfg)  # as the flow does, said before a server starts
+    with prefect_api(ws):
+        results = rlhf_loop(workspace=str(ws_root), rounds_=args.rounds, config=cfg)
     for line in results:
         print(f"round {line['round']}: {headline(line)}, "
               f"KL {line['kl']:.2f}, reward accuracy {line['reward_accuracy']:.2f}, win-rate {line['win_rate']:.2f}, "
@@ -306,9 +308,12 @@ def cmd_label(args) -> int:
         print("note: no PREFECT_API_URL set: the form lives on a temporary server. Start `prefect server start` "
               "and set PREFECT_API_URL=http://127.0.0.1:4200/api to answer it in the UI.", file=sys.stderr)
     from flows.labelling import label
+    from flows.serve import prefect_api
+    from tasks.workspace import init_workspace
 
-    summary = label(workspace=str(args.workspace.resolve()), pairs=args.pairs, batch_size=args.batch_size,
-                    timeout_seconds=args.timeout, annotator=args.annotator)
+    with prefect_api(init_workspace(args.workspace.resolve())):
+        summary = label(workspace=str(args.workspace.resolve()), pairs=args.pairs, batch_size=args.batch_size,
+                        timeout_seconds=args.timeout, annotator=args.annotator)
     print(json.dumps(summary))
     return 0
 
@@ -505,6 +510,11 @@ def main(argv: list[str] | None = None) -> int:
     except VersioningError as e:  # a stage failed: its own message is at the end of what DVC printed
         print(f"error: the round stopped.\n{e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: a running stage was stopped with everything it started
+        print("\ninterrupted." + (" `rlhf run` again goes on with the same round: DVC skips the stages that "
+                                  "finished and PPO resumes from its last checkpoint." if args.command == "run" else ""),
+              file=sys.stderr)
+        return 130
     except Exception as e:  # MLflow's own errors (an unreachable or refusing tracking server): said, not a traceback
         if not type(e).__module__.startswith("mlflow."):
             raise

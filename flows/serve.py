@@ -12,6 +12,7 @@ children until stopped:
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import shutil
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,6 +147,42 @@ def start_servers(ws: Workspace, host: str = LOOPBACK, prefect_port: int = 4200,
         Servers(prefect, mlflow, "", None).stop()
         raise
     return Servers(prefect, mlflow, prefect_url, mlflow_url)
+
+
+@contextlib.contextmanager
+def prefect_api(ws: Workspace, timeout: float = 120) -> Iterator[str]:
+    """The Prefect API this process's flows report to: PREFECT_API_URL's, or else a temporary
+    server, stopped on the way out. Prefect would start one itself, but in this process's group,
+    where Ctrl-C stops it with the flow: the flow then retries for minutes to report itself to a
+    server that is gone. In a group of its own the server outlives Ctrl-C, the flow run is
+    recorded as crashed and the command ends in a second or two."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield PREFECT_API_URL.value()
+        return
+    logs = ws.root / ".cache" / "servers"
+    logs.mkdir(parents=True, exist_ok=True)
+    log, port = logs / "prefect-temporary.log", free_port()
+    # the API and the services that record flow and task runs, as Prefect's temporary server has
+    # them; no UI, no scheduler (nothing here is scheduled)
+    proc = subprocess.Popen([_bin("prefect"), "server", "start", "--host", LOOPBACK, "--port", str(port), "--no-ui",
+                             "--no-scheduler", "--no-late-runs"], stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}, start_new_session=True)
+    try:
+        url = f"http://{LOOPBACK}:{port}/api"
+        wait_http(f"{url}/health", proc, timeout, "the temporary Prefect server", log)
+        with temporary_settings({PREFECT_API_URL: url}):
+            try:
+                yield url
+            finally:  # the runs' last logs and events are still on their way: sent before the server stops
+                from prefect.events.worker import EventsWorker
+                from prefect.logging.handlers import APILogWorker
+
+                APILogWorker.drain_all(timeout=5)
+                EventsWorker.drain_all(timeout=5)
+    finally:
+        stop_groups(proc, timeout=20)
 
 
 def deployments(workspace: str, cfg: PipelineConfig) -> list:

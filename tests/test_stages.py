@@ -185,6 +185,47 @@ def test_a_cancelled_round_stops_its_stage_and_what_the_stage_started(tmp_path):
     assert not alive, [(p.pid, p.cmdline()) for p in alive]
 
 
+def test_ctrl_c_ends_rlhf_run_in_seconds_and_leaves_nothing_running(tmp_path):
+    """Ctrl-C during `rlhf run` on a temporary Prefect server (no PREFECT_API_URL): the stage stops
+    with what it started, the flow runs are recorded as crashed, and the command ends at once with
+    exit 130, saying how to go on. Before, Ctrl-C also stopped the temporary server (it shared the
+    terminal's process group) and the flow retried for minutes to report to it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import psutil
+
+    root = tmp_path / "ws"
+    rounds.write_params(init_workspace(root), load_config(None, FAST))
+    # as from a terminal: SIGINT raises KeyboardInterrupt (a test worker's children may inherit it ignored)
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            f"from flows.cli import main; sys.exit(main(['run', '--workspace', {str(root)!r}]))")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    cli = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           cwd=Path(__file__).resolve().parents[1], env=env, start_new_session=True)
+    deadline, started = time.monotonic() + 180, []
+    while not any("tasks.pretrain" in " ".join(p.cmdline()) for p in started):
+        assert cli.poll() is None and time.monotonic() < deadline, cli.stdout.read()
+        time.sleep(0.2)
+        try:
+            started = psutil.Process(cli.pid).children(recursive=True)  # the server, dvc, the stage
+        except psutil.NoSuchProcess:
+            started = []
+        started = [p for p in started if p.is_running()]
+    os.killpg(cli.pid, signal.SIGINT)  # the terminal's process group: the command, not its servers and stages
+    interrupted = time.monotonic()
+    assert cli.wait(timeout=60) == 130
+    out = cli.stdout.read()
+    assert time.monotonic() - interrupted < 30, out
+    assert "interrupted. `rlhf run` again goes on with the same round" in out and "Crashed" in out, out[-3000:]
+    alive = still_running(started, timeout=15)
+    assert not alive, [(p.pid, p.cmdline()) for p in alive]
+
+
 def test_reward_model_trains_under_bf16_autocast_and_is_measured_in_float32(tiny_model_dir, tmp_path):
     """reward.mixed_precision: bf16 (a GPU's default; asked for here on the CPU): RewardTrainer trains
     under autocast, and the model it hands back is measured and saved in float32, without the
