@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,16 @@ def _defaults_for_local_run() -> None:
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # weight-loading bars would fill flow-run logs
+
+
+def _sigterm_exits() -> None:
+    """SIGTERM (`timeout`, systemd, `docker stop`) ends the command through its cleanups, as Ctrl-C
+    does: the running stage (in a process group of its own) and the temporary Prefect server are
+    stopped, not left orphaned. In a flow, Prefect's engine records the crash first, then sends the
+    signal again, to this handler."""
+    def exit_(signum, frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, exit_)
 
 
 def _positive_int(text: str) -> int:
@@ -170,6 +181,7 @@ def cmd_run(args) -> int:
 
     ws = init_workspace(ws_root)
     check_same_base(ws, cfg)  # as the flow does, said before a server starts
+    _sigterm_exits()
     with prefect_api(ws):
         results = rlhf_loop(workspace=str(ws_root), rounds_=args.rounds, config=cfg)
     for line in results:
@@ -311,6 +323,7 @@ def cmd_label(args) -> int:
     from flows.serve import prefect_api
     from tasks.workspace import init_workspace
 
+    _sigterm_exits()
     with prefect_api(init_workspace(args.workspace.resolve())):
         summary = label(workspace=str(args.workspace.resolve()), pairs=args.pairs, batch_size=args.batch_size,
                         timeout_seconds=args.timeout, annotator=args.annotator)

@@ -185,11 +185,14 @@ def test_a_cancelled_round_stops_its_stage_and_what_the_stage_started(tmp_path):
     assert not alive, [(p.pid, p.cmdline()) for p in alive]
 
 
-def test_ctrl_c_ends_rlhf_run_in_seconds_and_leaves_nothing_running(tmp_path):
-    """Ctrl-C during `rlhf run` on a temporary Prefect server (no PREFECT_API_URL): the stage stops
-    with what it started, the flow runs are recorded as crashed, and the command ends at once with
-    exit 130, saying how to go on. Before, Ctrl-C also stopped the temporary server (it shared the
-    terminal's process group) and the flow retried for minutes to report to it."""
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_an_interrupted_rlhf_run_ends_in_seconds_and_leaves_nothing_running(how, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) or SIGTERM (to the command alone: `timeout`,
+    systemd) during `rlhf run` on a temporary Prefect server (no PREFECT_API_URL): the stage stops
+    with what it started, the flow runs are recorded as crashed, the server stops, and the command
+    ends at once (exit 130, saying how to go on; 143). Before, Ctrl-C also stopped the temporary
+    server (it shared the terminal's process group) and the flow retried for minutes to report to
+    it; SIGTERM, re-sent by Prefect to Python's default handler, left the stage and server running."""
     import os
     import signal
     import subprocess
@@ -216,12 +219,16 @@ def test_ctrl_c_ends_rlhf_run_in_seconds_and_leaves_nothing_running(tmp_path):
         except psutil.NoSuchProcess:
             started = []
         started = [p for p in started if p.is_running()]
-    os.killpg(cli.pid, signal.SIGINT)  # the terminal's process group: the command, not its servers and stages
+    if how == "ctrl-c":
+        os.killpg(cli.pid, signal.SIGINT)  # the terminal's process group: the command, not its servers and stages
+    else:
+        cli.send_signal(signal.SIGTERM)
     interrupted = time.monotonic()
-    assert cli.wait(timeout=60) == 130
+    assert cli.wait(timeout=60) == (130 if how == "ctrl-c" else 143)
     out = cli.stdout.read()
     assert time.monotonic() - interrupted < 30, out
-    assert "interrupted. `rlhf run` again goes on with the same round" in out and "Crashed" in out, out[-3000:]
+    assert "Crashed" in out, out[-3000:]
+    assert ("interrupted. `rlhf run` again goes on with the same round" in out) == (how == "ctrl-c"), out[-3000:]
     alive = still_running(started, timeout=15)
     assert not alive, [(p.pid, p.cmdline()) for p in alive]
 
