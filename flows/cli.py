@@ -454,6 +454,7 @@ def cmd_server(args) -> int:
     from tasks.workspace import init_workspace
 
     ws = init_workspace(args.workspace.resolve())
+    _sigterm_exits()  # `kill`, `timeout`: the servers (process groups of their own) stop with this command
     try:
         servers = start_servers(ws, args.host, args.prefect_port, args.mlflow_port, args.mlflow_auth)
     except ServerError as e:

@@ -233,6 +233,35 @@ def test_an_interrupted_rlhf_run_ends_in_seconds_and_leaves_nothing_running(how,
     assert not alive, [(p.pid, p.cmdline()) for p in alive]
 
 
+def test_rlhf_server_stopped_with_sigterm_stops_both_servers(tmp_path):
+    """`kill` or `timeout` on `rlhf server`: the Prefect and MLflow servers (process groups of their
+    own) stop with it; before, Python's default SIGTERM handler left both running."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import psutil
+
+    from flows.serve import free_port
+
+    cli = subprocess.Popen([sys.executable, "-m", "flows.cli", "server", "--workspace", str(tmp_path / "ws"),
+                            "--prefect-port", str(free_port()), "--mlflow-port", str(free_port())],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           cwd=Path(__file__).resolve().parents[1])
+    deadline, lines = time.monotonic() + 180, []
+    while not lines or "Ctrl-C stops both" not in lines[-1]:
+        assert cli.poll() is None and time.monotonic() < deadline, "".join(lines) + cli.stdout.read()
+        lines.append(cli.stdout.readline())
+    servers = psutil.Process(cli.pid).children(recursive=True)
+    assert len(servers) >= 2
+    cli.send_signal(signal.SIGTERM)
+    assert cli.wait(timeout=60) == 143
+    alive = still_running(servers, timeout=15)
+    assert not alive, [(p.pid, p.cmdline()) for p in alive]
+
+
 def test_reward_model_trains_under_bf16_autocast_and_is_measured_in_float32(tiny_model_dir, tmp_path):
     """reward.mixed_precision: bf16 (a GPU's default; asked for here on the CPU): RewardTrainer trains
     under autocast, and the model it hands back is measured and saved in float32, without the
