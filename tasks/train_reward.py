@@ -144,6 +144,12 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
     records = [json.loads(line) for line in ws.accepted.read_text(encoding="utf-8").splitlines() if line.strip()]
     with tracking.stage_run(ws, cfg.project, "train_reward", state, data_file=ws.accepted):
         init = tracking.resolve_model(ws, cfg.models.reward) if cfg.models.reward else str(ws.base_model)
+        if cfg.models.reward and load_tokenizer(init).get_vocab() != load_tokenizer(ws.base_model).get_vocab():
+            # said before training, not after it, when PPO would first read the policy's tokens with it
+            base = cfg.models.policy or "the built-in scenario's tiny model"
+            raise StageError(f"models.reward {cfg.models.reward} uses another tokenizer than the policy's base model "
+                             f"({base}): PPO scores the policy's tokens with it. Leave models.reward empty (the "
+                             "reward model starts from the policy) or name a model with the same tokenizer")
         mlflow.log_params({f"reward.{k}": v for k, v in cfg.reward.model_dump().items()}
                           | {"reward.init": init, "reward.autocast": "bfloat16" if bf16(cfg) else "off",
                              **cfg.chat.params()})

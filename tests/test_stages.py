@@ -262,6 +262,30 @@ def test_rlhf_server_stopped_with_sigterm_stops_both_servers(tmp_path):
     assert not alive, [(p.pid, p.cmdline()) for p in alive]
 
 
+def test_a_reward_model_of_another_tokenizer_is_refused_before_it_trains(tiny_model_dir, tmp_path):
+    """models.reward must read the policy's tokens: one with another tokenizer is named at the start
+    of train_reward, not after its training, where PPO first met it."""
+    import shutil
+
+    from tasks import train_reward
+    from tasks.modeling import load_tokenizer
+    from tasks.stage import StageError
+    from tasks.workspace import RoundState
+
+    other = tmp_path / "other-reward"
+    tok = load_tokenizer(tiny_model_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
+    tok.save_pretrained(other)
+    ws = init_workspace(tmp_path / "ws")
+    shutil.copytree(tiny_model_dir, ws.base_model)
+    ws.accepted.parent.mkdir(parents=True, exist_ok=True)
+    ws.accepted.write_text(json.dumps({"prompt": "the ceo said", "chosen": " they left .", "rejected": " he left ."}) + "\n")
+    with pytest.raises(StageError, match=f"models.reward {other} uses another tokenizer than the policy's base "
+                                         "model \\(the built-in scenario's tiny model\\)"):
+        train_reward.run(ws, load_config(None, {**FAST, "models.reward": str(other)}), RoundState())
+    assert not ws.reward_model.exists()
+
+
 def test_reward_model_trains_under_bf16_autocast_and_is_measured_in_float32(tiny_model_dir, tmp_path):
     """reward.mixed_precision: bf16 (a GPU's default; asked for here on the CPU): RewardTrainer trains
     under autocast, and the model it hands back is measured and saved in float32, without the
