@@ -207,7 +207,8 @@ def test_an_interrupted_rlhf_run_ends_in_seconds_and_leaves_nothing_running(how,
     # as from a terminal: SIGINT raises KeyboardInterrupt (a test worker's children may inherit it ignored)
     code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
             f"from flows.cli import main; sys.exit(main(['run', '--workspace', {str(root)!r}]))")
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    # the workspace's own MLflow (MLflow's set_tracking_uri in an earlier test exported another's)
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
     cli = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            cwd=Path(__file__).resolve().parents[1], env=env, start_new_session=True)
     deadline, started = time.monotonic() + 180, []
@@ -236,6 +237,7 @@ def test_an_interrupted_rlhf_run_ends_in_seconds_and_leaves_nothing_running(how,
 def test_rlhf_server_stopped_with_sigterm_stops_both_servers(tmp_path):
     """`kill` or `timeout` on `rlhf server`: the Prefect and MLflow servers (process groups of their
     own) stop with it; before, Python's default SIGTERM handler left both running."""
+    import os
     import signal
     import subprocess
     import sys
@@ -249,7 +251,8 @@ def test_rlhf_server_stopped_with_sigterm_stops_both_servers(tmp_path):
     cli = subprocess.Popen([sys.executable, "-m", "flows.cli", "server", "--workspace", str(tmp_path / "ws"),
                             "--prefect-port", str(free_port()), "--mlflow-port", str(free_port())],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           cwd=Path(__file__).resolve().parents[1])
+                           cwd=Path(__file__).resolve().parents[1],
+                           env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
     deadline, lines = time.monotonic() + 180, []
     while not lines or "Ctrl-C stops both" not in lines[-1]:
         assert cli.poll() is None and time.monotonic() < deadline, "".join(lines) + cli.stdout.read()
