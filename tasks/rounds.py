@@ -12,8 +12,8 @@ from mlflow.exceptions import MlflowException
 from ruamel.yaml import YAML
 
 from tasks import tracking, versioning
-from tasks.promote import version_base
 from tasks.config import PipelineConfig, load_config
+from tasks.promote import version_base
 from tasks.workspace import RoundState, Workspace
 
 
