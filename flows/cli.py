@@ -460,11 +460,11 @@ def cmd_server(args) -> int:
     except ServerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    ui = servers.prefect_url.removesuffix("/api")
-    print(f"Prefect UI  {ui}\nMLflow UI   {servers.mlflow_url}\n"
-          f"Point flows at it: export PREFECT_API_URL={servers.prefect_url} "
-          f"MLFLOW_TRACKING_URI={servers.mlflow_url}\nCtrl-C stops both.", flush=True)
-    try:
+    try:  # from here on a signal stops the servers, also one that lands as this is printed
+        ui = servers.prefect_url.removesuffix("/api")
+        print(f"Prefect UI  {ui}\nMLflow UI   {servers.mlflow_url}\n"
+              f"Point flows at it: export PREFECT_API_URL={servers.prefect_url} "
+              f"MLFLOW_TRACKING_URI={servers.mlflow_url}\nCtrl-C stops both.", flush=True)
         while servers.prefect.poll() is None and (servers.mlflow is None or servers.mlflow.poll() is None):
             time.sleep(1)
         print("error: a server stopped; see .cache/servers/*.log", file=sys.stderr)
