@@ -510,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.config import ConfigError
     from tasks.errors import ModelLoadError
     from tasks.promote import BaseChanged
+    from tasks.rounds import RoundBusy
     from tasks.versioning import VersioningError
 
     try:
@@ -523,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except VersioningError as e:  # a stage failed: its own message is at the end of what DVC printed
         print(f"error: the round stopped.\n{e}", file=sys.stderr)
+        return 1
+    except RoundBusy as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: a running stage was stopped with everything it started
         print("\ninterrupted." + (" `rlhf run` again goes on with the same round: DVC skips the stages that "

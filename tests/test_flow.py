@@ -376,6 +376,17 @@ def test_a_config_naming_another_base_model_is_refused_before_anything_changes(f
         client.set_model_version_tag(cfg.policy_name, "1", "base_model", json.dumps(base_identity(cfg)))
 
 
+def test_rlhf_run_while_a_round_holds_the_workspace_says_so(finished_round, capsys):
+    from flows.cli import main
+
+    ws, _ = finished_round
+    head = git(ws, "rev-parse", "HEAD")
+    with rounds.round_lock(ws):  # as a round started any other way would
+        assert main(["run", "--workspace", str(ws.root)]) == 1
+    assert f"error: another round is running in {ws.root}; at most one round runs at a time" in capsys.readouterr().err
+    assert git(ws, "rev-parse", "HEAD") == head
+
+
 def test_served_champion_answers_on_loopback(finished_round):
     import os
     import sys
