@@ -30,7 +30,7 @@ import torch
 
 from tasks import prompts as prompts_, tracking
 from tasks.config import PipelineConfig
-from tasks.modeling import encode_prompt, load_policy, load_reward, load_tokenizer, save
+from tasks.modeling import compute_device, encode_prompt, load_policy, load_reward, load_tokenizer, save
 from tasks.ppo import lora
 from tasks.ppo.rollout import PolicyWithValue
 from tasks.ppo.config import RESUMABLE_CHANGES
@@ -225,7 +225,7 @@ def train(ws: Workspace, cfg: PipelineConfig, state: RoundState, policy_ref: str
         from accelerate import Accelerator
 
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    device = str(accelerator.device) if accelerator else "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(accelerator.device) if accelerator else str(compute_device())
     main = accelerator is None or accelerator.is_main_process
     seed = cfg.seed * 1000 + state.round
     # a started process's first rank logs into the stage's run (MLFLOW_RUN_ID); the others log nothing

@@ -116,6 +116,16 @@ def tiny_reward_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return folder
 
 
+def another_tokenizer(model_dir: Path, folder: Path) -> Path:
+    """A tokenizer folder with one token more than `model_dir`'s: another vocabulary, nothing else changed."""
+    from tasks.modeling import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
+    tok.save_pretrained(folder)
+    return folder
+
+
 # A chat template as Llama 3's and Gemma's are built: it writes its own BOS (which this tokenizer
 # also adds to any text it encodes), and ends the assistant's turn with a token that is not the EOS.
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"

@@ -15,7 +15,7 @@ from tasks.ppo.rollout import (PaddedHead, PolicyWithValue, cat_responses, pad_l
 from tasks.ppo.trainer import PPOConfig, PPOTrainer
 from tasks.train_policy import build_trainer
 
-from conftest import FAST
+from conftest import FAST, another_tokenizer
 
 
 def make_trainer(tiny_model_dir, tiny_reward_dir, checkpoint_dir=None, **overrides):
@@ -49,13 +49,9 @@ def test_ppo_raises_the_reward_and_keeps_kl_bounded(tiny_model_dir, tiny_reward_
 def test_a_policy_or_reward_model_of_another_tokenizer_is_refused_before_any_model_loads(tiny_model_dir, tmp_path):
     """The policy a round trains must share the tokenizer of its reference (the base model), and so
     must the reward model: a champion trained from another base model is said to be one."""
-    from tasks.modeling import load_tokenizer
     from tasks.stage import StageError
 
-    other = tmp_path / "other-tokenizer"
-    tok = load_tokenizer(tiny_model_dir)
-    tok.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
-    tok.save_pretrained(other)
+    other = another_tokenizer(tiny_model_dir, tmp_path / "other-tokenizer")
     cfg, prompts = load_config(None, FAST), scenario.feedback_prompts()
     with pytest.raises(StageError, match="uses another tokenizer than its reference, the base model .*trained from "
                                          "another base model"):

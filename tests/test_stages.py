@@ -16,7 +16,7 @@ from tasks.ppo import lora
 from tasks.train_policy import build_policy
 from tasks.workspace import init_workspace
 
-from conftest import FAST, still_running
+from conftest import FAST, another_tokenizer, still_running
 
 pytestmark = pytest.mark.slow
 
@@ -271,14 +271,10 @@ def test_a_reward_model_of_another_tokenizer_is_refused_before_it_trains(tiny_mo
     import shutil
 
     from tasks import train_reward
-    from tasks.modeling import load_tokenizer
     from tasks.stage import StageError
     from tasks.workspace import RoundState
 
-    other = tmp_path / "other-reward"
-    tok = load_tokenizer(tiny_model_dir)
-    tok.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
-    tok.save_pretrained(other)
+    other = another_tokenizer(tiny_model_dir, tmp_path / "other-reward")
     ws = init_workspace(tmp_path / "ws")
     shutil.copytree(tiny_model_dir, ws.base_model)
     ws.accepted.parent.mkdir(parents=True, exist_ok=True)
