@@ -96,7 +96,19 @@ def ensure_repos(ws: Workspace) -> None:
                              "params.yaml", "state.yaml", "data/feedback/raw/.gitkeep",
                              "data/prompts/.gitkeep") if (ws.root / p).exists()]
         git(ws, "add", *setup)
-        git(ws, "commit", "-q", "-m", "workspace: pipeline definition, DVC repository and local remote")
+        commit_paths(ws, "workspace: pipeline definition, DVC repository and local remote", setup)
+
+
+def commit_paths(ws: Workspace, message: str, paths: list[str]) -> bool:
+    """Commit the staged changes of `paths` alone (git commit --only); False if they have none.
+
+    What else is staged in the repository (the user's own work, where the workspace is their
+    project's checkout) stays staged and out of the pipeline's commit.
+    """
+    if git(ws, "diff", "--cached", "--quiet", "--", *paths, check=False).returncode == 0:
+        return False
+    git(ws, "commit", "-q", "-m", message, "--", *paths)
+    return True
 
 
 def file_md5(path: str | Path) -> str:
@@ -125,9 +137,9 @@ def add_raw_feedback(ws: Workspace, src: str | Path, round_: int, source: str, n
         pointer = dest.with_name(dest.name + ".dvc")
         if not pointer.exists():
             dvc(ws, "add", "-q", str(dest.relative_to(ws.root)))
-            git(ws, "add", str(pointer.relative_to(ws.root)), str((ws.raw_dir / ".gitignore").relative_to(ws.root)))
-            git(ws, "commit", "-q", "-m", f"data: round {round_} feedback ({source}, {n_records} records)",
-                "--", str(pointer.relative_to(ws.root)), str((ws.raw_dir / ".gitignore").relative_to(ws.root)))
+            paths = [str(pointer.relative_to(ws.root)), str((ws.raw_dir / ".gitignore").relative_to(ws.root))]
+            git(ws, "add", *paths)
+            commit_paths(ws, f"data: round {round_} feedback ({source}, {n_records} records)", paths)
         dvc(ws, "push", "-q", str(pointer.relative_to(ws.root)))
     return dest
 
@@ -138,9 +150,9 @@ def add_files(ws: Workspace, files: list[Path], message: str) -> None:
         rel = [str(Path(f).relative_to(ws.root)) for f in files]
         dvc(ws, "add", "-q", *rel)
         ignores = {str(Path(r).parent / ".gitignore") for r in rel}
-        git(ws, "add", *[r + ".dvc" for r in rel], *ignores)
-        if git(ws, "diff", "--cached", "--quiet", check=False).returncode != 0:
-            git(ws, "commit", "-q", "-m", message, "--", *[r + ".dvc" for r in rel], *ignores)
+        paths = [r + ".dvc" for r in rel] + sorted(ignores)
+        git(ws, "add", *paths)
+        commit_paths(ws, message, paths)
         dvc(ws, "push", "-q", *[r + ".dvc" for r in rel])
 
 
@@ -158,10 +170,10 @@ def commit_round(ws: Workspace, message: str) -> str | None:
                              "reports/validation.json", "reports/evaluation.json", "reports/evaluation.html",
                              "reports/decision.json", "reports/history.jsonl")
                  if (ws.root / p).exists()]
-        git(ws, "add", *paths, ":(glob)**/.gitignore")  # the .gitignore files DVC writes beside stage outputs
-        if git(ws, "diff", "--cached", "--quiet", check=False).returncode == 0:
+        paths.append(":(glob)**/.gitignore")  # the .gitignore files DVC writes beside stage outputs
+        git(ws, "add", *paths)
+        if not commit_paths(ws, message, paths):
             return None
-        git(ws, "commit", "-q", "-m", message)
         dvc(ws, "push", "-q", check=False)  # stage outputs too, where a remote is reachable
         return head_commit(ws)
 

@@ -421,3 +421,38 @@ def test_conversations_import_from_jsonl_and_parquet_and_validate(ws, tmp_path, 
     report = json.loads(capsys.readouterr().out)
     assert report["accepted"] == 7 and report["quarantined"] == 0
     assert report["blocking_failures"] == ["only 7 usable pairs, fewer than validate.min_rows=20"]
+
+
+def test_the_pipelines_commits_leave_the_users_staged_work_alone(tmp_path):
+    """A workspace can be the user's own project checkout: what they have staged there stays
+    staged, and out of the workspace's, the feedback's and the round's commits."""
+    root = tmp_path / "project"
+    root.mkdir()
+    git = lambda *a: subprocess.run(["git", *a], cwd=root, check=True, capture_output=True, text=True).stdout  # noqa: E731
+    git("init", "-q")
+    (root / "train.py").write_text("print('v1')\n")
+    git("add", "train.py")
+    git("-c", "user.name=u", "-c", "user.email=u@x", "commit", "-qm", "my project")
+    (root / "train.py").write_text("print('v2, not ready')\n")
+    (root / "notes.md").write_text("half written\n")
+    git("add", "train.py", "notes.md")
+    staged = git("diff", "--cached")
+
+    ws = init_workspace(root)  # dvc init and the pipeline definition: the workspace's first commit
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(r.to_json() + "\n" for r in sample_records(3)) + "not json\n")
+    summary = import_file(ws, path)  # the feedback's commit, and the received file's with its set-aside row
+    assert (summary.kept, summary.set_aside) == (3, 1)
+    ws.state_file.write_text(ws.state_file.read_text() + "# touched\n")
+    assert versioning.commit_round(ws, "round 1: test") is not None
+
+    messages = git("log", "--format=%s").splitlines()
+    assert messages[0] == "round 1: test" and messages[-1] == "my project" and len(messages) == 5, messages
+    for commit in git("log", "--format=%H").splitlines()[:-1]:  # every commit of the pipeline
+        changed = git("show", "--name-only", "--format=", commit).split()
+        assert "train.py" not in changed and "notes.md" not in changed, changed
+    assert git("diff", "--cached") == staged  # still staged, byte for byte
+    assert git("show", "HEAD:train.py") == "print('v1')\n"
+    # a round with nothing new of its own commits nothing, the user's staged work notwithstanding
+    assert versioning.commit_round(ws, "round 2: test") is None
+    assert git("diff", "--cached") == staged
