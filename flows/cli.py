@@ -316,15 +316,16 @@ def cmd_validate(args) -> int:
 
 
 def cmd_label(args) -> int:
-    if not os.environ.get("PREFECT_API_URL"):
-        print("note: no PREFECT_API_URL set: the form lives on a temporary server. Start `prefect server start` "
-              "and set PREFECT_API_URL=http://127.0.0.1:4200/api to answer it in the UI.", file=sys.stderr)
     from flows.labelling import label
     from flows.serve import prefect_api
     from tasks.workspace import init_workspace
 
     _sigterm_exits()
-    with prefect_api(init_workspace(args.workspace.resolve())):
+    temporary = not os.environ.get("PREFECT_API_URL")
+    with prefect_api(init_workspace(args.workspace.resolve()), ui=True) as api:
+        if temporary:  # the form's UI lives as long as this command
+            print(f"Prefect UI {api.removesuffix('/api')} (a temporary server, stopped when labelling ends): "
+                  "the form is on the paused rlhf-label run", flush=True)
         summary = label(workspace=str(args.workspace.resolve()), pairs=args.pairs, batch_size=args.batch_size,
                         timeout_seconds=args.timeout, annotator=args.annotator)
     print(json.dumps(summary))

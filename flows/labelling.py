@@ -57,6 +57,26 @@ def to_records(batch: list[dict], answer: PairLabels, annotator: str, round_: in
     return out
 
 
+def run_url() -> str:
+    """This flow run's page in Prefect's UI."""
+    from prefect.runtime import flow_run
+    from prefect.utilities.urls import url_for
+
+    return url_for("flow-run", obj_id=flow_run.id) or f"the paused rlhf-label run {flow_run.id} in Prefect's UI"
+
+
+def running_again() -> None:
+    """After a pause times out, Prefect's server refuses the run every state but Failed, so a
+    session that ends on an unanswered batch would be recorded as failed, answers given before it
+    and saved notwithstanding. Forced back to Running, it ends as it went: Completed."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+    from prefect.states import Running
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run.id, Running(), force=True)
+
+
 @flow(name="rlhf-label", log_prints=True)
 def label(workspace: str = ".", pairs: int = 8, batch_size: int = 4, timeout_seconds: int = 3600,
           annotator: str = "prefect-ui", seed: int = 0) -> dict:
@@ -84,11 +104,15 @@ def label(workspace: str = ".", pairs: int = 8, batch_size: int = 4, timeout_sec
         batch = shown[start:start + batch_size]
         form = PairLabels.with_initial_data(description=batch_markdown(batch, start + 1),
                                             choices=["skip"] * len(batch), comments=[""] * len(batch))
+        # where a person answers: the run's page in the UI (its Resume button opens the form)
+        print(f"batch {start // batch_size + 1} of {-(-len(shown) // batch_size)} waits for your labels "
+              f"(for up to {timeout_seconds} s): open {run_url()} and press Resume")
         try:
             answer = pause_flow_run(wait_for_input=form, timeout=timeout_seconds, poll_interval=1)
         except FlowPauseTimeout:
             get_run_logger().warning("batch %d unanswered after %ds: ending the session, keeping %d labels",
                                      start // batch_size + 1, timeout_seconds, len(records))
+            running_again()
             break
         records += to_records(batch, answer, annotator, round_, champion)
     summary = {"labelled": len(records), "pairs": sum(r.label == "pair" for r in records), "raw_file": None}

@@ -150,12 +150,13 @@ def start_servers(ws: Workspace, host: str = LOOPBACK, prefect_port: int = 4200,
 
 
 @contextlib.contextmanager
-def prefect_api(ws: Workspace, timeout: float = 120) -> Iterator[str]:
+def prefect_api(ws: Workspace, timeout: float = 120, ui: bool = False) -> Iterator[str]:
     """The Prefect API this process's flows report to: PREFECT_API_URL's, or else a temporary
     server, stopped on the way out. Prefect would start one itself, but in this process's group,
     where Ctrl-C stops it with the flow: the flow then retries for minutes to report itself to a
     server that is gone. In a group of its own the server outlives Ctrl-C, the flow run is
-    recorded as crashed and the command ends in a second or two."""
+    recorded as crashed and the command ends in a second or two. `ui`: the temporary server
+    serves Prefect's UI too (the label flow's form), at the API's address less `/api`."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if PREFECT_API_URL.value():
@@ -164,13 +165,15 @@ def prefect_api(ws: Workspace, timeout: float = 120) -> Iterator[str]:
     logs = ws.root / ".cache" / "servers"
     logs.mkdir(parents=True, exist_ok=True)
     log, port = logs / "prefect-temporary.log", free_port()
+    url = f"http://{LOOPBACK}:{port}/api"
     # the API and the services that record flow and task runs, as Prefect's temporary server has
-    # them; no UI, no scheduler (nothing here is scheduled)
-    proc = subprocess.Popen([_bin("prefect"), "server", "start", "--host", LOOPBACK, "--port", str(port), "--no-ui",
-                             "--no-scheduler", "--no-late-runs"], stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}, start_new_session=True)
+    # them; no scheduler (nothing here is scheduled); the UI only where a person is to use it,
+    # told where its API is (the browser calls it; Prefect's default is port 4200)
+    proc = subprocess.Popen([_bin("prefect"), "server", "start", "--host", LOOPBACK, "--port", str(port),
+                             *([] if ui else ["--no-ui"]), "--no-scheduler", "--no-late-runs"],
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": url})
     try:
-        url = f"http://{LOOPBACK}:{port}/api"
         wait_http(f"{url}/health", proc, timeout, "the temporary Prefect server", log)
         with temporary_settings({PREFECT_API_URL: url}):
             try:

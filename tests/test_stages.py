@@ -265,6 +265,58 @@ def test_rlhf_server_stopped_with_sigterm_stops_both_servers(tmp_path):
     assert not alive, [(p.pid, p.cmdline()) for p in alive]
 
 
+def test_rlhf_label_without_a_server_serves_its_form_in_a_temporary_ui(tiny_model_dir, tmp_path):
+    """`rlhf label` with no PREFECT_API_URL: the form must be somewhere a person can open. It starts
+    Prefect's UI on a temporary server, prints where, and each batch names its run's page; answers
+    given there (here through the API, as the UI's Resume does) land in DVC, and the server stops
+    with the command. Before, the temporary server had no UI: nobody could answer."""
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    import psutil
+    from prefect.flow_runs import resume_flow_run
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    ws = init_workspace(tmp_path / "ws")
+    shutil.copytree(tiny_model_dir, ws.base_model)
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    env["PREFECT_LOGGING_LEVEL"] = "INFO"  # Prefect's default (the suite's is WARNING): the flow's messages shown
+    cli = subprocess.Popen([sys.executable, "-m", "flows.cli", "label", "--workspace", str(ws.root), "--pairs", "3",
+                            "--batch-size", "2", "--timeout", "120", "--annotator", "carol"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           cwd=Path(__file__).resolve().parents[1], env=env)
+    deadline, lines, answered = time.monotonic() + 240, [], 0
+    while answered < 2:
+        assert cli.poll() is None and time.monotonic() < deadline, "".join(lines) + cli.stdout.read()
+        lines.append(cli.stdout.readline())
+        started = re.search(r"Prefect UI (http://127\.0\.0\.1:\d+) \(a temporary server", lines[-1])
+        if started:
+            ui, server = started.group(1), psutil.Process(cli.pid).children(recursive=True)
+        page = re.search(r"batch (\d) of 2 waits for your labels .* open (http://\S+/runs/flow-run/(\S+)) and press Resume",
+                         lines[-1])
+        if page:
+            assert page.group(2).startswith(ui)
+            request = urllib.request.Request(page.group(2), headers={"Accept": "text/html"})  # as a browser asks
+            with urllib.request.urlopen(request, timeout=30) as r:
+                assert r.status == 200 and "<!DOCTYPE html>" in r.read().decode()
+            with temporary_settings({PREFECT_API_URL: ui + "/api"}):
+                resume_flow_run(page.group(3), run_input={"choices": ["A", "B"][:3 - 2 * answered]})
+            answered += 1
+    assert cli.wait(timeout=120) == 0
+    out = "".join(lines) + cli.stdout.read()
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["labelled"] == summary["pairs"] == 3, out[-3000:]
+    recs = [json.loads(x) for x in open(summary["raw_file"], encoding="utf-8")]
+    assert [r["annotator"] for r in recs] == ["carol"] * 3 and recs[2]["shown_as_a"] == "chosen"
+    assert not still_running(server, timeout=15)  # the temporary server stopped with the command
+
+
 def test_a_reward_model_of_another_tokenizer_is_refused_before_it_trains(tiny_model_dir, tmp_path):
     """models.reward must read the policy's tokens: one with another tokenizer is named at the start
     of train_reward, not after its training, where PPO first met it."""
