@@ -14,6 +14,8 @@ the next run redoes it under the same number: DVC skips the stages whose inputs 
 from __future__ import annotations
 
 import shutil
+import time
+from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
@@ -46,15 +48,39 @@ def check_tracking(workspace: str) -> str:
     return ws.tracking_uri
 
 
+INBOX_SETTLE_S = 10  # an inbox file changed more recently than this may still be being written
+
+
+def unused_path(folder: Path, name: str) -> Path:
+    """folder/name, or folder/<stem>-2<suffix>, -3... where that exists: a file moved there never
+    replaces one moved earlier under the same name."""
+    path, n = folder / name, 1
+    while path.exists():
+        n += 1
+        path = folder / f"{Path(name).stem}-{n}{Path(name).suffix}"
+    return path
+
+
 @task(cache_policy=NO_CACHE)
-def import_inbox(workspace: str, inbox: str) -> dict:
-    """Import every file in the inbox; move each to inbox/done/ or inbox/failed/ (with the reason)."""
+def import_inbox(workspace: str, inbox: str, settle_s: float = INBOX_SETTLE_S) -> dict:
+    """Import every file in the inbox; move each to inbox/done/ or inbox/failed/ (with the reason).
+
+    A file changed in the last `settle_s` seconds is left for the next round: a copy still under
+    way would be imported in part and the rest never read. Hidden files (a writer's `.name.tmp`
+    before its rename) are never read.
+    """
     ws = Workspace(workspace)
     folder = (ws.root / inbox).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     logger = get_run_logger()
-    result = {"imported": [], "failed": []}
+    result = {"imported": [], "failed": [], "waiting": []}
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        age = time.time() - path.stat().st_mtime
+        if age < settle_s:
+            logger.warning("inbox file %s changed %.0f s ago and may still be being written: left for the next "
+                           "round", path.name, max(age, 0))
+            result["waiting"].append(path.name)
+            continue
         try:
             summary = importers.import_file(ws, path)
             problem = importers.failed(summary)
@@ -62,15 +88,17 @@ def import_inbox(workspace: str, inbox: str) -> dict:
             problem = str(e)
         target = folder / ("failed" if problem else "done")
         target.mkdir(exist_ok=True)
-        shutil.move(str(path), target / path.name)
+        moved = unused_path(target, path.name)
+        shutil.move(str(path), moved)
         if problem:
-            (target / f"{path.name}.reason.txt").write_text(problem + "\n")
-            logger.warning("inbox file %s not imported: %s", path.name, problem)
-            result["failed"].append({"file": path.name, "reason": problem})
+            (target / f"{moved.name}.reason.txt").write_text(problem + "\n")
+            logger.warning("inbox file %s not imported (now %s): %s", path.name, moved.relative_to(folder), problem)
+            result["failed"].append({"file": path.name, "moved_to": str(moved.relative_to(folder)), "reason": problem})
         else:
             logger.info("inbox file %s imported: %d kept, %d set aside", path.name, summary.kept,
                         summary.set_aside)
-            result["imported"].append({"file": path.name, "kept": summary.kept, "set_aside": summary.set_aside})
+            result["imported"].append({"file": path.name, "moved_to": str(moved.relative_to(folder)),
+                                       "kept": summary.kept, "set_aside": summary.set_aside})
     return result
 
 
@@ -106,6 +134,8 @@ def rlhf_refinement(workspace: str = ".", config: PipelineConfig | None = None,
         new = new_feedback_since_last_round(ws)
         if not new:
             message = "no feedback since the last round (collect.simulate is false): nothing to train on"
+            if inbox["waiting"]:
+                message += f"; {len(inbox['waiting'])} inbox file(s) still being written are left for the next round"
             logger.info(message)
             return Completed(message=message)
         logger.info("new feedback since the last round: %s", ", ".join(new))
@@ -118,7 +148,8 @@ def rlhf_refinement(workspace: str = ".", config: PipelineConfig | None = None,
         markdown=f"# Refinement round {line['round']}: {'promoted' if line['promoted'] else 'not promoted'}\n\n"
                  f"{rounds.headline(line)}, "
                  f"KL {line['kl']:.2f}, win-rate {line['win_rate']:.2f}\n\n"
-                 f"inbox: {len(inbox['imported'])} imported, {len(inbox['failed'])} failed\n\n{pruning}\n\n"
+                 f"inbox: {len(inbox['imported'])} imported, {len(inbox['failed'])} failed, "
+                 f"{len(inbox['waiting'])} left for the next round (still being written)\n\n{pruning}\n\n"
                  f"disk: {gc.describe_usage(gc.disk_usage(ws))}\n")
     return line
 

@@ -486,6 +486,52 @@ def test_label_flow_pauses_resumes_with_answers_and_keeps_them_on_timeout(finish
     assert "prefect-ui, 2 records" in git(ws, "log", "-1", "--format=%s", "--", result["raw_file"] + ".dvc")
 
 
+def test_the_inbox_leaves_a_file_being_written_and_never_replaces_one_moved_before(prefect, tmp_path):
+    """A file still being copied into the inbox is left for the next round (imported now, the rest
+    of it would never be read); a file dropped again under a name already in done/ or failed/ is
+    moved beside it, not over it."""
+    import os
+    import time
+
+    from flows.refinement import import_inbox
+    from tasks.records import PreferenceRecord
+    from tasks.workspace import init_workspace
+
+    def pairs(n, tag):
+        return "".join(PreferenceRecord(prompt=f"the pilot said {i}", chosen=f" they were {tag} {i} .",
+                                        rejected=f" he was {tag} {i} .", source="inbox", annotator="ann",
+                                        round=0, created_at="2026-11-20T09:00:00+00:00").to_json() + "\n"
+                       for i in range(n))
+
+    def drop(name, text, age_s):
+        (inbox / name).write_text(text)
+        os.utime(inbox / name, (time.time() - age_s,) * 2)
+
+    ws = init_workspace(tmp_path / "ws")
+    inbox = ws.root / "inbox"
+    inbox.mkdir()
+    drop("reviews.jsonl", pairs(3, "late"), 60)
+    drop("broken.jsonl", "not json at all\n", 60)
+    drop("copying.jsonl", pairs(2, "early")[:-20], 0)  # half written, as a copy under way leaves it
+    first = import_inbox(str(ws.root), "inbox")
+    assert [(f["file"], f["kept"]) for f in first["imported"]] == [("reviews.jsonl", 3)]
+    assert [f["file"] for f in first["failed"]] == ["broken.jsonl"] and first["waiting"] == ["copying.jsonl"]
+    assert (inbox / "copying.jsonl").exists() and len(versioning.raw_files(ws)) == 1
+
+    drop("copying.jsonl", pairs(2, "early"), 60)  # the copy finished
+    drop("reviews.jsonl", pairs(4, "tired"), 60)  # the same name again, other labels
+    drop("broken.jsonl", "still not json\n", 60)
+    second = import_inbox(str(ws.root), "inbox")
+    assert sorted((f["file"], f["moved_to"], f["kept"]) for f in second["imported"]) == [
+        ("copying.jsonl", "done/copying.jsonl", 2), ("reviews.jsonl", "done/reviews-2.jsonl", 4)]
+    assert second["failed"][0]["moved_to"] == "failed/broken-2.jsonl" and second["waiting"] == []
+    assert (inbox / "done" / "reviews.jsonl").read_text() == pairs(3, "late")  # the first drop, kept
+    assert (inbox / "done" / "reviews-2.jsonl").read_text() == pairs(4, "tired")
+    assert (inbox / "failed" / "broken.jsonl").read_text() == "not json at all\n"
+    assert "no line of it is a JSON object" in (inbox / "failed" / "broken-2.jsonl.reason.txt").read_text()
+    assert len(versioning.raw_files(ws)) == 3 and not [p for p in inbox.iterdir() if p.is_file()]
+
+
 def test_gc_deletes_only_weights_nothing_points_at(finished_round, capsys):
     """`rlhf gc`: versions with an alias and the newest --keep keep their weights; the others lose
     them (their metrics and tags stay, and loading one names the prune); DVC drops unused cache;

@@ -260,6 +260,8 @@ def test_people_feedback_from_the_inbox_trains_a_round_and_without_new_feedback_
     inbox.mkdir(exist_ok=True)
     _people_feedback(inbox / "reviews.jsonl")
     (inbox / "broken.jsonl").write_text("this is not json\n{\"prompt\": 1}\n")
+    for f in ("reviews.jsonl", "broken.jsonl"):  # written a minute ago: not a copy still under way
+        os.utime(inbox / f, (time.time() - 60,) * 2)
     done_before = len(rounds.completed_rounds(ws))
     people_only = {"overrides": {"collect.simulate": False}}
 
