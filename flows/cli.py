@@ -16,6 +16,7 @@ Bad arguments and bad configs end with one line that names the problem (exit 2),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -316,17 +317,24 @@ def cmd_validate(args) -> int:
 
 
 def cmd_label(args) -> int:
-    from flows.labelling import label
-    from flows.serve import prefect_api
+    from flows.labelling import NothingToLabel, champion_to_label, label
+    from flows.serve import configured_api_url, prefect_api
+    from tasks.config import load_config
     from tasks.workspace import init_workspace
 
+    ws = init_workspace(args.workspace.resolve())
+    try:  # before any server starts
+        champion_to_label(ws, load_config(ws.params))
+    except NothingToLabel as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     _sigterm_exits()
-    temporary = not os.environ.get("PREFECT_API_URL")
-    with prefect_api(init_workspace(args.workspace.resolve()), ui=True) as api:
+    temporary = not configured_api_url()
+    with prefect_api(ws, ui=True) as api:
         if temporary:  # the form's UI lives as long as this command
             print(f"Prefect UI {api.removesuffix('/api')} (a temporary server, stopped when labelling ends): "
                   "the form is on the paused rlhf-label run", flush=True)
-        summary = label(workspace=str(args.workspace.resolve()), pairs=args.pairs, batch_size=args.batch_size,
+        summary = label(workspace=str(ws.root), pairs=args.pairs, batch_size=args.batch_size,
                         timeout_seconds=args.timeout, annotator=args.annotator)
     print(json.dumps(summary))
     return 0
@@ -483,8 +491,12 @@ def cmd_serve(args) -> int:
     ws_root = args.workspace.resolve()
     params = ws_root / "params.yaml"  # what every round of the workspace reads, and the cron
     cfg = load_config(params if params.exists() else None)  # a bad cron or config fails here, before anything starts
-    servers = None
-    if not os.environ.get("PREFECT_API_URL"):  # the embedded servers, started here and stopped with us
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.serve import configured_api_url, serve
+
+    servers, settings = None, contextlib.nullcontext()
+    if not configured_api_url():  # the embedded servers, started here and stopped with us
         from flows.serve import ServerError, start_servers
 
         ws = init_workspace(ws_root)
@@ -493,12 +505,12 @@ def cmd_serve(args) -> int:
         except ServerError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        os.environ["PREFECT_API_URL"] = servers.prefect_url
+        os.environ["PREFECT_API_URL"] = servers.prefect_url  # the flow runs' processes
+        settings = temporary_settings({PREFECT_API_URL: servers.prefect_url})  # this one: Prefect read its settings
         print(f"Prefect UI {servers.prefect_url.removesuffix('/api')}, MLflow UI {servers.mlflow_url}", flush=True)
-    from flows.serve import serve
-
     try:
-        serve(str(ws_root), cfg)
+        with settings:
+            serve(str(ws_root), cfg)
     finally:
         if servers is not None:
             servers.stop()

@@ -21,10 +21,14 @@ from prefect.input import RunInput
 
 from tasks import tracking, versioning
 from tasks.collect import sample_pairs
-from tasks.config import load_config
+from tasks.config import PipelineConfig, load_config
 from tasks.prompts import training_prompts
 from tasks.records import PreferenceRecord
-from tasks.workspace import init_workspace
+from tasks.workspace import Workspace, init_workspace
+
+
+class NothingToLabel(ValueError):
+    """No policy to sample pairs from yet."""
 
 
 class PairLabels(RunInput):
@@ -77,6 +81,16 @@ def running_again() -> None:
         client.set_flow_run_state(flow_run.id, Running(), force=True)
 
 
+def champion_to_label(ws: Workspace, cfg: PipelineConfig) -> str | None:
+    """The champion policy's version, whose pairs are shown; None: the base model's, before any
+    champion. NothingToLabel before either exists."""
+    champion = tracking.alias_version(tracking.setup(ws, cfg.project), cfg.policy_name, tracking.CHAMPION)
+    if champion is None and not (ws.base_model / "config.json").exists():
+        raise NothingToLabel(f"no champion policy and no {ws.base_model} to sample pairs from: run `rlhf run` "
+                             f"--workspace {ws.root} first")
+    return champion
+
+
 @flow(name="rlhf-label", log_prints=True)
 def label(workspace: str = ".", pairs: int = 8, batch_size: int = 4, timeout_seconds: int = 3600,
           annotator: str = "prefect-ui", seed: int = 0) -> dict:
@@ -85,10 +99,7 @@ def label(workspace: str = ".", pairs: int = 8, batch_size: int = 4, timeout_sec
         raise ValueError("pairs, batch_size and timeout_seconds must each be at least 1")
     ws = init_workspace(workspace)
     cfg = load_config(ws.params)
-    client = tracking.setup(ws, cfg.project)
-    champion = tracking.alias_version(client, cfg.policy_name, tracking.CHAMPION)
-    if champion is None and not (ws.base_model / "config.json").exists():
-        raise ValueError(f"no champion policy and no {ws.base_model}: run `rlhf run` first")
+    champion = champion_to_label(ws, cfg)
     policy_ref = tracking.resolve_model(ws, f"models:/{cfg.policy_name}/{champion}") if champion else str(ws.base_model)
     # `pairs` prompts drawn from the training prompts (each once while there are enough), one pair each
     prompts = training_prompts(ws, cfg)

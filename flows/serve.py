@@ -149,6 +149,15 @@ def start_servers(ws: Workspace, host: str = LOOPBACK, prefect_port: int = 4200,
     return Servers(prefect, mlflow, prefect_url, mlflow_url)
 
 
+def configured_api_url() -> str | None:
+    """The Prefect server this process's flows report to, as Prefect reads it: PREFECT_API_URL from
+    the environment or from the active profile (`prefect config set PREFECT_API_URL=...`); None when
+    neither names one."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
 @contextlib.contextmanager
 def prefect_api(ws: Workspace, timeout: float = 120, ui: bool = False) -> Iterator[str]:
     """The Prefect API this process's flows report to: PREFECT_API_URL's, or else a temporary
@@ -159,8 +168,8 @@ def prefect_api(ws: Workspace, timeout: float = 120, ui: bool = False) -> Iterat
     serves Prefect's UI too (the label flow's form), at the API's address less `/api`."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    if PREFECT_API_URL.value():
-        yield PREFECT_API_URL.value()
+    if configured_api_url():
+        yield configured_api_url()
         return
     logs = ws.root / ".cache" / "servers"
     logs.mkdir(parents=True, exist_ok=True)

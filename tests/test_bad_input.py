@@ -242,6 +242,15 @@ def test_cli_names_an_unreachable_tracking_server_without_a_traceback(tmp_path, 
     assert "Traceback" not in out.stderr and len(out.stderr.splitlines()) == 1
 
 
+def test_rlhf_label_before_any_model_says_what_to_run_first(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "label", "--workspace", str(tmp_path / "ws")],
+                         capture_output=True, text=True, env=env, timeout=180)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "error: no champion policy and no " in out.stderr and "run `rlhf run` --workspace" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_model_loading_errors_name_the_problem(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_policy(str(tmp_path / "nope"))

@@ -317,6 +317,53 @@ def test_rlhf_label_without_a_server_serves_its_form_in_a_temporary_ui(tiny_mode
     assert not still_running(server, timeout=15)  # the temporary server stopped with the command
 
 
+def test_rlhf_serve_uses_the_prefect_server_of_the_users_profile(tmp_path):
+    """`prefect config set PREFECT_API_URL=...` keeps the server in Prefect's profile, not in the
+    environment: `rlhf serve` must register its deployments there. Before, it looked at the
+    environment alone, started servers of its own and served on them."""
+    import asyncio
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import psutil
+    from prefect.client.orchestration import PrefectClient
+
+    from flows.serve import free_port, start_servers
+    from tasks.processes import stop_groups
+
+    ws = init_workspace(tmp_path / "ws")
+    rounds.write_params(ws, load_config(None, FAST))
+    theirs = start_servers(ws, prefect_port=free_port(), mlflow_port=None)
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text(f'active = "team"\n\n[profiles.team]\nPREFECT_API_URL = "{theirs.prefect_url}"\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    env["PREFECT_PROFILES_PATH"] = str(profiles)
+    log = tmp_path / "serve.log"
+    serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--workspace", str(ws.root),
+                              "--prefect-port", str(free_port()), "--mlflow-port", str(free_port())],
+                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                             cwd=Path(__file__).resolve().parents[1])
+
+    async def deployment_names():
+        async with PrefectClient(api=theirs.prefect_url) as client:
+            return {f"{d.name}" for d in await client.read_deployments()}
+    try:
+        deadline, names = time.monotonic() + 180, set()
+        while names != {"scheduled", "on-demand"}:
+            assert serve.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+            names = asyncio.run(deployment_names())
+        started = [" ".join(c.cmdline()) for c in psutil.Process(serve.pid).children(recursive=True)]
+        assert not [c for c in started if " server start" in c or "mlflow server" in c], started  # none of its own
+        assert "MLflow UI" not in log.read_text()
+    finally:
+        stop_groups(serve, timeout=60)
+        theirs.stop()
+
+
 def test_a_reward_model_of_another_tokenizer_is_refused_before_it_trains(tiny_model_dir, tmp_path):
     """models.reward must read the policy's tokens: one with another tokenizer is named at the start
     of train_reward, not after its training, where PPO first met it."""
