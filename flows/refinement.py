@@ -76,7 +76,7 @@ def import_inbox(workspace: str, inbox: str, settle_s: float = INBOX_SETTLE_S) -
     result = {"imported": [], "failed": [], "waiting": []}
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         age = time.time() - path.stat().st_mtime
-        if age < settle_s:
+        if abs(age) < settle_s:  # abs: a file server's clock may run a little ahead; far ahead is not a copy now
             logger.warning("inbox file %s changed %.0f s ago and may still be being written: left for the next "
                            "round", path.name, max(age, 0))
             result["waiting"].append(path.name)

@@ -513,10 +513,11 @@ def test_the_inbox_leaves_a_file_being_written_and_never_replaces_one_moved_befo
     drop("reviews.jsonl", pairs(3, "late"), 60)
     drop("broken.jsonl", "not json at all\n", 60)
     drop("copying.jsonl", pairs(2, "early")[:-20], 0)  # half written, as a copy under way leaves it
+    drop("from-the-future.jsonl", pairs(1, "odd"), -3600)  # stamped by a clock an hour ahead: not a copy now
     first = import_inbox(str(ws.root), "inbox")
-    assert [(f["file"], f["kept"]) for f in first["imported"]] == [("reviews.jsonl", 3)]
+    assert [(f["file"], f["kept"]) for f in first["imported"]] == [("from-the-future.jsonl", 1), ("reviews.jsonl", 3)]
     assert [f["file"] for f in first["failed"]] == ["broken.jsonl"] and first["waiting"] == ["copying.jsonl"]
-    assert (inbox / "copying.jsonl").exists() and len(versioning.raw_files(ws)) == 1
+    assert (inbox / "copying.jsonl").exists() and len(versioning.raw_files(ws)) == 2
 
     drop("copying.jsonl", pairs(2, "early"), 60)  # the copy finished
     drop("reviews.jsonl", pairs(4, "tired"), 60)  # the same name again, other labels
@@ -529,7 +530,7 @@ def test_the_inbox_leaves_a_file_being_written_and_never_replaces_one_moved_befo
     assert (inbox / "done" / "reviews-2.jsonl").read_text() == pairs(4, "tired")
     assert (inbox / "failed" / "broken.jsonl").read_text() == "not json at all\n"
     assert "no line of it is a JSON object" in (inbox / "failed" / "broken-2.jsonl.reason.txt").read_text()
-    assert len(versioning.raw_files(ws)) == 3 and not [p for p in inbox.iterdir() if p.is_file()]
+    assert len(versioning.raw_files(ws)) == 4 and not [p for p in inbox.iterdir() if p.is_file()]
 
 
 def test_gc_deletes_only_weights_nothing_points_at(finished_round, capsys):
