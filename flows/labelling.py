@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
+import pydantic
 from prefect import flow, get_run_logger
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
@@ -31,11 +32,27 @@ class NothingToLabel(ValueError):
     """No policy to sample pairs from yet."""
 
 
+Choice = Literal["A", "B", "tie", "skip"]
+
+
 class PairLabels(RunInput):
     """One answer per pair shown above the form, in the order shown."""
 
-    choices: list[Literal["A", "B", "tie", "skip"]]
+    choices: list[Choice]
     comments: list[str] = []
+
+
+def batch_form(batch: list[dict], first: int) -> type[PairLabels]:
+    """The form of one batch: its pairs above it, exactly one choice per pair and at most one
+    comment each. Prefect's server checks an answer against this schema on Resume and refuses
+    another count, saying why in the UI, so a slip cannot shift answers onto the wrong pairs."""
+    n = len(batch)
+    form = pydantic.create_model(
+        "PairLabels", __base__=PairLabels,
+        choices=(list[Choice], pydantic.Field(default=["skip"] * n, min_length=n, max_length=n)),
+        comments=(list[str], pydantic.Field(default=[""] * n, max_length=n)))
+    form._description = batch_markdown(batch, first)  # what RunInput.with_initial_data(description=...) sets
+    return form
 
 
 def batch_markdown(batch: list[dict], first: int) -> str:
@@ -81,6 +98,16 @@ def running_again() -> None:
         client.set_flow_run_state(flow_run.id, Running(), force=True)
 
 
+def save_labels(ws: Workspace, records: list[PreferenceRecord], round_: int) -> Path:
+    """The labels as a new raw feedback file, versioned (DVC, git) like any round's."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "labels.jsonl"
+        path.write_text("".join(r.to_json() + "\n" for r in records), encoding="utf-8")
+        saved = versioning.add_raw_feedback(ws, path, round_, "prefect-ui", len(records))
+    print(f"{len(records)} labels saved ({sum(r.label == 'pair' for r in records)} pairs): {saved}")
+    return saved
+
+
 def champion_to_label(ws: Workspace, cfg: PipelineConfig) -> str | None:
     """The champion policy's version, whose pairs are shown; None: the base model's, before any
     champion. NothingToLabel before either exists."""
@@ -111,26 +138,26 @@ def label(workspace: str = ".", pairs: int = 8, batch_size: int = 4, timeout_sec
     shown = [{"prompt": p, "A": a, "B": b} for p, a, b in triples]  # two samples: already in random order
     round_ = ws.read_state().round
     records: list[PreferenceRecord] = []
-    for start in range(0, len(shown), batch_size):
-        batch = shown[start:start + batch_size]
-        form = PairLabels.with_initial_data(description=batch_markdown(batch, start + 1),
-                                            choices=["skip"] * len(batch), comments=[""] * len(batch))
-        # where a person answers: the run's page in the UI (its Resume button opens the form)
-        print(f"batch {start // batch_size + 1} of {-(-len(shown) // batch_size)} waits for your labels "
-              f"(for up to {timeout_seconds} s): open {run_url()} and press Resume")
-        try:
-            answer = pause_flow_run(wait_for_input=form, timeout=timeout_seconds, poll_interval=1)
-        except FlowPauseTimeout:
-            get_run_logger().warning("batch %d unanswered after %ds: ending the session, keeping %d labels",
-                                     start // batch_size + 1, timeout_seconds, len(records))
-            running_again()
-            break
-        records += to_records(batch, answer, annotator, round_, champion)
-    summary = {"labelled": len(records), "pairs": sum(r.label == "pair" for r in records), "raw_file": None}
-    if records:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "labels.jsonl"
-            path.write_text("".join(r.to_json() + "\n" for r in records), encoding="utf-8")
-            summary["raw_file"] = str(versioning.add_raw_feedback(ws, path, round_, "prefect-ui", len(records)))
-    print(f"{summary['labelled']} labels saved ({summary['pairs']} pairs): {summary['raw_file']}")
+    raw_file = None
+    try:
+        for start in range(0, len(shown), batch_size):
+            batch = shown[start:start + batch_size]
+            # where a person answers: the run's page in the UI (its Resume button opens the form)
+            print(f"batch {start // batch_size + 1} of {-(-len(shown) // batch_size)} waits for your labels "
+                  f"(for up to {timeout_seconds} s): open {run_url()} and press Resume")
+            try:
+                answer = pause_flow_run(wait_for_input=batch_form(batch, start + 1), timeout=timeout_seconds,
+                                        poll_interval=1)
+            except FlowPauseTimeout:
+                get_run_logger().warning("batch %d unanswered after %ds: ending the session, keeping %d labels",
+                                         start // batch_size + 1, timeout_seconds, len(records))
+                running_again()
+                break
+            records += to_records(batch, answer, annotator, round_, champion)
+    finally:  # also when the session is stopped (Ctrl-C, SIGTERM): what a person gave is never lost
+        if records:
+            raw_file = str(save_labels(ws, records, round_))
+    summary = {"labelled": len(records), "pairs": sum(r.label == "pair" for r in records), "raw_file": raw_file}
+    if raw_file is None:
+        print("no labels given: nothing saved")
     return summary

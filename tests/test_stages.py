@@ -265,14 +265,18 @@ def test_rlhf_server_stopped_with_sigterm_stops_both_servers(tmp_path):
     assert not alive, [(p.pid, p.cmdline()) for p in alive]
 
 
-def test_rlhf_label_without_a_server_serves_its_form_in_a_temporary_ui(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("how", ["answered", "stopped"])
+def test_rlhf_label_without_a_server_serves_its_form_in_a_temporary_ui(how, tiny_model_dir, tmp_path):
     """`rlhf label` with no PREFECT_API_URL: the form must be somewhere a person can open. It starts
     Prefect's UI on a temporary server, prints where, and each batch names its run's page; answers
     given there (here through the API, as the UI's Resume does) land in DVC, and the server stops
-    with the command. Before, the temporary server had no UI: nobody could answer."""
+    with the command. Before, the temporary server had no UI: nobody could answer. An answer with
+    another count of choices than pairs is refused on Resume (the form's schema). A session
+    stopped after its first batch (SIGTERM; Ctrl-C alike) keeps that batch's labels."""
     import os
     import re
     import shutil
+    import signal
     import subprocess
     import sys
     import time
@@ -300,20 +304,32 @@ def test_rlhf_label_without_a_server_serves_its_form_in_a_temporary_ui(tiny_mode
             ui, server = started.group(1), psutil.Process(cli.pid).children(recursive=True)
         page = re.search(r"batch (\d) of 2 waits for your labels .* open (http://\S+/runs/flow-run/(\S+)) and press Resume",
                          lines[-1])
-        if page:
-            assert page.group(2).startswith(ui)
-            request = urllib.request.Request(page.group(2), headers={"Accept": "text/html"})  # as a browser asks
-            with urllib.request.urlopen(request, timeout=30) as r:
-                assert r.status == 200 and "<!DOCTYPE html>" in r.read().decode()
-            with temporary_settings({PREFECT_API_URL: ui + "/api"}):
-                resume_flow_run(page.group(3), run_input={"choices": ["A", "B"][:3 - 2 * answered]})
-            answered += 1
-    assert cli.wait(timeout=120) == 0
+        if not page:
+            continue
+        if answered == 1 and how == "stopped":
+            cli.send_signal(signal.SIGTERM)
+            break
+        assert page.group(2).startswith(ui)
+        request = urllib.request.Request(page.group(2), headers={"Accept": "text/html"})  # as a browser asks
+        with urllib.request.urlopen(request, timeout=30) as r:
+            assert r.status == 200 and "<!DOCTYPE html>" in r.read().decode()
+        with temporary_settings({PREFECT_API_URL: ui + "/api"}):
+            if answered == 0:
+                with pytest.raises(RuntimeError, match="Cannot resume this run.*(too short|minItems|fewer)"):
+                    resume_flow_run(page.group(3), run_input={"choices": ["A"]})  # one choice for two pairs
+            resume_flow_run(page.group(3), run_input={"choices": ["A", "B"][:3 - 2 * answered]})
+        answered += 1
+    assert cli.wait(timeout=120) == (0 if how == "answered" else 143)
     out = "".join(lines) + cli.stdout.read()
-    summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["labelled"] == summary["pairs"] == 3, out[-3000:]
-    recs = [json.loads(x) for x in open(summary["raw_file"], encoding="utf-8")]
-    assert [r["annotator"] for r in recs] == ["carol"] * 3 and recs[2]["shown_as_a"] == "chosen"
+    saved = re.findall(r"(\d) labels saved \((\d) pairs\): (\S+)", out)
+    assert len(saved) == 1, out[-3000:]
+    labelled, pairs, raw_file = saved[0]
+    assert (int(labelled), int(pairs)) == ((3, 3) if how == "answered" else (2, 2)), out[-3000:]
+    if how == "answered":
+        assert json.loads(out.strip().splitlines()[-1])["raw_file"] == raw_file
+    recs = [json.loads(x) for x in open(raw_file, encoding="utf-8")]
+    assert [r["annotator"] for r in recs] == ["carol"] * len(recs) and recs[1]["shown_as_a"] == "rejected"
+    assert "prefect-ui" in versioning.git(ws, "log", "-1", "--format=%s", "--", raw_file + ".dvc").stdout
     assert not still_running(server, timeout=15)  # the temporary server stopped with the command
 
 
