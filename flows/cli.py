@@ -317,14 +317,14 @@ def cmd_validate(args) -> int:
 
 
 def cmd_label(args) -> int:
-    from flows.labelling import NothingToLabel, champion_to_label, label
+    from flows.labelling import NothingToLabel, label, policy_to_label
     from flows.serve import configured_api_url, prefect_api
     from tasks.config import load_config
     from tasks.workspace import init_workspace
 
     ws = init_workspace(args.workspace.resolve())
     try:  # before any server starts
-        champion_to_label(ws, load_config(ws.params))
+        policy_to_label(ws, load_config(ws.params))
     except NothingToLabel as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

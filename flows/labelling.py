@@ -108,14 +108,19 @@ def save_labels(ws: Workspace, records: list[PreferenceRecord], round_: int) -> 
     return saved
 
 
-def champion_to_label(ws: Workspace, cfg: PipelineConfig) -> str | None:
-    """The champion policy's version, whose pairs are shown; None: the base model's, before any
-    champion. NothingToLabel before either exists."""
+def policy_to_label(ws: Workspace, cfg: PipelineConfig) -> tuple[str, str | None]:
+    """Whose pairs are shown, and its registry version: the champion policy; before any, the base
+    model (models/base, or models.policy itself before a first round has made models/base: people's
+    labels can come before the first round). NothingToLabel before any of them exists."""
     champion = tracking.alias_version(tracking.setup(ws, cfg.project), cfg.policy_name, tracking.CHAMPION)
-    if champion is None and not (ws.base_model / "config.json").exists():
-        raise NothingToLabel(f"no champion policy and no {ws.base_model} to sample pairs from: run `rlhf run` "
-                             f"--workspace {ws.root} first")
-    return champion
+    if champion is not None:
+        return f"models:/{cfg.policy_name}/{champion}", champion
+    if (ws.base_model / "config.json").exists():
+        return str(ws.base_model), None
+    if cfg.models.policy:
+        return cfg.models.policy, None
+    raise NothingToLabel(f"no model to sample pairs from in {ws.root}: set models.policy to yours (params.yaml), "
+                         f"or run `rlhf run --workspace {ws.root}` first (the built-in scenario)")
 
 
 @flow(name="rlhf-label", log_prints=True)
@@ -126,8 +131,9 @@ def label(workspace: str = ".", pairs: int = 8, batch_size: int = 4, timeout_sec
         raise ValueError("pairs, batch_size and timeout_seconds must each be at least 1")
     ws = init_workspace(workspace)
     cfg = load_config(ws.params)
-    champion = champion_to_label(ws, cfg)
-    policy_ref = tracking.resolve_model(ws, f"models:/{cfg.policy_name}/{champion}") if champion else str(ws.base_model)
+    policy_ref, champion = policy_to_label(ws, cfg)
+    if champion is not None:
+        policy_ref = tracking.resolve_model(ws, policy_ref)
     # `pairs` prompts drawn from the training prompts (each once while there are enough), one pair each
     prompts = training_prompts(ws, cfg)
     rng = random.Random(seed)
@@ -154,7 +160,7 @@ def label(workspace: str = ".", pairs: int = 8, batch_size: int = 4, timeout_sec
                 running_again()
                 break
             records += to_records(batch, answer, annotator, round_, champion)
-    finally:  # also when the session is stopped (Ctrl-C, SIGTERM): what a person gave is never lost
+    finally:  # also when the session is stopped (Ctrl-C, SIGTERM, cancelled): what a person gave is never lost
         if records:
             raw_file = str(save_labels(ws, records, round_))
     summary = {"labelled": len(records), "pairs": sum(r.label == "pair" for r in records), "raw_file": raw_file}

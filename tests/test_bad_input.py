@@ -247,7 +247,7 @@ def test_rlhf_label_before_any_model_says_what_to_run_first(tmp_path):
     out = subprocess.run([sys.executable, "-m", "flows.cli", "label", "--workspace", str(tmp_path / "ws")],
                          capture_output=True, text=True, env=env, timeout=180)
     assert out.returncode == 1, out.stderr[-3000:]
-    assert "error: no champion policy and no " in out.stderr and "run `rlhf run` --workspace" in out.stderr
+    assert "error: no model to sample pairs from in " in out.stderr and "set models.policy to yours" in out.stderr
     assert "Traceback" not in out.stderr
 
 

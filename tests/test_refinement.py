@@ -485,6 +485,33 @@ def test_the_uis_show_the_deployment_a_paused_label_form_and_the_champion(served
     page.screenshot(path=shots / "mlflow-champion.png", full_page=True)
 
 
+def test_a_label_session_cancelled_in_the_ui_keeps_the_labels_given(served):
+    """Cancel, as the UI's button does it, a label run paused at its second batch: the first
+    batch's answers are saved as raw feedback before the run ends Cancelled."""
+    from prefect.flow_runs import resume_flow_run
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Cancelling
+
+    ws, serve, servers = served
+    raw_before = set(versioning.raw_files(ws))
+    run = _run_deployment("rlhf-label/on-demand", {"pairs": 4, "batch_size": 2, "annotator": "dana"})
+    _wait(lambda: _flow_run(run.id).state.is_paused(), 300, serve, ws, run_id=run.id)
+
+    def answer():
+        with temporary_settings({PREFECT_API_URL: servers.prefect_url}):
+            resume_flow_run(run.id, run_input={"choices": ["B", "tie"], "comments": ["", "both fine"]})
+    _in_thread(answer)
+    _wait(lambda: (_flow_run(run.id).state.is_paused()
+                   and _flow_run(run.id).state.state_details.pause_key == "2"), 120, serve, ws, run_id=run.id)
+    _api(lambda c: c.set_flow_run_state(run.id, Cancelling(message="cancelled by a test"), force=True))
+    final = _wait(lambda: _final(run.id), 120, serve, ws, run_id=run.id)
+    assert final.state.is_cancelled(), (final.state.type, final.state.message)
+    (labels,) = set(versioning.raw_files(ws)) - raw_before
+    records = [json.loads(line) for line in labels.read_text().splitlines()]
+    assert [(r["label"], r["annotator"], r.get("comment")) for r in records] == [
+        ("pair", "dana", None), ("tie", "dana", "both fine")]
+
+
 def test_the_credential_in_the_environment_lands_nowhere(served):
     """After every round above: not in the workspace (git history, DVC, MLflow's store and
     artifacts, params, logs), not in the Prefect server's database (flow-run logs, parameters)."""

@@ -288,7 +288,10 @@ def test_rlhf_label_without_a_server_serves_its_form_in_a_temporary_ui(how, tiny
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     ws = init_workspace(tmp_path / "ws")
-    shutil.copytree(tiny_model_dir, ws.base_model)
+    if how == "answered":  # the base model a round made
+        shutil.copytree(tiny_model_dir, ws.base_model)
+    else:  # the user's own, before any round: people's labels can come first
+        rounds.write_params(ws, load_config(None, {**FAST, "models.policy": str(tiny_model_dir)}))
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
     env["PREFECT_LOGGING_LEVEL"] = "INFO"  # Prefect's default (the suite's is WARNING): the flow's messages shown
     cli = subprocess.Popen([sys.executable, "-m", "flows.cli", "label", "--workspace", str(ws.root), "--pairs", "3",
