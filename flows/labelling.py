@@ -10,6 +10,7 @@ The labels become a new raw feedback file, versioned with DVC like any other rou
 from __future__ import annotations
 
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -55,10 +56,19 @@ def batch_form(batch: list[dict], first: int) -> type[PairLabels]:
     return form
 
 
+def code_block(text: str) -> str:
+    """`text` shown verbatim in Markdown: a fenced block, its fence longer than any run of
+    backticks in the text (a dialogue's lines, Markdown or code in a response stay as written)."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text}\n{fence}"
+
+
 def batch_markdown(batch: list[dict], first: int) -> str:
     parts = ["Pick the better response for each pair: **A**, **B**, **tie** or **skip**, in order.\n"]
     for i, pair in enumerate(batch, start=first):
-        parts.append(f"### Pair {i}\n**Prompt:** `{pair['prompt']}`\n\n**A:** `{pair['A']}`\n\n**B:** `{pair['B']}`\n")
+        parts.append(f"### Pair {i}\n**Prompt:**\n{code_block(pair['prompt'])}\n\n**A:**\n{code_block(pair['A'])}\n\n"
+                     f"**B:**\n{code_block(pair['B'])}\n")
     return "\n".join(parts)
 
 

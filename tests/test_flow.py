@@ -447,6 +447,22 @@ def test_blocked_validation_stops_before_training_and_registers_nothing(finished
     assert len(rounds.completed_rounds(ws)) == 1
 
 
+def test_the_label_form_shows_every_text_verbatim():
+    """Dialogue prompts (blank lines), backticks, Markdown and leading spaces in a pair reach the
+    person as written: each text is a fenced block whose fence no run of backticks in it can close."""
+    from markdown_it import MarkdownIt
+
+    from flows.labelling import batch_markdown
+
+    pair = {"prompt": "\n\nHuman: what does `x` do in ```python\nx = 1```?\n\nAssistant:",
+            "A": " **bold** claim\n\n# not a heading", "B": " ````` five backticks"}
+    tokens = MarkdownIt().parse(batch_markdown([pair, {"prompt": "the nurse said", "A": " they", "B": " she"}], 7))
+    blocks = [t.content for t in tokens if t.type == "fence"]
+    assert blocks == [pair["prompt"] + "\n", pair["A"] + "\n", pair["B"] + "\n",
+                      "the nurse said\n", " they\n", " she\n"]
+    assert [t.content for t in tokens if t.type == "inline" and t.content.startswith("Pair")] == ["Pair 7", "Pair 8"]
+
+
 def test_label_flow_pauses_resumes_with_answers_and_keeps_them_on_timeout(finished_round):
     """A person's labels through the Prefect form: batch 1 answered from another thread, batch 2
     left unanswered until its timeout; the answers given land in DVC."""
