@@ -167,6 +167,7 @@ def html_report(report: dict, table: list[dict], images: dict[str, bytes], n_row
         f"<td>{html.escape(r['candidate'])}</td><td>{r['candidate_reward']:.3f}</td></tr>" for r in table[:n_rows])
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>Evaluation, round {report.get('round')}</title>"
             "<style>body{font-family:sans-serif;margin:2em}td,th{border:1px solid #ccc;padding:3px 8px}"
+            "td{white-space:pre-wrap;vertical-align:top}"  # a dialogue's lines and a response's spacing as written
             "table{border-collapse:collapse;margin-bottom:2em}</style></head><body>"
             f"<h1>Candidate against champion, round {report.get('round')}</h1>"
             f"<h2>Metrics</h2><table>{metrics}</table><h2>Plots</h2>{pictures}"

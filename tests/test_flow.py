@@ -159,6 +159,19 @@ def test_evaluation_report_plots_and_calibration(finished_round):
     assert buckets[-1]["accuracy"] >= buckets[0]["accuracy"]  # surer means more often right
 
 
+def test_the_evaluation_page_shows_texts_as_written():
+    """A dialogue's lines and any markup in a response reach the reader as written: escaped, with
+    their line breaks kept (pre-wrap), not run together or rendered."""
+    from tasks.evaluate import html_report
+
+    prompt = "\n\nHuman: is <b>this</b> bold?\n\nAssistant:"
+    page = html_report({"round": 3}, [{"prompt": prompt, "champion": " <script>x</script>", "champion_reward": 0.5,
+                                       "candidate": " no\n  indented", "candidate_reward": 1.0}], {})
+    assert "<b>this</b>" not in page and "<script>x" not in page
+    assert "<td>\n\nHuman: is &lt;b&gt;this&lt;/b&gt; bold?\n\nAssistant:</td>" in page
+    assert "<td> no\n  indented</td>" in page and "td{white-space:pre-wrap" in page
+
+
 def test_worse_candidate_is_evaluated_and_not_promoted(finished_round):
     import torch
     from safetensors.torch import load_file, save_file
