@@ -5,7 +5,7 @@
     rlhf gc [--keep N] [--remote] [--dry-run] [--json]
     rlhf import FILE [--format auto|jsonl|conversational|csv|parquet|hh-rlhf|label-studio|argilla] [--map prompt=COL,...] [--json]
     rlhf data history [--json]        rlhf validate [FILE ...] [--json]
-    rlhf label [--pairs N] [--batch-size N] [--timeout S]
+    rlhf label [--pairs N] [--batch-size N] [--timeout S] [--seed N]
     rlhf compare [A B] [--evaluate] [--json]
     rlhf promote VERSION --reason TEXT [--force]       rlhf rollback
     rlhf server [--host H] [--prefect-port P] [--mlflow-port P] [--mlflow-auth]
@@ -56,6 +56,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2147483647, got {value}")
+    return value
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -97,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--batch-size", type=_positive_int, default=4, help="pairs per form (default 4)")
     lab.add_argument("--timeout", type=_positive_int, default=3600, help="seconds to wait for each form")
     lab.add_argument("--annotator", default="prefect-ui", help="name kept on every label")
+    lab.add_argument("--seed", type=_non_negative_int, default=None,
+                     help="of the prompts and responses shown (default: a new one each session)")
     lab.add_argument("--workspace", type=Path, default=Path("."))
 
     val = sub.add_parser("validate", help="run the validation gate alone (exit 1 on a blocking failure)")
@@ -335,7 +347,7 @@ def cmd_label(args) -> int:
             print(f"Prefect UI {api.removesuffix('/api')} (a temporary server, stopped when labelling ends): "
                   "the form is on the paused rlhf-label run", flush=True)
         summary = label(workspace=str(ws.root), pairs=args.pairs, batch_size=args.batch_size,
-                        timeout_seconds=args.timeout, annotator=args.annotator)
+                        timeout_seconds=args.timeout, annotator=args.annotator, seed=args.seed)
     print(json.dumps(summary))
     return 0
 

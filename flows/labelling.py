@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import re
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -135,10 +136,16 @@ def policy_to_label(ws: Workspace, cfg: PipelineConfig) -> tuple[str, str | None
 
 @flow(name="rlhf-label", log_prints=True)
 def label(workspace: str = ".", pairs: int = 8, batch_size: int = 4, timeout_seconds: int = 3600,
-          annotator: str = "prefect-ui", seed: int = 0) -> dict:
-    """Sample `pairs` response pairs from the champion and ask a person to label them, a batch at a time."""
+          annotator: str = "prefect-ui", seed: int | None = None) -> dict:
+    """Sample `pairs` response pairs from the champion and ask a person to label them, a batch at a time.
+
+    `seed`: of the prompts drawn and the responses sampled; None draws one for this session (a fixed
+    seed shows the same pairs every session of the same champion, and repeats of a labelled pair are
+    set aside by validation: the second session's work would be lost)."""
     if pairs < 1 or batch_size < 1 or timeout_seconds < 1:
         raise ValueError("pairs, batch_size and timeout_seconds must each be at least 1")
+    if seed is None:
+        seed = secrets.randbelow(2**31)
     ws = init_workspace(workspace)
     cfg = load_config(ws.params)
     policy_ref, champion = policy_to_label(ws, cfg)
@@ -152,6 +159,7 @@ def label(workspace: str = ".", pairs: int = 8, batch_size: int = 4, timeout_sec
     triples = sample_pairs(policy_ref, pool[:pairs], 1, cfg.collect.max_new_tokens, cfg.collect.temperature, seed,
                            cfg.chat_format)
     shown = [{"prompt": p, "A": a, "B": b} for p, a, b in triples]  # two samples: already in random order
+    print(f"{len(shown)} pairs sampled with seed {seed} (the same seed shows the same pairs of this policy again)")
     round_ = ws.read_state().round
     records: list[PreferenceRecord] = []
     raw_file = None
@@ -173,7 +181,8 @@ def label(workspace: str = ".", pairs: int = 8, batch_size: int = 4, timeout_sec
     finally:  # also when the session is stopped (Ctrl-C, SIGTERM, cancelled): what a person gave is never lost
         if records:
             raw_file = str(save_labels(ws, records, round_))
-    summary = {"labelled": len(records), "pairs": sum(r.label == "pair" for r in records), "raw_file": raw_file}
+    summary = {"labelled": len(records), "pairs": sum(r.label == "pair" for r in records), "raw_file": raw_file,
+               "seed": seed}
     if raw_file is None:
         print("no labels given: nothing saved")
     return summary

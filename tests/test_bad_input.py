@@ -185,6 +185,11 @@ def test_project_params_yaml_is_the_documented_default():
     (["gc", "--keep", "0"], "must be at least 1"),
     (["gc", "--keep", "all"], "expected a whole number"),
     (["import", "f.jsonl", "--format", "sharegpt"], "invalid choice: 'sharegpt'"),
+    (["label", "--pairs", "0"], "must be at least 1"),
+    (["label", "--batch-size", "two"], "expected a whole number"),
+    (["label", "--timeout", "-5"], "must be at least 1"),
+    (["label", "--seed", "-1"], "must be between 0 and 2147483647"),
+    (["label", "--seed", "lucky"], "expected a whole number"),
 ])
 def test_bad_cli_arguments_exit_2_with_a_message(capsys, argv, expected):
     with pytest.raises(SystemExit) as e:

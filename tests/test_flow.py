@@ -513,6 +513,10 @@ def test_label_flow_pauses_resumes_with_answers_and_keeps_them_on_timeout(finish
     assert recs[0]["source"] == "prefect-ui" and recs[0]["annotator"] == "alice" and recs[0]["comment"] == "clearer"
     assert recs[0]["shown_as_a"] == "chosen" and recs[0]["policy_version"] == "2"
     assert "prefect-ui, 2 records" in git(ws, "log", "-1", "--format=%s", "--", result["raw_file"] + ".dvc")
+    # a second session shows other pairs (with the first one's seed they would be the same ones again,
+    # and validation sets repeats of a labelled pair aside: the person's second session wasted)
+    again = label(workspace=str(ws.root), pairs=4, batch_size=2, timeout_seconds=1)
+    assert again["labelled"] == 0 and again["seed"] != result["seed"]
 
 
 def test_the_inbox_leaves_a_file_being_written_and_never_replaces_one_moved_before(prefect, tmp_path):
