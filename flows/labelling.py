@@ -2,8 +2,9 @@
 
 The flow samples pairs from the champion policy, then pauses once per batch with a typed form
 (a RunInput): the batch's prompts and responses are shown above it, in a random order that is
-recorded, and the form takes A / B / tie / skip and an optional comment per pair. Resuming the
-run (the UI's Resume button, or `resume_flow_run(id, run_input=...)`) hands the answers back.
+recorded, and the form takes A / B / tie / skip and an optional comment per pair, one field each
+(`pair_N`, `comment_N`, N the pair's number). Resuming the run (the UI's Resume button, or
+`resume_flow_run(id, run_input={"pair_1": "A", "comment_1": "..."})`) hands the answers back.
 A batch left unanswered past the timeout ends the session; every answer given before it is kept.
 The labels become a new raw feedback file, versioned with DVC like any other round.
 """
@@ -37,22 +38,17 @@ class NothingToLabel(ValueError):
 Choice = Literal["A", "B", "tie", "skip"]
 
 
-class PairLabels(RunInput):
-    """One answer per pair shown above the form, in the order shown."""
-
-    choices: list[Choice]
-    comments: list[str] = []
-
-
-def batch_form(batch: list[dict], first: int) -> type[PairLabels]:
-    """The form of one batch: its pairs above it, exactly one choice per pair and at most one
-    comment each. Prefect's server checks an answer against this schema on Resume and refuses
-    another count, saying why in the UI, so a slip cannot shift answers onto the wrong pairs."""
-    n = len(batch)
-    form = pydantic.create_model(
-        "PairLabels", __base__=PairLabels,
-        choices=(list[Choice], pydantic.Field(default=["skip"] * n, min_length=n, max_length=n)),
-        comments=(list[str], pydantic.Field(default=[""] * n, max_length=n)))
+def batch_form(batch: list[dict], first: int) -> type[RunInput]:
+    """The form of one batch, its pairs shown above it: per pair a choice (a drop-down of A, B, tie,
+    skip: required, nothing is recorded for a pair by default) and an optional comment. One field
+    per pair, named by the pair's number
+    (`pair_3`, `comment_3`), so an answer can only land on the pair it names; Prefect's server
+    checks a Resume against this schema and refuses a key or value it does not have."""
+    fields = {}
+    for i in range(first, first + len(batch)):
+        fields[f"pair_{i}"] = (Choice, pydantic.Field(title=f"Pair {i}: the better response"))
+        fields[f"comment_{i}"] = (str, pydantic.Field(default="", title=f"Pair {i}: comment"))
+    form = pydantic.create_model("PairLabels", __base__=RunInput, **fields)
     form._description = batch_markdown(batch, first)  # what RunInput.with_initial_data(description=...) sets
     return form
 
@@ -66,22 +62,21 @@ def code_block(text: str) -> str:
 
 
 def batch_markdown(batch: list[dict], first: int) -> str:
-    parts = ["Pick the better response for each pair: **A**, **B**, **tie** or **skip**, in order.\n"]
+    parts = ["Pick the better response of each pair below: **A**, **B**, **tie** or **skip**.\n"]
     for i, pair in enumerate(batch, start=first):
         parts.append(f"### Pair {i}\n**Prompt:**\n{code_block(pair['prompt'])}\n\n**A:**\n{code_block(pair['A'])}\n\n"
                      f"**B:**\n{code_block(pair['B'])}\n")
     return "\n".join(parts)
 
 
-def to_records(batch: list[dict], answer: PairLabels, annotator: str, round_: int,
+def to_records(batch: list[dict], first: int, answer: RunInput, annotator: str, round_: int,
                policy_version: str | None) -> list[PreferenceRecord]:
-    """Answers -> records. A tie or skip keeps A / B as chosen / rejected with its label."""
-    if len(answer.choices) != len(batch):
-        raise ValueError(f"expected {len(batch)} choices, one per pair, got {len(answer.choices)}")
+    """A batch's answers (`batch_form`'s fields) -> records. A tie or skip keeps A / B as chosen /
+    rejected with its label."""
     out = []
-    for i, (pair, choice) in enumerate(zip(batch, answer.choices)):
+    for i, pair in enumerate(batch, start=first):
+        choice, comment = getattr(answer, f"pair_{i}"), getattr(answer, f"comment_{i}").strip() or None
         chosen, rejected = (pair["B"], pair["A"]) if choice == "B" else (pair["A"], pair["B"])
-        comment = answer.comments[i] if i < len(answer.comments) and answer.comments[i] else None
         out.append(PreferenceRecord(
             prompt=pair["prompt"], chosen=chosen, rejected=rejected, source="prefect-ui", annotator=annotator,
             round=round_, policy_version=policy_version, label={"tie": "tie", "skip": "skip"}.get(choice, "pair"),
@@ -177,7 +172,7 @@ def label(workspace: str = ".", pairs: int = 8, batch_size: int = 4, timeout_sec
                                          start // batch_size + 1, timeout_seconds, len(records))
                 running_again()
                 break
-            records += to_records(batch, answer, annotator, round_, champion)
+            records += to_records(batch, start + 1, answer, annotator, round_, champion)
     finally:  # also when the session is stopped (Ctrl-C, SIGTERM, cancelled): what a person gave is never lost
         if records:
             raw_file = str(save_labels(ws, records, round_))

@@ -501,7 +501,7 @@ def test_label_flow_pauses_resumes_with_answers_and_keeps_them_on_timeout(finish
             runs = client.read_flow_runs(flow_run_filter=paused_filter)
             time.sleep(0.5)
         assert runs, "the label flow never paused for input"
-        resume_flow_run(runs[0].id, run_input={"choices": ["A", "tie"], "comments": ["clearer", ""]})
+        resume_flow_run(runs[0].id, run_input={"pair_1": "A", "comment_1": "clearer", "pair_2": "tie"})
     worker.join(timeout=180)
     assert not worker.is_alive()
     assert result["labelled"] == 2 and result["pairs"] == 1  # batch 2 timed out; batch 1 kept

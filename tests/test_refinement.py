@@ -462,17 +462,25 @@ def test_the_uis_show_the_deployment_a_paused_label_form_and_the_champion(served
     page.goto(f"{ui}/runs/flow-run/{run.id}")
     page.get_by_role("button", name="Resume").click()
     form = page.get_by_role("dialog")
-    expect(form).to_contain_text("Pick the better response for each pair")
+    expect(form).to_contain_text("Pick the better response of each pair below")
     expect(form).to_contain_text("Pair 2")
-    expect(form).to_contain_text("Choices")
+    form.get_by_role("button", name="Submit").click()  # nothing chosen: refused, the form stays open
+    expect(form).to_contain_text("required")
+    for n, choice in ((1, "B"), (2, "A")):  # as a person answers: each pair's drop-down
+        field = form.locator(".schema-form-property").filter(has_text=f"Pair {n}: the better response")
+        field.locator("button.p-select-button__control").press("ArrowDown")  # opens it (headless clicks do not)
+        page.get_by_role("option", name=choice, exact=True).click()
+        expect(field).to_contain_text(choice)
+    form.locator(".schema-form-property").filter(has_text="Pair 2: comment").locator("textarea").fill("A is clearer")
     page.screenshot(path=shots / "prefect-label-form.png", full_page=True)
-    form.get_by_role("button", name="Submit").click()  # the initial answers: skip, skip
+    form.get_by_role("button", name="Submit").click()
     expect(form).to_be_hidden(timeout=60_000)  # the UI took the answers
     final = _wait(lambda: _final(run.id), 180, serve, ws, run_id=run.id)
     assert final.state.is_completed(), final.state.message
     (labels,) = set(versioning.raw_files(ws)) - raw_before  # the form's answers, versioned
     records = [json.loads(line) for line in labels.read_text().splitlines()]
-    assert [(r["label"], r["source"]) for r in records] == [("skip", "prefect-ui")] * 2
+    assert [(r["label"], r["source"], r["shown_as_a"], r.get("comment")) for r in records] == [
+        ("pair", "prefect-ui", "rejected", None), ("pair", "prefect-ui", "chosen", "A is clearer")]
     # the label flow loaded the champion to sample its pairs: no progress bars in the flow-run log
     assert "Loading weights" not in (ws.root / ".cache" / "serve.log").read_text(errors="replace")
 
@@ -499,7 +507,7 @@ def test_a_label_session_cancelled_in_the_ui_keeps_the_labels_given(served):
 
     def answer():
         with temporary_settings({PREFECT_API_URL: servers.prefect_url}):
-            resume_flow_run(run.id, run_input={"choices": ["B", "tie"], "comments": ["", "both fine"]})
+            resume_flow_run(run.id, run_input={"pair_1": "B", "pair_2": "tie", "comment_2": "both fine"})
     _in_thread(answer)
     _wait(lambda: (_flow_run(run.id).state.is_paused()
                    and _flow_run(run.id).state.state_details.pause_key == "2"), 120, serve, ws, run_id=run.id)

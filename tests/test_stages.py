@@ -270,8 +270,8 @@ def test_rlhf_label_without_a_server_serves_its_form_in_a_temporary_ui(how, tiny
     """`rlhf label` with no PREFECT_API_URL: the form must be somewhere a person can open. It starts
     Prefect's UI on a temporary server, prints where, and each batch names its run's page; answers
     given there (here through the API, as the UI's Resume does) land in DVC, and the server stops
-    with the command. Before, the temporary server had no UI: nobody could answer. An answer with
-    another count of choices than pairs is refused on Resume (the form's schema). A session
+    with the command. Before, the temporary server had no UI: nobody could answer. An answer that
+    misses a pair or names one not shown is refused on Resume (the form's schema). A session
     stopped after its first batch (SIGTERM; Ctrl-C alike) keeps that batch's labels."""
     import os
     import re
@@ -317,10 +317,14 @@ def test_rlhf_label_without_a_server_serves_its_form_in_a_temporary_ui(how, tiny
         with urllib.request.urlopen(request, timeout=30) as r:
             assert r.status == 200 and "<!DOCTYPE html>" in r.read().decode()
         with temporary_settings({PREFECT_API_URL: ui + "/api"}):
-            if answered == 0:
-                with pytest.raises(RuntimeError, match="Cannot resume this run.*(too short|minItems|fewer)"):
-                    resume_flow_run(page.group(3), run_input={"choices": ["A"]})  # one choice for two pairs
-            resume_flow_run(page.group(3), run_input={"choices": ["A", "B"][:3 - 2 * answered]})
+            if answered == 0:  # an answer missing a pair, or naming one this batch does not show: refused
+                with pytest.raises(RuntimeError, match="Cannot resume this run.*'pair_2' is a required property"):
+                    resume_flow_run(page.group(3), run_input={"pair_1": "A"})
+                with pytest.raises(RuntimeError, match="Cannot resume this run.*pair_3"):
+                    resume_flow_run(page.group(3), run_input={"pair_1": "A", "pair_2": "B", "pair_3": "A"})
+                resume_flow_run(page.group(3), run_input={"pair_1": "A", "pair_2": "B"})
+            else:
+                resume_flow_run(page.group(3), run_input={"pair_3": "A"})
         answered += 1
     assert cli.wait(timeout=120) == (0 if how == "answered" else 143)
     out = "".join(lines) + cli.stdout.read()
