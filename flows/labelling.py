@@ -1,12 +1,13 @@
 """The `rlhf-label` flow: a person labels response pairs in the Prefect UI.
 
-The flow samples pairs from the champion policy, then pauses once per batch with a typed form
-(a RunInput): the batch's prompts and responses are shown above it, in a random order that is
-recorded, and the form takes A / B / tie / skip and an optional comment per pair, one field each
-(`pair_N`, `comment_N`, N the pair's number). Resuming the run (the UI's Resume button, or
-`resume_flow_run(id, run_input={"pair_1": "A", "comment_1": "..."})`) hands the answers back.
-A batch left unanswered past the timeout ends the session; every answer given before it is kept.
-The labels become a new raw feedback file, versioned with DVC like any other round.
+The flow samples pairs from the champion policy (before any, the base model), then pauses once
+per batch with a typed form (a RunInput): the batch's prompts and responses are shown above it,
+in a random order that is recorded, and the form takes A / B / tie / skip and an optional comment
+per pair, one field each (`pair_N`, `comment_N`, N the pair's number). Resuming the run (the UI's
+Resume button, or `resume_flow_run(id, run_input={"pair_1": "A", "comment_1": "..."})`) hands the
+answers back. A batch left unanswered past the timeout ends the session; every answer given
+before it, or before the session is stopped, is kept. The labels become a new raw feedback file,
+versioned with DVC like any other round.
 """
 from __future__ import annotations
 
@@ -41,9 +42,9 @@ Choice = Literal["A", "B", "tie", "skip"]
 def batch_form(batch: list[dict], first: int) -> type[RunInput]:
     """The form of one batch, its pairs shown above it: per pair a choice (a drop-down of A, B, tie,
     skip: required, nothing is recorded for a pair by default) and an optional comment. One field
-    per pair, named by the pair's number
-    (`pair_3`, `comment_3`), so an answer can only land on the pair it names; Prefect's server
-    checks a Resume against this schema and refuses a key or value it does not have."""
+    per pair, named by the pair's number (`pair_3`, `comment_3`), so an answer can only land on the
+    pair it names; Prefect's server checks a Resume against this schema and refuses a key or value
+    it does not have."""
     fields = {}
     for i in range(first, first + len(batch)):
         fields[f"pair_{i}"] = (Choice, pydantic.Field(title=f"Pair {i}: the better response"))
