@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
 import json
 import os
 import signal
@@ -54,6 +55,13 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _login_name() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user with no name
+        return "prefect-ui"
 
 
 def _non_negative_int(text: str) -> int:
@@ -106,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--pairs", type=_positive_int, default=8, help="pairs to label (default 8)")
     lab.add_argument("--batch-size", type=_positive_int, default=4, help="pairs per form (default 4)")
     lab.add_argument("--timeout", type=_positive_int, default=3600, help="seconds to wait for each form")
-    lab.add_argument("--annotator", default="prefect-ui", help="name kept on every label")
+    lab.add_argument("--annotator", default=None,
+                     help="name kept on every label (default: your login name; two people labelling under one "
+                          "name read as one, and the second's same answer to a pair as a repeat)")
     lab.add_argument("--seed", type=_non_negative_int, default=None,
                      help="of the prompts and responses shown (default: a new one each session)")
     lab.add_argument("--workspace", type=Path, default=Path("."))
@@ -347,7 +357,7 @@ def cmd_label(args) -> int:
             print(f"Prefect UI {api.removesuffix('/api')} (a temporary server, stopped when labelling ends): "
                   "the form is on the paused rlhf-label run", flush=True)
         summary = label(workspace=str(ws.root), pairs=args.pairs, batch_size=args.batch_size,
-                        timeout_seconds=args.timeout, annotator=args.annotator, seed=args.seed)
+                        timeout_seconds=args.timeout, annotator=args.annotator or _login_name(), seed=args.seed)
     print(json.dumps(summary))
     return 0
 

@@ -155,7 +155,8 @@ def label(workspace: str = ".", pairs: int = 8, batch_size: int = 4, timeout_sec
     triples = sample_pairs(policy_ref, pool[:pairs], 1, cfg.collect.max_new_tokens, cfg.collect.temperature, seed,
                            cfg.chat_format)
     shown = [{"prompt": p, "A": a, "B": b} for p, a, b in triples]  # two samples: already in random order
-    print(f"{len(shown)} pairs sampled with seed {seed} (the same seed shows the same pairs of this policy again)")
+    print(f"{len(shown)} pairs sampled with seed {seed} (the same seed shows the same pairs of this policy again); "
+          f"labels are recorded as annotator {annotator!r}")
     round_ = ws.read_state().round
     records: list[PreferenceRecord] = []
     raw_file = None

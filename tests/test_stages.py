@@ -273,6 +273,7 @@ def test_rlhf_label_without_a_server_serves_its_form_in_a_temporary_ui(how, tiny
     with the command. Before, the temporary server had no UI: nobody could answer. An answer that
     misses a pair or names one not shown is refused on Resume (the form's schema). A session
     stopped after its first batch (SIGTERM; Ctrl-C alike) keeps that batch's labels."""
+    import getpass
     import os
     import re
     import shutil
@@ -294,8 +295,9 @@ def test_rlhf_label_without_a_server_serves_its_form_in_a_temporary_ui(how, tiny
         rounds.write_params(ws, load_config(None, {**FAST, "models.policy": str(tiny_model_dir)}))
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
     env["PREFECT_LOGGING_LEVEL"] = "INFO"  # Prefect's default (the suite's is WARNING): the flow's messages shown
+    who = ["--annotator", "carol"] if how == "answered" else []  # else the login name
     cli = subprocess.Popen([sys.executable, "-m", "flows.cli", "label", "--workspace", str(ws.root), "--pairs", "3",
-                            "--batch-size", "2", "--timeout", "120", "--annotator", "carol"],
+                            "--batch-size", "2", "--timeout", "120", *who],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            cwd=Path(__file__).resolve().parents[1], env=env)
     deadline, lines, answered = time.monotonic() + 240, [], 0
@@ -335,7 +337,8 @@ def test_rlhf_label_without_a_server_serves_its_form_in_a_temporary_ui(how, tiny
     if how == "answered":
         assert json.loads(out.strip().splitlines()[-1])["raw_file"] == raw_file
     recs = [json.loads(x) for x in open(raw_file, encoding="utf-8")]
-    assert [r["annotator"] for r in recs] == ["carol"] * len(recs) and recs[1]["shown_as_a"] == "rejected"
+    annotator = "carol" if how == "answered" else getpass.getuser()
+    assert [r["annotator"] for r in recs] == [annotator] * len(recs) and recs[1]["shown_as_a"] == "rejected"
     assert "prefect-ui" in versioning.git(ws, "log", "-1", "--format=%s", "--", raw_file + ".dvc").stdout
     assert not still_running(server, timeout=15)  # the temporary server stopped with the command
 
