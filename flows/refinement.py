@@ -143,13 +143,15 @@ def rlhf_refinement(workspace: str = ".", config: PipelineConfig | None = None,
     line["inbox"] = inbox
     line |= prune_after_round(str(ws.root), cfg, line["round"])
     pruning = line.get("pruning", "refinement.keep_versions is null: nothing pruned")
+    inbox_note = f"inbox: {len(inbox['imported'])} imported, {len(inbox['failed'])} failed"
+    if inbox["waiting"]:
+        inbox_note += f", {len(inbox['waiting'])} left for the next round (still being written)"
     create_markdown_artifact(
         key="rlhf-refinement", description=f"Refinement round {line['round']}",
         markdown=f"# Refinement round {line['round']}: {'promoted' if line['promoted'] else 'not promoted'}\n\n"
                  f"{rounds.headline(line)}, "
                  f"KL {line['kl']:.2f}, win-rate {line['win_rate']:.2f}\n\n"
-                 f"inbox: {len(inbox['imported'])} imported, {len(inbox['failed'])} failed, "
-                 f"{len(inbox['waiting'])} left for the next round (still being written)\n\n{pruning}\n\n"
+                 f"{inbox_note}\n\n{pruning}\n\n"
                  f"disk: {gc.describe_usage(gc.disk_usage(ws))}\n")
     return line
 
