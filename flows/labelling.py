@@ -39,13 +39,15 @@ class NothingToLabel(ValueError):
 Choice = Literal["A", "B", "tie", "skip"]
 
 
-def batch_form(batch: list[dict], first: int) -> type[RunInput]:
+def batch_form(batch: list[dict], first: int, ask_name: bool = False) -> type[RunInput]:
     """The form of one batch, its pairs shown above it: per pair a choice (a drop-down of A, B, tie,
     skip: required, nothing is recorded for a pair by default) and an optional comment. One field
     per pair, named by the pair's number (`pair_3`, `comment_3`), so an answer can only land on the
     pair it names; Prefect's server checks a Resume against this schema and refuses a key or value
     it does not have."""
     fields = {}
+    if ask_name:  # a session started without an annotator: the person answering says who they are
+        fields["annotator"] = (str, pydantic.Field(pattern=r"\S", title="Your name (kept on every label you give)"))
     for i in range(first, first + len(batch)):
         fields[f"pair_{i}"] = (Choice, pydantic.Field(title=f"Pair {i}: the better response"))
         fields[f"comment_{i}"] = (str, pydantic.Field(default="", title=f"Pair {i}: comment"))
@@ -132,10 +134,12 @@ def policy_to_label(ws: Workspace, cfg: PipelineConfig) -> tuple[str, str | None
 
 @flow(name="rlhf-label", log_prints=True)
 def label(workspace: str = ".", pairs: int = 8, batch_size: int = 4, timeout_seconds: int = 3600,
-          annotator: str = "prefect-ui", seed: int | None = None) -> dict:
+          annotator: str | None = None, seed: int | None = None) -> dict:
     """Sample `pairs` response pairs from the champion and ask a person to label them, a batch at a time.
 
-    `seed`: of the prompts drawn and the responses sampled; None draws one for this session (a fixed
+    `annotator`: the name kept on every label; None asks for it on the first form (two people under
+    one name read as one annotator). `seed`: of the prompts drawn and the responses sampled; None
+    draws one for this session (a fixed
     seed shows the same pairs every session of the same champion, and repeats of a labelled pair are
     set aside by validation: the second session's work would be lost)."""
     if pairs < 1 or batch_size < 1 or timeout_seconds < 1:
@@ -152,11 +156,20 @@ def label(workspace: str = ".", pairs: int = 8, batch_size: int = 4, timeout_sec
     rng = random.Random(seed)
     pool = prompts * -(-pairs // len(prompts))
     rng.shuffle(pool)
-    triples = sample_pairs(policy_ref, pool[:pairs], 1, cfg.collect.max_new_tokens, cfg.collect.temperature, seed,
-                           cfg.chat_format)
-    shown = [{"prompt": p, "A": a, "B": b} for p, a, b in triples]  # two samples: already in random order
+    # two samples per prompt, already in random order; a pair of two equal responses has nothing to
+    # judge (validation would set it aside): those prompts are sampled again, twice at most
+    shown, todo = [], pool[:pairs]
+    for attempt in range(3):
+        triples = sample_pairs(policy_ref, todo, 1, cfg.collect.max_new_tokens, cfg.collect.temperature,
+                               seed + attempt, cfg.chat_format)
+        shown += [{"prompt": p, "A": a, "B": b} for p, a, b in triples if a != b]
+        todo = [p for p, a, b in triples if a == b]
+        if not todo:
+            break
+    if todo:
+        get_run_logger().warning("%d prompts gave two equal responses three times: not shown", len(todo))
     print(f"{len(shown)} pairs sampled with seed {seed} (the same seed shows the same pairs of this policy again); "
-          f"labels are recorded as annotator {annotator!r}")
+          + (f"labels are recorded as annotator {annotator!r}" if annotator else "the first form asks for your name"))
     round_ = ws.read_state().round
     records: list[PreferenceRecord] = []
     raw_file = None
@@ -167,19 +180,20 @@ def label(workspace: str = ".", pairs: int = 8, batch_size: int = 4, timeout_sec
             print(f"batch {start // batch_size + 1} of {-(-len(shown) // batch_size)} waits for your labels "
                   f"(for up to {timeout_seconds} s): open {run_url()} and press Resume")
             try:
-                answer = pause_flow_run(wait_for_input=batch_form(batch, start + 1), timeout=timeout_seconds,
-                                        poll_interval=1)
+                answer = pause_flow_run(wait_for_input=batch_form(batch, start + 1, ask_name=not annotator),
+                                        timeout=timeout_seconds, poll_interval=1)
             except FlowPauseTimeout:
                 get_run_logger().warning("batch %d unanswered after %ds: ending the session, keeping %d labels",
                                          start // batch_size + 1, timeout_seconds, len(records))
                 running_again()
                 break
+            annotator = annotator or answer.annotator.strip()
             records += to_records(batch, start + 1, answer, annotator, round_, champion)
     finally:  # also when the session is stopped (Ctrl-C, SIGTERM, cancelled): what a person gave is never lost
         if records:
             raw_file = str(save_labels(ws, records, round_))
-    summary = {"labelled": len(records), "pairs": sum(r.label == "pair" for r in records), "raw_file": raw_file,
-               "seed": seed}
+    summary = {"shown": len(shown), "labelled": len(records), "pairs": sum(r.label == "pair" for r in records),
+               "raw_file": raw_file, "seed": seed}
     if raw_file is None:
         print("no labels given: nothing saved")
     return summary

@@ -14,7 +14,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from tasks import rounds, scenario, versioning
 from tasks.config import load_config
-from tasks.workspace import Workspace
+from tasks.workspace import Workspace, init_workspace
 
 from conftest import FAST
 
@@ -516,7 +516,22 @@ def test_label_flow_pauses_resumes_with_answers_and_keeps_them_on_timeout(finish
     # a second session shows other pairs (with the first one's seed they would be the same ones again,
     # and validation sets repeats of a labelled pair aside: the person's second session wasted)
     again = label(workspace=str(ws.root), pairs=4, batch_size=2, timeout_seconds=1)
-    assert again["labelled"] == 0 and again["seed"] != result["seed"]
+    assert again["labelled"] == 0 and again["seed"] != result["seed"] and again["shown"] == 4
+
+
+def test_the_label_flow_shows_no_pair_of_two_equal_responses(finished_round, tmp_path):
+    """Near-greedy sampling gives every prompt the same response twice: nothing to judge, so no
+    such pair reaches a person (each prompt is sampled three times, then left out, with a warning)."""
+    import shutil
+
+    from flows.labelling import label
+
+    ws, _ = finished_round
+    greedy = init_workspace(tmp_path / "ws")
+    shutil.copytree(ws.base_model, greedy.base_model)
+    rounds.write_params(greedy, load_config(None, {**FAST, "collect.temperature": 1e-4}))
+    summary = label(workspace=str(greedy.root), pairs=3, timeout_seconds=1, annotator="x")
+    assert summary["shown"] == 0 and summary["labelled"] == 0 and summary["raw_file"] is None
 
 
 def test_the_inbox_leaves_a_file_being_written_and_never_replaces_one_moved_before(prefect, tmp_path):
@@ -528,7 +543,6 @@ def test_the_inbox_leaves_a_file_being_written_and_never_replaces_one_moved_befo
 
     from flows.refinement import import_inbox
     from tasks.records import PreferenceRecord
-    from tasks.workspace import init_workspace
 
     def pairs(n, tag):
         return "".join(PreferenceRecord(prompt=f"the pilot said {i}", chosen=f" they were {tag} {i} .",

@@ -472,6 +472,8 @@ def test_the_uis_show_the_deployment_a_paused_label_form_and_the_champion(served
         page.get_by_role("option", name=choice, exact=True).click()
         expect(field).to_contain_text(choice)
     form.locator(".schema-form-property").filter(has_text="Pair 2: comment").locator("textarea").fill("A is clearer")
+    # run without an annotator: the form asks who answers
+    form.locator(".schema-form-property").filter(has_text="Your name").locator("textarea, input").first.fill("erin")
     page.screenshot(path=shots / "prefect-label-form.png", full_page=True)
     form.get_by_role("button", name="Submit").click()
     expect(form).to_be_hidden(timeout=60_000)  # the UI took the answers
@@ -479,8 +481,8 @@ def test_the_uis_show_the_deployment_a_paused_label_form_and_the_champion(served
     assert final.state.is_completed(), final.state.message
     (labels,) = set(versioning.raw_files(ws)) - raw_before  # the form's answers, versioned
     records = [json.loads(line) for line in labels.read_text().splitlines()]
-    assert [(r["label"], r["source"], r["shown_as_a"], r.get("comment")) for r in records] == [
-        ("pair", "prefect-ui", "rejected", None), ("pair", "prefect-ui", "chosen", "A is clearer")]
+    assert [(r["label"], r["source"], r["annotator"], r["shown_as_a"], r.get("comment")) for r in records] == [
+        ("pair", "prefect-ui", "erin", "rejected", None), ("pair", "prefect-ui", "erin", "chosen", "A is clearer")]
     # the label flow loaded the champion to sample its pairs: no progress bars in the flow-run log
     assert "Loading weights" not in (ws.root / ".cache" / "serve.log").read_text(errors="replace")
 
