@@ -64,6 +64,17 @@ def pytest_collection_modifyitems(items):
     items.sort(key=rank)  # stable: tests keep their order inside a file
 
 
+def command_line(proc) -> str:
+    """A process's command line; "" for one that has ended since it was listed (gone, or a zombie
+    nobody has reaped yet: a short-lived `git` of the run, say)."""
+    import psutil
+
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def still_running(procs: list, timeout: float) -> list:
     """Those of `procs` still running after up to `timeout` s; a dead process that nobody has reaped
     (a zombie: this container's PID 1 reaps no orphans) does not count."""

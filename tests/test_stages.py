@@ -16,7 +16,7 @@ from tasks.ppo import lora
 from tasks.train_policy import build_policy
 from tasks.workspace import init_workspace
 
-from conftest import FAST, another_tokenizer, still_running
+from conftest import FAST, another_tokenizer, command_line, still_running
 
 pytestmark = pytest.mark.slow
 
@@ -212,7 +212,7 @@ def test_an_interrupted_rlhf_run_ends_in_seconds_and_leaves_nothing_running(how,
     cli = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            cwd=Path(__file__).resolve().parents[1], env=env, start_new_session=True)
     deadline, started = time.monotonic() + 180, []
-    while not any("tasks.pretrain" in " ".join(p.cmdline()) for p in started):
+    while not any("tasks.pretrain" in command_line(p) for p in started):
         assert cli.poll() is None and time.monotonic() < deadline, cli.stdout.read()
         time.sleep(0.2)
         try:
@@ -382,7 +382,7 @@ def test_rlhf_serve_uses_the_prefect_server_of_the_users_profile(tmp_path):
             assert serve.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(1)
             names = asyncio.run(deployment_names())
-        started = [" ".join(c.cmdline()) for c in psutil.Process(serve.pid).children(recursive=True)]
+        started = [command_line(c) for c in psutil.Process(serve.pid).children(recursive=True)]
         assert not [c for c in started if " server start" in c or "mlflow server" in c], started  # none of its own
         assert "MLflow UI" not in log.read_text()
     finally:
