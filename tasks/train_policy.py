@@ -272,6 +272,7 @@ def train(ws: Workspace, cfg: PipelineConfig, state: RoundState, policy_ref: str
             save_policy(lm, tokenizer, ws.policy_model, str(ws.base_model))
     if accelerator is not None:
         accelerator.wait_for_everyone()
+        accelerator.end_training()  # the process group ends before the interpreter (gloo can abort at exit)
     return history
 
 

@@ -115,3 +115,7 @@ if a.lora_resume:
                 checkpoint_trainable_only=saved == trainable, resumed_steps=steps_run, resumed_equal=equal,
                 adapters_moved=any(".lora_B" in k and bool(v.abs().sum() > 0) for k, v in straight_weights.items()))
             json.dump(result, open(a.out, "w"))
+
+# the process group ends before the interpreter does (accelerate: "always at the end of your script");
+# left to exit, gloo aborted a process once under the suite's load ("terminate called without an active exception")
+accelerator.end_training()
