@@ -7,7 +7,7 @@
     rlhf data history [--json]        rlhf validate [FILE ...] [--json]
     rlhf label [--pairs N] [--batch-size N] [--timeout S] [--seed N]
     rlhf compare [A B] [--evaluate] [--json]
-    rlhf promote VERSION --reason TEXT [--force]       rlhf rollback
+    rlhf promote VERSION --reason TEXT [--force] [--json]       rlhf rollback [--reason TEXT] [--json]
     rlhf server [--host H] [--prefect-port P] [--mlflow-port P] [--mlflow-auth]
     rlhf serve [--workspace DIR] [--prefect-port P] [--mlflow-port P]
 
@@ -149,10 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     prom.add_argument("version", help="version number or alias")
     prom.add_argument("--reason", required=True, help="why: kept on the version and the MLflow run")
     prom.add_argument("--force", action="store_true", help="promote even though its gates failed")
+    prom.add_argument("--json", action="store_true")
     prom.add_argument("--workspace", type=Path, default=Path("."))
 
-    rb = sub.add_parser("rollback", help="champion back to previous (policy and reward model)")
+    rb = sub.add_parser("rollback", help="policy champion back to previous, the reward model that trained it with it")
     rb.add_argument("--reason", default="rollback requested", help="why: kept on the versions")
+    rb.add_argument("--json", action="store_true")
     rb.add_argument("--workspace", type=Path, default=Path("."))
 
     gc = sub.add_parser("gc", help="free disk: delete the weights of old model versions and unused DVC cache")
@@ -429,15 +431,34 @@ def cmd_registry(args) -> int:
                       f"(95% interval {win['low']:.3f}-{win['high']:.3f})")
         elif args.command == "promote":
             out = registry.force_promote(ws, cfg, args.version, args.reason, args.force)
-            print(f"{cfg.policy_name}: champion is now v{out['champion']} (previous: v{out['previous']})")
+            if args.json:
+                print(json.dumps(out, indent=2))
+                return 0
+            print(f"{cfg.policy_name}: " + (f"v{out['champion']} is champion already" if out["was_champion"] else
+                                            f"champion is now v{out['champion']}") + f" (previous: v{out['previous']})")
+            print(_reward_line(cfg.reward_name, out["reward"]))
         else:
             out = registry.rollback(ws, cfg, args.reason)
-            for name, change in out.items():
-                print(f"{name}: champion v{change['from']} -> v{change['to']}")
+            if args.json:
+                print(json.dumps(out, indent=2))
+                return 0
+            policy = out[cfg.policy_name]
+            print(f"{cfg.policy_name}: champion v{policy['from']} -> v{policy['to']} (previous: v{policy['from']}; "
+                  "`rlhf rollback` again swaps them back)")
+            print(_reward_line(cfg.reward_name, out[cfg.reward_name]))
     except registry.RegistryError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _reward_line(name: str, change: dict) -> str:
+    """What a manual promotion or a rollback did to the reward champion."""
+    if change["note"]:
+        return f"{name}: {change['note']}"
+    if change["from"] == change["to"]:
+        return f"{name}: champion stays v{change['to']} (it trained this policy)"
+    return f"{name}: champion v{change['from']} -> v{change['to']} (it trained this policy)"
 
 
 def cmd_status(args) -> int:

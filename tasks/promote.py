@@ -146,6 +146,37 @@ def move_champion(client: MlflowClient, name: str, version: str, reason: str) ->
     return old
 
 
+def pair_reward(client: MlflowClient, policy_name: str, reward_name: str, policy_version: str,
+                reason: str) -> dict:
+    """Make the champion reward model the one that trained the champion policy (the policy
+    version's `reward_version` tag), as a round's promotion does: a manual promotion or a rollback
+    moves the policy, and the reward model that judged and trained it follows. The base policy no
+    round trained, and a reward version whose weights `rlhf gc` pruned, leave the reward champion
+    where it is; the returned `note` says so."""
+    before = tracking.alias_version(client, reward_name, tracking.CHAMPION)
+    policy = client.get_model_version(policy_name, policy_version)
+    wanted = policy.tags.get("reward_version")
+    if wanted is None:  # registered before the tag: the reward model logged in the same promote run
+        same_run = client.search_model_versions(f"name='{reward_name}' and run_id='{policy.run_id}'")
+        wanted = str(same_run[0].version) if same_run else None
+    if wanted is None:
+        return {"from": before, "to": before,
+                "note": f"no reward model trained {policy_name} v{policy_version} (the base policy, or a version "
+                        f"registered by hand): {reward_name} champion stays " + (f"v{before}" if before else "unset")}
+    if wanted == before:
+        return {"from": before, "to": before, "note": None}
+    try:
+        tags = client.get_model_version(reward_name, wanted).tags
+    except MlflowException:
+        tags = {tracking.PRUNED: "deleted from the registry"}
+    if tracking.PRUNED in tags:
+        return {"from": before, "to": before,
+                "note": f"{reward_name} v{wanted}, which trained {policy_name} v{policy_version}, is gone "
+                        f"({tags[tracking.PRUNED]}): {reward_name} champion stays " + (f"v{before}" if before else "unset")}
+    move_champion(client, reward_name, wanted, f"{reason}; trained {policy_name} v{policy_version}")
+    return {"from": before, "to": wanted, "note": None}
+
+
 def bootstrap_champion(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> str:
     """Register the base policy as the first champion, once, so a champion always exists."""
     client = tracking.setup(ws, cfg.project)
@@ -168,6 +199,13 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
         reasons.append("fluency_drop not checked: the built-in scenario's fluency judge does not apply to your "
                        "held-out prompts (perplexity_under_reference is in the evaluation report)")
     client = tracking.setup(ws, cfg.project)
+    champion_now = tracking.alias_version(client, cfg.policy_name, tracking.CHAMPION)
+    if champion_now != state.champion_policy_version:  # moved by hand while the round ran, or a stale state.yaml
+        promoted = False
+        began = f"v{state.champion_policy_version}" if state.champion_policy_version else state.policy
+        reasons.append(f"the champion is v{champion_now}, not {began}, which this round began from and compared "
+                       f"the candidate with: not promoted (`rlhf compare champion challenger --evaluate` compares it "
+                       f"with v{champion_now})")
     # each logged model carries the figures about it: MLflow 3 compares logged models by them
     figures = {k: float(v) for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     policy_metrics = {k: v for k, v in figures.items() if k.startswith(("candidate/", "win_rate/", "gold_win_rate/"))}
@@ -191,6 +229,7 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
                     "champion_reward_before": state.champion_reward_version}
         mlflow.log_dict(decision, "decision.json")
     summary = "; ".join(reasons)
+    client.set_model_version_tag(cfg.policy_name, policy_version, "reward_version", reward_version)
     for name, version in ((cfg.policy_name, policy_version), (cfg.reward_name, reward_version)):
         client.set_model_version_tag(name, version, "round", str(state.round))
         client.set_model_version_tag(name, version, "promoted", str(promoted).lower())

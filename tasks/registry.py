@@ -15,7 +15,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 
 from tasks import tracking
 from tasks.config import PipelineConfig
-from tasks.promote import base_differences, base_identity, move_champion, version_base
+from tasks.promote import base_differences, base_identity, move_champion, pair_reward, version_base
 from tasks.workspace import Workspace, folder_bytes
 
 COMPARED = ["candidate/reward_mean", "candidate/neutral_rate", "candidate/fluent_rate", "candidate/kl_to_reference",
@@ -150,31 +150,32 @@ def force_promote(ws: Workspace, cfg: PipelineConfig, version: str, reason: str,
                             "pass --force with a --reason to promote it anyway")
     with mlflow.start_run(run_name=f"manual-promote-v{v.version}", tags={"stage": "manual-promote"}):
         old = move_champion(client, cfg.policy_name, str(v.version), f"manual: {reason}")
-        mlflow.log_params({"version": v.version, "previous_champion": old, "forced": force, "reason": reason})
+        reward = pair_reward(client, cfg.policy_name, cfg.reward_name, str(v.version), f"manual: {reason}")
+        mlflow.log_params({"version": v.version, "previous_champion": old, "forced": force, "reason": reason,
+                           "reward.from": reward["from"], "reward.to": reward["to"]})
     client.set_model_version_tag(cfg.policy_name, str(v.version), "manual_promotion", reason)
-    return {"champion": str(v.version), "previous": old}
+    return {"champion": str(v.version), "was_champion": old == str(v.version),
+            "previous": tracking.alias_version(client, cfg.policy_name, tracking.PREVIOUS), "reward": reward}
 
 
 def rollback(ws: Workspace, cfg: PipelineConfig, reason: str) -> dict:
-    """champion <-> previous, for the policy and for the reward model."""
+    """Policy champion <-> previous; the reward champion follows the policy (the reward model that
+    trained it). Run again, it swaps them back."""
     client = tracking.setup(ws, cfg.project)
-    result = {}
+    champion = tracking.alias_version(client, cfg.policy_name, tracking.CHAMPION)
+    previous = tracking.alias_version(client, cfg.policy_name, tracking.PREVIOUS)
+    if previous is None:
+        raise RegistryError(f"{cfg.policy_name} has no previous champion to roll back to")
     with mlflow.start_run(run_name="rollback", tags={"stage": "rollback"}):
-        for name in (cfg.policy_name, cfg.reward_name):
-            champion = tracking.alias_version(client, name, tracking.CHAMPION)
-            previous = tracking.alias_version(client, name, tracking.PREVIOUS)
-            if previous is None:
-                if name == cfg.policy_name:
-                    raise RegistryError(f"{name} has no previous champion to roll back to")
-                continue
-            client.set_registered_model_alias(name, tracking.CHAMPION, previous)
-            client.set_registered_model_alias(name, tracking.PREVIOUS, champion)
-            client.set_model_version_tag(name, previous, "promotion_reason", f"rollback: {reason}")
-            client.set_model_version_tag(name, champion, "rolled_back", reason)
-            mlflow.log_params({f"{name}.from": champion, f"{name}.to": previous})
-            result[name] = {"from": champion, "to": previous}
-        mlflow.log_param("reason", reason)
-    return result
+        client.set_registered_model_alias(cfg.policy_name, tracking.CHAMPION, previous)
+        client.set_registered_model_alias(cfg.policy_name, tracking.PREVIOUS, champion)
+        client.set_model_version_tag(cfg.policy_name, previous, "promotion_reason", f"rollback: {reason}")
+        client.set_model_version_tag(cfg.policy_name, champion, "rolled_back", reason)
+        reward = pair_reward(client, cfg.policy_name, cfg.reward_name, previous, f"rollback: {reason}")
+        mlflow.log_params({f"{cfg.policy_name}.from": champion, f"{cfg.policy_name}.to": previous,
+                           f"{cfg.reward_name}.from": reward["from"], f"{cfg.reward_name}.to": reward["to"],
+                           "reason": reason})
+    return {cfg.policy_name: {"from": champion, "to": previous}, cfg.reward_name: reward}
 
 
 # ---- pruning: a scheduled loop registers two models a round; their weights fill the disk ---------

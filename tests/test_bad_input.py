@@ -226,6 +226,28 @@ def test_cli_status_outside_a_workspace(tmp_path):
         main(["status", "--workspace", str(tmp_path)])
 
 
+def test_registry_commands_refuse_what_they_cannot_do(tmp_path, capsys):
+    """promote and rollback in a workspace with no round yet, and with malformed arguments: exit 2
+    with the reason, and the registry unchanged."""
+    from tasks.workspace import init_workspace
+
+    root = str(init_workspace(tmp_path / "ws").root)
+    for argv, said in [(["rollback"], "rlhf-policy has no previous champion to roll back to"),
+                       (["promote", "1", "--reason", "r"], "rlhf-policy has no version or alias '1'"),
+                       (["promote", "v3", "--reason", "r"], "rlhf-policy has no version or alias 'v3'"),
+                       (["promote", "1", "--reason", "  "], "a manual promotion needs a reason (--reason)"),
+                       (["compare", "champion", "latest"], "rlhf-policy has no version or alias 'champion'")]:
+        assert main([*argv, "--workspace", root]) == 2, argv
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, (argv, err)
+    with pytest.raises(SystemExit) as exit_:
+        main(["promote", "1", "--workspace", root])  # --reason is required
+    assert exit_.value.code == 2 and "--reason" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["rollback", "--to", "1", "--workspace", root])
+    assert exit_.value.code == 2 and "unrecognized arguments: --to 1" in capsys.readouterr().err
+
+
 def test_cli_entry_point_prints_no_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--rounds", "-1"], capture_output=True, text=True)
     assert out.returncode == 2 and "must be at least 1" in out.stderr and "Traceback" not in out.stderr

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
@@ -339,6 +340,79 @@ def test_compare_rollback_and_manual_promotion_are_logged(finished_round, capsys
     assert runs[0].data.params["reason"] == "issue fixed upstream"
 
 
+def _champions(client):
+    """(policy champion, policy previous, reward champion, reward previous)"""
+    from tasks import tracking
+    return tuple(tracking.alias_version(client, name, alias)
+                 for name in ("rlhf-policy", "rlhf-reward") for alias in ("champion", "previous"))
+
+
+def test_the_reward_champion_follows_the_policy_by_hand_and_a_round_never_overrides_a_hand(finished_round,
+                                                                                               capsys):
+    """The champion reward model is the one that trained the champion policy: a round moves both,
+    and so do `rlhf promote` and `rlhf rollback`. A round whose champion was changed by hand while
+    it ran does not promote: its gates compared the candidate with the champion it began from.
+    Runs after the compare test (the champion is v2 again) and the worse candidate's (v3, reward v2)."""
+    from flows.cli import main
+    from tasks import tracking
+
+    ws, _ = finished_round
+    root = str(ws.root)
+    client = MlflowClient()
+    assert _champions(client) == ("2", "1", "1", None)
+    assert client.get_model_version("rlhf-policy", "3").tags["reward_version"] == "2"
+    # a manual promotion of v3 (its gates failed): reward v2 trained it, and becomes champion with it
+    assert main(["promote", "3", "--reason", "judged better by hand", "--force", "--workspace", root]) == 0
+    out = capsys.readouterr().out
+    assert "rlhf-reward: champion v1 -> v2 (it trained this policy)" in out, out
+    assert _champions(client) == ("3", "2", "2", "1")
+    run = mlflow.search_runs(experiment_names=["rlhf"], filter_string="tags.stage = 'manual-promote'",
+                             output_format="list")[0]
+    assert run.data.params["reward.from"] == "1" and run.data.params["reward.to"] == "2"
+    # rollback: v2 and the reward model that trained it (it swapped the policy only, or both blindly)
+    assert main(["rollback", "--reason", "v3 rambles", "--json", "--workspace", root]) == 0
+    assert json.loads(capsys.readouterr().out) == {"rlhf-policy": {"from": "3", "to": "2"},
+                                                   "rlhf-reward": {"from": "2", "to": "1", "note": None}}
+    assert _champions(client) == ("2", "3", "1", "2")
+    assert client.get_model_version("rlhf-policy", "3").tags["rolled_back"] == "v3 rambles"
+    # run again, it swaps them back, and says it would
+    assert main(["rollback", "--reason", "v3 after all", "--workspace", root]) == 0
+    out = capsys.readouterr().out
+    assert "rlhf-policy: champion v2 -> v3 (previous: v2; `rlhf rollback` again swaps them back)" in out, out
+    assert _champions(client) == ("3", "2", "2", "1")
+    # a round that began from v1 (state.yaml: round 1) ends with v3 champion: its candidate beat v1
+    # on every gate, but was never compared with v3
+    assert yaml.safe_load(ws.state_file.read_text())["champion_policy_version"] == "1"
+    passing = versioning.git(ws, "show", "HEAD:reports/evaluation.json").stdout  # round 1's, every gate passed
+    ws.evaluation_report.write_text(passing)
+    versioning.dvc(ws, "repro", "--force", "--single-item", "promote")
+    decision = json.loads(ws.decision_report.read_text())
+    assert decision["promoted"] is False and all(g["passed"] for g in decision["gates"]), decision["reasons"]
+    assert ("the champion is v3, not v1, which this round began from and compared the candidate with: not promoted "
+            "(`rlhf compare champion challenger --evaluate` compares it with v3)") in decision["reasons"]
+    assert decision["champion_policy_after"] == "3" and _champions(client) == ("3", "2", "2", "1")
+    candidate = client.get_model_version("rlhf-policy", decision["policy_version"])
+    assert candidate.tags["promoted"] == "false" and "the champion is v3, not v1" in candidate.tags["gates"]
+    assert tracking.alias_version(client, "rlhf-policy", tracking.CHALLENGER) == str(candidate.version)
+    # back to v2 for the tests after this one; rolling back to the base policy, which no reward
+    # model trained, leaves the reward champion where it is
+    assert main(["rollback", "--workspace", root]) == 0
+    assert _champions(client) == ("2", "3", "1", "2")
+    assert main(["rollback", "--workspace", root]) == 0 and main(["rollback", "--workspace", root]) == 0
+    capsys.readouterr()
+    assert main(["promote", "1", "--reason", "the base", "--json", "--workspace", root]) == 0
+    assert json.loads(capsys.readouterr().out)["reward"] == {
+        "from": "1", "to": "1", "note": "no reward model trained rlhf-policy v1 (the base policy, or a version "
+                                        "registered by hand): rlhf-reward champion stays v1"}
+    assert _champions(client)[0] == "1"
+    assert main(["promote", "2", "--reason", "back to v2", "--workspace", root]) == 0
+    assert _champions(client)[:3] == ("2", "1", "1")
+    capsys.readouterr()
+    assert main(["promote", "2", "--reason", "again", "--workspace", root]) == 0
+    assert "rlhf-policy: v2 is champion already (previous: v1)\nrlhf-reward: champion stays v1" in capsys.readouterr().out
+    assert _champions(client)[:3] == ("2", "1", "1")
+
+
 def test_a_config_naming_another_base_model_is_refused_before_anything_changes(finished_round, tiny_model_dir,
                                                                               capsys, tmp_path):
     """A workspace trains one base model's policies: every version records its base, and a round
@@ -605,13 +679,13 @@ def test_gc_deletes_only_weights_nothing_points_at(finished_round, capsys):
 
     assert main(["gc", "--keep", "1", "--dry-run", "--json", "--workspace", root]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert [p["version"] for p in plan["models"][cfg.policy_name]["pruned"]] == unaliased
+    assert sorted((p["version"] for p in plan["models"][cfg.policy_name]["pruned"]), key=int) == unaliased
     assert all(folder[n].is_dir() for n in versions)  # a dry run deletes nothing
     assert sum(1 for f in (ws.root / ".dvc" / "cache").rglob("*") if f.is_file()) == cache_before
 
     assert main(["gc", "--keep", "1", "--json", "--workspace", root]) == 0
     done = json.loads(capsys.readouterr().out)
-    assert [p["version"] for p in done["models"][cfg.policy_name]["pruned"]] == unaliased
+    assert sorted((p["version"] for p in done["models"][cfg.policy_name]["pruned"]), key=int) == unaliased
     assert done["models"][cfg.policy_name]["pruned"][0]["bytes"] > 100_000
     assert done["bytes"]["models"] == plan["bytes"]["models"] > 0
     for n in versions:
@@ -634,7 +708,7 @@ def test_gc_deletes_only_weights_nothing_points_at(finished_round, capsys):
     assert main(["gc", "--keep", "1", "--json", "--workspace", root]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["models"][cfg.policy_name]["pruned"] == [] and \
-        again["models"][cfg.policy_name]["already_pruned"] == unaliased
+        sorted(again["models"][cfg.policy_name]["already_pruned"], key=int) == unaliased
     # pruning the remote refuses while a feedback file of history is missing from the workspace
     pointer = next(p for p in (ws.root / "data" / "feedback" / "raw").glob("*.dvc"))
     versioning.git(ws, "rm", "-q", str(pointer.relative_to(ws.root)))
@@ -650,7 +724,6 @@ def test_gc_deletes_only_weights_nothing_points_at(finished_round, capsys):
 def test_rlhf_run_prunes_after_each_round_with_keep_versions(finished_round, tmp_path, capsys):
     """`rlhf run` with refinement.keep_versions prunes after its round as a scheduled run does,
     and says so under the round's line. Runs after the gc test: a round after pruning."""
-    import yaml
 
     from flows.cli import main
     from tasks import tracking
