@@ -428,7 +428,8 @@ def cmd_registry(args) -> int:
                 print(f"{key:34}{fa:>30}{fb:>30}")
             if win is not None:
                 print(f"win-rate of v{a['version']} over v{b['version']}: {win['rate']:.3f} "
-                      f"(95% interval {win['low']:.3f}-{win['high']:.3f})")
+                      f"(95% interval {win['low']:.3f}-{win['high']:.3f}; the reward model's preference "
+                      f"probability, higher score in {win['hard']:.3f} of the pairs)")
         elif args.command == "promote":
             out = registry.force_promote(ws, cfg, args.version, args.reason, args.force)
             if args.json:

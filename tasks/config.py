@@ -212,7 +212,8 @@ class EvaluateConfig(_Strict):
 
 class GatesConfig(_Strict):
     min_win_rate: float = Field(0.5, ge=0, le=1, description="the lower end of the 95% Wilson interval of the "
-                                "candidate's win-rate against the champion (reward model) must reach this")
+                                "candidate's win-rate against the champion must reach this (the reward "
+                                "model's preference probability, sigmoid of the score difference, averaged)")
     max_kl: float = Field(8.0, gt=0, description="KL budget to the reference, nats per sequence")
     max_fluency_drop: float = Field(0.05, ge=0, description="how much the fluent-response rate may fall")
     min_reward_accuracy: float = Field(0.6, ge=0, le=1, description="reward model's held-out pairwise accuracy floor")

@@ -1,8 +1,8 @@
 """Stage `evaluate`: the candidate policy against the round's champion, on the same prompts.
 
 Both policies answer every held-out prompt `samples_per_prompt` times (same seeds). Reported:
-reward-model score, win-rate of the candidate (by the reward model and by the gold judge, with
-a Wilson interval), KL to the reference, perplexity of the responses under the reference,
+reward-model score, win-rate of the candidate (by the reward model: its preference probability,
+see preference_rate; by the gold judge: wins, ties half; each with a Wilson interval), KL to the reference, perplexity of the responses under the reference,
 response length; on the built-in scenario's prompts also its gold judge's fluent and degenerate
 rates and the gold metric (neutral-pronoun rate on held-out professions), which mean nothing on
 your own prompts (`prompts.heldout` or `prompts.from_feedback`) and are left out there. Responses side by side go to MLflow
@@ -41,6 +41,19 @@ def win_rate(a: list[float], b: list[float]) -> dict[str, float]:
     wins = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b))
     low, high = wilson_interval(wins, len(a))
     return {"rate": wins / max(len(a), 1), "low": low, "high": high}
+
+
+def preference_rate(a: list[float], b: list[float]) -> dict[str, float]:
+    """How often a reward model prefers a's response to b's, read as the model itself reads a score
+    difference: its Bradley-Terry probability sigmoid(score_a - score_b), averaged over the pairs.
+    Counting each higher score as a whole win (`hard`, ties half) turns a difference of 0.01, which
+    the model itself holds for a coin toss, into a certain win: two policies the gold judge holds
+    equal measured 0.61 counted so, 0.51 as probabilities. The interval is Wilson's on the summed
+    probabilities, wider than the spread of probabilities near 0.5 needs (a cautious gate)."""
+    n = len(a)
+    p = sum(0.5 * (1.0 + math.tanh((x - y) / 2.0)) for x, y in zip(a, b))  # sigmoid, without overflow
+    low, high = wilson_interval(p, n)
+    return {"rate": p / max(n, 1), "low": low, "high": high, "hard": win_rate(a, b)["rate"]}
 
 
 def describe(responses: list[str], scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor,
@@ -94,7 +107,7 @@ def evaluate(candidate_ref: str, champion_ref: str, reference_ref: str, reward_r
     gold = {name: [scenario.gold_score(t) for t in texts[name]] for name in sides}
     report = {
         **{f"{side}/{k}": v for side in results for k, v in results[side].items()},
-        **{f"win_rate/{k}": v for k, v in win_rate(responses["candidate"][1], responses["champion"][1]).items()},
+        **{f"win_rate/{k}": v for k, v in preference_rate(responses["candidate"][1], responses["champion"][1]).items()},
         "n_samples": len(batch),
     }
     if gold_judge:

@@ -158,6 +158,15 @@ def test_evaluation_report_plots_and_calibration(finished_round):
     buckets = metrics["held_out"]["calibration"]
     assert sum(b["n"] for b in buckets) == metrics["held_out"]["n"]
     assert buckets[-1]["accuracy"] >= buckets[0]["accuracy"]  # surer means more often right
+    # the gated win-rate is the reward model's preference probability over the logged side-by-side
+    # scores; the share of higher scores is reported beside it
+    import math
+    table = mlflow.load_table("samples_side_by_side.json", run_ids=[run.info.run_id])
+    diffs = table["candidate_reward"] - table["champion_reward"]
+    report = json.loads(ws.evaluation_report.read_text())
+    assert report["win_rate/rate"] == pytest.approx(sum(1 / (1 + math.exp(-d)) for d in diffs) / len(diffs))
+    assert report["win_rate/hard"] == pytest.approx(((diffs > 0).sum() + 0.5 * (diffs == 0).sum()) / len(diffs))
+    assert report["win_rate/low"] < report["win_rate/rate"] < report["win_rate/high"]
 
 
 def test_the_evaluation_page_shows_texts_as_written():
@@ -320,7 +329,8 @@ def test_compare_rollback_and_manual_promotion_are_logged(finished_round, capsys
     assert run.data.params["a"] == "2" and run.data.params["b"] == "1" and len(run.data.params["prompts.heldout_sha256"]) == 16
     assert run.data.metrics["win_rate/rate"] == pytest.approx(now["win_rate"]["rate"])
     assert main(["compare", "1", "2", "--evaluate", "--workspace", root]) == 0
-    assert re.search(r"^win-rate of v1 over v2: 0\.[0-4]\d\d \(95% interval", capsys.readouterr().out, re.M)
+    assert re.search(r"^win-rate of v1 over v2: 0\.[0-4]\d\d \(95% interval 0\.\d+-0\.\d+; the reward model's "
+                     r"preference probability, higher score in 0\.\d+ of the pairs\)$", capsys.readouterr().out, re.M)
     assert main(["compare", "2", "9", "--evaluate", "--workspace", root]) == 2
     assert "has no version or alias '9'" in capsys.readouterr().err
     assert main(["compare", "champion", "2", "--evaluate", "--workspace", root]) == 2

@@ -4,7 +4,7 @@ import math
 import pytest
 
 from tasks.config import GatesConfig
-from tasks.evaluate import wilson_interval, win_rate
+from tasks.evaluate import preference_rate, wilson_interval, win_rate
 from tasks.promote import check_gates
 
 
@@ -22,6 +22,19 @@ def test_win_rate_counts_ties_as_half():
     result = win_rate([1.0, 2.0, 3.0, 0.0], [0.0, 2.0, 1.0, 1.0])  # win, tie, win, loss
     assert result["rate"] == 2.5 / 4
     assert (result["low"], result["high"]) == wilson_interval(2.5, 4)
+
+
+def test_the_reward_models_win_rate_is_its_preference_probability():
+    # sigmoid(2) = 0.880797, sigmoid(0) = 0.5, sigmoid(-1) = 0.268941: mean 0.549913
+    result = preference_rate([2.0, 1.0, 0.0], [0.0, 1.0, 1.0])
+    assert result["rate"] == pytest.approx((0.880797 + 0.5 + 0.268941) / 3, abs=1e-6)
+    assert (result["low"], result["high"]) == pytest.approx(wilson_interval(0.880797 + 0.5 + 0.268941, 3), abs=1e-5)
+    assert result["hard"] == 1.5 / 3  # win, tie, loss counted whole
+    # scores a hair apart (two responses the model holds equal) are near a coin toss, not 100 wins
+    hair = preference_rate([0.01] * 100, [0.0] * 100)
+    assert hair["hard"] == 1.0 and hair["rate"] == pytest.approx(0.5025, abs=1e-4) and hair["low"] < 0.5
+    # far apart: a certain preference, and no overflow
+    assert preference_rate([1000.0], [-1000.0])["rate"] == 1.0 and preference_rate([-1000.0], [1000.0])["rate"] == 0.0
 
 
 GOOD = {"win_rate/low": 0.7, "candidate/kl_to_reference": 3.0, "champion/fluent_rate": 0.9,
