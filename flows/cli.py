@@ -215,6 +215,8 @@ def cmd_run(args) -> int:
               f"{'PROMOTED' if line['promoted'] else 'not promoted'}")
         if "pruning" in line:
             print(f"  {line['pruning']}")
+        if line.get("push_error"):
+            print(f"  warning: {line['push_error']}", file=sys.stderr)
     return 0
 
 
@@ -262,6 +264,8 @@ def cmd_import(args) -> int:
             print(f"note: {hint}")
         if problem:
             print(f"error: {problem}", file=sys.stderr)
+    if summary.push_error:  # the import stands (committed, in the local cache): said, not failed
+        print(f"warning: {summary.push_error}", file=sys.stderr)
     return 1 if problem else 0
 
 
@@ -580,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except VersioningError as e:  # a stage failed: its own message is at the end of what DVC printed
-        print(f"error: the round stopped.\n{e}", file=sys.stderr)
+        print(f"error: {'the round stopped.' if args.command == 'run' else 'git or DVC failed:'}\n{e}", file=sys.stderr)
         return 1
     except RoundBusy as e:
         print(f"error: {e}", file=sys.stderr)

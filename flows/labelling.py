@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import re
 import secrets
+import sys
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -114,6 +115,9 @@ def save_labels(ws: Workspace, records: list[PreferenceRecord], round_: int) -> 
         path.write_text("".join(r.to_json() + "\n" for r in records), encoding="utf-8")
         saved = versioning.add_raw_feedback(ws, path, round_, "prefect-ui", len(records))
     print(f"{len(records)} labels saved ({sum(r.label == 'pair' for r in records)} pairs): {saved}")
+    problem = versioning.push(ws, saved)
+    if problem:
+        print(f"warning: {saved.name}: {problem}", file=sys.stderr)
     return saved
 
 

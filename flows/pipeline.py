@@ -71,13 +71,18 @@ def version_feedback(workspace: str, round_: int) -> str | None:
         return None
     path = versioning.add_raw_feedback(ws, ws.collected, round_, "simulated", n)
     get_run_logger().info("round %d feedback versioned as %s (%d records)", round_, path.name, n)
+    problem = versioning.push(ws, path)
+    if problem:
+        get_run_logger().warning("%s: %s", path.name, problem)
     return str(path)
 
 
 @task(cache_policy=NO_CACHE)
 def finish_round(workspace: str, state) -> dict:
     line = rounds.finish_round(Workspace(workspace), state)
-    rows = "\n".join(f"| {k} | {v} |" for k, v in line.items() if k != "reasons")
+    if line["push_error"]:
+        get_run_logger().warning("round %s: %s", state.round, line["push_error"])
+    rows = "\n".join(f"| {k} | {v} |" for k, v in line.items() if k != "reasons" and v is not None)
     reasons = "\n".join(f"- {r}" for r in line["reasons"])
     create_markdown_artifact(
         key="rlhf-round", description=f"Round {state.round}",

@@ -97,6 +97,8 @@ def import_inbox(workspace: str, inbox: str, settle_s: float = INBOX_SETTLE_S) -
         else:
             logger.info("inbox file %s imported: %d kept, %d set aside", path.name, summary.kept,
                         summary.set_aside)
+            if summary.push_error:
+                logger.warning("inbox file %s: %s", path.name, summary.push_error)
             result["imported"].append({"file": path.name, "moved_to": str(moved.relative_to(folder)),
                                        "kept": summary.kept, "set_aside": summary.set_aside})
     return result

@@ -44,12 +44,14 @@ class ImportSummary:
     quarantine_file: str | None = None
     received_file: str | None = None
     dialogues: int = 0  # kept records whose prompt is a dialogue (several turns, or a system turn)
+    push_error: str | None = None  # why the files were not pushed to the DVC remote (committed all the same)
 
     def as_dict(self) -> dict:
         return {"source_file": self.source_file, "format": self.format, "kept": self.kept,
                 "set_aside": self.set_aside, "reasons": dict(self.reasons), "dialogues": self.dialogues,
                 "raw_file": self.raw_file,
-                "quarantine_file": self.quarantine_file, "received_file": self.received_file}
+                "quarantine_file": self.quarantine_file, "received_file": self.received_file,
+                "pushed": self.push_error is None, "push_error": self.push_error}
 
 
 # ---- checks shared by every format --------------------------------------------------------------
@@ -503,6 +505,8 @@ def import_file(ws: Workspace, path: Path, fmt: str = "auto", mapping: dict | No
             summary.quarantine_file = str(quarantine)
         if extra:
             versioning.add_files(ws, extra, f"data: received {path.name} ({fmt}), {summary.set_aside} rows set aside")
+        versioned = [Path(f) for f in (summary.raw_file, summary.received_file, summary.quarantine_file) if f]
+        summary.push_error = versioning.push(ws, *versioned)
     return summary
 
 

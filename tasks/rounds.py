@@ -107,6 +107,7 @@ def finish_round(ws: Workspace, state: RoundState) -> dict:
     verdict = "promoted" if line["promoted"] else "not promoted"
     line["commit"] = versioning.commit_round(
         ws, f"round {state.round}: policy v{line['policy_version']} {verdict}; {headline(line)}, KL {line['kl']:.2f}")
+    line["push_error"] = versioning.push(ws)  # everything: the stage outputs, and any feedback a push missed
     return line
 
 

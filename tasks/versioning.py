@@ -49,9 +49,15 @@ def _run(args: list[str], cwd: Path, check: bool = True, env_extra: dict | None 
     proc = subprocess.CompletedProcess(args, popen.returncode, stdout, stderr)
     if check and proc.returncode != 0:
         shown = " ".join(a if " " not in a else repr(a) for a in args)
-        raise VersioningError(f"`{shown}` failed in {cwd} (exit {proc.returncode}):\n"
-                              f"{(proc.stderr or proc.stdout).strip()[-3000:]}")
+        raise VersioningError(f"`{shown}` failed in {cwd} (exit {proc.returncode}):\n{failure(proc)}")
     return proc
+
+
+def failure(proc: subprocess.CompletedProcess) -> str:
+    """What a failed git or DVC command said, without DVC's "Having any troubles?" banner."""
+    text = "\n".join(line for line in (proc.stderr or proc.stdout or "").strip().splitlines()
+                     if not line.startswith("Having any troubles?")).strip()
+    return text[-3000:] or f"no message (exit {proc.returncode})"
 
 
 def dvc(ws: Workspace, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -136,24 +142,39 @@ def add_raw_feedback(ws: Workspace, src: str | Path, round_: int, source: str, n
             tmp.replace(dest)
         pointer = dest.with_name(dest.name + ".dvc")
         if not pointer.exists():
-            dvc(ws, "add", "-q", str(dest.relative_to(ws.root)))
+            dvc(ws, "add", str(dest.relative_to(ws.root)))
             paths = [str(pointer.relative_to(ws.root)), str((ws.raw_dir / ".gitignore").relative_to(ws.root))]
             git(ws, "add", *paths)
             commit_paths(ws, f"data: round {round_} feedback ({source}, {n_records} records)", paths)
-        dvc(ws, "push", "-q", str(pointer.relative_to(ws.root)))
     return dest
 
 
-def add_files(ws: Workspace, files: list[Path], message: str) -> None:
-    """`dvc add` each file, commit the pointers and push the data (files stay where they are)."""
+def add_files(ws: Workspace, files: list[Path], message: str) -> list[Path]:
+    """`dvc add` each file and commit the pointers (files stay where they are); returns the pointers."""
     with lock(ws):
         rel = [str(Path(f).relative_to(ws.root)) for f in files]
-        dvc(ws, "add", "-q", *rel)
+        dvc(ws, "add", *rel)
         ignores = {str(Path(r).parent / ".gitignore") for r in rel}
         paths = [r + ".dvc" for r in rel] + sorted(ignores)
         git(ws, "add", *paths)
         commit_paths(ws, message, paths)
-        dvc(ws, "push", "-q", *[r + ".dvc" for r in rel])
+    return [ws.root / (r + ".dvc") for r in rel]
+
+
+def push(ws: Workspace, *data: Path) -> str | None:
+    """Push `data` (files DVC tracks; none: everything) to the workspace's DVC remote. Returns why
+    it failed, or None. A failed push loses nothing: the data is committed and in the local DVC
+    cache, and the next push (every round's ends with one of everything) sends it; so it is
+    reported, and never stops an import, a label session or a round."""
+    targets = [str(Path(d).relative_to(ws.root)) + ("" if str(d).endswith(".dvc") else ".dvc") for d in data]
+    with lock(ws):
+        out = dvc(ws, "push", *targets, check=False)
+    if out.returncode == 0:
+        return None
+    said = failure(out).splitlines()
+    reason = "; ".join(line for line in said if line.startswith("ERROR")) or said[-1]
+    return (f"not pushed to the DVC remote ({reason}); it is committed and in the "
+            f"local cache: `dvc push` in {ws.root} sends it once the remote is reachable, as the next round's push does")
 
 
 def repro(ws: Workspace, stage: str) -> bool:
@@ -174,7 +195,6 @@ def commit_round(ws: Workspace, message: str) -> str | None:
         git(ws, "add", *paths)
         if not commit_paths(ws, message, paths):
             return None
-        dvc(ws, "push", "-q", check=False)  # stage outputs too, where a remote is reachable
         return head_commit(ws)
 
 
@@ -246,7 +266,7 @@ def raw_files_at(ws: Workspace, rev: str, dest: Path) -> list[Path]:
     for pointer in pointers:
         target = dest / Path(pointer[:-4]).name
         if not target.exists():
-            dvc(ws, "get", ".", pointer[:-4], "--rev", rev, "-o", str(target), "-q")
+            dvc(ws, "get", ".", pointer[:-4], "--rev", rev, "-o", str(target))
         out.append(target)
     return out
 

@@ -744,10 +744,18 @@ def test_rlhf_run_prunes_after_each_round_with_keep_versions(finished_round, tmp
     config.write_text(yaml.safe_dump(cfg.to_params()))
     with mlflow.start_run(run_name="extra-version"):  # one more policy version, soon neither aliased nor newest
         extra = tracking.log_model(ws.policy_model, "policy", cfg.policy_name).version
+    # with the DVC remote unreachable: the round goes on (its data committed and in the local cache),
+    # said in a warning; it failed at its feedback's push before, after three tries
+    versioning.dvc(ws, "remote", "modify", "local", "url", str(tmp_path / "unreachable" / "store"))
+    (tmp_path / "unreachable").write_text("a file where the remote's parent folder should be")
     code = main(["run", "--workspace", str(ws.root), "--config", str(config)])
-    out = capsys.readouterr().out
-    assert code == 0, out
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
     assert re.search(r"^round \d+: .*\n  gc: freed [\d.]+ MiB", out, re.M), out
+    assert re.search(r"^  warning: not pushed to the DVC remote \(ERROR: .*\); it is committed", err, re.M), err
+    versioning.dvc(ws, "remote", "modify", "local", "url", str(ws.root / ".dvcstore"))
+    assert versioning.push(ws) is None
+    assert "in sync" in versioning.dvc(ws, "status", "--cloud").stdout
     client = MlflowClient()
     for name in (cfg.policy_name, cfg.reward_name):
         versions = [client.get_model_version(name, v.version)  # (search leaves out the aliases)

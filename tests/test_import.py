@@ -59,6 +59,36 @@ def test_hh_rlhf_sample_imports_whole_with_prompts_split_right(ws):
     assert again.raw_file == summary.raw_file and len(versioning.history(ws)) == 1
 
 
+def test_an_unreachable_dvc_remote_leaves_the_import_committed_and_said(ws, tmp_path, capsys):
+    """A push that fails (the remote down, no credentials) stops nothing: the feedback is committed
+    and in the local DVC cache, the import exits 0 with a warning that names DVC's error, and the
+    next push sends it. Before, the import failed with "the round stopped" and no reason (DVC's -q
+    hid its ERROR line), after committing the feedback but before keeping the received file."""
+    good = tmp_path / "pairs.jsonl"
+    good.write_text("".join(json.dumps({"prompt": f"the nurse said {i}", "chosen": " they were late .",
+                                        "rejected": " she was late ."}) + "\n" for i in range(6)))
+    store = ws.root / ".dvcstore"
+    versioning.dvc(ws, "remote", "modify", "local", "url", str(tmp_path / "missing" / "store"))
+    (tmp_path / "missing").write_text("a file where the remote's parent folder should be")
+    assert main(["import", str(good), "--json", "--workspace", str(ws.root)]) == 0
+    out, err = capsys.readouterr()
+    summary = json.loads(out)
+    assert summary["pushed"] is False and summary["kept"] == 6
+    assert "not pushed to the DVC remote (ERROR: " in summary["push_error"] and "Having any troubles" not in err
+    assert err.startswith("warning: not pushed to the DVC remote (ERROR: ") and "`dvc push` in" in err
+    assert [c.message.split(" (")[0] for c in versioning.history(ws)] == ["data: round 1 feedback"]
+    assert "data: received pairs.jsonl" in versioning.git(ws, "log", "-1", "--format=%s").stdout
+    md5 = versioning.file_md5(summary["raw_file"])
+    assert (ws.root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]).exists()  # in the local cache
+    assert not (store / "files" / "md5" / md5[:2] / md5[2:]).exists()
+    # the remote back: a push sends what the failed one left (a round ends with one of everything)
+    versioning.dvc(ws, "remote", "modify", "local", "url", str(store))
+    assert versioning.push(ws) is None
+    assert (store / "files" / "md5" / md5[:2] / md5[2:]).exists()
+    assert main(["import", str(good), "--workspace", str(ws.root)]) == 0  # the same file: nothing new, no warning
+    assert "warning" not in capsys.readouterr().err
+
+
 @needs_hh
 def test_imported_hh_pairs_train_the_reward_model(ws, tmp_path):
     """The reward stage trains on real human feedback (a tokenizer and tiny model sized for dialogues)."""
