@@ -137,9 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     hist.add_argument("--json", action="store_true")
     hist.add_argument("--workspace", type=Path, default=Path("."))
 
-    cmp_ = sub.add_parser("compare", help="two policy versions side by side (default: champion vs latest)")
-    cmp_.add_argument("a", nargs="?", default="champion", help="version number or alias (default: champion)")
-    cmp_.add_argument("b", nargs="?", default="latest", help="version number, alias or 'latest' (default)")
+    cmp_ = sub.add_parser("compare", help="two policy versions side by side (default: champion vs latest, "
+                                          "or vs previous when the latest is the champion)")
+    cmp_.add_argument("a", nargs="?", help="version number or alias (default: champion)")
+    cmp_.add_argument("b", nargs="?", help="version number, alias or 'latest' (default: latest; previous when "
+                                           "the latest is the champion)")
     cmp_.add_argument("--evaluate", action="store_true",
                       help="evaluate both now, on the same prompts, judged by the champion reward model")
     cmp_.add_argument("--json", action="store_true")
@@ -416,7 +418,8 @@ def cmd_registry(args) -> int:
     ws, cfg = _workspace_config(args)
     try:
         if args.command == "compare":
-            out = (registry.head_to_head if args.evaluate else registry.compare)(ws, cfg, args.a, args.b)
+            a, b = registry.default_refs(ws, cfg) if args.a is None else (args.a, args.b or "latest")
+            out = (registry.head_to_head if args.evaluate else registry.compare)(ws, cfg, a, b)
             if args.json:
                 print(json.dumps(out, indent=2))
                 return 0
@@ -580,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
                     "compare": cmd_registry, "promote": cmd_registry, "rollback": cmd_registry,
                     "gc": cmd_gc, "server": cmd_server, "serve": cmd_serve}
         return commands[args.command](args)
+    except BrokenPipeError:  # `rlhf compare | head`: the reader left; no traceback (Python's own advice)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ConfigError, ModelLoadError, BaseChanged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

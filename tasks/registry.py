@@ -74,6 +74,15 @@ def _as_candidate(metrics: dict, side: str) -> dict:
     return {"candidate/" + k.removeprefix(side): v for k, v in metrics.items() if k.startswith(side)}
 
 
+def default_refs(ws: Workspace, cfg: PipelineConfig) -> tuple[str, str]:
+    """What `rlhf compare` with no versions compares: the champion and the newest version; when the
+    newest is the champion (its round promoted it), the champion and the one it replaced."""
+    client = tracking.setup(ws, cfg.project)
+    latest = str(_version(client, cfg.policy_name, "latest").version)  # none yet: "run a round first"
+    return ("champion", "previous") if tracking.alias_version(client, cfg.policy_name,
+                                                              tracking.CHAMPION) == latest else ("champion", "latest")
+
+
 def compare(ws: Workspace, cfg: PipelineConfig, a: str = "champion", b: str = "latest") -> dict:
     client = tracking.setup(ws, cfg.project)
     va, vb = _pair(client, cfg.policy_name, a, b)

@@ -233,6 +233,7 @@ def test_registry_commands_refuse_what_they_cannot_do(tmp_path, capsys):
 
     root = str(init_workspace(tmp_path / "ws").root)
     for argv, said in [(["rollback"], "rlhf-policy has no previous champion to roll back to"),
+                       (["compare"], "rlhf-policy has no versions yet; run a round first"),
                        (["promote", "1", "--reason", "r"], "rlhf-policy has no version or alias '1'"),
                        (["promote", "v3", "--reason", "r"], "rlhf-policy has no version or alias 'v3'"),
                        (["promote", "1", "--reason", "  "], "a manual promotion needs a reason (--reason)"),

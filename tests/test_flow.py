@@ -421,6 +421,21 @@ def test_the_reward_champion_follows_the_policy_by_hand_and_a_round_never_overri
     assert main(["promote", "2", "--reason", "again", "--workspace", root]) == 0
     assert "rlhf-policy: v2 is champion already (previous: v1)\nrlhf-reward: champion stays v1" in capsys.readouterr().out
     assert _champions(client)[:3] == ("2", "1", "1")
+    # `rlhf compare` with no versions: the champion against the latest, or, when the latest is the
+    # champion (a promoting round's usual end), against the one it replaced (it refused, "both v4")
+    latest = str(candidate.version)
+    assert main(["compare", "--json", "--workspace", root]) == 0
+    assert {k: v["version"] for k, v in json.loads(capsys.readouterr().out).items()} == {"champion": "2",
+                                                                                         "latest": latest}
+    assert main(["promote", latest, "--reason", "r", "--force", "--workspace", root]) == 0
+    capsys.readouterr()
+    assert main(["compare", "--json", "--workspace", root]) == 0
+    assert {k: v["version"] for k, v in json.loads(capsys.readouterr().out).items()} == {"champion": latest,
+                                                                                         "previous": "2"}
+    assert main(["compare", "3", "--json", "--workspace", root]) == 0  # one version: against the latest
+    assert set(json.loads(capsys.readouterr().out)) == {"3", "latest"}
+    assert main(["promote", "2", "--reason", "back to v2", "--workspace", root]) == 0
+    assert _champions(client)[:3] == ("2", latest, "1")
 
 
 def test_a_config_naming_another_base_model_is_refused_before_anything_changes(finished_round, tiny_model_dir,
