@@ -582,7 +582,9 @@ def main(argv: list[str] | None = None) -> int:
                     "validate": cmd_validate, "label": cmd_label,
                     "compare": cmd_registry, "promote": cmd_registry, "rollback": cmd_registry,
                     "gc": cmd_gc, "server": cmd_server, "serve": cmd_serve}
-        return commands[args.command](args)
+        code = commands[args.command](args)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
+        return code
     except BrokenPipeError:  # `rlhf compare | head`: the reader left; no traceback (Python's own advice)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

@@ -254,6 +254,21 @@ def test_cli_entry_point_prints_no_traceback(tmp_path):
     assert out.returncode == 2 and "must be at least 1" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_a_reader_that_left_the_pipe_ends_the_command_without_a_traceback(tmp_path):
+    # `rlhf status | head -1`: the reader is gone before everything is printed
+    from tasks.workspace import init_workspace
+
+    ws = init_workspace(tmp_path / "ws")
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        out = subprocess.run([sys.executable, "-m", "flows.cli", "status", "--workspace", str(ws.root)],
+                             stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert out.returncode == 1 and "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
+
+
 @pytest.mark.parametrize("command", [["status"], ["gc", "--dry-run"], ["compare"], ["compare", "--evaluate"],
                                      ["rollback", "--reason", "r"]])
 def test_cli_names_an_unreachable_tracking_server_without_a_traceback(tmp_path, command):
