@@ -11,6 +11,7 @@ versioned with DVC like any other round.
 """
 from __future__ import annotations
 
+import logging
 import random
 import re
 import secrets
@@ -108,16 +109,27 @@ def running_again() -> None:
         client.set_flow_run_state(flow_run.id, Running(), force=True)
 
 
+def say(message: str) -> None:
+    """What the person labelling must read (how many pairs, where to answer, what was saved): a log
+    line of the run, which the UI shows, and on stdout all the same where Prefect's logging level
+    hides INFO (PREFECT_LOGGING_LEVEL=WARNING left `rlhf label` waiting without saying where)."""
+    logger = get_run_logger()
+    logger.info(message)
+    if not logger.isEnabledFor(logging.INFO):
+        sys.stdout.write(message + "\n")
+        sys.stdout.flush()
+
+
 def save_labels(ws: Workspace, records: list[PreferenceRecord], round_: int) -> Path:
     """The labels as a new raw feedback file, versioned (DVC, git) like any round's."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "labels.jsonl"
         path.write_text("".join(r.to_json() + "\n" for r in records), encoding="utf-8")
         saved = versioning.add_raw_feedback(ws, path, round_, "prefect-ui", len(records))
-    print(f"{len(records)} labels saved ({sum(r.label == 'pair' for r in records)} pairs): {saved}")
+    say(f"{len(records)} labels saved ({sum(r.label == 'pair' for r in records)} pairs): {saved}")
     problem = versioning.push(ws, saved)
     if problem:
-        print(f"warning: {saved.name}: {problem}", file=sys.stderr)
+        get_run_logger().warning("%s: %s", saved.name, problem)
     return saved
 
 
@@ -136,7 +148,7 @@ def policy_to_label(ws: Workspace, cfg: PipelineConfig) -> tuple[str, str | None
                          f"or run `rlhf run --workspace {ws.root}` first (the built-in scenario)")
 
 
-@flow(name="rlhf-label", log_prints=True)
+@flow(name="rlhf-label")
 def label(workspace: str = ".", pairs: int = 8, batch_size: int = 4, timeout_seconds: int = 3600,
           annotator: str | None = None, seed: int | None = None) -> dict:
     """Sample `pairs` response pairs from the champion and ask a person to label them, a batch at a time.
@@ -172,7 +184,7 @@ def label(workspace: str = ".", pairs: int = 8, batch_size: int = 4, timeout_sec
             break
     if todo:
         get_run_logger().warning("%d prompts gave two equal responses three times: not shown", len(todo))
-    print(f"{len(shown)} pairs sampled with seed {seed} (the same seed shows the same pairs of this policy again); "
+    say(f"{len(shown)} pairs sampled with seed {seed} (the same seed shows the same pairs of this policy again); "
           + (f"labels are recorded as annotator {annotator!r}" if annotator else "the first form asks for your name"))
     round_ = ws.read_state().round
     records: list[PreferenceRecord] = []
@@ -181,7 +193,7 @@ def label(workspace: str = ".", pairs: int = 8, batch_size: int = 4, timeout_sec
         for start in range(0, len(shown), batch_size):
             batch = shown[start:start + batch_size]
             # where a person answers: the run's page in the UI (its Resume button opens the form)
-            print(f"batch {start // batch_size + 1} of {-(-len(shown) // batch_size)} waits for your labels "
+            say(f"batch {start // batch_size + 1} of {-(-len(shown) // batch_size)} waits for your labels "
                   f"(for up to {timeout_seconds} s): open {run_url()} and press Resume")
             try:
                 answer = pause_flow_run(wait_for_input=batch_form(batch, start + 1, ask_name=not annotator),
@@ -199,5 +211,5 @@ def label(workspace: str = ".", pairs: int = 8, batch_size: int = 4, timeout_sec
     summary = {"shown": len(shown), "labelled": len(records), "pairs": sum(r.label == "pair" for r in records),
                "raw_file": raw_file, "seed": seed}
     if raw_file is None:
-        print("no labels given: nothing saved")
+        say("no labels given: nothing saved")
     return summary

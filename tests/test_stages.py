@@ -294,7 +294,9 @@ def test_rlhf_label_without_a_server_serves_its_form_in_a_temporary_ui(how, tiny
     else:  # the user's own, before any round: people's labels can come first
         rounds.write_params(ws, load_config(None, {**FAST, "models.policy": str(tiny_model_dir)}))
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
-    env["PREFECT_LOGGING_LEVEL"] = "INFO"  # Prefect's default (the suite's is WARNING): the flow's messages shown
+    # what a person must read is said under either logging level: Prefect's default INFO (as log lines)
+    # or WARNING (the suite's; before, it hid where to answer and `rlhf label` waited in silence)
+    env["PREFECT_LOGGING_LEVEL"] = "INFO" if how == "answered" else "WARNING"
     who = ["--annotator", "carol"] if how == "answered" else []  # else the login name
     cli = subprocess.Popen([sys.executable, "-m", "flows.cli", "label", "--workspace", str(ws.root), "--pairs", "3",
                             "--batch-size", "2", "--timeout", "120", *who],
