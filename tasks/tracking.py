@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 import tempfile
 import warnings
@@ -47,6 +48,9 @@ def setup(ws: Workspace, experiment: str) -> MlflowClient:
     MLFLOW_TRACKING_URI) and create the experiment once: its artifacts under mlruns/, or with a
     server, in the server's artifact store, where its UI, other machines and `mlflow models serve`
     reach them (a folder on the machine that ran the first round they could not)."""
+    # a new workspace's store is created by the first command that reads it, `rlhf status` as well:
+    # MLflow's "Creating initial MLflow database tables..." said nothing a user needs
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(ws.tracking_uri)
     client = MlflowClient()
     if client.get_experiment_by_name(experiment) is None:
