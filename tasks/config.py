@@ -207,6 +207,9 @@ class RewardConfig(_Strict):
 
 class EvaluateConfig(_Strict):
     samples_per_prompt: int = Field(32, gt=0, description="responses sampled per held-out prompt")
+    max_prompts: int | None = Field(256, gt=0, description="at most this many held-out prompts are answered: a "
+                                    "fixed sample, by a hash of each prompt's text (held-out prompts from "
+                                    "feedback grow round after round); null = every one")
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
 
 

@@ -1,6 +1,7 @@
 """Stage `evaluate`: the candidate policy against the round's champion, on the same prompts.
 
-Both policies answer every held-out prompt `samples_per_prompt` times (same seeds). Reported:
+Both policies answer every held-out prompt (at most `max_prompts` of them) `samples_per_prompt`
+times (same seeds). Reported:
 reward-model score, win-rate of the candidate (by the reward model: its preference probability,
 see preference_rate; by the gold judge: wins, ties half; each with a Wilson interval), KL to the reference, perplexity of the responses under the reference,
 response length; on the built-in scenario's prompts also its gold judge's fluent and degenerate
@@ -21,7 +22,7 @@ from tasks import prompts as prompts_, scenario, tracking
 from tasks.config import ChatConfig, PipelineConfig
 from tasks.modeling import (compute_device, encode_prompt, generate_texts, load_policy, load_reward, load_tokenizer,
                             score_texts, sequence_logprobs)
-from tasks.prompts import check_lengths, heldout_prompts
+from tasks.prompts import check_lengths, evaluation_prompts
 from tasks.stage import stage_main
 from tasks.workspace import RoundState, Workspace
 
@@ -108,6 +109,7 @@ def evaluate(candidate_ref: str, champion_ref: str, reference_ref: str, reward_r
     report = {
         **{f"{side}/{k}": v for side in results for k, v in results[side].items()},
         **{f"win_rate/{k}": v for k, v in preference_rate(responses["candidate"][1], responses["champion"][1]).items()},
+        "n_prompts": len(prompts),
         "n_samples": len(batch),
     }
     if gold_judge:
@@ -191,9 +193,11 @@ def html_report(report: dict, table: list[dict], images: dict[str, bytes], n_row
 def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
     with tracking.stage_run(ws, cfg.project, "evaluate", state):
         champion_ref = tracking.resolve_model(ws, state.policy)
-        heldout = heldout_prompts(ws, cfg)
-        mlflow.log_params({"prompts.heldout": prompts_.source(cfg, "heldout"),
-                           "prompts.heldout_count": len(heldout), **cfg.chat.params()})
+        heldout, total = evaluation_prompts(ws, cfg)
+        if len(heldout) < total:
+            print(f"evaluating {len(heldout)} of the {total} held-out prompts (evaluate.max_prompts)", flush=True)
+        mlflow.log_params({"prompts.heldout": prompts_.source(cfg, "heldout"), "prompts.heldout_count": total,
+                           "prompts.evaluated": len(heldout), **cfg.chat.params()})
         report, table = evaluate(str(ws.policy_model), champion_ref, str(ws.base_model), str(ws.reward_model),
                                  heldout, cfg.evaluate.samples_per_prompt, cfg.evaluate.temperature,
                                  cfg.ppo.max_new_tokens, cfg.seed * 1000 + state.round,

@@ -93,6 +93,24 @@ def heldout_prompts(ws: Workspace, cfg: PipelineConfig) -> list[str]:
     return load_prompts(ws.root / cfg.prompts.heldout)
 
 
+def evaluation_prompts(ws: Workspace, cfg: PipelineConfig) -> tuple[list[str], int]:
+    """The held-out prompts evaluation answers, and how many there are in all: at most
+    `evaluate.max_prompts` of them (see sample_prompts)."""
+    prompts = heldout_prompts(ws, cfg)
+    return sample_prompts(prompts, cfg.evaluate.max_prompts), len(prompts)
+
+
+def sample_prompts(prompts: list[str], n: int | None) -> list[str]:
+    """`n` of the prompts, in their order: those first by a hash of their text. The same sample on
+    every machine and in every round while the prompts stay the same; as held-out prompts from
+    feedback grow, a new prompt enters it only by displacing one (the rest stay)."""
+    if n is None or len(prompts) <= n:
+        return prompts
+    rank = sorted(range(len(prompts)), key=lambda i: (hashlib.sha256(b"evaluate\0" + prompts[i].encode("utf-8"))
+                                                      .digest(), i))
+    return [prompts[i] for i in sorted(rank[:n])]
+
+
 def source(cfg: PipelineConfig, side: str) -> str:
     """Where a side's prompts come from, as MLflow records it."""
     if cfg.prompts.from_feedback:

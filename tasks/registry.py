@@ -122,7 +122,7 @@ def head_to_head(ws: Workspace, cfg: PipelineConfig, a: str, b: str) -> dict:
         raise RegistryError(f"{cfg.reward_name} has no champion to judge with yet; run a round first")
     refs = [tracking.resolve_model(ws, f"models:/{cfg.policy_name}/{v.version}") for v in (va, vb)]
     try:
-        heldout = prompts_.heldout_prompts(ws, cfg)
+        heldout, total = prompts_.evaluation_prompts(ws, cfg)
         report, table = evaluate(refs[0], refs[1], str(ws.base_model),
                                  tracking.resolve_model(ws, f"models:/{cfg.reward_name}/{reward}"), heldout,
                                  cfg.evaluate.samples_per_prompt, cfg.evaluate.temperature, cfg.ppo.max_new_tokens,
@@ -132,7 +132,8 @@ def head_to_head(ws: Workspace, cfg: PipelineConfig, a: str, b: str) -> dict:
         raise RegistryError(str(e)) from None
     with mlflow.start_run(run_name=f"compare-v{va.version}-v{vb.version}", tags={"stage": "compare"}):
         mlflow.log_params({"a": va.version, "b": vb.version, "reward_version": reward,
-                           "prompts.heldout": prompts_.source(cfg, "heldout"), "prompts.heldout_count": len(heldout),
+                           "prompts.heldout": prompts_.source(cfg, "heldout"), "prompts.heldout_count": total,
+                           "prompts.evaluated": len(heldout),
                            "prompts.heldout_sha256": hashlib.sha256("\n".join(heldout).encode()).hexdigest()[:16],
                            "seed": cfg.seed * 1000, "max_new_tokens": cfg.ppo.max_new_tokens, **cfg.chat.params(),
                            **{f"evaluate.{k}": v for k, v in cfg.evaluate.model_dump().items()}})

@@ -57,6 +57,9 @@ from tasks.config import ValidateConfig
     ("prompts:\n  from_feedback: true\n  train: data/prompts/t.txt\n  heldout: data/prompts/h.txt\n"
      "collect:\n  simulate: false\n", "set one or the other"),
     ("prompts:\n  heldout_fraction: 1\n", "prompts.heldout_fraction: Input should be less than 1"),
+    ("evaluate:\n  max_prompts: 0\n", "evaluate.max_prompts: Input should be greater than 0"),
+    ("evaluate:\n  max_prompts: all\n", "evaluate.max_prompts"),
+    ("evaluate:\n  max_prompts: 2.5\n", "evaluate.max_prompts"),
     ("prompts:\n  heldout_fraction: 0\n", "prompts.heldout_fraction: Input should be greater than 0"),
     ("chat:\n  template: sometimes\n", "chat.template"),
     ("prompts:\n  train: /home/me/train.txt\n  heldout: data/prompts/h.txt\ncollect:\n  simulate: false\n",
@@ -421,3 +424,18 @@ def test_prompts_from_feedback_split_by_their_text(tmp_path):
     accepted.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in one_side))
     with pytest.raises(PromptsError, match="3 distinct prompts, 0 of them held out"):
         feedback_prompts(accepted, 0.3)
+
+
+def test_evaluation_answers_a_fixed_sample_of_many_held_out_prompts():
+    """evaluate.max_prompts: exactly that many, in their order, the same whatever the order given;
+    as prompts are added, one enters the sample only by displacing one; null or few: all."""
+    from tasks.prompts import sample_prompts
+
+    prompts = [f"held-out prompt {i}" for i in range(300)]
+    sample = sample_prompts(prompts, 50)
+    assert len(sample) == 50 and sample == [p for p in prompts if p in set(sample)]
+    assert set(sample_prompts(prompts[::-1], 50)) == set(sample)
+    assert 0 < sum(int(p.split()[-1]) < 150 for p in sample) < 50  # spread, not the first 50
+    grown = sample_prompts(prompts + [f"new prompt {i}" for i in range(30)], 50)
+    assert len(grown) == 50 and len(set(grown) - set(sample)) == len({p for p in grown if p.startswith("new")})
+    assert sample_prompts(prompts, None) == prompts and sample_prompts(prompts[:7], 50) == prompts[:7]

@@ -1,4 +1,5 @@
 """Stages without Prefect: `dvc repro` runs the whole pipeline, here on a user's own model folder."""
+import html
 import json
 import math
 import random
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 from tasks import rounds, scenario, versioning
 from tasks.config import load_config
 from tasks.modeling import load_policy
+from tasks.prompts import sample_prompts
 from tasks.ppo import lora
 from tasks.train_policy import build_policy
 from tasks.workspace import init_workspace
@@ -82,6 +84,7 @@ def test_dvc_repro_runs_every_stage_on_a_users_model(tiny_model_dir, tmp_path):
     (ws.root / "data" / "prompts" / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in heldout))
     rounds.write_params(ws, load_config(None, {**FAST, "models.policy": str(tiny_model_dir), "ppo.steps": 4,
                                                "evaluate.samples_per_prompt": 4, "collect.simulate": False,
+                                               "evaluate.max_prompts": 2,  # of the 3: a sample of 2 answered
                                                "prompts.train": "data/prompts/train.txt",
                                                "prompts.heldout": "data/prompts/heldout.jsonl"}))
     out = versioning.dvc(ws, "repro", "-s", "train_policy", "evaluate", "promote").stdout
@@ -91,9 +94,16 @@ def test_dvc_repro_runs_every_stage_on_a_users_model(tiny_model_dir, tmp_path):
     assert ppo_run.data.params["prompts.train"] == "data/prompts/train.txt"
     assert ppo_run.data.params["prompts.train_count"] == "4"
     evaluation = json.loads(ws.evaluation_report.read_text())
-    assert evaluation["n_samples"] == 3 * 4 and "candidate/perplexity_under_reference" in evaluation
+    assert (evaluation["n_prompts"], evaluation["n_samples"]) == (2, 2 * 4)
+    assert "candidate/perplexity_under_reference" in evaluation
     assert not [k for k in evaluation if "neutral" in k or "fluent" in k or "gold" in k]
-    assert "the surgeon\nsaid" in (ws.reports / "evaluation.html").read_text()  # escaped, one row per sample
+    evaluate_run = mlflow.search_runs(experiment_names=["rlhf"], filter_string="tags.stage = 'evaluate'",
+                                      order_by=["attributes.start_time DESC"], output_format="list")[0]
+    assert (evaluate_run.data.params["prompts.heldout_count"], evaluate_run.data.params["prompts.evaluated"]) == ("3", "2")
+    answered = sample_prompts([r["prompt"] for r in heldout], 2)
+    page = (ws.reports / "evaluation.html").read_text()
+    for p in heldout:  # the sample's prompts side by side, the third not
+        assert (html.escape(p["prompt"]) in page) == (p["prompt"] in answered), p
     decision = json.loads(ws.decision_report.read_text())
     assert "fluency_drop" not in {g["name"] for g in decision["gates"]}
     assert any(r.startswith("fluency_drop not checked") for r in decision["reasons"])
