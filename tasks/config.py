@@ -211,6 +211,13 @@ class EvaluateConfig(_Strict):
                                     "fixed sample, by a hash of each prompt's text (held-out prompts from "
                                     "feedback grow round after round); null = every one")
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    interval: Literal["auto", "prompts", "pairs"] = Field(
+        "auto", description="the win-rate interval the gate reads: prompts (your held-out prompts are a sample of "
+        "what will be asked: the wider of the interval over prompts and over pairs), pairs (the prompts are all "
+        "there is to measure); auto: pairs for the built-in scenario's held-out professions, prompts otherwise")
+
+    def over_prompts(self, scenario_prompts: bool) -> bool:
+        return self.interval == "prompts" or (self.interval == "auto" and not scenario_prompts)
 
 
 class GatesConfig(_Strict):

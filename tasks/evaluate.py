@@ -44,17 +44,52 @@ def win_rate(a: list[float], b: list[float]) -> dict[str, float]:
     return {"rate": wins / max(len(a), 1), "low": low, "high": high}
 
 
-def preference_rate(a: list[float], b: list[float]) -> dict[str, float]:
+def preference_rate(a: list[float], b: list[float], prompts: list[str] | None = None,
+                    over_prompts: bool = False) -> dict[str, float]:
     """How often a reward model prefers a's response to b's, read as the model itself reads a score
     difference: its Bradley-Terry probability sigmoid(score_a - score_b), averaged over the pairs.
     Counting each higher score as a whole win (`hard`, ties half) turns a difference of 0.01, which
     the model itself holds for a coin toss, into a certain win: two policies the gold judge holds
-    equal measured 0.61 counted so, 0.51 as probabilities. The interval is Wilson's on the summed
-    probabilities, wider than the spread of probabilities near 0.5 needs (a cautious gate)."""
+    equal measured 0.61 counted so, 0.51 as probabilities.
+
+    Two intervals. Over pairs (`low_pairs`): Wilson's on the summed probabilities, every pair
+    independent: right when the held-out prompts are all there is to measure. Over prompts
+    (`low_prompts`, with `prompts`, each pair's): the samples of one prompt are alike (a prompt
+    the candidate answers better it answers better 32 times), so when the held-out prompts are a
+    sample of what will be asked, the prompts are what counts (prompt_interval). `low`/`high` are
+    the gated interval: over pairs, or with `over_prompts` the wider of the two (a copy of the
+    champion, 0.5 on every prompt, has no spread over prompts; over pairs it still may lose)."""
     n = len(a)
-    p = sum(0.5 * (1.0 + math.tanh((x - y) / 2.0)) for x, y in zip(a, b))  # sigmoid, without overflow
-    low, high = wilson_interval(p, n)
-    return {"rate": p / max(n, 1), "low": low, "high": high, "hard": win_rate(a, b)["rate"]}
+    probs = [0.5 * (1.0 + math.tanh((x - y) / 2.0)) for x, y in zip(a, b)]  # sigmoid, without overflow
+    low, high = wilson_interval(sum(probs), n)
+    out = {"rate": sum(probs) / max(n, 1), "low": low, "high": high, "hard": win_rate(a, b)["rate"],
+           "low_pairs": low, "high_pairs": high}
+    if prompts is not None:
+        low_p, high_p = prompt_interval(probs, prompts)
+        out |= {"prompts": len(set(prompts)), "low_prompts": low_p, "high_prompts": high_p,
+                "over_prompts": float(over_prompts)}
+        if over_prompts:
+            out |= {"low": min(low, low_p), "high": max(high, high_p)}
+    return out
+
+
+def prompt_interval(values: list[float], prompts: list[str]) -> tuple[float, float]:
+    """95% interval of the mean of `values` whose samples are clustered by prompt: the cluster-robust
+    standard error (sum over prompts of the squared sum of their deviations from the mean, over n^2,
+    times k/(k-1); for equal samples a prompt, the spread of the k prompts' means) with Student's t
+    at k-1 degrees of freedom, clipped to [0, 1]. One prompt says nothing of others: (0, 1)."""
+    from scipy.stats import t
+
+    n, mean = len(values), sum(values) / len(values)
+    deviations: dict[str, float] = {}
+    for v, p in zip(values, prompts):
+        deviations[p] = deviations.get(p, 0.0) + v - mean
+    k = len(deviations)
+    if k < 2:
+        return (0.0, 1.0)
+    se = math.sqrt(k / (k - 1) * sum(d * d for d in deviations.values())) / n
+    half = float(t.ppf(0.975, k - 1)) * se
+    return (max(0.0, mean - half), min(1.0, mean + half))
 
 
 def describe(responses: list[str], scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor,
@@ -76,7 +111,8 @@ def describe(responses: list[str], scores: torch.Tensor, logp: torch.Tensor, ref
 
 def evaluate(candidate_ref: str, champion_ref: str, reference_ref: str, reward_ref: str,
              prompts: list[str], samples_per_prompt: int, temperature: float, max_new_tokens: int,
-             seed: int, gold_judge: bool = True, where: str = "", chat: ChatConfig | None = None) -> tuple[dict, list[dict]]:
+             seed: int, gold_judge: bool = True, where: str = "", chat: ChatConfig | None = None,
+             over_prompts: bool = True) -> tuple[dict, list[dict]]:
     """Both policies sample the same held-out prompts; the reference and the reward model then read
     every response. One model is on the device at a time (a GPU holds the largest of the four, not
     all of them): each policy samples and scores its own log-probs, then the reference reads both
@@ -108,7 +144,8 @@ def evaluate(candidate_ref: str, champion_ref: str, reference_ref: str, reward_r
     gold = {name: [scenario.gold_score(t) for t in texts[name]] for name in sides}
     report = {
         **{f"{side}/{k}": v for side in results for k, v in results[side].items()},
-        **{f"win_rate/{k}": v for k, v in preference_rate(responses["candidate"][1], responses["champion"][1]).items()},
+        **{f"win_rate/{k}": v for k, v in preference_rate(responses["candidate"][1], responses["champion"][1],
+                                                          batch, over_prompts).items()},
         "n_prompts": len(prompts),
         "n_samples": len(batch),
     }
@@ -203,7 +240,7 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
                                  cfg.ppo.max_new_tokens, cfg.seed * 1000 + state.round,
                                  gold_judge=cfg.scenario_prompts,
                                  where=prompts_.where(cfg, "heldout"),
-                                 chat=cfg.chat_format)
+                                 chat=cfg.chat_format, over_prompts=cfg.evaluate.over_prompts(cfg.scenario_prompts))
         reward_metrics = json.loads((ws.reward_model / "metrics.json").read_text())
         held_out = reward_metrics["held_out"]
         report["reward_model/accuracy"] = held_out["accuracy"]

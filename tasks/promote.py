@@ -47,9 +47,14 @@ def check_gates(report: dict, gates: GatesConfig) -> list[Gate]:
     if "reward_model/pairs" in report:  # (reports of earlier versions hold the accuracy alone)
         accuracy_detail = (f"{report['reward_model/pairs']} held-out pairs, 95% interval "
                            f"{report['reward_model/accuracy_low']:.2f}-{report['reward_model/accuracy_high']:.2f}")
+    win_detail = ""
+    if "win_rate/prompts" in report:  # (reports of earlier versions: an interval over pairs alone)
+        over = "prompts (the wider of the two)" if report["win_rate/over_prompts"] else "pairs"
+        win_detail = (f"win-rate {report['win_rate/rate']:.3f}, {report['win_rate/prompts']} held-out prompts, "
+                      f"{report['n_samples']} pairs, interval over {over}")
     checked = [
         Gate("win_rate_lower_bound", report["win_rate/low"], gates.min_win_rate,
-             report["win_rate/low"] >= gates.min_win_rate),
+             report["win_rate/low"] >= gates.min_win_rate, win_detail),
         Gate("kl_to_reference", report["candidate/kl_to_reference"], gates.max_kl,
              report["candidate/kl_to_reference"] <= gates.max_kl),
     ]

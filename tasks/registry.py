@@ -127,7 +127,8 @@ def head_to_head(ws: Workspace, cfg: PipelineConfig, a: str, b: str) -> dict:
                                  tracking.resolve_model(ws, f"models:/{cfg.reward_name}/{reward}"), heldout,
                                  cfg.evaluate.samples_per_prompt, cfg.evaluate.temperature, cfg.ppo.max_new_tokens,
                                  cfg.seed * 1000, gold_judge=cfg.scenario_prompts,
-                                 where=prompts_.where(cfg, "heldout"), chat=cfg.chat_format)
+                                 where=prompts_.where(cfg, "heldout"), chat=cfg.chat_format,
+                                 over_prompts=cfg.evaluate.over_prompts(cfg.scenario_prompts))
     except StageError as e:  # no held-out prompts yet, a prompt too long for the model: said as such
         raise RegistryError(str(e)) from None
     with mlflow.start_run(run_name=f"compare-v{va.version}-v{vb.version}", tags={"stage": "compare"}):

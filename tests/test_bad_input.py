@@ -60,6 +60,7 @@ from tasks.config import ValidateConfig
     ("evaluate:\n  max_prompts: 0\n", "evaluate.max_prompts: Input should be greater than 0"),
     ("evaluate:\n  max_prompts: all\n", "evaluate.max_prompts"),
     ("evaluate:\n  max_prompts: 2.5\n", "evaluate.max_prompts"),
+    ("evaluate:\n  interval: clustered\n", "evaluate.interval: Input should be 'auto', 'prompts' or 'pairs'"),
     ("prompts:\n  heldout_fraction: 0\n", "prompts.heldout_fraction: Input should be greater than 0"),
     ("chat:\n  template: sometimes\n", "chat.template"),
     ("prompts:\n  train: /home/me/train.txt\n  heldout: data/prompts/h.txt\ncollect:\n  simulate: false\n",

@@ -4,7 +4,7 @@ import math
 import pytest
 
 from tasks.config import GatesConfig
-from tasks.evaluate import preference_rate, wilson_interval, win_rate
+from tasks.evaluate import preference_rate, prompt_interval, wilson_interval, win_rate
 from tasks.promote import check_gates
 
 
@@ -37,6 +37,33 @@ def test_the_reward_models_win_rate_is_its_preference_probability():
     assert preference_rate([1000.0], [-1000.0])["rate"] == 1.0 and preference_rate([-1000.0], [1000.0])["rate"] == 0.0
 
 
+def test_the_win_rate_interval_counts_prompts_not_only_pairs():
+    # prompts a, b, c, two samples each: means 0.8, 0.5, 0.7, mean 2/3; their sample variance
+    # 0.0233333 over k = 3 gives a standard error 0.0881917; t(0.975, 2) = 4.302653: half 0.379466
+    values, prompts = [0.9, 0.7, 0.4, 0.6, 0.6, 0.8], ["a", "a", "b", "b", "c", "c"]
+    low, high = prompt_interval(values, prompts)
+    assert low == pytest.approx(2 / 3 - 0.379466, abs=1e-5) and high == 1.0  # clipped
+    # the same by the cluster-robust sum: deviations summed per prompt, squared, k/(k-1), over n
+    assert prompt_interval(values[::-1], prompts[::-1]) == pytest.approx((low, high), abs=1e-12)
+    assert prompt_interval([0.9, 0.8], ["a", "a"]) == (0.0, 1.0)  # one prompt says nothing of others
+    # 6 prompts x 32 samples, the candidate better on 4 (0.7) and worse on 2 (0.45): pairs alone
+    # (Wilson) clear 0.5, prompts do not; the gate reads the wider
+    scores = [math.log(0.7 / 0.3) if i < 4 else math.log(0.45 / 0.55) for i in range(6)]  # sigmoid: 0.7, 0.45
+    a = [s for s in scores for _ in range(32)]
+    prompts = [f"p{i}" for i in range(6) for _ in range(32)]
+    pairs_only, both = preference_rate(a, [0.0] * 192, prompts), preference_rate(a, [0.0] * 192, prompts, True)
+    assert pairs_only["rate"] == pytest.approx((4 * 0.7 + 2 * 0.45) / 6) == both["rate"]
+    assert pairs_only["low"] > 0.5 > both["low"] and both["prompts"] == pairs_only["prompts"] == 6
+    by_prompt = prompt_interval([0.5 * (1 + math.tanh(x / 2)) for x in a], prompts)
+    assert (both["low"], both["high"]) == pytest.approx(by_prompt)  # here the wider on both sides
+    assert (pairs_only["low_prompts"], pairs_only["low_pairs"]) == (both["low_prompts"], both["low_pairs"])
+    assert pairs_only["low"] == pairs_only["low_pairs"] and (pairs_only["over_prompts"], both["over_prompts"]) == (0, 1)
+    # a candidate that is the champion: every probability 0.5, no spread over prompts; Wilson's
+    # interval still admits a loss, so the gate is not passed by a copy
+    same = preference_rate([1.0] * 192, [1.0] * 192, prompts, True)
+    assert same["rate"] == 0.5 and same["low"] < 0.5 < same["high"]
+
+
 GOOD = {"win_rate/low": 0.7, "candidate/kl_to_reference": 3.0, "champion/fluent_rate": 0.9,
         "candidate/fluent_rate": 0.88, "reward_model/accuracy": 13 / 19, "reward_model/pairs": 19,
         "reward_model/accuracy_low": 0.46009, "reward_model/accuracy_high": 0.84635}
@@ -60,6 +87,12 @@ def test_reward_accuracy_says_how_many_pairs_it_rests_on():
     assert reasons["reward_accuracy"] == ("reward_accuracy passed: 0.6842 (threshold 0.6; "
                                           "19 held-out pairs, 95% interval 0.46-0.85)")
     assert reasons["kl_to_reference"] == "kl_to_reference passed: 3 (threshold 8)"
+    assert reasons["win_rate_lower_bound"] == "win_rate_lower_bound passed: 0.7 (threshold 0.5)"  # an older report
+    now = {**GOOD, "win_rate/rate": 0.75, "win_rate/prompts": 6, "n_samples": 192, "win_rate/over_prompts": 1.0}
+    assert check_gates(now, GatesConfig())[0].reason() == (
+        "win_rate_lower_bound passed: 0.7 (threshold 0.5; win-rate 0.750, 6 held-out prompts, 192 pairs, interval "
+        "over prompts (the wider of the two))")
+    assert check_gates({**now, "win_rate/over_prompts": 0.0}, GatesConfig())[0].reason().endswith("interval over pairs)")
     earlier = {k: v for k, v in GOOD.items() if not k.startswith("reward_model/") or k == "reward_model/accuracy"}
     assert check_gates(earlier, GatesConfig())[-1].reason() == "reward_accuracy passed: 0.6842 (threshold 0.6)"
 

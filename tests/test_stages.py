@@ -95,6 +95,9 @@ def test_dvc_repro_runs_every_stage_on_a_users_model(tiny_model_dir, tmp_path):
     assert ppo_run.data.params["prompts.train_count"] == "4"
     evaluation = json.loads(ws.evaluation_report.read_text())
     assert (evaluation["n_prompts"], evaluation["n_samples"]) == (2, 2 * 4)
+    # your held-out prompts are a sample of what will be asked: the gate reads the wider interval
+    assert evaluation["win_rate/over_prompts"] == 1 and evaluation["win_rate/prompts"] == 2
+    assert evaluation["win_rate/low"] == min(evaluation["win_rate/low_pairs"], evaluation["win_rate/low_prompts"])
     assert "candidate/perplexity_under_reference" in evaluation
     assert not [k for k in evaluation if "neutral" in k or "fluent" in k or "gold" in k]
     evaluate_run = mlflow.search_runs(experiment_names=["rlhf"], filter_string="tags.stage = 'evaluate'",
