@@ -493,6 +493,7 @@ def import_file(ws: Workspace, path: Path, fmt: str = "auto", mapping: dict | No
         if not received.exists():  # the file as it came, byte for byte
             received_dir.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, received)
+        if not versioning.committed(ws, received):  # new, or left half done by an attempt that stopped
             extra.append(received)
         summary.received_file = str(received)
         if summary.set_aside:
@@ -501,6 +502,7 @@ def import_file(ws: Workspace, path: Path, fmt: str = "auto", mapping: dict | No
             if not quarantine.exists():  # same received bytes -> same set-aside rows
                 qdir.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(bad, quarantine)
+            if not versioning.committed(ws, quarantine):
                 extra.append(quarantine)
             summary.quarantine_file = str(quarantine)
         if extra:

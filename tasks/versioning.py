@@ -143,10 +143,21 @@ def add_raw_feedback(ws: Workspace, src: str | Path, round_: int, source: str, n
         pointer = dest.with_name(dest.name + ".dvc")
         if not pointer.exists():
             dvc(ws, "add", str(dest.relative_to(ws.root)))
-            paths = [str(pointer.relative_to(ws.root)), str((ws.raw_dir / ".gitignore").relative_to(ws.root))]
-            git(ws, "add", *paths)
-            commit_paths(ws, f"data: round {round_} feedback ({source}, {n_records} records)", paths)
+        # committed unless it is already: an attempt that stopped between `dvc add` and the commit
+        # (git's index.lock left by a crash) left the pointer uncommitted, and the same file again
+        # said "versioned" and committed nothing
+        paths = [str(pointer.relative_to(ws.root)), str((ws.raw_dir / ".gitignore").relative_to(ws.root))]
+        git(ws, "add", *paths)
+        commit_paths(ws, f"data: round {round_} feedback ({source}, {n_records} records)", paths)
     return dest
+
+
+def committed(ws: Workspace, data: Path) -> bool:
+    """Whether `data`'s DVC pointer is committed as it is: an attempt stopped half way (a crash,
+    git's index.lock) can leave the data copied and its pointer missing or uncommitted."""
+    pointer = str(data.with_name(data.name + ".dvc").relative_to(ws.root))
+    return (git(ws, "ls-files", "--error-unmatch", "--", pointer, check=False).returncode == 0
+            and not git(ws, "status", "--porcelain", "--", pointer).stdout.strip())
 
 
 def add_files(ws: Workspace, files: list[Path], message: str) -> list[Path]:

@@ -89,6 +89,32 @@ def test_an_unreachable_dvc_remote_leaves_the_import_committed_and_said(ws, tmp_
     assert "warning" not in capsys.readouterr().err
 
 
+def test_an_import_stopped_by_a_stale_git_lock_is_committed_when_run_again(ws, tmp_path, capsys):
+    """A git process that crashed leaves .git/index.lock: the import says git's own words (remove
+    the file) and exits 1 after `dvc add`. Run again once the lock is gone, the same file is
+    committed. Before, it said "versioned as ..." and left the pointer uncommitted."""
+    good = tmp_path / "pairs.jsonl"
+    good.write_text("".join(json.dumps({"prompt": f"the pilot said {i}", "chosen": " they were late .",
+                                        "rejected": " he was late ."}) + "\n" for i in range(4)))
+    lock = ws.root / ".git" / "index.lock"
+    lock.touch()
+    assert main(["import", str(good), "--workspace", str(ws.root)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: git or DVC failed:\n`git add data/feedback/raw/") and "index.lock': File exists" in err
+    assert versioning.history(ws) == []
+    lock.unlink()
+    # as a crash after the received file's copy leaves it (before its `dvc add`)
+    received = ws.root / "data" / "feedback" / "received" / f"{versioning.file_md5(good)[:12]}-pairs.jsonl"
+    received.parent.mkdir(parents=True)
+    received.write_bytes(good.read_bytes())
+    assert main(["import", str(good), "--json", "--workspace", str(ws.root)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [c.message for c in versioning.history(ws)] == ["data: round 1 feedback (import-jsonl, 4 records)"]
+    assert versioning.git(ws, "status", "--porcelain", "--", "data").stdout == ""  # nothing left uncommitted
+    assert summary["received_file"] == str(received)
+    assert all(versioning.committed(ws, Path(summary[k])) for k in ("raw_file", "received_file"))
+
+
 @needs_hh
 def test_imported_hh_pairs_train_the_reward_model(ws, tmp_path):
     """The reward stage trains on real human feedback (a tokenizer and tiny model sized for dialogues)."""
