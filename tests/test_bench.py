@@ -105,3 +105,22 @@ def test_cuda_without_a_gpu_is_named(bench, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--device", "cuda", "--no-reference"])
     assert "no CUDA device here" in capsys.readouterr().err
+
+
+def test_the_win_rate_interval_simulation_runs_and_names_bad_arguments(tmp_path, capsys):
+    """bench/win_rate_interval.py: one JSON object and its file, every row's shares within [0, 1];
+    bad arguments exit 2 with their name. Its figures are measured (bench/README.md), not tested."""
+    spec = importlib.util.spec_from_file_location("win_rate_interval", BENCH.parent / "win_rate_interval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--repeats", "2", "--out", str(tmp_path), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out == json.loads((tmp_path / "win_rate_interval.json").read_text())
+    assert [(r["prompts"], r["samples"], r["mu"]) for r in out["rows"]] == [
+        (k, m, mu) for mu in (0.0, module.MU_BETTER) for k, m in module.SHAPES]
+    assert all(0 <= r[k] <= 1 for r in out["rows"] for k in ("passed_over_pairs", "passed_over_prompts", "icc"))
+    for args, said in [(["--repeats", "0"], "--repeats must be at least 1, got 0"), (["--repeats", "x"], "invalid int"),
+                       (["--out", __file__], "is a file, not a folder")]:
+        with pytest.raises(SystemExit) as exc:
+            module.main(args)
+        assert exc.value.code == 2 and said in capsys.readouterr().err
