@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Iterable
 
 from tasks import scenario
 from tasks.config import PipelineConfig
@@ -128,8 +129,13 @@ def feedback_prompts(accepted: Path, fraction: float) -> tuple[list[str], list[s
     if not accepted.exists():
         raise PromptsError(f"prompts.from_feedback: no validated feedback yet ({accepted}); run a round's "
                            "validate stage first")
-    prompts = dict.fromkeys(json.loads(line)["prompt"] for line in accepted.read_text(encoding="utf-8").splitlines()
-                            if line.strip())
+    return split_prompts((json.loads(line)["prompt"] for line in accepted.read_text(encoding="utf-8").splitlines()
+                          if line.strip()), fraction)
+
+
+def split_prompts(prompts: Iterable[str], fraction: float) -> tuple[list[str], list[str]]:
+    """The distinct prompts in their first order: (training, held out), by held_out."""
+    prompts = dict.fromkeys(prompts)
     train = [p for p in prompts if not held_out(p, fraction)]
     heldout = [p for p in prompts if held_out(p, fraction)]
     if not train or not heldout:
@@ -151,14 +157,18 @@ def where(cfg: PipelineConfig, side: str) -> str:
 
 def check_lengths(prompt_ids: list[list[int]], max_new_tokens: int, config, where: str = "") -> None:
     """Every prompt and its response must fit the model's positions: say which prompt does not
-    (`where`: " of data/prompts/x.txt", say)."""
+    (`where`: " of data/prompts/x.txt", say), how many do not, and the fix."""
     from tasks.modeling import max_positions  # (torch: imported by the stages that check, not by this module)
 
     limit = max_positions(config)
+    if limit is None or not prompt_ids:
+        return
     longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-    if limit is not None and len(prompt_ids[longest]) + max_new_tokens > limit:
-        fix = ("set validate.max_tokens to set aside longer pairs" if where.startswith(FROM_FEEDBACK)
-               else "shorten the prompts")  # (a prompts file's name may well hold "feedback")
-        raise PromptsError(f"prompt {longest + 1}{where} is {len(prompt_ids[longest])} tokens: with ppo.max_new_tokens "
-                           f"{max_new_tokens} that exceeds the model's {limit} positions; {fix} or lower "
-                           "ppo.max_new_tokens")
+    if len(prompt_ids[longest]) + max_new_tokens > limit:
+        over = sum(len(ids) + max_new_tokens > limit for ids in prompt_ids)
+        fix = (f"set validate.max_tokens to {limit - max_new_tokens} to set aside longer pairs"
+               if where.startswith(FROM_FEEDBACK) else "shorten the prompts")  # (a file's name may hold "feedback")
+        raise PromptsError(f"prompt {longest + 1}{where} is {len(prompt_ids[longest])} tokens"
+                           + (f" ({over} of the {len(prompt_ids)} are too long)" if over > 1 else "")
+                           + f": with ppo.max_new_tokens {max_new_tokens} that exceeds the model's {limit} "
+                           f"positions; {fix} or lower ppo.max_new_tokens")

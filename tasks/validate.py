@@ -295,10 +295,40 @@ def policy_tokenizer(ws: Workspace, cfg: PipelineConfig):
     return load_tokenizer(ws.base_model, cfg.chat_format)
 
 
+def prompt_problems(ws: Workspace, cfg: PipelineConfig, accepted: list[dict]) -> list[str]:
+    """PPO's and evaluation's prompts (your files, or these accepted pairs' with prompts.from_feedback)
+    against the policy's positions, here, before any training: found at PPO, they stopped a round
+    after its reward model had trained. [] with the built-in scenario's prompts or no base yet."""
+    if cfg.scenario_prompts or not (ws.base_model / "config.json").exists():
+        return []
+    from transformers import AutoConfig  # (only with your prompts)
+
+    from tasks import prompts as prompts_
+    from tasks.modeling import encode_prompt, load_tokenizer
+
+    try:
+        if cfg.prompts.from_feedback:
+            train, heldout = prompts_.split_prompts((r["prompt"] for r in accepted), cfg.prompts.heldout_fraction)
+        else:
+            train, heldout = prompts_.training_prompts(ws, cfg), prompts_.heldout_prompts(ws, cfg)
+    except prompts_.PromptsError as e:  # a prompts file that cannot be read, a side left empty
+        return [str(e)]
+    tokenizer, config = load_tokenizer(ws.base_model, cfg.chat_format), AutoConfig.from_pretrained(ws.base_model)
+    problems = []
+    for side, prompts in (("train", train), ("heldout", prompts_.sample_prompts(heldout, cfg.evaluate.max_prompts))):
+        try:
+            prompts_.check_lengths([encode_prompt(tokenizer, p, cfg.chat_format) for p in prompts],
+                                   cfg.ppo.max_new_tokens, config, prompts_.where(cfg, side))
+        except prompts_.PromptsError as e:
+            problems.append(str(e))
+    return problems
+
+
 def write_outputs(result: ValidationResult, cfg: ValidateConfig, files: list[str], accepted: Path,
-                  quarantine: Path, report: Path, **extra) -> dict:
-    """Accepted pairs, set-aside rows and the summary report; returns the summary."""
-    failures = blocking_failures(result, cfg)
+                  quarantine: Path, report: Path, problems: list[str] = (), **extra) -> dict:
+    """Accepted pairs, set-aside rows and the summary report; returns the summary. `problems`:
+    blocking failures found outside the pairs themselves (prompt_problems)."""
+    failures = blocking_failures(result, cfg) + list(problems)
     write_jsonl_atomic(accepted, (json.dumps(r, ensure_ascii=False) for r in result.accepted))
     write_jsonl_atomic(quarantine, (json.dumps(q, ensure_ascii=False, default=str) for q in result.quarantined))
     summary = {**result.summary, "files": files, "blocking_failures": failures, "passed": not failures, **extra}
@@ -319,7 +349,7 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> ValidationResu
         result = validate_files(files, cfg.validate_, ws.reports / "validation", tokenizer, previous_files,
                                 cfg.chat_format)
         summary = write_outputs(result, cfg.validate_, [f.name for f in files], ws.accepted, ws.quarantine,
-                                ws.validation_report)
+                                ws.validation_report, prompt_problems(ws, cfg, result.accepted))
         failures = summary["blocking_failures"]
         mlflow.log_metrics({"validate/accepted": len(result.accepted), "validate/quarantined": len(result.quarantined),
                             "validate/not_pairs": result.not_pairs})

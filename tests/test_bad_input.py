@@ -398,8 +398,11 @@ def test_a_prompt_too_long_for_the_model_is_named_before_ppo_starts():
         check_lengths(prompts, 5, GPT2Config(n_positions=16), " of data/prompts/t.txt")
     with pytest.raises(PromptsError, match="model's 10 positions"):
         check_lengths(prompts, 1, LlamaConfig(max_position_embeddings=10))
-    with pytest.raises(PromptsError, match="set validate.max_tokens to set aside longer pairs"):
+    with pytest.raises(PromptsError, match="set validate.max_tokens to 11 to set aside longer pairs"):
         check_lengths(prompts, 5, GPT2Config(n_positions=16), " of the validated feedback's training prompts")
+    with pytest.raises(PromptsError, match=r"prompt 2 is 12 tokens \(2 of the 3 are too long\): with ppo.max_new_tokens 10"):
+        check_lengths(prompts, 10, GPT2Config(n_positions=16))
+    check_lengths([], 10, GPT2Config(n_positions=16))  # no prompts: nothing too long
     with pytest.raises(PromptsError, match="shorten the prompts"):  # a file named so is still a file
         check_lengths(prompts, 5, GPT2Config(n_positions=16), " of data/prompts/feedback.txt")
 

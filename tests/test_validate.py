@@ -166,3 +166,43 @@ def test_cli_validates_a_past_data_version(tmp_path, capsys):
     assert summary["accepted"] == 30 and len(summary["files"]) == 1  # only what existed at that version
     with pytest.raises(SystemExit, match="unknown data version"):
         main(["validate", "--version", "not-a-commit", "--workspace", str(ws.root)])
+
+
+def test_prompts_too_long_for_the_policy_stop_the_round_at_validation(tiny_model_dir, tmp_path):
+    """With prompts.from_feedback, PPO's and evaluation's prompts are the accepted pairs': one too
+    long for the model with ppo.max_new_tokens is a blocking failure of validation, before any
+    training (found at PPO, it stopped a round after its reward model had trained). The fix it
+    names, validate.max_tokens, sets those pairs aside and the round goes on."""
+    import shutil
+
+    from tasks import rounds
+    from tasks import validate as validate_stage
+    from tasks.stage import StageError
+    from tasks.workspace import init_workspace
+
+    from conftest import FAST
+
+    ws = init_workspace(tmp_path / "ws")
+    shutil.copytree(tiny_model_dir, ws.base_model)  # its 64 positions
+    long_prompt = "the doctor said" + " the nurse said" * 20  # 63 tokens of this tokenizer or so
+    records = clean_records(60) + [dataclasses.replace(r, prompt=long_prompt + f" {i}")
+                                   for i, r in enumerate(clean_records(12, seed=1))]
+    (ws.raw_dir / "round-0001-import-jsonl-x.jsonl").write_text("".join(r.to_json() + "\n" for r in records))
+    overrides = {**FAST, "collect.simulate": False, "prompts.from_feedback": True, "prompts.heldout_fraction": 0.3}
+    cfg = load_config(None, overrides)
+    rounds.write_params(ws, cfg)
+    with pytest.raises(StageError, match=r"validation blocked training: prompt \d+ of the validated feedback's "
+                                         r"(training|held-out) prompts is \d+ tokens \(\d+ of the \d+ are too long\): "
+                                         r"with ppo.max_new_tokens 10 that exceeds the model's 64 positions; set "
+                                         r"validate.max_tokens to 54 to set aside longer pairs"):
+        validate_stage.run(ws, cfg, ws.read_state())
+    report = json.loads(ws.validation_report.read_text())
+    assert report["passed"] is False and report["accepted"] == 72  # the pairs are fine; their prompts are not
+    assert any("exceeds the model's 64 positions" in f for f in report["blocking_failures"])
+    # the fix it names: those pairs set aside with their reason, the rest go on
+    cfg = load_config(None, {**overrides, "validate.max_tokens": 54})
+    rounds.write_params(ws, cfg)
+    validate_stage.run(ws, cfg, ws.read_state())
+    report = json.loads(ws.validation_report.read_text())
+    assert report["passed"] is True and (report["accepted"], report["quarantined"]) == (60, 12)
+    assert report["reasons"] == {"longer than max_tokens": 12}
