@@ -289,7 +289,7 @@ def chat_hint(summary, ws) -> str | None:
 
 def cmd_validate(args) -> int:
     from tasks.config import load_config
-    from tasks.validate import policy_tokenizer, validate_files, write_outputs
+    from tasks.validate import policy_tokenizer, prompt_problems, validate_files, write_outputs
     from tasks.versioning import raw_files
     from tasks.workspace import Workspace
 
@@ -330,7 +330,8 @@ def cmd_validate(args) -> int:
     result = validate_files(to_check, cfg.validate_, out / "gx", tokenizer, chat=cfg.chat_format)
     result.quarantined += converted_bad
     summary = write_outputs(result, cfg.validate_, [str(f) for f in files], out / "accepted.jsonl",
-                            out / "quarantine.jsonl", out / "validation.json", out=str(out))
+                            out / "quarantine.jsonl", out / "validation.json",
+                            prompt_problems(ws, cfg, result.accepted), out=str(out))  # the stage's verdict
     failures = summary["blocking_failures"]
     if args.json:
         print(json.dumps(summary, default=str))

@@ -168,7 +168,7 @@ def test_cli_validates_a_past_data_version(tmp_path, capsys):
         main(["validate", "--version", "not-a-commit", "--workspace", str(ws.root)])
 
 
-def test_prompts_too_long_for_the_policy_stop_the_round_at_validation(tiny_model_dir, tmp_path):
+def test_prompts_too_long_for_the_policy_stop_the_round_at_validation(tiny_model_dir, tmp_path, capsys):
     """With prompts.from_feedback, PPO's and evaluation's prompts are the accepted pairs': one too
     long for the model with ppo.max_new_tokens is a blocking failure of validation, before any
     training (found at PPO, it stopped a round after its reward model had trained). The fix it
@@ -199,6 +199,8 @@ def test_prompts_too_long_for_the_policy_stop_the_round_at_validation(tiny_model
     report = json.loads(ws.validation_report.read_text())
     assert report["passed"] is False and report["accepted"] == 72  # the pairs are fine; their prompts are not
     assert any("exceeds the model's 64 positions" in f for f in report["blocking_failures"])
+    assert main(["validate", "--json", "--workspace", str(ws.root)]) == 1  # the gate alone: the same verdict
+    assert json.loads(capsys.readouterr().out)["blocking_failures"] == report["blocking_failures"]
     # the fix it names: those pairs set aside with their reason, the rest go on
     cfg = load_config(None, {**overrides, "validate.max_tokens": 54})
     rounds.write_params(ws, cfg)
