@@ -174,7 +174,7 @@ def soak(n_rounds: int, workspace: Path, overrides: dict, timeout_s: float, log)
     ws = init_workspace(workspace)
     cfg = load_config(None, {**overrides, "refinement.cron": "* * * * *"})
     rounds.write_params(ws, cfg)
-    samples_per_gold = cfg.evaluate.samples_per_prompt * len(scenario.heldout_prompts())
+    samples_per_gold = cfg.evaluate.samples_for(len(scenario.heldout_prompts())) * len(scenario.heldout_prompts())
     servers = start_servers(ws, prefect_port=free_port(), mlflow_port=None)
     serve_log = ws.root / ".cache" / "serve.log"
     serve = spawn_serve(ws.root, servers.prefect_url, serve_log)

@@ -206,7 +206,10 @@ class RewardConfig(_Strict):
 
 
 class EvaluateConfig(_Strict):
-    samples_per_prompt: int = Field(32, gt=0, description="responses sampled per held-out prompt")
+    samples_per_prompt: int | None = Field(None, gt=0, description="responses sampled per held-out prompt, by "
+                                           "both policies; null: as many as make about 1,024 pairs, at most 32 "
+                                           "(32 on the scenario's 6 prompts, 4 on 256): prompts, not samples, "
+                                           "narrow the win-rate's interval")
     max_prompts: int | None = Field(256, gt=0, description="at most this many held-out prompts are answered: a "
                                     "fixed sample, by a hash of each prompt's text (held-out prompts from "
                                     "feedback grow round after round); null = every one")
@@ -215,6 +218,12 @@ class EvaluateConfig(_Strict):
         "auto", description="the win-rate interval the gate reads: prompts (your held-out prompts are a sample of "
         "what will be asked: the wider of the interval over prompts and over pairs), pairs (the prompts are all "
         "there is to measure); auto: pairs for the built-in scenario's held-out professions, prompts otherwise")
+
+    def samples_for(self, prompts: int) -> int:
+        """Responses a held-out prompt gets from each policy when `prompts` are answered."""
+        if self.samples_per_prompt is not None:
+            return self.samples_per_prompt
+        return max(1, min(32, -(-1024 // max(prompts, 1))))
 
     def over_prompts(self, scenario_prompts: bool) -> bool:
         return self.interval == "prompts" or (self.interval == "auto" and not scenario_prompts)

@@ -236,7 +236,7 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
         mlflow.log_params({"prompts.heldout": prompts_.source(cfg, "heldout"), "prompts.heldout_count": total,
                            "prompts.evaluated": len(heldout), **cfg.chat.params()})
         report, table = evaluate(str(ws.policy_model), champion_ref, str(ws.base_model), str(ws.reward_model),
-                                 heldout, cfg.evaluate.samples_per_prompt, cfg.evaluate.temperature,
+                                 heldout, cfg.evaluate.samples_for(len(heldout)), cfg.evaluate.temperature,
                                  cfg.ppo.max_new_tokens, cfg.seed * 1000 + state.round,
                                  gold_judge=cfg.scenario_prompts,
                                  where=prompts_.where(cfg, "heldout"),

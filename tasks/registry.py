@@ -125,7 +125,7 @@ def head_to_head(ws: Workspace, cfg: PipelineConfig, a: str, b: str) -> dict:
         heldout, total = prompts_.evaluation_prompts(ws, cfg)
         report, table = evaluate(refs[0], refs[1], str(ws.base_model),
                                  tracking.resolve_model(ws, f"models:/{cfg.reward_name}/{reward}"), heldout,
-                                 cfg.evaluate.samples_per_prompt, cfg.evaluate.temperature, cfg.ppo.max_new_tokens,
+                                 cfg.evaluate.samples_for(len(heldout)), cfg.evaluate.temperature, cfg.ppo.max_new_tokens,
                                  cfg.seed * 1000, gold_judge=cfg.scenario_prompts,
                                  where=prompts_.where(cfg, "heldout"), chat=cfg.chat_format,
                                  over_prompts=cfg.evaluate.over_prompts(cfg.scenario_prompts))

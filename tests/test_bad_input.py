@@ -58,6 +58,8 @@ from tasks.config import ValidateConfig
      "collect:\n  simulate: false\n", "set one or the other"),
     ("prompts:\n  heldout_fraction: 1\n", "prompts.heldout_fraction: Input should be less than 1"),
     ("evaluate:\n  max_prompts: 0\n", "evaluate.max_prompts: Input should be greater than 0"),
+    ("evaluate:\n  samples_per_prompt: 0\n", "evaluate.samples_per_prompt: Input should be greater than 0"),
+    ("evaluate:\n  samples_per_prompt: many\n", "evaluate.samples_per_prompt"),
     ("evaluate:\n  max_prompts: all\n", "evaluate.max_prompts"),
     ("evaluate:\n  max_prompts: 2.5\n", "evaluate.max_prompts"),
     ("evaluate:\n  interval: clustered\n", "evaluate.interval: Input should be 'auto', 'prompts' or 'pairs'"),
@@ -443,3 +445,7 @@ def test_evaluation_answers_a_fixed_sample_of_many_held_out_prompts():
     grown = sample_prompts(prompts + [f"new prompt {i}" for i in range(30)], 50)
     assert len(grown) == 50 and len(set(grown) - set(sample)) == len({p for p in grown if p.startswith("new")})
     assert sample_prompts(prompts, None) == prompts and sample_prompts(prompts[:7], 50) == prompts[:7]
+    # samples a prompt: as set, or about 1,024 pairs, at most 32 a prompt (the scenario's 6 prompts: 32)
+    from tasks.config import EvaluateConfig
+    assert [EvaluateConfig().samples_for(k) for k in (1, 6, 32, 33, 64, 180, 256, 5000)] == [32, 32, 32, 32, 16, 6, 4, 1]
+    assert EvaluateConfig(samples_per_prompt=8).samples_for(256) == 8
