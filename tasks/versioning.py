@@ -53,10 +53,16 @@ def _run(args: list[str], cwd: Path, check: bool = True, env_extra: dict | None 
     return proc
 
 
+# what DVC says of the collect stage's output with collect.simulate false: empty by design
+EMPTY_COLLECTED = "WARNING: 'data/collected/round.jsonl' is empty."
+
+
 def failure(proc: subprocess.CompletedProcess) -> str:
-    """What a failed git or DVC command said, without DVC's "Having any troubles?" banner."""
+    """What a failed git or DVC command said, without DVC's "Having any troubles?" banner and its
+    warnings that the round's collected pairs are empty (twice before every error of a round on
+    people's feedback)."""
     text = "\n".join(line for line in (proc.stderr or proc.stdout or "").strip().splitlines()
-                     if not line.startswith("Having any troubles?")).strip()
+                     if not line.startswith("Having any troubles?") and line.strip() != EMPTY_COLLECTED).strip()
     return text[-3000:] or f"no message (exit {proc.returncode})"
 
 

@@ -175,7 +175,7 @@ def test_prompts_too_long_for_the_policy_stop_the_round_at_validation(tiny_model
     names, validate.max_tokens, sets those pairs aside and the round goes on."""
     import shutil
 
-    from tasks import rounds
+    from tasks import rounds, versioning
     from tasks import validate as validate_stage
     from tasks.stage import StageError
     from tasks.workspace import init_workspace
@@ -201,6 +201,13 @@ def test_prompts_too_long_for_the_policy_stop_the_round_at_validation(tiny_model
     assert any("exceeds the model's 64 positions" in f for f in report["blocking_failures"])
     assert main(["validate", "--json", "--workspace", str(ws.root)]) == 1  # the gate alone: the same verdict
     assert json.loads(capsys.readouterr().out)["blocking_failures"] == report["blocking_failures"]
+    # through DVC, as a round runs it: the error alone, without DVC's warnings that the round's
+    # collected pairs (none, with collect.simulate false) are empty
+    (ws.root / "data" / "collected").mkdir(parents=True)
+    (ws.root / "data" / "collected" / "round.jsonl").write_text("")
+    with pytest.raises(versioning.VersioningError) as failed:
+        versioning.repro(ws, "validate")
+    assert "exceeds the model's 64 positions" in str(failed.value) and "is empty" not in str(failed.value)
     # the fix it names: those pairs set aside with their reason, the rest go on
     cfg = load_config(None, {**overrides, "validate.max_tokens": 54})
     rounds.write_params(ws, cfg)
