@@ -35,6 +35,10 @@ def load_tokenizer(ref: str | Path, chat: ChatConfig | None = None):
         tok = AutoTokenizer.from_pretrained(ref)
     except Exception as e:  # transformers raises OSError, ValueError, HF hub errors...
         raise _explain(ref, "tokenizer", e) from None
+    if len(tok) <= len(set(tok.all_special_ids)):  # transformers makes an empty one up where none is saved
+        raise ModelLoadError(f"cannot load tokenizer {ref!r}: none is saved there (the one transformers makes up "
+                             "instead holds special tokens only); save the model's tokenizer into its folder "
+                             "(tokenizer.save_pretrained)")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # GPT-2 style models ship no pad token
     if tok.eos_token is None:

@@ -307,6 +307,15 @@ def test_model_loading_errors_name_the_problem(tmp_path):
     (tmp_path / "junk" / "config.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match="junk"):
         load_tokenizer(str(tmp_path / "junk"))
+    # a model saved without its tokenizer: transformers makes up an empty one, which reads every text as nothing
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=1, n_head=2)).save_pretrained(
+        tmp_path / "no-tokenizer")
+    with pytest.raises(ModelLoadError, match=f"cannot load tokenizer '{tmp_path}/no-tokenizer': none is saved there "
+                                             r"\(the one transformers makes up instead holds special tokens only\); "
+                                             "save the model's tokenizer"):
+        load_tokenizer(str(tmp_path / "no-tokenizer"))
 
 
 # ---- feedback files ----------------------------------------------------------------------------
