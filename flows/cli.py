@@ -289,7 +289,7 @@ def chat_hint(summary, ws) -> str | None:
 
 def cmd_validate(args) -> int:
     from tasks.config import load_config
-    from tasks.validate import policy_tokenizer, prompt_problems, validate_files, write_outputs
+    from tasks.validate import policy_tokenizer, round_problems, validate_files, write_outputs
     from tasks.versioning import raw_files
     from tasks.workspace import Workspace
 
@@ -331,7 +331,7 @@ def cmd_validate(args) -> int:
     result.quarantined += converted_bad
     summary = write_outputs(result, cfg.validate_, [str(f) for f in files], out / "accepted.jsonl",
                             out / "quarantine.jsonl", out / "validation.json",
-                            prompt_problems(ws, cfg, result.accepted), out=str(out))  # the stage's verdict
+                            round_problems(ws, cfg, result.accepted), out=str(out))  # the stage's verdict
     failures = summary["blocking_failures"]
     if args.json:
         print(json.dumps(summary, default=str))
@@ -424,7 +424,7 @@ def cmd_registry(args) -> int:
             if args.json:
                 print(json.dumps(out, indent=2))
                 return 0
-            win = out.pop("win_rate", None)
+            win, judge = out.pop("win_rate", None), out.pop("judge", None)
             (la, a), (lb, b) = out.items()
             print(f"{'':34}{la + ' v' + a['version']:>30}{lb + ' v' + b['version']:>30}")
             rows = [(key, str(a[key]), str(b[key])) for key in ("round", "promoted")]
@@ -438,6 +438,12 @@ def cmd_registry(args) -> int:
                 print(f"win-rate of v{a['version']} over v{b['version']}: {win['rate']:.3f} "
                       f"(95% interval {win['low']:.3f}-{win['high']:.3f}; the reward model's preference "
                       f"probability, higher score in {win['hard']:.3f} of the pairs)")
+            if judge is not None:
+                jw = judge["win_rate"]
+                sides = ("" if judge["agreement"] is None else
+                         f"; it sides with the reward model on {judge['agreement']:.0%} of the pairs")
+                print(f"by the judge {judge['model']}: {jw['rate']:.3f} (95% interval {jw['low']:.3f}-{jw['high']:.3f})"
+                      + sides)
         elif args.command == "promote":
             out = registry.force_promote(ws, cfg, args.version, args.reason, args.force)
             if args.json:
@@ -505,6 +511,8 @@ def cmd_status(args) -> int:
     print(f"KL             {last['kl']:.3f} nats to the reference")
     print(f"reward model   held-out accuracy {last['reward_accuracy']:.3f}")
     print(f"win-rate       {last['win_rate']:.3f} against the champion (reward model)")
+    if last.get("judge_win_rate") is not None:
+        print(f"               {last['judge_win_rate']:.3f} by the judge (evaluate.judge)")
     for reason in last["reasons"]:
         print(f"  - {reason}")
     return 0

@@ -218,6 +218,10 @@ class EvaluateConfig(_Strict):
         "auto", description="the win-rate interval the gate reads: prompts (your held-out prompts are a sample of "
         "what will be asked: the wider of the interval over prompts and over pairs), pairs (the prompts are all "
         "there is to measure); auto: pairs for the built-in scenario's held-out professions, prompts otherwise")
+    judge: str | None = Field(None, min_length=1, description="a reward model that did not train the candidate "
+                              "(folder, Hugging Face id or models:/ URI; its own tokenizer and input format): it "
+                              "scores both policies' responses beside the round's reward model, which PPO may have "
+                              "learnt to please more than your annotators; gated by gates.min_judge_win_rate")
 
     def samples_for(self, prompts: int) -> int:
         """Responses a held-out prompt gets from each policy when `prompts` are answered."""
@@ -236,6 +240,9 @@ class GatesConfig(_Strict):
     max_kl: float = Field(8.0, gt=0, description="KL budget to the reference, nats per sequence")
     max_fluency_drop: float = Field(0.05, ge=0, description="how much the fluent-response rate may fall")
     min_reward_accuracy: float = Field(0.6, ge=0, le=1, description="reward model's held-out pairwise accuracy floor")
+    min_judge_win_rate: float = Field(0.5, ge=0, le=1, description="with evaluate.judge: the lower end of the "
+                                      "judge's win-rate interval (as min_win_rate's) must reach this too; 0: the "
+                                      "judge is reported, not gated on")
 
 
 def valid_cron(value: str) -> bool:

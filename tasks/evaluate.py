@@ -6,8 +6,10 @@ reward-model score, win-rate of the candidate (by the reward model: its preferen
 see preference_rate; by the gold judge: wins, ties half; each with a Wilson interval), KL to the reference, perplexity of the responses under the reference,
 response length; on the built-in scenario's prompts also its gold judge's fluent and degenerate
 rates and the gold metric (neutral-pronoun rate on held-out professions), which mean nothing on
-your own prompts (`prompts.heldout` or `prompts.from_feedback`) and are left out there. Responses side by side go to MLflow
-as a table.
+your own prompts (`prompts.heldout` or `prompts.from_feedback`) and are left out there. With
+`evaluate.judge`, a reward model PPO never saw scores both sides too (tasks.judge): its win-rate,
+how often it sides with the round's reward model, its accuracy on the held-out feedback.
+Responses side by side go to MLflow as a table.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import math
 import mlflow
 import torch
 
+from tasks import judge as judging
 from tasks import prompts as prompts_, scenario, tracking
 from tasks.config import ChatConfig, PipelineConfig
 from tasks.modeling import (compute_device, encode_prompt, generate_texts, load_policy, load_reward, load_tokenizer,
@@ -112,11 +115,14 @@ def describe(responses: list[str], scores: torch.Tensor, logp: torch.Tensor, ref
 def evaluate(candidate_ref: str, champion_ref: str, reference_ref: str, reward_ref: str,
              prompts: list[str], samples_per_prompt: int, temperature: float, max_new_tokens: int,
              seed: int, gold_judge: bool = True, where: str = "", chat: ChatConfig | None = None,
-             over_prompts: bool = True) -> tuple[dict, list[dict]]:
+             over_prompts: bool = True, judge: str | None = None, judge_name: str | None = None,
+             feedback_pairs: list[dict] | None = None) -> tuple[dict, list[dict]]:
     """Both policies sample the same held-out prompts; the reference and the reward model then read
     every response. One model is on the device at a time (a GPU holds the largest of the four, not
     all of them): each policy samples and scores its own log-probs, then the reference reads both
-    sides' responses, then the reward model scores them."""
+    sides' responses, then the reward model scores them, then the `judge` if any (tasks.judge),
+    which also scores `feedback_pairs` (held-out feedback: how often it agrees with your annotators);
+    `judge_name`: how the report names it (as configured: a models:/ URI rather than its download)."""
     tokenizer = load_tokenizer(reference_ref, chat)
     device = compute_device()  # the GPU if there is one
     batch = [p for p in prompts for _ in range(samples_per_prompt)]
@@ -138,6 +144,7 @@ def evaluate(candidate_ref: str, champion_ref: str, reference_ref: str, reward_r
     scores = {name: score_texts(reward, tokenizer, batch, texts[name], chat=chat) for name in sides}
     del reward
     _release(device)
+    judged = judge_both(judge, device, batch, texts, chat, feedback_pairs) if judge is not None else {}
     results = {name: describe(texts[name], scores[name], logp[name], ref_logp[name], counts[name], gold_judge)
                for name in sides}
     responses = {name: (texts[name], scores[name].tolist()) for name in sides}
@@ -153,7 +160,53 @@ def evaluate(candidate_ref: str, champion_ref: str, reference_ref: str, reward_r
         report |= {f"gold_win_rate/{k}": v for k, v in win_rate(gold["candidate"], gold["champion"]).items()}
     table = [{"prompt": p, "champion": c, "champion_reward": cs, "candidate": n, "candidate_reward": ns}
              for p, c, cs, n, ns in zip(batch, *responses["champion"], *responses["candidate"])]
+    if judged:
+        a, b = judged["candidate"], judged["champion"]
+        report |= {"judge": judge_name or judge, "candidate/judge_score": sum(a) / len(a), "champion/judge_score": sum(b) / len(b),
+                   **{f"judge_win_rate/{k}": v for k, v in preference_rate(a, b, batch, over_prompts).items()},
+                   **{f"judge/{k}": v for k, v in judged["figures"].items()}}
+        differ = [i for i, (x, y) in enumerate(zip(texts["candidate"], texts["champion"])) if x != y]
+        if differ:  # how often the judge sides with the reward model, where the two responses differ
+            pick = lambda values: [values[i] for i in differ]  # noqa: E731
+            report["judge/agreement"] = judging.agreement(pick(scores["candidate"].tolist()),
+                                                          pick(scores["champion"].tolist()), pick(a), pick(b))
+        for row, cs, ns in zip(table, b, a):
+            row |= {"champion_judge": cs, "candidate_judge": ns}
     return report, table
+
+
+def judge_both(ref: str, device: torch.device, prompts: list[str], texts: dict[str, list[str]],
+               chat: ChatConfig | None, feedback_pairs: list[dict] | None) -> dict:
+    """The judge's scores of each side's responses, and its figures: texts cut to fit it, its
+    accuracy on held-out feedback pairs (with their count and interval)."""
+    model, tokenizer = judging.load_judge(ref, device)
+    system = chat.system_prompt if chat is not None else None
+    out, cut = {}, 0
+    for name, responses in texts.items():
+        scored, n_cut = judging.scores(model, tokenizer, prompts, responses, system)
+        out[name], cut = scored.tolist(), cut + n_cut
+    figures = {"truncated": cut}
+    if feedback_pairs:
+        held_out = judging.accuracy(model, tokenizer, feedback_pairs, system)
+        low, high = wilson_interval(held_out["accuracy"] * held_out["n"], held_out["n"])
+        figures |= {"accuracy": held_out["accuracy"], "pairs": held_out["n"], "accuracy_low": low,
+                    "accuracy_high": high, "truncated": cut + held_out["truncated"]}
+    if figures["truncated"]:
+        print(f"judge {ref}: {figures['truncated']} texts were longer than its {judging.positions(model, tokenizer)} "
+              "positions and lost the start of their prompt", flush=True)
+    del model
+    _release(device)
+    return out | {"figures": figures}
+
+
+def held_out_feedback(ws: Workspace, cfg: PipelineConfig) -> list[dict]:
+    """The validated pairs the round's reward model held out (its accuracy is measured on them), at
+    most 1,024: where a judge's agreement with your annotators is measured."""
+    from tasks.train_reward import split
+
+    lines = ws.accepted.read_text(encoding="utf-8").splitlines() if ws.accepted.exists() else []
+    records = [json.loads(line) for line in lines if line.strip()]
+    return judging.sample_pairs(split(records, cfg.reward.eval_fraction)[1])
 
 
 def _release(device: torch.device) -> None:
@@ -214,9 +267,13 @@ def html_report(report: dict, table: list[dict], images: dict[str, bytes], n_row
                       for k, v in report.items())
     pictures = "".join(f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
                        for name, png in images.items())
-    rows = "".join(
-        f"<tr><td>{html.escape(r['prompt'])}</td><td>{html.escape(r['champion'])}</td><td>{r['champion_reward']:.3f}</td>"
-        f"<td>{html.escape(r['candidate'])}</td><td>{r['candidate_reward']:.3f}</td></tr>" for r in table[:n_rows])
+    judged = bool(table) and "candidate_judge" in table[0]  # with evaluate.judge: its score beside the reward
+    def scored(r: dict, side: str) -> str:
+        judge = f"<td>{r[f'{side}_judge']:.3f}</td>" if judged else ""
+        return f"<td>{html.escape(r[side])}</td><td>{r[f'{side}_reward']:.3f}</td>{judge}"
+    rows = "".join(f"<tr><td>{html.escape(r['prompt'])}</td>{scored(r, 'champion')}{scored(r, 'candidate')}</tr>"
+                   for r in table[:n_rows])
+    heads = "<th>reward</th><th>judge</th>" if judged else "<th>reward</th>"
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>Evaluation, round {report.get('round')}</title>"
             "<style>body{font-family:sans-serif;margin:2em}td,th{border:1px solid #ccc;padding:3px 8px}"
             "td{white-space:pre-wrap;vertical-align:top}"  # a dialogue's lines and a response's spacing as written
@@ -224,7 +281,7 @@ def html_report(report: dict, table: list[dict], images: dict[str, bytes], n_row
             f"<h1>Candidate against champion, round {report.get('round')}</h1>"
             f"<h2>Metrics</h2><table>{metrics}</table><h2>Plots</h2>{pictures}"
             f"<h2>Responses side by side (first {n_rows})</h2><table><tr><th>prompt</th><th>champion</th>"
-            f"<th>reward</th><th>candidate</th><th>reward</th></tr>{rows}</table></body></html>")
+            f"{heads}<th>candidate</th>{heads}</tr>{rows}</table></body></html>")
 
 
 def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
@@ -235,12 +292,18 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
             print(f"evaluating {len(heldout)} of the {total} held-out prompts (evaluate.max_prompts)", flush=True)
         mlflow.log_params({"prompts.heldout": prompts_.source(cfg, "heldout"), "prompts.heldout_count": total,
                            "prompts.evaluated": len(heldout), **cfg.chat.params()})
+        judge = None
+        if cfg.evaluate.judge is not None:
+            judge = tracking.resolve_model(ws, cfg.evaluate.judge)
+            mlflow.log_param("judge.resolved", judge)
         report, table = evaluate(str(ws.policy_model), champion_ref, str(ws.base_model), str(ws.reward_model),
                                  heldout, cfg.evaluate.samples_for(len(heldout)), cfg.evaluate.temperature,
                                  cfg.ppo.max_new_tokens, cfg.seed * 1000 + state.round,
                                  gold_judge=cfg.scenario_prompts,
                                  where=prompts_.where(cfg, "heldout"),
-                                 chat=cfg.chat_format, over_prompts=cfg.evaluate.over_prompts(cfg.scenario_prompts))
+                                 chat=cfg.chat_format, over_prompts=cfg.evaluate.over_prompts(cfg.scenario_prompts),
+                                 judge=judge, judge_name=cfg.evaluate.judge,
+                                 feedback_pairs=held_out_feedback(ws, cfg) if judge else None)
         reward_metrics = json.loads((ws.reward_model / "metrics.json").read_text())
         held_out = reward_metrics["held_out"]
         report["reward_model/accuracy"] = held_out["accuracy"]

@@ -1,8 +1,9 @@
 """Stage `promote`: register both models and move `champion` only when every gate passes.
 
 Every round registers its reward model and its policy (the policy gets the `challenger`
-alias). Gates (params.yaml `gates`): win-rate against the champion, KL budget, fluency not
-worse (the built-in scenario's prompts only), no NaN, reward-model accuracy floor. On success the old champions become `previous`.
+alias). Gates (params.yaml `gates`): win-rate against the champion (by the round's reward model,
+and by evaluate.judge's if set), KL budget, fluency not worse (the built-in scenario's prompts
+only), no NaN, reward-model accuracy floor. On success the old champions become `previous`.
 The decision and each gate's value are logged on the run and as registry version tags.
 """
 from __future__ import annotations
@@ -52,12 +53,13 @@ def check_gates(report: dict, gates: GatesConfig) -> list[Gate]:
         over = "prompts (the wider of the two)" if report["win_rate/over_prompts"] else "pairs"
         win_detail = (f"win-rate {report['win_rate/rate']:.3f}, {report['win_rate/prompts']} held-out prompts, "
                       f"{report['n_samples']} pairs, interval over {over}")
-    checked = [
-        Gate("win_rate_lower_bound", report["win_rate/low"], gates.min_win_rate,
-             report["win_rate/low"] >= gates.min_win_rate, win_detail),
-        Gate("kl_to_reference", report["candidate/kl_to_reference"], gates.max_kl,
-             report["candidate/kl_to_reference"] <= gates.max_kl),
-    ]
+    checked = [Gate("win_rate_lower_bound", report["win_rate/low"], gates.min_win_rate,
+                    report["win_rate/low"] >= gates.min_win_rate, win_detail)]
+    if "judge_win_rate/low" in report:  # evaluate.judge: a reward model PPO never saw
+        checked.append(Gate("judge_win_rate_lower_bound", report["judge_win_rate/low"], gates.min_judge_win_rate,
+                            report["judge_win_rate/low"] >= gates.min_judge_win_rate, judge_detail(report)))
+    checked.append(Gate("kl_to_reference", report["candidate/kl_to_reference"], gates.max_kl,
+                        report["candidate/kl_to_reference"] <= gates.max_kl))
     if "candidate/fluent_rate" in report:
         fluency_drop = report["champion/fluent_rate"] - report["candidate/fluent_rate"]
         checked.append(Gate("fluency_drop", fluency_drop, gates.max_fluency_drop,
@@ -67,6 +69,18 @@ def check_gates(report: dict, gates: GatesConfig) -> list[Gate]:
         Gate("reward_accuracy", report["reward_model/accuracy"], gates.min_reward_accuracy,
              report["reward_model/accuracy"] >= gates.min_reward_accuracy, accuracy_detail),
     ]
+
+
+def judge_detail(report: dict) -> str:
+    """What the judge's gate rests on: who judged, its win-rate, how often it sided with the round's
+    reward model, how often with your annotators."""
+    detail = f"judge {report['judge']}, win-rate {report['judge_win_rate/rate']:.3f}"
+    if "judge/agreement" in report:  # (absent when both policies gave the same responses)
+        detail += f", sides with the reward model on {report['judge/agreement']:.0%} of pairs"
+    if "judge/accuracy" in report:
+        detail += (f", with your annotators on {report['judge/accuracy']:.0%} of {report['judge/pairs']} held-out "
+                   "feedback pairs")
+    return detail
 
 
 class BaseChanged(ValueError):

@@ -21,7 +21,8 @@ from tasks.workspace import Workspace, folder_bytes
 COMPARED = ["candidate/reward_mean", "candidate/neutral_rate", "candidate/fluent_rate", "candidate/kl_to_reference",
             "candidate/perplexity_under_reference", "candidate/degenerate_rate", "candidate/length_tokens",
             "win_rate/rate", "win_rate/low", "win_rate/hard", "reward_model/accuracy", "reward_model/accuracy_low",
-            "reward_model/pairs"]
+            "reward_model/pairs", "candidate/judge_score", "judge_win_rate/rate", "judge_win_rate/low",
+            "judge/agreement", "judge/accuracy"]
 
 
 class RegistryError(ValueError):
@@ -128,7 +129,9 @@ def head_to_head(ws: Workspace, cfg: PipelineConfig, a: str, b: str) -> dict:
                                  cfg.evaluate.samples_for(len(heldout)), cfg.evaluate.temperature, cfg.ppo.max_new_tokens,
                                  cfg.seed * 1000, gold_judge=cfg.scenario_prompts,
                                  where=prompts_.where(cfg, "heldout"), chat=cfg.chat_format,
-                                 over_prompts=cfg.evaluate.over_prompts(cfg.scenario_prompts))
+                                 over_prompts=cfg.evaluate.over_prompts(cfg.scenario_prompts),
+                                 judge=tracking.resolve_model(ws, cfg.evaluate.judge) if cfg.evaluate.judge else None,
+                                 judge_name=cfg.evaluate.judge)
     except StageError as e:  # no held-out prompts yet, a prompt too long for the model: said as such
         raise RegistryError(str(e)) from None
     with mlflow.start_run(run_name=f"compare-v{va.version}-v{vb.version}", tags={"stage": "compare"}):
@@ -143,6 +146,11 @@ def head_to_head(ws: Workspace, cfg: PipelineConfig, a: str, b: str) -> dict:
     out = {label: _column(v, _as_candidate(report, side), measured_in)
            for label, v, side in ((a, va, "candidate/"), (b, vb, "champion/"))}
     out["win_rate"] = {k.removeprefix("win_rate/"): m for k, m in report.items() if k.startswith("win_rate/")}
+    if "judge" in report:  # evaluate.judge: a's win-rate over b's by it, and how often it sided with the reward model
+        out["judge"] = {"model": report["judge"], "agreement": report.get("judge/agreement"),
+                        "truncated": report["judge/truncated"],
+                        "win_rate": {k.removeprefix("judge_win_rate/"): m for k, m in report.items()
+                                     if k.startswith("judge_win_rate/")}}
     return out
 
 

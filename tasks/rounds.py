@@ -93,6 +93,7 @@ def finish_round(ws: Workspace, state: RoundState) -> dict:
         "reward_accuracy": evaluation["reward_model/accuracy"],
         "win_rate": evaluation["win_rate/rate"],
         "gold_win_rate": evaluation.get("gold_win_rate/rate"),
+        "judge_win_rate": evaluation.get("judge_win_rate/rate"),  # evaluate.judge's; None without one
         "promoted": decision["promoted"],
         "reasons": decision["reasons"],
         "policy_version": decision["policy_version"],

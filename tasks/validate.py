@@ -324,6 +324,28 @@ def prompt_problems(ws: Workspace, cfg: PipelineConfig, accepted: list[dict]) ->
     return problems
 
 
+def judge_problems(ws: Workspace, cfg: PipelineConfig) -> list[str]:
+    """evaluate.judge, here before any training, from its config alone: found at evaluation, a judge
+    that cannot be loaded or is no reward model would stop the round after PPO."""
+    if cfg.evaluate.judge is None:
+        return []
+    from tasks import judge, tracking
+    from tasks.errors import ModelLoadError
+
+    try:
+        judge.check(tracking.resolve_model(ws, cfg.evaluate.judge))
+    except ModelLoadError as e:
+        return [f"evaluate.judge: {e}"]
+    except Exception as e:  # a models:/ URI the registry does not hold
+        return [f"evaluate.judge: cannot resolve {cfg.evaluate.judge!r} ({type(e).__name__}: {str(e)[:300]})"]
+    return []
+
+
+def round_problems(ws: Workspace, cfg: PipelineConfig, accepted: list[dict]) -> list[str]:
+    """What would stop the round after training, found now: prompts too long, a judge that is none."""
+    return prompt_problems(ws, cfg, accepted) + judge_problems(ws, cfg)
+
+
 def write_outputs(result: ValidationResult, cfg: ValidateConfig, files: list[str], accepted: Path,
                   quarantine: Path, report: Path, problems: list[str] = (), **extra) -> dict:
     """Accepted pairs, set-aside rows and the summary report; returns the summary. `problems`:
@@ -349,7 +371,7 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> ValidationResu
         result = validate_files(files, cfg.validate_, ws.reports / "validation", tokenizer, previous_files,
                                 cfg.chat_format)
         summary = write_outputs(result, cfg.validate_, [f.name for f in files], ws.accepted, ws.quarantine,
-                                ws.validation_report, prompt_problems(ws, cfg, result.accepted))
+                                ws.validation_report, round_problems(ws, cfg, result.accepted))
         failures = summary["blocking_failures"]
         mlflow.log_metrics({"validate/accepted": len(result.accepted), "validate/quarantined": len(result.quarantined),
                             "validate/not_pairs": result.not_pairs})

@@ -339,6 +339,22 @@ def test_compare_rollback_and_manual_promotion_are_logged(finished_round, capsys
     assert main(["compare", "1", "2", "--evaluate", "--workspace", root]) == 0
     assert re.search(r"^win-rate of v1 over v2: 0\.[0-4]\d\d \(95% interval 0\.\d+-0\.\d+; the reward model's "
                      r"preference probability, higher score in 0\.\d+ of the pairs\)$", capsys.readouterr().out, re.M)
+    # evaluate.judge: here the registry's reward v1, the very model that judged above, read through
+    # the judge's own path (its saved tokenizer, right padding): the same win-rate, always agreeing
+    params = ws.params.read_text()
+    ws.params.write_text(re.sub(r"^  judge:.*$", "  judge: models:/rlhf-reward/1", params, count=1, flags=re.M))
+    try:
+        assert main(["compare", "2", "1", "--evaluate", "--json", "--workspace", root]) == 0
+        judged = json.loads(capsys.readouterr().out)
+        assert judged["judge"]["model"] == "models:/rlhf-reward/1" and judged["judge"]["agreement"] == 1.0
+        assert judged["judge"]["win_rate"]["rate"] == pytest.approx(now["win_rate"]["rate"], abs=1e-5)
+        assert judged["2"]["metrics"]["candidate/judge_score"] == pytest.approx(
+            judged["2"]["metrics"]["candidate/reward_mean"], abs=1e-5)
+        assert main(["compare", "2", "1", "--evaluate", "--workspace", root]) == 0
+        assert re.search(r"^by the judge models:/rlhf-reward/1: 0\.[5-9]\d\d \(95% interval 0\.\d+-0\.\d+\); it sides with "
+                         r"the reward model on 100% of the pairs$", capsys.readouterr().out, re.M)
+    finally:
+        ws.params.write_text(params)
     assert main(["compare", "2", "9", "--evaluate", "--workspace", root]) == 2
     assert "has no version or alias '9'" in capsys.readouterr().err
     assert main(["compare", "champion", "2", "--evaluate", "--workspace", root]) == 2

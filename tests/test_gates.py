@@ -131,3 +131,44 @@ def test_a_base_model_is_named_by_the_settings_it_is_made_from():
     # a setting only one side has came or went with an upgrade (at its default): not a change
     assert base_differences({**builtin, "pretrain.gone": 1}, {**builtin, "pretrain.new": 2}) == []
     assert base_differences({}, builtin) == []
+
+
+def test_a_judge_gates_the_round_beside_the_reward_model():
+    """evaluate.judge: its win-rate's lower end is a gate of its own, whose reason names the judge and
+    how far to trust it; 0 reports it without gating; without a judge there is no such gate."""
+    judged = {**GOOD, "judge": "OpenAssistant/reward-model-deberta-v3-large-v2", "judge_win_rate/rate": 0.48,
+              "judge_win_rate/low": 0.41, "judge/agreement": 0.55, "judge/accuracy": 0.7, "judge/pairs": 40}
+    gates = {g.name: g for g in check_gates(judged, GatesConfig())}
+    assert not gates["judge_win_rate_lower_bound"].passed and all(g.passed for n, g in gates.items()
+                                                                     if n != "judge_win_rate_lower_bound")
+    assert gates["judge_win_rate_lower_bound"].reason() == (
+        "judge_win_rate_lower_bound FAILED: 0.41 (threshold 0.5; judge OpenAssistant/reward-model-deberta-v3-large-v2, "
+        "win-rate 0.480, sides with the reward model on 55% of pairs, with your annotators on 70% of 40 held-out "
+        "feedback pairs)")
+    assert all(g.passed for g in check_gates(judged, GatesConfig(min_judge_win_rate=0.0)))
+    assert all(g.passed for g in check_gates({**judged, "judge_win_rate/low": 0.52}, GatesConfig()))
+    no_feedback = {k: v for k, v in judged.items() if k not in ("judge/accuracy", "judge/pairs")}
+    assert check_gates(no_feedback, GatesConfig())[1].reason().endswith("sides with the reward model on 55% of pairs)")
+    same_responses = {k: v for k, v in no_feedback.items() if k != "judge/agreement"}
+    assert check_gates(same_responses, GatesConfig())[1].reason().endswith("win-rate 0.480)")
+    assert "judge_win_rate_lower_bound" not in {g.name for g in check_gates(GOOD, GatesConfig())}
+
+
+def test_agreement_of_the_reward_model_and_the_judge_by_hand():
+    from tasks.judge import agreement
+
+    # pair 1 both prefer a, pair 2 they differ, pair 3 the judge ties (half), pair 4 both prefer b,
+    # pair 5 both tie
+    assert agreement([2.0, 1.0, 0.5, 0.0, 1.0], [1.0, 0.0, 0.0, 1.0, 1.0], [0.3, -1.0, 0.2, 0.1, 0.4],
+                     [0.1, 0.0, 0.2, 0.9, 0.4]) == 3.5 / 5
+    assert math.isnan(agreement([], [], [], []))
+
+
+def test_a_judge_measures_its_accuracy_on_the_same_held_out_pairs_every_round():
+    from tasks.judge import sample_pairs
+
+    pairs = [{"id": f"{i:016x}"[::-1]} for i in range(3000)]
+    first = sample_pairs(pairs)
+    assert len(first) == 1024 and first == sample_pairs(pairs[::-1])  # the same, whatever the order
+    more = sample_pairs(pairs + [{"id": "f" * 16}])  # a pair with a high id changes nothing
+    assert more == first and len(sample_pairs(pairs[:10])) == 10

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from tasks import rounds, scenario, versioning
 from tasks.config import load_config
+from tasks.evaluate import held_out_feedback
 from tasks.modeling import load_policy
 from tasks.prompts import sample_prompts
 from tasks.ppo import lora
@@ -19,6 +20,7 @@ from tasks.train_policy import build_policy
 from tasks.workspace import init_workspace
 
 from conftest import FAST, another_tokenizer, command_line, still_running
+from test_judge import bert_judge
 
 pytestmark = pytest.mark.slow
 
@@ -85,6 +87,7 @@ def test_dvc_repro_runs_every_stage_on_a_users_model(tiny_model_dir, tmp_path):
     rounds.write_params(ws, load_config(None, {**FAST, "models.policy": str(tiny_model_dir), "ppo.steps": 4,
                                                "evaluate.samples_per_prompt": 4, "collect.simulate": False,
                                                "evaluate.max_prompts": 2,  # of the 3: a sample of 2 answered
+                                               "evaluate.judge": str(bert_judge(tmp_path / "judge")),
                                                "prompts.train": "data/prompts/train.txt",
                                                "prompts.heldout": "data/prompts/heldout.jsonl"}))
     out = versioning.dvc(ws, "repro", "-s", "train_policy", "evaluate", "promote").stdout
@@ -107,7 +110,21 @@ def test_dvc_repro_runs_every_stage_on_a_users_model(tiny_model_dir, tmp_path):
     page = (ws.reports / "evaluation.html").read_text()
     for p in heldout:  # the sample's prompts side by side, the third not
         assert (html.escape(p["prompt"]) in page) == (p["prompt"] in answered), p
+    # evaluate.judge, another tokenizer and model: both sides scored, its win-rate over the same
+    # prompts, its accuracy on the held-out feedback, a gate of its own, its column on the page
+    assert evaluation["judge"] == str(tmp_path / "judge") and evaluation["judge_win_rate/prompts"] == 2
+    assert evaluation["judge/pairs"] == len(held_out_feedback(ws, load_config(None, FAST))) > 0
+    assert 0 <= evaluation["judge/agreement"] <= 1 and evaluation["judge/truncated"] == 0
+    logged = mlflow.artifacts.download_artifacts(run_id=evaluate_run.info.run_id, dst_path=str(tmp_path / "table"),
+                                                 artifact_path="samples_side_by_side.json")
+    assert {"champion_judge", "candidate_judge"} <= set(json.loads(open(logged).read())["columns"])
+    assert evaluate_run.data.metrics["judge_win_rate/low"] == evaluation["judge_win_rate/low"]
+    assert "<th>judge</th>" in page
     decision = json.loads(ws.decision_report.read_text())
+    judged = next(g for g in decision["gates"] if g["name"] == "judge_win_rate_lower_bound")
+    assert judged["value"] == evaluation["judge_win_rate/low"] and judged["threshold"] == 0.5
+    assert any(r.startswith(f"judge_win_rate_lower_bound {'passed' if judged['passed'] else 'FAILED'}: ")
+               and f"judge {tmp_path / 'judge'}, win-rate" in r for r in decision["reasons"])
     assert "fluency_drop" not in {g["name"] for g in decision["gates"]}
     assert any(r.startswith("fluency_drop not checked") for r in decision["reasons"])
     # a changed prompts file reruns PPO and evaluation: data/prompts is their dependency
@@ -446,6 +463,18 @@ def test_reward_model_trains_under_bf16_autocast_and_is_measured_in_float32(tiny
     saved = load_reward(tmp_path / "reward", tok.pad_token_id).eval()
     again = pairwise_accuracy(saved, tok, split(records, cfg.reward.eval_fraction)[1])
     assert again["n"] == metrics["held_out"]["n"] and again["loss"] == pytest.approx(metrics["held_out"]["loss"], abs=1e-6)
+    # the same model as evaluate.judge (tasks.judge: its own tokenizer as saved, right padding, the
+    # model's own pooling) scores as the round scores, and agrees with the annotators as often
+    from tasks import judge as judging
+    from tasks.modeling import score_texts
+
+    held_out = split(records, cfg.reward.eval_fraction)[1]
+    judge, judge_tok = judging.load_judge(str(tmp_path / "reward"))
+    prompts, chosen = [r["prompt"] for r in held_out], [r["chosen"] for r in held_out]
+    by_judge, cut = judging.scores(judge, judge_tok, prompts, chosen, batch_size=5)
+    assert cut == 0 and torch.allclose(by_judge, score_texts(saved, tok, prompts, chosen), atol=1e-4)
+    assert judging.accuracy(judge, judge_tok, held_out) == {"accuracy": again["accuracy"], "n": again["n"],
+                                                            "truncated": 0}
 
 
 def test_a_qwen3_users_model_runs_every_stage(tiny_model_dir, tmp_path):
