@@ -46,6 +46,8 @@ def prepare_workspace(workspace: str, config: PipelineConfig | None) -> Pipeline
     ws = init_workspace(workspace)
     # before params.yaml changes and the base model is made again: nothing of the workspace is touched
     promote.check_same_base(ws, config if config is not None else load_config(ws.params))
+    for line in rounds.upgrade_pipeline(ws):  # a workspace an earlier version made
+        get_run_logger().info(line)
     if config is not None and rounds.write_params(ws, config):
         get_run_logger().info("params.yaml updated from the run's parameters")
     return load_config(ws.params)

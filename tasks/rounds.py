@@ -37,6 +37,54 @@ def write_params(ws: Workspace, cfg: PipelineConfig) -> bool:
     return True
 
 
+def upgrade_pipeline(ws: Workspace) -> list[str]:
+    """Bring a workspace made by an earlier version to this one's pipeline, at the start of a round:
+    dvc.yaml becomes this version's (its stages' dependencies and params change between versions;
+    the workspace's old one stays in git, and the round commits the new one), and params.yaml gains
+    the settings it lacks, with their defaults and comments (DVC stops on a params dependency
+    missing from it); its own values and comments stay. A dvc.yaml with changes of yours that git
+    does not hold is left alone. Returns what it did, a line each, for the log."""
+    from tasks.workspace import PROJECT_ROOT
+
+    said = []
+    yaml = YAML()
+    template = yaml.load((PROJECT_ROOT / "params.yaml").read_text())
+    data = yaml.load(ws.params.read_text()) if ws.params.exists() else None
+    added = _add_missing(data, template) if data is not None else []
+    if added:
+        with open(ws.params, "w") as f:
+            yaml.dump(data, f)
+        said.append(f"params.yaml: added {', '.join(added)} (this version's defaults)")
+    ours, theirs = (PROJECT_ROOT / "dvc.yaml").read_text(), ws.dvc_yaml.read_text() if ws.dvc_yaml.exists() else ""
+    if ours != theirs:
+        plain = YAML(typ="safe")
+        new_stages, old_stages = plain.load(ours)["stages"], (plain.load(theirs) or {}).get("stages") or {}
+        changed = sorted(n for n in set(new_stages) | set(old_stages) if new_stages.get(n) != old_stages.get(n))
+        what = f"stages {', '.join(changed)}" if changed else "comments only"
+        if versioning.git(ws, "status", "--porcelain", "--", "dvc.yaml").stdout.strip():
+            said.append(f"dvc.yaml: left as it is, since it has changes git does not hold; this version's pipeline "
+                        f"differs in {what} ({PROJECT_ROOT / 'dvc.yaml'})")
+        else:
+            ws.dvc_yaml.write_text(ours)
+            said.append(f"dvc.yaml: brought to this version's pipeline ({what}; the old one is in git: "
+                        "git show HEAD:dvc.yaml)")
+    return said
+
+
+def _add_missing(node, template, prefix: str = "") -> list[str]:
+    """Copy into `node` the keys of `template` it lacks (with their comments); their dotted names."""
+    added = []
+    for key, value in template.items():
+        if key not in node:
+            node[key] = value
+            if key in template.ca.items:
+                node.ca.items[key] = template.ca.items[key]
+            added.append(prefix + key)
+        elif isinstance(value, dict) and isinstance(node[key], dict):
+            added += _add_missing(node[key], value, f"{prefix}{key}.")
+    return added
+
+
 class RoundBusy(RuntimeError):
     """Another round holds the workspace."""
 

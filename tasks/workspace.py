@@ -32,6 +32,8 @@ class Workspace:
     @property
     def params(self) -> Path: return self.root / "params.yaml"
     @property
+    def dvc_yaml(self) -> Path: return self.root / "dvc.yaml"
+    @property
     def state_file(self) -> Path: return self.root / "state.yaml"
     # models (stage outputs)
     @property

@@ -512,3 +512,44 @@ def test_a_qwen3_users_model_runs_every_stage(tiny_model_dir, tmp_path):
     reward = mlflow.pyfunc.load_model("models:/rlhf-reward/1")
     scores = reward.predict(pd.DataFrame({"prompt": ["the ceo said"] * 2, "response": [" they left .", " he left ."]}))
     assert len(scores) == 2 and all(math.isfinite(s) for s in scores) and scores[0] != scores[1]
+
+
+def test_a_workspace_of_an_earlier_version_is_brought_to_this_versions_pipeline(tmp_path):
+    """An upgrade reaches workspaces made before it: a round begins by making dvc.yaml this version's
+    (its stages' dependencies change between versions) and adding to params.yaml the settings it
+    lacks (this version's dvc.yaml over an old params.yaml stops DVC). Your values and comments stay;
+    a dvc.yaml with changes git does not hold is left alone, and said so."""
+    import re
+
+    ws = init_workspace(tmp_path / "ws")
+    template, params = ws.dvc_yaml.read_text(), ws.params.read_text()
+    old_dvc = template.replace("params: [validate, chat, prompts, ppo.max_new_tokens, evaluate.max_prompts, "
+                               "evaluate.judge]", "params: [validate, chat]")
+    old_params = re.sub(r"^  (judge|min_judge_win_rate|max_prompts):.*\n", "", params, flags=re.M)
+    old_params = re.sub(r"^seed: 0 ", "seed: 5 ", old_params, flags=re.M)
+    assert old_dvc != template and "judge" not in old_params and "seed: 5 " in old_params
+    ws.dvc_yaml.write_text(old_dvc), ws.params.write_text(old_params)
+    versioning.git(ws, "commit", "-qam", "as an earlier version left it")
+    ws.collected.parent.mkdir(parents=True), ws.collected.write_text("")  # validate's other dependencies
+    ws.base_model.mkdir(parents=True), (ws.base_model / "config.json").write_text("{}")
+    ws.dvc_yaml.write_text(template)  # this version's stages over the old params: DVC stops
+    stopped = versioning.dvc(ws, "repro", "--dry", "-s", "validate", check=False)
+    assert stopped.returncode != 0 and "Parameters 'evaluate.max_prompts, evaluate.judge' are missing" in (
+        stopped.stdout + stopped.stderr)
+    ws.dvc_yaml.write_text(old_dvc)
+    assert rounds.upgrade_pipeline(ws) == [
+        "params.yaml: added evaluate.max_prompts, evaluate.judge, gates.min_judge_win_rate (this version's defaults)",
+        "dvc.yaml: brought to this version's pipeline (stages validate; the old one is in git: git show HEAD:dvc.yaml)"]
+    assert ws.dvc_yaml.read_text() == template
+    cfg = load_config(ws.params)
+    assert cfg.seed == 5 and cfg.evaluate.judge is None and cfg.evaluate.max_prompts == 256
+    assert cfg.gates.min_judge_win_rate == 0.5
+    assert "# a reward model PPO never saw" in ws.params.read_text()  # the comment came along
+    assert versioning.dvc(ws, "repro", "--dry", "-s", "validate", check=False).returncode == 0
+    assert rounds.upgrade_pipeline(ws) == []  # once
+    versioning.git(ws, "commit", "-qam", "this version's pipeline")
+    ws.dvc_yaml.write_text(old_dvc + "# mine\n")  # yours, not committed: kept
+    [said] = rounds.upgrade_pipeline(ws)
+    assert said.startswith("dvc.yaml: left as it is, since it has changes git does not hold; this version's "
+                           "pipeline differs in stages validate (")
+    assert ws.dvc_yaml.read_text() == old_dvc + "# mine\n"
