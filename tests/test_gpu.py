@@ -231,3 +231,15 @@ def test_sampling_and_scoring_outside_ppo_run_on_the_gpu(tmp_path):
     assert torch.allclose(scores, score_texts(reward.cpu(), tok, prompts, texts), atol=1e-4)
     cpu_logp, cpu_counts = sequence_logprobs(policy.cpu(), tok, prompts, texts)
     assert torch.allclose(logp, cpu_logp, atol=1e-3) and torch.equal(counts, cpu_counts)
+    # evaluate.judge on the GPU (in the checkpoint's dtype, here float32): the CPU's scores, and the
+    # round's own scoring of the same model
+    from tasks import judge as judging
+
+    save(reward.cpu(), tok, tmp_path / "judge")
+    on_gpu = judging.load_judge(str(tmp_path / "judge"), torch.device("cuda"))
+    assert next(on_gpu[0].parameters()).device.type == "cuda"
+    judged, cut = judging.scores(*on_gpu, prompts, texts)
+    assert cut == 0 and judged.device.type == "cpu"
+    assert torch.allclose(judged, judging.scores(*judging.load_judge(str(tmp_path / "judge")), prompts, texts)[0],
+                          atol=1e-4)
+    assert torch.allclose(judged, scores, atol=1e-4)
