@@ -138,6 +138,15 @@ def test_status_json_holds_the_documented_keys(finished_round, capsys):
     for key in ("round", "gold_before", "gold_after", "kl", "reward", "reward_before", "reward_accuracy", "win_rate",
                 "promoted", "reasons"):
         assert key in last
+    assert last["judge_win_rate"] is None and "by the judge" not in out  # no evaluate.judge
+    history = ws.history_file.read_text()
+    ws.history_file.write_text(history + json.dumps({**json.loads(history.splitlines()[-1]), "judge_win_rate": 0.61}) + "\n")
+    try:
+        assert main(["status", "--workspace", str(ws.root)]) == 0
+        assert re.search(r"^win-rate +0\.\d{3} against the champion \(reward model\)\n +0\.610 by the judge "
+                         r"\(evaluate.judge\)$", capsys.readouterr().out, re.M)
+    finally:
+        ws.history_file.write_text(history)
     assert last["gold_after"] == line["gold_after"]
 
 
