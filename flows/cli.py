@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workspace", type=Path, default=Path("."), help="git + DVC folder of the run (default: .)")
     run.add_argument("--policy-model", help="your causal LM: Hugging Face id or folder (skips pre-training)")
     run.add_argument("--reward-model", help="start the reward model from this Hugging Face id or folder")
+    run.add_argument("--judge", help="evaluate.judge: a reward model PPO never saw (Hugging Face id, folder or "
+                                     "models:/ URI) also judges candidate and champion, and gates promotion")
     run.add_argument("--chat-template", action="store_true",
                      help="a chat or instruct model: prompts become a user turn of its tokenizer's chat template")
 
@@ -196,6 +198,8 @@ def cmd_run(args) -> int:
         overrides["models.policy"] = _check_model_arg(args.policy_model, "--policy-model")
     if args.reward_model:
         overrides["models.reward"] = _check_model_arg(args.reward_model, "--reward-model")
+    if args.judge:
+        overrides["evaluate.judge"] = _check_judge_arg(args.judge)
     if args.chat_template:
         overrides["chat.template"] = True
     cfg = load_config(config_path, overrides)  # fails here, before any work, on a bad config
@@ -232,6 +236,23 @@ def _check_model_arg(value: str, flag: str) -> str:
         return str(path.resolve())
     if value.startswith((".", "/", "~")) or value.count("/") > 1:
         raise SystemExit(f"error: {flag} {value}: no such folder")
+    return value
+
+
+def _check_judge_arg(value: str) -> str:
+    """--judge: a models:/ URI as it is (the registry is read at validation); a folder is checked
+    to be a reward model now, before any work."""
+    if value.startswith("models:/"):
+        return value
+    value = _check_model_arg(value, "--judge")
+    if Path(value).is_dir():
+        from tasks.errors import ModelLoadError
+        from tasks.judge import check
+
+        try:
+            check(value)
+        except ModelLoadError as e:
+            raise SystemExit(f"error: --judge: {e}") from None
     return value
 
 

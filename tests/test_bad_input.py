@@ -229,6 +229,16 @@ def test_cli_unknown_model_folder(tmp_path, capsys):
     empty.mkdir()
     with pytest.raises(SystemExit, match="no config.json"):
         main(["run", "--reward-model", str(empty), "--workspace", str(tmp_path / "ws")])
+    # --judge: a folder that is no reward model is named before any work
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=1, n_head=2)).save_pretrained(
+        tmp_path / "lm")
+    for bad, said in [(str(tmp_path / "missing-judge"), "error: --judge .*missing-judge: no such folder"),
+                      (str(empty), "error: --judge .*empty-folder: the folder holds no config.json"),
+                      (str(tmp_path / "lm"), "error: --judge: judge '.*lm' is a GPT2LMHeadModel, not a reward model")]:
+        with pytest.raises(SystemExit, match=said):
+            main(["run", "--judge", bad, "--workspace", str(tmp_path / "ws")])
     assert not (tmp_path / "ws").exists()
 
 
