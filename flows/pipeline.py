@@ -36,8 +36,13 @@ def _retry_transient(task_, task_run, state) -> bool:
 @task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_transient, task_run_name="stage-{stage}",
       cache_policy=NO_CACHE)
 def run_stage(workspace: str, stage: str) -> bool:
-    ran = versioning.repro(Workspace(workspace), stage)
-    get_run_logger().info("stage %s %s", stage, "ran" if ran else "unchanged, skipped by DVC")
+    logger = get_run_logger()
+
+    def echo(line: str) -> None:  # what the stage printed: its warnings as warnings
+        (logger.warning if line.startswith("warning:") else logger.info)("%s: %s", stage, line)
+
+    ran = versioning.repro(Workspace(workspace), stage, echo)
+    logger.info("stage %s %s", stage, "ran" if ran else "unchanged, skipped by DVC")
     return ran
 
 

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,10 +195,28 @@ def push(ws: Workspace, *data: Path) -> str | None:
             f"local cache: `dvc push` in {ws.root} sends it once the remote is reachable, as the next round's push does")
 
 
-def repro(ws: Workspace, stage: str) -> bool:
-    """Run one stage through DVC. Returns False when DVC skipped it as unchanged."""
+def repro(ws: Workspace, stage: str, echo: Callable[[str], None] | None = None) -> bool:
+    """Run one stage through DVC. Returns False when DVC skipped it as unchanged. `echo` is given
+    each line the stage printed (DVC holds a stage's output until it ends, and shows it to no one)."""
     out = dvc(ws, "repro", "--single-item", stage)
+    for line in stage_lines(out.stdout) if echo is not None else []:
+        echo(line)
     return "didn't change, skipping" not in out.stdout
+
+
+def stage_lines(dvc_output: str) -> list[str]:
+    """What the stages printed, out of `dvc repro`'s output: the lines after each stage's command
+    ('> python -m tasks...') up to DVC's own next line; blank lines and trainers' logs of dicts
+    (MLflow holds those) left out."""
+    lines, inside = [], False
+    for line in dvc_output.splitlines():
+        if line.startswith("> "):
+            inside = True
+        elif line.startswith(("Running stage '", "Updating lock file", "Stage '")):
+            inside = False
+        elif inside and line.strip() and not line.startswith("{'"):
+            lines.append(line)
+    return lines
 
 
 def commit_round(ws: Workspace, message: str) -> str | None:

@@ -92,6 +92,12 @@ def test_dvc_repro_runs_every_stage_on_a_users_model(tiny_model_dir, tmp_path):
                                                "prompts.heldout": "data/prompts/heldout.jsonl"}))
     out = versioning.dvc(ws, "repro", "-s", "train_policy", "evaluate", "promote").stdout
     assert all(f"Running stage '{stage}'" in out for stage in ("train_policy", "evaluate", "promote"))
+    # what the stages printed, which a round's log relays (DVC shows it to no one): theirs alone
+    printed = versioning.stage_lines(out)
+    assert "evaluating 2 of the 3 held-out prompts (evaluate.max_prompts)" in printed
+    assert sum(line.startswith("ppo step ") for line in printed) == 4
+    assert any(line.startswith(("PROMOTED policy v", "NOT promoted policy v")) for line in printed)
+    assert not [line for line in printed if line.startswith(("Running stage", "> ", "Updating lock", "{'", "To "))]
     ppo_run = mlflow.search_runs(experiment_names=["rlhf"], filter_string="tags.stage = 'train_policy'",
                                  order_by=["attributes.start_time DESC"], output_format="list")[0]
     assert ppo_run.data.params["prompts.train"] == "data/prompts/train.txt"
