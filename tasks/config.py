@@ -197,7 +197,10 @@ class RewardConfig(_Strict):
     lr: float = Field(1e-3, gt=0, description="learning rate")
     batch_size: int = Field(32, gt=0, description="pairs per step")
     eval_fraction: float = Field(0.2, gt=0, lt=1, description="pairs held out for pairwise accuracy")
-    max_length: int = Field(64, gt=0, description="longest prompt+response, in tokens")
+    max_length: int | None = Field(None, gt=0, description="longest prompt+response+EOS, in tokens, the reward "
+                                   "model trains on and scores; null = as many as the reward model has positions "
+                                   "(64 for the built-in tiny model). Longer pairs are neither trained on nor scored, "
+                                   "and the stage's log counts them")
     eval_file: str | None = Field(None, description="a preference file (our records, HH-RLHF, CSV, Parquet) "
                                                     "to report the reward model's pairwise accuracy on as well")
     mixed_precision: Literal["auto", "bf16", "no"] = Field(

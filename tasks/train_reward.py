@@ -21,7 +21,8 @@ from transformers import TrainerCallback
 
 from tasks import tracking
 from tasks.config import ChatConfig, PipelineConfig
-from tasks.modeling import compute_device, encode_sequence, load_reward, load_tokenizer, pair_token_length, save, score_texts
+from tasks.modeling import (compute_device, encode_sequence, load_reward, load_tokenizer, max_positions,
+                            pair_token_length, save, score_texts)
 from tasks.stage import StageError, stage_main
 from tasks.workspace import RoundState, Workspace
 
@@ -96,11 +97,13 @@ def train(init_ref: str, tokenizer_ref: str, records: list[dict], cfg: PipelineC
     tokenizer = load_tokenizer(tokenizer_ref, chat)
     model = load_reward(init_ref, tokenizer.pad_token_id)
     train_set, held_out = split(records, cfg.reward.eval_fraction)
-    max_length = cfg.reward.max_length
+    max_length = reward_max_length(cfg, model.config)
     too_long = [r for r in records if not fits(tokenizer, r, max_length, chat)]
     if too_long:  # RewardTrainer would drop them without a word: say so, loudly
-        print(f"warning: {len(too_long)} pairs exceed reward.max_length={cfg.reward.max_length} tokens "
-              "and are neither trained on nor scored; raise reward.max_length to use them")
+        print(f"warning: {len(too_long)} of the {len(records)} pairs are longer than the {max_length} tokens the reward "
+              f"model reads ({'reward.max_length' if cfg.reward.max_length else 'its positions'}) and are neither "
+              "trained on nor scored; raise reward.max_length (up to the model's positions), or set "
+              f"validate.max_tokens to {max_length - 1} to set them aside at validation, with their reason")
         train_set = [r for r in train_set if fits(tokenizer, r, max_length, chat)]
         held_out = [r for r in held_out if fits(tokenizer, r, max_length, chat)]
     if len(train_set) < 2:
@@ -111,7 +114,7 @@ def train(init_ref: str, tokenizer_ref: str, records: list[dict], cfg: PipelineC
     with tempfile.TemporaryDirectory() as tmp:
         args = TRLRewardConfig(
             output_dir=tmp, num_train_epochs=cfg.reward.epochs, per_device_train_batch_size=cfg.reward.batch_size,
-            learning_rate=cfg.reward.lr, max_length=cfg.reward.max_length, seed=cfg.seed,
+            learning_rate=cfg.reward.lr, max_length=max_length, seed=cfg.seed,
             use_cpu=compute_device().type == "cpu", bf16=bf16(cfg), gradient_checkpointing=False,
             report_to=[], save_strategy="no", logging_steps=5, disable_tqdm=True, dataset_num_proc=None,
             lr_scheduler_type="linear", warmup_steps=0)
@@ -125,12 +128,23 @@ def train(init_ref: str, tokenizer_ref: str, records: list[dict], cfg: PipelineC
                "held_out": pairwise_accuracy(model, tokenizer, held_out, chat),
                "too_long": len(too_long)}
     if cfg.reward.eval_file:
-        metrics["eval_file"] = accuracy_on_file(model, tokenizer, cfg.reward.eval_file, cfg.reward.max_length, chat)
+        metrics["eval_file"] = accuracy_on_file(model, tokenizer, cfg.reward.eval_file, max_length, chat)
     if out.exists():
         shutil.rmtree(out)
     save(model, tokenizer, out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def reward_max_length(cfg: PipelineConfig, config) -> int:
+    """Tokens of prompt + response + EOS the reward model reads: reward.max_length, else its positions."""
+    if cfg.reward.max_length is not None:
+        return cfg.reward.max_length
+    positions = max_positions(config)
+    if positions is None:
+        raise StageError("the reward model's config names no positions (max_position_embeddings, n_positions): "
+                         "set reward.max_length")
+    return positions
 
 
 def bf16(cfg: PipelineConfig) -> bool:

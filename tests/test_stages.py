@@ -448,7 +448,7 @@ def test_a_reward_model_of_another_tokenizer_is_refused_before_it_trains(tiny_mo
     assert not ws.reward_model.exists()
 
 
-def test_reward_model_trains_under_bf16_autocast_and_is_measured_in_float32(tiny_model_dir, tmp_path):
+def test_reward_model_trains_under_bf16_autocast_and_is_measured_in_float32(tiny_model_dir, tmp_path, capsys):
     """reward.mixed_precision: bf16 (a GPU's default; asked for here on the CPU): RewardTrainer trains
     under autocast, and the model it hands back is measured and saved in float32, without the
     autocast wrapper accelerate puts on its forward (its scores would be bf16-rounded otherwise)."""
@@ -461,7 +461,13 @@ def test_reward_model_trains_under_bf16_autocast_and_is_measured_in_float32(tiny
     assert bf16(cfg)
     triples = sample_pairs(str(tiny_model_dir), scenario.feedback_prompts(), 96, 10, 1.0, seed=1)
     records = [json.loads(r.to_json()) for r in annotate(triples, 1, None, 3.0, seed=1) if r.label == "pair"]
-    metrics = train(str(tiny_model_dir), str(tiny_model_dir), records, cfg, tmp_path / "reward")
+    # three pairs longer than the tiny model's 64 positions (reward.max_length null: its positions)
+    longer = [{**r, "id": f"ffffff{i:02x}" + r["id"][8:], "prompt": "the nurse said" + " the doctor said" * 20} for i, r in enumerate(records[:3])]
+    metrics = train(str(tiny_model_dir), str(tiny_model_dir), records + longer, cfg, tmp_path / "reward")
+    assert metrics["too_long"] == 3
+    assert (f"warning: 3 of the {len(records) + 3} pairs are longer than the 64 tokens the reward model reads (its "
+            "positions) and are neither trained on nor scored; raise reward.max_length (up to the model's positions), "
+            "or set validate.max_tokens to 63 to set them aside at validation, with their reason") in capsys.readouterr().out
     assert metrics["held_out"]["accuracy"] > 0.7
     assert all(t.dtype == torch.float32 for t in load_file(tmp_path / "reward" / "model.safetensors").values())
     # the figures it reports are the saved model's, loaded as anyone loads it (float32, no autocast)
