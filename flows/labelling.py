@@ -208,8 +208,8 @@ def label(workspace: str = ".", pairs: int = 8, batch_size: int = 4, timeout_sec
     finally:  # also when the session is stopped (Ctrl-C, SIGTERM, cancelled): what a person gave is never lost
         if records:
             raw_file = str(save_labels(ws, records, round_))
-    summary = {"shown": len(shown), "labelled": len(records), "pairs": sum(r.label == "pair" for r in records),
-               "raw_file": raw_file, "seed": seed}
+    summary = {"shown": len(shown), "not_shown": len(todo), "labelled": len(records),
+               "pairs": sum(r.label == "pair" for r in records), "raw_file": raw_file, "seed": seed}
     if raw_file is None:
         say("no labels given: nothing saved")
     return summary

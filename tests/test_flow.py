@@ -648,7 +648,9 @@ def test_label_flow_pauses_resumes_with_answers_and_keeps_them_on_timeout(finish
     # a second session shows other pairs (with the first one's seed they would be the same ones again,
     # and validation sets repeats of a labelled pair aside: the person's second session wasted)
     again = label(workspace=str(ws.root), pairs=4, batch_size=2, timeout_seconds=1)
-    assert again["labelled"] == 0 and again["seed"] != result["seed"] and again["shown"] == 4
+    assert again["labelled"] == 0 and again["seed"] != result["seed"]
+    # each prompt shown, or said not to be: this converged champion may answer one the same way three times
+    assert again["shown"] + again["not_shown"] == 4 and again["shown"] >= 2
 
 
 def test_the_label_flow_shows_no_pair_of_two_equal_responses(finished_round, tmp_path):
