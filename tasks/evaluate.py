@@ -185,14 +185,16 @@ def judge_both(ref: str, device: torch.device, prompts: list[str], texts: dict[s
     for name, responses in texts.items():
         scored, n_cut = judging.scores(model, tokenizer, prompts, responses, system)
         out[name], cut = scored.tolist(), cut + n_cut
-    figures = {"truncated": cut}
+    figures = {}
     if feedback_pairs:
         held_out = judging.accuracy(model, tokenizer, feedback_pairs, system)
         low, high = wilson_interval(held_out["accuracy"] * held_out["n"], held_out["n"])
-        figures |= {"accuracy": held_out["accuracy"], "pairs": held_out["n"], "accuracy_low": low,
-                    "accuracy_high": high, "truncated": cut + held_out["truncated"]}
-    if figures["truncated"]:
-        print(f"judge {ref}: {figures['truncated']} texts were longer than its {judging.positions(model, tokenizer)} "
+        figures = {"accuracy": held_out["accuracy"], "pairs": held_out["n"], "accuracy_low": low,
+                   "accuracy_high": high}
+        cut += held_out["truncated"]
+    figures["truncated"] = cut
+    if cut:
+        print(f"judge {ref}: {cut} texts were longer than its {judging.positions(model, tokenizer)} "
               "positions and lost the start of their prompt", flush=True)
     del model
     _release(device)

@@ -26,7 +26,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from tasks.config import ChatConfig
-from tasks.modeling import ModelLoadError, _explain, max_positions
+from tasks.modeling import ModelLoadError, _explain, made_up, max_positions
 
 
 def check(ref: str) -> None:
@@ -58,7 +58,7 @@ def load_judge(ref: str, device: torch.device | None = None):
         tokenizer = AutoTokenizer.from_pretrained(ref)
     except Exception as e:
         raise _explain(ref, "judge (a reward model)", e) from None
-    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):  # transformers makes one up where none is saved
+    if made_up(tokenizer):
         raise ModelLoadError(f"judge {ref!r} has no tokenizer (none is saved there: the one transformers makes up "
                              "instead holds special tokens only); save its tokenizer into its folder "
                              "(tokenizer.save_pretrained)")

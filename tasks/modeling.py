@@ -35,7 +35,7 @@ def load_tokenizer(ref: str | Path, chat: ChatConfig | None = None):
         tok = AutoTokenizer.from_pretrained(ref)
     except Exception as e:  # transformers raises OSError, ValueError, HF hub errors...
         raise _explain(ref, "tokenizer", e) from None
-    if len(tok) <= len(set(tok.all_special_ids)):  # transformers makes an empty one up where none is saved
+    if made_up(tok):
         raise ModelLoadError(f"cannot load tokenizer {ref!r}: none is saved there (the one transformers makes up "
                              "instead holds special tokens only); save the model's tokenizer into its folder "
                              "(tokenizer.save_pretrained)")
@@ -53,6 +53,12 @@ def load_tokenizer(ref: str | Path, chat: ChatConfig | None = None):
                 _TOLD.add(ref)
             tok.eos_token = turn_end
     return tok
+
+
+def made_up(tokenizer) -> bool:
+    """Whether `tokenizer` is the empty one transformers makes up where a folder holds none: special
+    tokens only (1 for GPT-2), every text read as nothing."""
+    return len(tokenizer) <= len(set(tokenizer.all_special_ids))
 
 
 PROBE = "rlhf-pipeline probe reply"

@@ -96,16 +96,15 @@ def train(init_ref: str, tokenizer_ref: str, records: list[dict], cfg: PipelineC
     chat = cfg.chat_format
     tokenizer = load_tokenizer(tokenizer_ref, chat)
     model = load_reward(init_ref, tokenizer.pad_token_id)
-    train_set, held_out = split(records, cfg.reward.eval_fraction)
     max_length = reward_max_length(cfg, model.config)
-    too_long = [r for r in records if not fits(tokenizer, r, max_length, chat)]
+    kept = [r for r in records if fits(tokenizer, r, max_length, chat)]  # each pair tokenized once
+    too_long = len(records) - len(kept)
     if too_long:  # RewardTrainer would drop them without a word: say so, loudly
-        print(f"warning: {len(too_long)} of the {len(records)} pairs are longer than the {max_length} tokens the reward "
+        print(f"warning: {too_long} of the {len(records)} pairs are longer than the {max_length} tokens the reward "
               f"model reads ({'reward.max_length' if cfg.reward.max_length else 'its positions'}) and are neither "
               "trained on nor scored; raise reward.max_length (up to the model's positions), or set "
               f"validate.max_tokens to {max_length - 1} to set them aside at validation, with their reason")
-        train_set = [r for r in train_set if fits(tokenizer, r, max_length, chat)]
-        held_out = [r for r in held_out if fits(tokenizer, r, max_length, chat)]
+    train_set, held_out = split(kept, cfg.reward.eval_fraction)  # a pair's side is its own id's: as before
     if len(train_set) < 2:
         raise StageError(f"only {len(train_set)} trainable pairs; need more feedback")
     data = Dataset.from_list([{"chosen_ids": encode_sequence(tokenizer, r["prompt"], r["chosen"], chat),
@@ -126,7 +125,7 @@ def train(init_ref: str, tokenizer_ref: str, records: list[dict], cfg: PipelineC
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).float().eval()
     metrics = {"train": pairwise_accuracy(model, tokenizer, train_set, chat),
                "held_out": pairwise_accuracy(model, tokenizer, held_out, chat),
-               "too_long": len(too_long)}
+               "too_long": too_long}
     if cfg.reward.eval_file:
         metrics["eval_file"] = accuracy_on_file(model, tokenizer, cfg.reward.eval_file, max_length, chat)
     if out.exists():

@@ -349,7 +349,7 @@ def round_problems(ws: Workspace, cfg: PipelineConfig, accepted: list[dict]) -> 
 def write_outputs(result: ValidationResult, cfg: ValidateConfig, files: list[str], accepted: Path,
                   quarantine: Path, report: Path, problems: list[str] = (), **extra) -> dict:
     """Accepted pairs, set-aside rows and the summary report; returns the summary. `problems`:
-    blocking failures found outside the pairs themselves (prompt_problems)."""
+    blocking failures found outside the pairs themselves (round_problems)."""
     failures = blocking_failures(result, cfg) + list(problems)
     write_jsonl_atomic(accepted, (json.dumps(r, ensure_ascii=False) for r in result.accepted))
     write_jsonl_atomic(quarantine, (json.dumps(q, ensure_ascii=False, default=str) for q in result.quarantined))
