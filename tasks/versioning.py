@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,9 @@ from tasks.processes import stop_groups
 from tasks.workspace import Workspace
 
 DEFAULT_REMOTE = ".dvcstore"  # <workspace>/.dvcstore (dvc stores it relative to .dvc/config)
+# PYTHONUNBUFFERED: a stage's prints reach us as it prints them, not in blocks of 8 KiB at its end
 _ENV = {"DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-        "TOKENIZERS_PARALLELISM": "false"}
+        "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
 
 STOP_TIMEOUT_S = 10  # a stopped stage gets this long to exit on SIGTERM; then SIGKILL
@@ -33,7 +35,9 @@ class VersioningError(RuntimeError):
     pass
 
 
-def _run(args: list[str], cwd: Path, check: bool = True, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+def _run(args: list[str], cwd: Path, check: bool = True, env_extra: dict | None = None,
+         on_line: Callable[[str], None] | None = None) -> subprocess.CompletedProcess:
+    """Run a command to its end; `on_line` is given each line of its stdout as it comes."""
     env = {**os.environ, **_ENV, **(env_extra or {})}
     # Stage commands say `python`: make it this interpreter (the project's venv), as an activated venv would.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
@@ -43,7 +47,7 @@ def _run(args: list[str], cwd: Path, check: bool = True, env_extra: dict | None 
     with subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True) as popen:
         try:
-            stdout, stderr = popen.communicate()
+            stdout, stderr = popen.communicate() if on_line is None else _follow(popen, on_line)
         except BaseException:
             stop_groups(popen, timeout=STOP_TIMEOUT_S)
             raise
@@ -52,6 +56,21 @@ def _run(args: list[str], cwd: Path, check: bool = True, env_extra: dict | None 
         shown = " ".join(a if " " not in a else repr(a) for a in args)
         raise VersioningError(f"`{shown}` failed in {cwd} (exit {proc.returncode}):\n{failure(proc)}")
     return proc
+
+
+def _follow(popen: subprocess.Popen, on_line: Callable[[str], None]) -> tuple[str, str]:
+    """popen.communicate(), handing each line of stdout to `on_line` as it is printed (stderr is
+    read beside it, so that neither pipe fills and blocks the command)."""
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.append(popen.stderr.read()), daemon=True)
+    reader.start()
+    out = []
+    for line in popen.stdout:
+        out.append(line)
+        on_line(line.rstrip("\n"))
+    popen.wait()
+    reader.join()
+    return "".join(out), "".join(err)
 
 
 # what DVC says of the collect stage's output with collect.simulate false: empty by design
@@ -67,9 +86,11 @@ def failure(proc: subprocess.CompletedProcess) -> str:
     return text[-3000:] or f"no message (exit {proc.returncode})"
 
 
-def dvc(ws: Workspace, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def dvc(ws: Workspace, *args: str, check: bool = True,
+        on_line: Callable[[str], None] | None = None) -> subprocess.CompletedProcess:
     # stages log to this workspace's MLflow, whatever the parent process last pointed MLflow at
-    return _run([sys.executable, "-m", "dvc", *args], ws.root, check, {"MLFLOW_TRACKING_URI": ws.tracking_uri})
+    return _run([sys.executable, "-m", "dvc", *args], ws.root, check, {"MLFLOW_TRACKING_URI": ws.tracking_uri},
+                on_line)
 
 
 def git(ws: Workspace, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -197,26 +218,40 @@ def push(ws: Workspace, *data: Path) -> str | None:
 
 def repro(ws: Workspace, stage: str, echo: Callable[[str], None] | None = None) -> bool:
     """Run one stage through DVC. Returns False when DVC skipped it as unchanged. `echo` is given
-    each line the stage printed (DVC holds a stage's output until it ends, and shows it to no one)."""
-    out = dvc(ws, "repro", "--single-item", stage)
-    for line in stage_lines(out.stdout) if echo is not None else []:
-        echo(line)
+    each line the stage prints, as it prints it (DVC passes a stage's output through and shows it
+    to no one else: a round's log would otherwise never see a stage's warnings or PPO's steps)."""
+    own = StageLines()
+
+    def relay(line: str) -> None:
+        if own(line):
+            echo(line)
+
+    out = dvc(ws, "repro", "--single-item", stage, on_line=relay if echo is not None else None)
     return "didn't change, skipping" not in out.stdout
 
 
-def stage_lines(dvc_output: str) -> list[str]:
-    """What the stages printed, out of `dvc repro`'s output: the lines after each stage's command
-    ('> python -m tasks...') up to DVC's own next line; blank lines and trainers' logs of dicts
-    (MLflow holds those) left out."""
-    lines, inside = [], False
-    for line in dvc_output.splitlines():
+class StageLines:
+    """Which lines of `dvc repro`'s output, read in order, the stages printed: those after each
+    stage's command ('> python -m tasks...') up to DVC's own next line; blank lines and trainers'
+    logs of dicts (MLflow holds those) left out."""
+
+    def __init__(self) -> None:
+        self.inside = False
+
+    def __call__(self, line: str) -> bool:
         if line.startswith("> "):
-            inside = True
-        elif line.startswith(("Running stage '", "Updating lock file", "Stage '")):
-            inside = False
-        elif inside and line.strip() and not line.startswith("{'"):
-            lines.append(line)
-    return lines
+            self.inside = True
+        elif line.startswith(("Running stage '", "Updating lock file", "Generating lock file", "Stage '")):
+            self.inside = False
+        elif self.inside and line.strip() and not line.startswith("{'"):
+            return True
+        return False
+
+
+def stage_lines(dvc_output: str) -> list[str]:
+    """What the stages printed, out of a whole `dvc repro` output (StageLines)."""
+    own = StageLines()
+    return [line for line in dvc_output.splitlines() if own(line)]
 
 
 def commit_round(ws: Workspace, message: str) -> str | None:

@@ -174,8 +174,8 @@ import sys
 from prefect.utilities.engine import capture_sigterm  # what Prefect's flow engine arms in every flow run
 from tasks import versioning
 from tasks.workspace import Workspace
-with capture_sigterm():
-    versioning.repro(Workspace(sys.argv[1]), "sleeper")
+with capture_sigterm():  # as a round runs it (its lines relayed as they come), or not
+    versioning.repro(Workspace(sys.argv[1]), "sleeper", print if sys.argv[2] == "relay" else None)
 """
 
 SLEEPER = """
@@ -185,7 +185,8 @@ subprocess.run([sys.executable, "-c", "import os, time; open('child.pid', 'w').w
 """
 
 
-def test_a_cancelled_round_stops_its_stage_and_what_the_stage_started(tmp_path):
+@pytest.mark.parametrize("relay", ["relay", "quiet"])
+def test_a_cancelled_round_stops_its_stage_and_what_the_stage_started(relay, tmp_path):
     """Prefect cancels a flow run (the UI's Cancel, `rlhf serve` stopping) with SIGTERM, which its
     engine raises in the flow. The DVC stage running then, and whatever that stage started, stop
     with it: a PPO stage running on, orphaned, would hold the GPU and race the next round."""
@@ -207,7 +208,7 @@ def test_a_cancelled_round_stops_its_stage_and_what_the_stage_started(tmp_path):
     versioning.dvc(Workspace(root), "init", "-q")
     (root / "sleeper.py").write_text(SLEEPER)  # a stage that starts a process of its own, as accelerate can
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"sleeper": {"cmd": "python sleeper.py"}}}))
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(root)], stderr=subprocess.PIPE, text=True,
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(root), relay], stderr=subprocess.PIPE, text=True,
                               cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONPATH": "."})
     deadline = time.monotonic() + 120
     while not (root / "child.pid").exists() or not (root / "child.pid").read_text():
@@ -219,6 +220,49 @@ def test_a_cancelled_round_stops_its_stage_and_what_the_stage_started(tmp_path):
     assert driver.wait(timeout=60) != 0
     alive = still_running(started, timeout=15)
     assert not alive, [(p.pid, p.cmdline()) for p in alive]
+
+
+TALKER = """
+import os, sys, time
+print("warming up")  # not flushed: the stage's output reaches the round as it prints, not at its end
+print("{'loss': 0.7}")  # a trainer's log of a dict, which MLflow holds
+print("waiting for the round", file=sys.stderr)
+for _ in range(600):
+    if os.path.exists("seen"):
+        print("the round saw my first line")
+        break
+    time.sleep(0.1)
+else:
+    print("nobody saw my first line for 60 s")
+"""
+
+
+def test_a_stages_lines_reach_the_round_as_it_prints_them(tmp_path, monkeypatch):
+    """A round relays what its stages print (PPO's steps, warnings) while they run: a PPO stage of
+    an hour must not be silent until its end. The stage here waits until the round has seen its
+    first line; it could not go on if lines came only at its end."""
+    import subprocess
+
+    import yaml
+
+    from tasks.workspace import Workspace
+
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # as in a user's shell, not as in a CI's
+    root = tmp_path / "ws"
+    root.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    ws = Workspace(root)
+    versioning.dvc(ws, "init", "-q")
+    (root / "talker.py").write_text(TALKER)
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"talker": {"cmd": "python talker.py"}}}))
+    seen = []
+
+    def echo(line):
+        seen.append(line)
+        (root / "seen").touch()
+
+    assert versioning.repro(ws, "talker", echo) is True
+    assert seen == ["warming up", "the round saw my first line"]  # DVC's lines, the dict, stderr: not
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
