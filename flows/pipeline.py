@@ -49,6 +49,9 @@ def run_stage(workspace: str, stage: str) -> bool:
 @task(cache_policy=NO_CACHE)
 def prepare_workspace(workspace: str, config: PipelineConfig | None) -> PipelineConfig:
     ws = init_workspace(workspace)
+    note = versioning.free_index(ws)  # now, not when the round commits its hour of training
+    if note:
+        get_run_logger().warning(note)
     # before params.yaml changes and the base model is made again: nothing of the workspace is touched
     promote.check_same_base(ws, config if config is not None else load_config(ws.params))
     for line in rounds.upgrade_pipeline(ws):  # a workspace an earlier version made

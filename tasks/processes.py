@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import psutil
 
@@ -48,3 +49,22 @@ def stop_groups(*procs: subprocess.Popen | None, timeout: float = 30) -> None:
             time.sleep(0.1)  # the command is gone; what it started may still be on its way out
         _signal_group(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def git_users(lock: Path, repo: Path) -> list[str]:
+    """The processes that may be writing `lock` (a git lock file of `repo`), as 'pid (command)':
+    a git running in the repository (or whose folder we may not read), or any process holding
+    the file open (git holds its lock open until it renames it; so do DVC's and IDEs' git libraries)."""
+    lock, repo = Path(os.path.realpath(lock)), Path(os.path.realpath(repo))
+    users = []
+    for proc in psutil.process_iter(["name", "cwd", "cmdline"]):
+        try:
+            if proc.pid == os.getpid():
+                continue
+            cwd = proc.info["cwd"]
+            git_here = (proc.info["name"] or "").startswith("git") and (cwd is None or Path(cwd).is_relative_to(repo))
+            if git_here or any(Path(f.path) == lock for f in proc.open_files()):
+                users.append(f"{proc.pid} ({' '.join(proc.info['cmdline'] or [proc.info['name'] or '?'])[:80]})")
+        except psutil.Error:
+            continue
+    return users

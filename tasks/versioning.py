@@ -13,13 +13,14 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
 
-from tasks.processes import stop_groups
+from tasks.processes import git_users, stop_groups
 from tasks.workspace import Workspace
 
 DEFAULT_REMOTE = ".dvcstore"  # <workspace>/.dvcstore (dvc stores it relative to .dvc/config)
@@ -53,9 +54,13 @@ def _run(args: list[str], cwd: Path, check: bool = True, env_extra: dict | None 
             raise
     proc = subprocess.CompletedProcess(args, popen.returncode, stdout, stderr)
     if check and proc.returncode != 0:
-        shown = " ".join(a if " " not in a else repr(a) for a in args)
-        raise VersioningError(f"`{shown}` failed in {cwd} (exit {proc.returncode}):\n{failure(proc)}")
+        raise failed(proc, cwd)
     return proc
+
+
+def failed(proc: subprocess.CompletedProcess, cwd: Path) -> VersioningError:
+    shown = " ".join(a if " " not in a else repr(a) for a in proc.args)
+    return VersioningError(f"`{shown}` failed in {cwd} (exit {proc.returncode}):\n{failure(proc)}")
 
 
 def _follow(popen: subprocess.Popen, on_line: Callable[[str], None]) -> tuple[str, str]:
@@ -96,7 +101,48 @@ def dvc(ws: Workspace, *args: str, check: bool = True,
 def git(ws: Workspace, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     ident = ["-c", "user.name=rlhf-pipeline", "-c", "user.email=rlhf-pipeline@localhost"]
     has_ident = _run(["git", "config", "user.email"], ws.root, check=False).stdout.strip()
-    return _run(["git", *([] if has_ident else ident), *args], ws.root, check)
+    command = ["git", *([] if has_ident else ident), *args]
+    proc = _run(command, ws.root, check=False)
+    if proc.returncode != 0 and "index.lock': File exists" in proc.stderr:
+        note = free_index(ws)  # another git's lock: wait for it, or remove a dead one's, then once more
+        if note:
+            print(note, file=sys.stderr)
+        proc = _run(command, ws.root, check=False)
+    if check and proc.returncode != 0:
+        raise failed(proc, ws.root)
+    return proc
+
+
+INDEX_WAIT_S = 60  # how long a git lock held by a live process is waited for
+
+
+def free_index(ws: Workspace, wait_s: float | None = None) -> str | None:
+    """Make sure git's `index.lock` will not stop the pipeline's next commit, which may come at
+    the end of an hour of training. A git killed half way (SIGKILL, a crash, a full disk) leaves
+    the lock behind, and every later `git add` fails until someone deletes it. A lock that no
+    process may be writing (processes.git_users) is removed: returns a line saying so. One that a
+    live git holds (yours, an editor's) is waited for up to `wait_s`; past that, an error that
+    names it."""
+    top, lock = _run(["git", "rev-parse", "--show-toplevel", "--git-path", "index.lock"], ws.root).stdout.split("\n")[:2]
+    path = Path(lock) if Path(lock).is_absolute() else ws.root / lock
+    wait_s = INDEX_WAIT_S if wait_s is None else wait_s
+    deadline = time.monotonic() + wait_s
+    while path.exists():
+        users = git_users(path, Path(top))
+        if not users:
+            try:
+                age = time.time() - path.stat().st_mtime
+                path.unlink()
+            except FileNotFoundError:  # its git ended just now
+                return None
+            ago = f"{age:.0f} s" if age < 120 else f"{age / 60:.0f} min" if age < 7200 else f"{age / 3600:.0f} h"
+            return (f"removed {path}, left {ago} ago by a git that was stopped half way "
+                    "(no process of this repository holds it)")
+        if time.monotonic() > deadline:
+            raise VersioningError(f"{path} is held by {', '.join(users)} for over {wait_s:.0f} s: git cannot "
+                                  "commit in this workspace until it ends. If it is stuck, stop it")
+        time.sleep(0.5)
+    return None
 
 
 def lock(ws: Workspace) -> FileLock:

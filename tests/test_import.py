@@ -89,20 +89,62 @@ def test_an_unreachable_dvc_remote_leaves_the_import_committed_and_said(ws, tmp_
     assert "warning" not in capsys.readouterr().err
 
 
-def test_an_import_stopped_by_a_stale_git_lock_is_committed_when_run_again(ws, tmp_path, capsys):
-    """A git process that crashed leaves .git/index.lock: the import says git's own words (remove
-    the file) and exits 1 after `dvc add`. Run again once the lock is gone, the same file is
-    committed. Before, it said "versioned as ..." and left the pointer uncommitted."""
+HOLDER = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # as git takes its lock
+print("holding", flush=True)
+sys.stdin.read()  # until the test closes our stdin
+os.close(fd)
+os.unlink(sys.argv[1])
+"""
+
+
+def hold(lock):
+    """A live process holding `lock` as git does (open, created exclusively) until its stdin closes."""
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "holding\n"
+    return holder
+
+
+def test_a_git_lock_left_by_a_killed_git_is_removed_and_the_import_committed(ws, tmp_path, capsys):
+    """A git killed half way (SIGKILL, a crash) leaves .git/index.lock, and git refuses every later
+    commit until someone deletes it: a scheduled loop would fail round after round, or a round on
+    imported feedback at its very end. No process holds it: removed, said, and the import goes on."""
     good = tmp_path / "pairs.jsonl"
     good.write_text("".join(json.dumps({"prompt": f"the pilot said {i}", "chosen": " they were late .",
                                         "rejected": " he was late ."}) + "\n" for i in range(4)))
     lock = ws.root / ".git" / "index.lock"
-    lock.touch()
-    assert main(["import", str(good), "--workspace", str(ws.root)]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: git or DVC failed:\n`git add data/feedback/raw/") and "index.lock': File exists" in err
-    assert versioning.history(ws) == []
-    lock.unlink()
+    lock.write_bytes(b"DIRC")  # what a killed `git add` leaves: part of an index
+    os.utime(lock, (lock.stat().st_mtime - 3600,) * 2)
+    assert main(["import", str(good), "--workspace", str(ws.root)]) == 0
+    assert f"removed {lock}, left 60 min ago by a git that was stopped half way" in capsys.readouterr().err
+    assert [c.message for c in versioning.history(ws)] == ["data: round 1 feedback (import-jsonl, 4 records)"]
+    assert not lock.exists()
+    assert versioning.free_index(ws) is None  # nothing to do
+
+
+def test_a_git_lock_a_live_process_holds_is_waited_for_and_never_taken(ws, tmp_path, capsys, monkeypatch):
+    """A live git (yours, your editor's) holding the lock is waited for; past the wait the import
+    stops (exit 1) naming the process, and the lock stays its. Run again once it is gone, the same
+    file is committed, also when a crash had left the received copy before its `dvc add`."""
+    good = tmp_path / "pairs.jsonl"
+    good.write_text("".join(json.dumps({"prompt": f"the pilot said {i}", "chosen": " they were late .",
+                                        "rejected": " he was late ."}) + "\n" for i in range(4)))
+    lock = ws.root / ".git" / "index.lock"
+    monkeypatch.setattr(versioning, "INDEX_WAIT_S", 1)
+    holder = hold(lock)
+    try:
+        assert main(["import", str(good), "--workspace", str(ws.root)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: git or DVC failed:\n{lock} is held by {holder.pid} (") and "for over 1 s" in err
+        assert lock.exists() and versioning.history(ws) == []
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert not lock.exists()  # its holder removed it, as git does
     # as a crash after the received file's copy leaves it (before its `dvc add`)
     received = ws.root / "data" / "feedback" / "received" / f"{versioning.file_md5(good)[:12]}-pairs.jsonl"
     received.parent.mkdir(parents=True)
@@ -113,6 +155,30 @@ def test_an_import_stopped_by_a_stale_git_lock_is_committed_when_run_again(ws, t
     assert versioning.git(ws, "status", "--porcelain", "--", "data").stdout == ""  # nothing left uncommitted
     assert summary["received_file"] == str(received)
     assert all(versioning.committed(ws, Path(summary[k])) for k in ("raw_file", "received_file"))
+
+
+def test_a_running_git_commit_keeps_its_lock_and_the_pipelines_git_waits(ws, capsys):
+    """A real `git commit -a` waiting on its editor holds the index lock (it does not keep it open):
+    the pipeline's `git add` waits for it to end, then goes on; nothing is removed under it."""
+    import threading
+
+    (ws.root / "notes.txt").write_text("mine\n")
+    versioning.git(ws, "add", "notes.txt")
+    versioning.git(ws, "commit", "-q", "-m", "my notes")
+    (ws.root / "notes.txt").write_text("mine, edited\n")
+    env = {**os.environ, "GIT_EDITOR": "sleep 3; :", "GIT_AUTHOR_NAME": "me", "GIT_AUTHOR_EMAIL": "me@x",
+           "GIT_COMMITTER_NAME": "me", "GIT_COMMITTER_EMAIL": "me@x"}
+    commit = subprocess.Popen(["git", "commit", "-a"], cwd=ws.root, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    lock = ws.root / ".git" / "index.lock"
+    while not lock.exists():
+        assert commit.poll() is None, commit.stderr.read()
+    (ws.root / "more.txt").write_text("more\n")
+    threading.Timer(10, commit.kill).start()  # never hangs the suite
+    versioning.git(ws, "add", "more.txt")
+    assert commit.wait() == 1 and "Aborting commit due to empty commit message" in commit.stderr.read()
+    assert "removed" not in capsys.readouterr().err
+    assert versioning.git(ws, "diff", "--cached", "--name-only").stdout.split() == ["more.txt"]
 
 
 @needs_hh
