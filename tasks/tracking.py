@@ -15,6 +15,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.store.artifact.utils.models import get_model_name_and_version
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from tasks import versioning
@@ -143,18 +144,44 @@ def check_not_pruned(client: MlflowClient, ref: str) -> None:
 
 
 def resolve_model(ws: Workspace, ref: str) -> str:
-    """A folder, HF id or models:/ URI -> something from_pretrained loads (a folder or HF id)."""
+    """A folder, HF id or models:/ URI -> something from_pretrained loads (a folder or HF id).
+
+    A models:/ URI is fetched into the workspace's cache once per registry version: an alias or
+    `latest` is read as the version it names now (fetched again only once it names another), so the
+    stages of one round share one download of a judge or reward model named by alias."""
     if not ref.startswith("models:/"):
         path = ws.root / ref
         return str(path) if path.exists() else ref
     mlflow.set_tracking_uri(ws.tracking_uri)
-    check_not_pruned(MlflowClient(), ref)
-    key = ref[len("models:/"):].replace("/", "_").replace("@", "_at_")
-    target = ws.model_cache / key
-    if "@" in ref or not (target / "MLmodel").exists():  # an alias can move: always fetch it anew
+    client = MlflowClient()
+    check_not_pruned(client, ref)
+    try:
+        pinned = get_model_name_and_version(client, ref)  # (name, version), or (model id,)
+    except MlflowException:
+        pinned = None  # not in the registry (a typo): the download below says what MLflow says
+    fetch = f"models:/{'/'.join(pinned)}" if pinned else ref
+    target = ws.model_cache / (fetch[len("models:/"):].replace("/", "_").replace("@", "_at_"))
+    # a version's number is given again when its registered model is deleted and made anew
+    stamp = json.dumps(_version_source(client, pinned))
+    if pinned is None or not (target / "MLmodel").exists() or _read(target / SOURCE_STAMP) != stamp:
         if target.exists():
             shutil.rmtree(target)
         target.parent.mkdir(parents=True, exist_ok=True)
-        mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(target))
+        mlflow.artifacts.download_artifacts(artifact_uri=fetch, dst_path=str(target))
+        (target / SOURCE_STAMP).write_text(stamp)
     mlmodel = yaml.safe_load((target / "MLmodel").read_text())
     return str(target / mlmodel["flavors"]["python_function"]["artifacts"]["hf_model"]["path"])
+
+
+SOURCE_STAMP = ".registry-source.json"  # beside a fetched model: which registry version it is
+
+
+def _version_source(client: MlflowClient, pinned: tuple | None) -> dict | None:
+    if pinned is None or len(pinned) != 2:
+        return None
+    version = client.get_model_version(*pinned)
+    return {"source": version.source, "created": version.creation_timestamp}
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.exists() else None

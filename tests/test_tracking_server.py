@@ -73,6 +73,24 @@ def test_models_live_in_the_servers_store_and_gc_prunes_them_there(tmp_path, tin
         promote.check_same_base(other, load_config(None, {"models.policy": str(tiny_model_dir)}))
     promote.check_same_base(other, load_config(None, {"models.policy": str(tiny_model_dir), "project": "mine"}))
 
+    # one download per registry version: an alias (or `latest`) is read as the version it names now,
+    # so a round's stages share one fetch of a model named by alias (a judge, an initial reward model)
+    name = cfg.policy_name
+    champion = Path(tracking.resolve_model(ws, f"models:/{name}@champion"))
+    (champion / "fetched-once").touch()
+    assert Path(tracking.resolve_model(ws, f"models:/{name}@champion")) == champion
+    assert Path(tracking.resolve_model(ws, f"models:/{name}/{versions[0]}")) == champion
+    assert (champion / "fetched-once").exists()  # not fetched again
+    client.set_registered_model_alias(name, tracking.CHAMPION, versions[2])
+    moved = Path(tracking.resolve_model(ws, f"models:/{name}@champion"))
+    assert moved != champion and moved == Path(tracking.resolve_model(ws, f"models:/{name}/latest"))
+    # a registered model deleted and made anew numbers its versions from 1 again: not the cached v1
+    client.delete_registered_model(name)
+    with mlflow.start_run(run_name="made-anew"):
+        assert tracking.log_model(tiny_model_dir, "policy", name).version == versions[0]
+    assert Path(tracking.resolve_model(ws, f"models:/{name}/{versions[0]}")) == champion
+    assert not (champion / "fetched-once").exists() and (champion / "model.safetensors").exists()
+
 
 def test_serve_uses_your_tracking_server_and_starts_no_mlflow_of_its_own(tmp_path, monkeypatch, mlflow_server):
     url, _ = mlflow_server
