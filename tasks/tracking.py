@@ -159,7 +159,7 @@ def resolve_model(ws: Workspace, ref: str) -> str:
         pinned = get_model_name_and_version(client, ref)  # (name, version), or (model id,)
     except MlflowException:
         pinned = None  # not in the registry (a typo): the download below says what MLflow says
-    fetch = f"models:/{'/'.join(pinned)}" if pinned else ref
+    fetch = f"models:/{'/'.join(map(str, pinned))}" if pinned else ref
     target = ws.model_cache / (fetch[len("models:/"):].replace("/", "_").replace("@", "_at_"))
     # a version's number is given again when its registered model is deleted and made anew
     stamp = json.dumps(_version_source(client, pinned))
