@@ -509,9 +509,15 @@ def test_reward_model_trains_under_bf16_autocast_and_is_measured_in_float32(tiny
     longer = [{**r, "id": f"ffffff{i:02x}" + r["id"][8:], "prompt": "the nurse said" + " the doctor said" * 20} for i, r in enumerate(records[:3])]
     metrics = train(str(tiny_model_dir), str(tiny_model_dir), records + longer, cfg, tmp_path / "reward")
     assert metrics["too_long"] == 3
+    out = capsys.readouterr().out
     assert (f"warning: 3 of the {len(records) + 3} pairs are longer than the 64 tokens the reward model reads (its "
             "positions) and are neither trained on nor scored; raise reward.max_length (up to the model's positions), "
-            "or set validate.max_tokens to 63 to set them aside at validation, with their reason") in capsys.readouterr().out
+            "or set validate.max_tokens to 63 to set them aside at validation, with their reason") in out
+    # its progress, which a round's log relays as it comes: about 20 lines, the last one at the end
+    steps = [line for line in out.splitlines() if line.startswith("reward step ")]
+    total = math.ceil(len(split(records, cfg.reward.eval_fraction)[0]) / cfg.reward.batch_size) * cfg.reward.epochs
+    assert 1 < len(steps) <= 21 and steps[-1].startswith(f"reward step {total}/{total}  loss ")
+    assert "left" in steps[0] and "left" not in steps[-1]
     assert metrics["held_out"]["accuracy"] > 0.7
     assert all(t.dtype == torch.float32 for t in load_file(tmp_path / "reward" / "model.safetensors").values())
     # the figures it reports are the saved model's, loaded as anyone loads it (float32, no autocast)
@@ -531,6 +537,14 @@ def test_reward_model_trains_under_bf16_autocast_and_is_measured_in_float32(tiny
     assert cut == 0 and torch.allclose(by_judge, score_texts(saved, tok, prompts, chosen), atol=1e-4)
     assert judging.accuracy(judge, judge_tok, held_out) == {"accuracy": again["accuracy"], "n": again["n"],
                                                             "truncated": 0}
+
+
+def test_reward_progress_line():
+    from tasks.train_reward import progress_line
+
+    assert (progress_line(40, 180, 70.0, {"loss": 0.6523, "accuracy": 0.61, "margin": 0.2})
+            == "reward step 40/180  loss 0.652  accuracy 0.61  1m10s, about 4m05s left")
+    assert progress_line(180, 180, 9.4, {"loss": 0.5}) == "reward step 180/180  loss 0.500  9s"
 
 
 def test_a_qwen3_users_model_runs_every_stage(tiny_model_dir, tmp_path):
