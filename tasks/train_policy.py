@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -35,7 +36,7 @@ from tasks.ppo import lora
 from tasks.ppo.rollout import PolicyWithValue
 from tasks.ppo.config import RESUMABLE_CHANGES
 from tasks.ppo.trainer import PPOTrainer, autocast_dtype, changed_keys
-from tasks.stage import StageError, stage_main
+from tasks.stage import StageError, stage_main, time_left
 from tasks.workspace import RoundState, Workspace
 
 
@@ -244,14 +245,18 @@ def train(ws: Workspace, cfg: PipelineConfig, state: RoundState, policy_ref: str
                                  "prompts.train": prompts_.source(cfg, "train"),
                                  "prompts.train_count": len(prompts), **cfg.chat.params()})
 
+        start = time.monotonic()
+
         def log(metrics: dict) -> None:
             if not main:
                 return
-            if trainer.resumed_from and metrics["step"] == trainer.resumed_from + 1:
+            step, first = int(metrics["step"]), (trainer.resumed_from or 0) + 1
+            if trainer.resumed_from and step == first:
                 print(f"PPO resumed from step {trainer.resumed_from}'s checkpoint", flush=True)
-            mlflow.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=int(metrics["step"]))
-            print(f"ppo step {int(metrics['step']):3d}  score {metrics['objective/scores']:+.3f}  "
-                  f"kl {metrics['objective/kl']:.3f}  entropy {metrics['policy/entropy']:.3f}", flush=True)
+            mlflow.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
+            print(f"ppo step {step:3d}/{cfg.ppo.steps}  score {metrics['objective/scores']:+.3f}  "
+                  f"kl {metrics['objective/kl']:.3f}  entropy {metrics['policy/entropy']:.3f}  "
+                  f"{time_left(time.monotonic() - start, step - first + 1, cfg.ppo.steps - step)}", flush=True)
 
         history = trainer.train(on_step=log)
         if main:

@@ -24,7 +24,7 @@ from tasks import tracking
 from tasks.config import ChatConfig, PipelineConfig
 from tasks.modeling import (compute_device, encode_sequence, load_reward, load_tokenizer, max_positions,
                             pair_token_length, save, score_texts)
-from tasks.stage import StageError, stage_main
+from tasks.stage import StageError, stage_main, time_left
 from tasks.workspace import RoundState, Workspace
 
 
@@ -82,13 +82,9 @@ class _Progress(TrainerCallback):
 
 def progress_line(step: int, steps: int, elapsed: float, logs: dict) -> str:
     """'reward step 40/180  loss 0.652  accuracy 0.61  1m10s, about 4m05s left'"""
-    def clock(s: float) -> str:
-        return f"{int(s // 60)}m{int(s % 60):02d}s" if s >= 60 else f"{s:.0f}s"
-
     shown = "  ".join(f"{k} {logs[k]:.3f}" if k == "loss" else f"{k} {logs[k]:.2f}"
                       for k in ("loss", "accuracy") if k in logs)
-    left = f", about {clock(elapsed / step * (steps - step))} left" if 0 < step < steps else ""
-    return f"reward step {step}/{steps}  {shown}  {clock(elapsed)}{left}"
+    return f"reward step {step}/{steps}  {shown}  {time_left(elapsed, step, steps - step)}"
 
 
 def fits(tokenizer, record: dict, max_length: int, chat: ChatConfig | None = None) -> bool:

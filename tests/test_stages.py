@@ -95,7 +95,9 @@ def test_dvc_repro_runs_every_stage_on_a_users_model(tiny_model_dir, tmp_path):
     # what the stages printed, which a round's log relays (DVC shows it to no one): theirs alone
     printed = versioning.stage_lines(out)
     assert "evaluating 2 of the 3 held-out prompts (evaluate.max_prompts)" in printed
-    assert sum(line.startswith("ppo step ") for line in printed) == 4
+    ppo_steps = [line for line in printed if line.startswith("ppo step ")]
+    assert [line.split()[2] for line in ppo_steps] == ["1/4", "2/4", "3/4", "4/4"]
+    assert all(line.endswith(" left") for line in ppo_steps[:3]) and not ppo_steps[-1].endswith(" left")
     assert any(line.startswith(("PROMOTED policy v", "NOT promoted policy v")) for line in printed)
     assert not [line for line in printed if line.startswith(("Running stage", "> ", "Updating lock", "{'", "To "))]
     ppo_run = mlflow.search_runs(experiment_names=["rlhf"], filter_string="tags.stage = 'train_policy'",
@@ -539,8 +541,14 @@ def test_reward_model_trains_under_bf16_autocast_and_is_measured_in_float32(tiny
                                                             "truncated": 0}
 
 
-def test_reward_progress_line():
+def test_progress_lines():
+    from tasks.stage import time_left
     from tasks.train_reward import progress_line
+
+    assert time_left(70.0, 40, 140) == "1m10s, about 4m05s left"
+    assert time_left(3.2, 1, 0) == "3s"  # the last step: nothing left to say
+    assert time_left(0.0, 0, 5) == "0s"  # no step done: no pace yet
+    assert time_left(7322, 2, 3) == "2h02m, about 3h03m left"
 
     assert (progress_line(40, 180, 70.0, {"loss": 0.6523, "accuracy": 0.61, "margin": 0.2})
             == "reward step 40/180  loss 0.652  accuracy 0.61  1m10s, about 4m05s left")
