@@ -69,6 +69,10 @@ class _Progress(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.start, self.every = time.monotonic(), max(1, state.max_steps // 20)
 
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == state.max_steps:  # the last step's loss too, whatever logging_steps
+            control.should_log = True
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
         if mlflow.active_run() is not None:  # train() outside a stage: logging would start a stray run

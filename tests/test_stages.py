@@ -509,6 +509,10 @@ def test_reward_model_trains_under_bf16_autocast_and_is_measured_in_float32(tiny
     records = [json.loads(r.to_json()) for r in annotate(triples, 1, None, 3.0, seed=1) if r.label == "pair"]
     # three pairs longer than the tiny model's 64 positions (reward.max_length null: its positions)
     longer = [{**r, "id": f"ffffff{i:02x}" + r["id"][8:], "prompt": "the nurse said" + " the doctor said" * 20} for i, r in enumerate(records[:3])]
+    # a batch size whose last step is not one the trainer logs (every 5): its progress still ends there
+    n_train = len(split(records, cfg.reward.eval_fraction)[0])
+    batch = next(b for b in range(cfg.reward.batch_size, 0, -1) if math.ceil(n_train / b) * cfg.reward.epochs % 5)
+    cfg = load_config(None, {**FAST, "reward.mixed_precision": "bf16", "reward.batch_size": batch})
     metrics = train(str(tiny_model_dir), str(tiny_model_dir), records + longer, cfg, tmp_path / "reward")
     assert metrics["too_long"] == 3
     out = capsys.readouterr().out
@@ -518,7 +522,8 @@ def test_reward_model_trains_under_bf16_autocast_and_is_measured_in_float32(tiny
     # its progress, which a round's log relays as it comes: about 20 lines, the last one at the end
     steps = [line for line in out.splitlines() if line.startswith("reward step ")]
     total = math.ceil(len(split(records, cfg.reward.eval_fraction)[0]) / cfg.reward.batch_size) * cfg.reward.epochs
-    assert 1 < len(steps) <= 21 and steps[-1].startswith(f"reward step {total}/{total}  loss ")
+    assert total % 5 and 1 < len(steps) <= 21
+    assert steps[-1].startswith(f"reward step {total}/{total}  loss ")
     assert "left" in steps[0] and "left" not in steps[-1]
     assert metrics["held_out"]["accuracy"] > 0.7
     assert all(t.dtype == torch.float32 for t in load_file(tmp_path / "reward" / "model.safetensors").values())
