@@ -7,6 +7,7 @@ them as a new immutable file under data/feedback/raw/ (DVC add, git commit, push
 from __future__ import annotations
 
 import random
+import time
 
 import mlflow
 
@@ -51,11 +52,14 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> list[Preferenc
     with tracking.stage_run(ws, cfg.project, "collect", state):
         policy_ref = tracking.resolve_model(ws, state.policy)
         seed = cfg.seed * 1000 + state.round
+        started = time.monotonic()
         triples = sample_pairs(policy_ref, scenario.feedback_prompts(), c.pairs_per_prompt, c.max_new_tokens,
                                c.temperature, seed, cfg.chat_format)
         records = annotate(triples, state.round, state.champion_policy_version, c.annotator_beta, seed)
         write_jsonl_atomic(ws.collected, (r.to_json() for r in records))
         pairs = [r for r in records if r.label == "pair"]
+        print(f"sampled {len(triples)} pairs of responses in {time.monotonic() - started:.1f}s; the simulated "
+              f"annotator preferred one in {len(pairs)}, called {len(records) - len(pairs)} ties", flush=True)
         mlflow.log_metrics({
             "collect/records": len(records),
             "collect/pairs": len(pairs),

@@ -13,9 +13,12 @@ Responses side by side go to MLflow as a table.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
+import time
+from collections.abc import Callable
 
 import mlflow
 import torch
@@ -116,18 +119,21 @@ def evaluate(candidate_ref: str, champion_ref: str, reference_ref: str, reward_r
              prompts: list[str], samples_per_prompt: int, temperature: float, max_new_tokens: int,
              seed: int, gold_judge: bool = True, where: str = "", chat: ChatConfig | None = None,
              over_prompts: bool = True, judge: str | None = None, judge_name: str | None = None,
-             feedback_pairs: list[dict] | None = None) -> tuple[dict, list[dict]]:
+             feedback_pairs: list[dict] | None = None,
+             say: Callable[[str], None] = lambda line: None) -> tuple[dict, list[dict]]:
     """Both policies sample the same held-out prompts; the reference and the reward model then read
     every response. One model is on the device at a time (a GPU holds the largest of the four, not
     all of them): each policy samples and scores its own log-probs, then the reference reads both
     sides' responses, then the reward model scores them, then the `judge` if any (tasks.judge),
     which also scores `feedback_pairs` (held-out feedback: how often it agrees with your annotators);
-    `judge_name`: how the report names it (as configured: a models:/ URI rather than its download)."""
+    `judge_name`: how the report names it (as configured: a models:/ URI rather than its download).
+    `say` is told each step as it ends, with its time (the stage prints them; a round's log relays them)."""
     tokenizer = load_tokenizer(reference_ref, chat)
     device = compute_device()  # the GPU if there is one
     batch = [p for p in prompts for _ in range(samples_per_prompt)]
     sides = {"candidate": candidate_ref, "champion": champion_ref}
     texts, logp, counts = {}, {}, {}
+    started = time.monotonic()
     for name, ref in sides.items():
         model = load_policy(ref).to(device).eval()
         if name == "candidate":  # before any sampling: a prompt too long for the model stops here
@@ -136,15 +142,24 @@ def evaluate(candidate_ref: str, champion_ref: str, reference_ref: str, reward_r
         logp[name], counts[name] = sequence_logprobs(model, tokenizer, batch, texts[name], chat=chat)
         del model
         _release(device)
+        say(f"{name}: {len(batch)} responses to {len(prompts)} prompts in {time.monotonic() - started:.1f}s")
+        started = time.monotonic()
     reference = load_policy(reference_ref).to(device).eval()
     ref_logp = {name: sequence_logprobs(reference, tokenizer, batch, texts[name], chat=chat)[0] for name in sides}
     del reference
     _release(device)
+    say(f"reference: read both sides in {time.monotonic() - started:.1f}s")
+    started = time.monotonic()
     reward = load_reward(reward_ref, tokenizer.pad_token_id).to(device).eval()
     scores = {name: score_texts(reward, tokenizer, batch, texts[name], chat=chat) for name in sides}
     del reward
     _release(device)
+    say(f"reward model: scored both sides in {time.monotonic() - started:.1f}s")
+    started = time.monotonic()
     judged = judge_both(judge, device, batch, texts, chat, feedback_pairs) if judge is not None else {}
+    if judged:
+        say(f"judge: scored both sides{' and the held-out feedback' if feedback_pairs else ''} "
+            f"in {time.monotonic() - started:.1f}s")
     results = {name: describe(texts[name], scores[name], logp[name], ref_logp[name], counts[name], gold_judge)
                for name in sides}
     responses = {name: (texts[name], scores[name].tolist()) for name in sides}
@@ -305,7 +320,8 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
                                  where=prompts_.where(cfg, "heldout"),
                                  chat=cfg.chat_format, over_prompts=cfg.evaluate.over_prompts(cfg.scenario_prompts),
                                  judge=judge, judge_name=cfg.evaluate.judge,
-                                 feedback_pairs=held_out_feedback(ws, cfg) if judge else None)
+                                 feedback_pairs=held_out_feedback(ws, cfg) if judge else None,
+                                 say=functools.partial(print, flush=True))
         reward_metrics = json.loads((ws.reward_model / "metrics.json").read_text())
         held_out = reward_metrics["held_out"]
         report["reward_model/accuracy"] = held_out["accuracy"]

@@ -3,6 +3,7 @@ import html
 import json
 import math
 import random
+import re
 
 import mlflow
 import pytest
@@ -31,6 +32,10 @@ def test_dvc_repro_runs_every_stage_on_a_users_model(tiny_model_dir, tmp_path):
     out = versioning.dvc(ws, "repro")
     for stage in ("pretrain", "collect", "validate", "train_reward", "train_policy", "evaluate", "promote"):
         assert f"Running stage '{stage}'" in out.stdout
+    collected = [line for line in versioning.stage_lines(out.stdout) if line.startswith("sampled ")]
+    pairs = sum(1 for _ in open(ws.collected))
+    assert re.fullmatch(rf"sampled {pairs} pairs of responses in [0-9.]+s; the simulated annotator preferred one "
+                        r"in \d+, called \d+ ties", collected[0])
     # pre-training was skipped: the base model is the user's model, loaded and saved as is
     mine, base = load_file(tiny_model_dir / "model.safetensors"), load_file(ws.base_model / "model.safetensors")
     assert mine.keys() == base.keys() and all((mine[k] == base[k]).all() for k in mine)
@@ -95,6 +100,11 @@ def test_dvc_repro_runs_every_stage_on_a_users_model(tiny_model_dir, tmp_path):
     # what the stages printed, which a round's log relays (DVC shows it to no one): theirs alone
     printed = versioning.stage_lines(out)
     assert "evaluating 2 of the 3 held-out prompts (evaluate.max_prompts)" in printed
+    steps = ["candidate: 8 responses to 2 prompts in ", "champion: 8 responses to 2 prompts in ",
+             "reference: read both sides in ", "reward model: scored both sides in ",
+             "judge: scored both sides and the held-out feedback in "]  # each as it ends, with its time
+    at = [next(i for i, line in enumerate(printed) if line.startswith(step)) for step in steps]
+    assert at == sorted(at)
     ppo_steps = [line for line in printed if line.startswith("ppo step ")]
     assert [line.split()[2] for line in ppo_steps] == ["1/4", "2/4", "3/4", "4/4"]
     assert all(line.endswith(" left") for line in ppo_steps[:3]) and not ppo_steps[-1].endswith(" left")
