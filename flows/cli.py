@@ -502,6 +502,7 @@ def cmd_status(args) -> int:
     from tasks.gc import describe_usage
     from tasks.promote import describe_base
     from tasks.rounds import headline, status
+    from tasks.stage import clock
     from tasks.workspace import Workspace
 
     ws = Workspace(args.workspace)
@@ -523,6 +524,10 @@ def cmd_status(args) -> int:
     print(f"disk           {describe_usage(info['disk'])}; "
           + (f"each round keeps the weights of each model's aliased and newest {keep} versions" if keep else
              "nothing is pruned by itself (`rlhf gc`, refinement.keep_versions)"))
+    if info["running"]:
+        now = info["running"]
+        print(f"running        round {now['round']}: " + (f"stage {now['stage']} for {clock(now['stage_seconds'])}"
+                                                         if now["stage"] else "between stages"))
     last = info["last_round"]
     if not last:
         print("no round completed yet")

@@ -6,7 +6,10 @@ a round that was killed before that is simply run again under the same number.
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
+import psutil
 from filelock import FileLock, Timeout
 from mlflow.exceptions import MlflowException
 from ruamel.yaml import YAML
@@ -104,6 +107,21 @@ def round_in_progress(ws: Workspace) -> bool:
         return True
 
 
+def running(ws: Workspace) -> dict | None:
+    """The round this workspace runs now, if any: its number, and the DVC stage running in it (the
+    `dvc repro --single-item STAGE` process whose folder is the workspace) and for how long."""
+    if not round_in_progress(ws):
+        return None
+    done = completed_rounds(ws)
+    now = {"round": (done[-1]["round"] + 1) if done else 1, "stage": None, "stage_seconds": None}
+    for proc in psutil.process_iter(["cmdline", "cwd", "create_time"]):
+        args, cwd = proc.info["cmdline"] or [], proc.info["cwd"]
+        if cwd and Path(cwd) == ws.root.resolve() and "repro" in args and "--single-item" in args and args[-1] != "--single-item":
+            if any(a.endswith("dvc") or a == "dvc" for a in args):
+                now |= {"stage": args[-1], "stage_seconds": time.time() - proc.info["create_time"]}
+    return now
+
+
 def completed_rounds(ws: Workspace) -> list[dict]:
     if not ws.history_file.exists():
         return []
@@ -189,6 +207,7 @@ def status(ws: Workspace, cfg: PipelineConfig) -> dict:
 
     out["disk"] = {**disk_usage(ws), "keep_versions": cfg.refinement.keep_versions}
     done = completed_rounds(ws)
+    out["running"] = running(ws)
     out["last_round"] = done[-1] if done else None
     out["rounds"] = [{k: r[k] for k in ("round", "gold_before", "gold_after", "kl", "promoted")} for r in done]
     return out

@@ -36,14 +36,16 @@ def quiet_libraries() -> None:
         sys.modules["datasets"].disable_progress_bars()
 
 
+def clock(s: float) -> str:
+    """Seconds as people read them: '9s', '4m05s', '2h02m'."""
+    if s >= 3600:
+        return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+    return f"{int(s // 60)}m{int(s % 60):02d}s" if s >= 60 else f"{s:.0f}s"
+
+
 def time_left(elapsed: float, done: int, to_do: int) -> str:
     """'1m10s, about 4m05s left': the time `done` steps took, and the `to_do` steps after them at
     that pace (nothing left said once none are)."""
-    def clock(s: float) -> str:
-        if s >= 3600:
-            return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
-        return f"{int(s // 60)}m{int(s % 60):02d}s" if s >= 60 else f"{s:.0f}s"
-
     return clock(elapsed) + (f", about {clock(elapsed / done * to_do)} left" if done > 0 and to_do > 0 else "")
 
 

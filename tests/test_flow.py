@@ -139,6 +139,10 @@ def test_status_json_holds_the_documented_keys(finished_round, capsys):
                 "promoted", "reasons"):
         assert key in last
     assert last["judge_win_rate"] is None and "by the judge" not in out  # no evaluate.judge
+    assert info["running"] is None and "running" not in out
+    with rounds.round_lock(ws).acquire():  # as a round that runs no stage now holds it
+        assert main(["status", "--workspace", str(ws.root)]) == 0
+    assert re.search(rf"^running +round {last['round'] + 1}: between stages$", capsys.readouterr().out, re.M)
     history = ws.history_file.read_text()
     ws.history_file.write_text(history + json.dumps({**json.loads(history.splitlines()[-1]), "judge_win_rate": 0.61}) + "\n")
     try:

@@ -227,6 +227,11 @@ def test_a_cancelled_round_stops_its_stage_and_what_the_stage_started(relay, tmp
         assert driver.poll() is None and time.monotonic() < deadline, driver.stderr.read() if driver.poll() else "timeout"
         time.sleep(0.2)
     started = [psutil.Process(int((root / f).read_text())) for f in ("stage.pid", "child.pid")]
+    # `rlhf status` of a workspace running a round names the round and its stage
+    assert rounds.running(Workspace(root)) is None  # no round holds the workspace: a stage alone
+    with rounds.round_lock(Workspace(root)).acquire():
+        now = rounds.running(Workspace(root))
+    assert now["round"] == 1 and now["stage"] == "sleeper" and 0 <= now["stage_seconds"] < 120
 
     driver.send_signal(signal.SIGTERM)
     assert driver.wait(timeout=60) != 0
