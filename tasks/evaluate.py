@@ -217,13 +217,19 @@ def judge_both(ref: str, device: torch.device, prompts: list[str], texts: dict[s
 
 
 def held_out_feedback(ws: Workspace, cfg: PipelineConfig) -> list[dict]:
-    """The validated pairs the round's reward model held out (its accuracy is measured on them), at
-    most 1,024: where a judge's agreement with your annotators is measured."""
-    from tasks.train_reward import split
+    """The validated pairs the round's reward model held out and was measured on (those it could
+    read whole: train_reward.fits), at most 1,024: where a judge's agreement with your annotators
+    is measured, on the pairs of the reward model's accuracy beside it."""
+    from transformers import AutoConfig
+
+    from tasks.train_reward import fits, reward_max_length, split
 
     lines = ws.accepted.read_text(encoding="utf-8").splitlines() if ws.accepted.exists() else []
     records = [json.loads(line) for line in lines if line.strip()]
-    return judging.sample_pairs(split(records, cfg.reward.eval_fraction)[1])
+    tokenizer = load_tokenizer(ws.reward_model, cfg.chat_format)
+    max_length = reward_max_length(cfg, AutoConfig.from_pretrained(ws.reward_model))
+    kept = [r for r in records if fits(tokenizer, r, max_length, cfg.chat_format)]
+    return judging.sample_pairs(split(kept, cfg.reward.eval_fraction)[1])
 
 
 def _release(device: torch.device) -> None:

@@ -561,6 +561,30 @@ def test_reward_model_trains_under_bf16_autocast_and_is_measured_in_float32(tiny
                                                             "truncated": 0}
 
 
+def test_a_judge_is_measured_on_the_held_out_pairs_the_reward_model_was(tiny_model_dir, tmp_path):
+    """judge/accuracy sits beside the reward model's held-out accuracy: on the same pairs, those the
+    reward model held out and could read whole (pairs longer than reward.max_length are not)."""
+    import hashlib
+    import shutil
+
+    from tasks.collect import annotate, sample_pairs
+    from tasks.train_reward import split
+
+    ws = init_workspace(tmp_path / "ws")
+    shutil.copytree(tiny_model_dir, ws.reward_model)  # its tokenizer and 64 positions are what count here
+    triples = sample_pairs(str(tiny_model_dir), scenario.feedback_prompts(), 24, 10, 1.0, seed=1)
+    records = [json.loads(r.to_json()) for r in annotate(triples, 1, None, 3.0, seed=1) if r.label == "pair"]
+    longer = [{**r, "id": hashlib.sha256(f"longer {i}".encode()).hexdigest()[:16],
+               "prompt": "the nurse said" + " the doctor said" * 20} for i, r in enumerate(records[:40])]
+    ws.accepted.parent.mkdir(parents=True, exist_ok=True)
+    ws.accepted.write_text("".join(json.dumps(r) + "\n" for r in records + longer))
+    cfg = load_config(None, FAST)
+    measured = held_out_feedback(ws, cfg)
+    assert sorted(r["id"] for r in measured) == sorted(r["id"] for r in split(records, cfg.reward.eval_fraction)[1])
+    assert any(r["id"] in {x["id"] for x in longer} for r in split(records + longer, cfg.reward.eval_fraction)[1])
+    assert measured and len(measured) <= 1024
+
+
 def test_progress_lines():
     from tasks.stage import time_left
     from tasks.train_reward import progress_line
