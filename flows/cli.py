@@ -528,6 +528,10 @@ def cmd_status(args) -> int:
         now = info["running"]
         print(f"running        round {now['round']}: " + (f"stage {now['stage']} for {clock(now['stage_seconds'])}"
                                                          if now["stage"] else "between stages"))
+    if info["last_failure"]:
+        failed = info["last_failure"]
+        print(f"last failure   round {failed['round']}" + (f", stage {failed['stage']}" if failed["stage"] else "")
+              + f", {failed['at']}: {failed['reason']}")
     last = info["last_round"]
     if not last:
         print("no round completed yet")

@@ -131,19 +131,26 @@ def rlhf_round(workspace: str = ".", config: PipelineConfig | None = None) -> di
     except Timeout:
         raise rounds.RoundBusy(f"another round is running in {ws.root}; at most one round runs at a time") from None
     with lock:
-        cfg = prepare_workspace(workspace, config)
-        run_stage(workspace, "pretrain")
-        bootstrap(workspace, cfg)
-        state = begin_round(workspace, cfg)
-        run_stage(workspace, "collect")
-        version_feedback(workspace, state.round)
         try:
-            run_stage(workspace, "validate")
-        finally:
-            report_validation(workspace)
-        for stage in STAGES_AFTER_VALIDATION:
-            run_stage(workspace, stage)
-        return finish_round(workspace, state)
+            cfg = prepare_workspace(workspace, config)
+            run_stage(workspace, "pretrain")
+            bootstrap(workspace, cfg)
+            state = begin_round(workspace, cfg)
+            run_stage(workspace, "collect")
+            version_feedback(workspace, state.round)
+            try:
+                run_stage(workspace, "validate")
+            finally:
+                report_validation(workspace)
+            for stage in STAGES_AFTER_VALIDATION:
+                run_stage(workspace, stage)
+            return finish_round(workspace, state)
+        except BaseException as e:  # also a cancelled or interrupted round: `rlhf status` says why it stopped
+            try:
+                rounds.record_failure(ws, e)
+            except Exception as unrecorded:  # (a full disk): the round's own error is the one to raise
+                get_run_logger().warning("could not record the round's failure for rlhf status: %s", unrecorded)
+            raise
 
 
 @task(cache_policy=NO_CACHE)

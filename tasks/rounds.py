@@ -6,7 +6,9 @@ a round that was killed before that is simply run again under the same number.
 from __future__ import annotations
 
 import json
+import re
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import psutil
@@ -122,6 +124,34 @@ def running(ws: Workspace) -> dict | None:
     return now
 
 
+def failure_file(ws: Workspace) -> Path:
+    return ws.root / ".cache" / "last_failure.json"  # git-ignored: the round's own state, not lineage
+
+
+def record_failure(ws: Workspace, error: BaseException) -> dict:
+    """Why the round that is running stopped, for `rlhf status`: a scheduled loop that fails every
+    night otherwise still reads 'last round 3: PROMOTED'. The stage comes from DVC's message; the
+    reason is the stage's own 'error:' lines, else the exception's first line."""
+    done = completed_rounds(ws)
+    text = str(error)
+    stage = re.search(r"dvc repro --single-item (\S+)` failed", text)
+    reasons = [line.removeprefix("error: ") for line in text.splitlines() if line.startswith("error: ")]
+    failure = {"round": (done[-1]["round"] + 1) if done else 1, "stage": stage.group(1) if stage else None,
+               "error": type(error).__name__, "reason": (" ".join(reasons) or text.split("\n")[0] or type(error).__name__)[:2000],
+               "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    failure_file(ws).parent.mkdir(exist_ok=True)
+    failure_file(ws).write_text(json.dumps(failure, indent=2))
+    return failure
+
+
+def last_failure(ws: Workspace) -> dict | None:
+    """The last round that stopped, if no round has completed since."""
+    if not failure_file(ws).exists():
+        return None
+    failure, done = json.loads(failure_file(ws).read_text()), completed_rounds(ws)
+    return failure if not done or failure["round"] > done[-1]["round"] else None
+
+
 def completed_rounds(ws: Workspace) -> list[dict]:
     if not ws.history_file.exists():
         return []
@@ -208,6 +238,7 @@ def status(ws: Workspace, cfg: PipelineConfig) -> dict:
     out["disk"] = {**disk_usage(ws), "keep_versions": cfg.refinement.keep_versions}
     done = completed_rounds(ws)
     out["running"] = running(ws)
+    out["last_failure"] = last_failure(ws)
     out["last_round"] = done[-1] if done else None
     out["rounds"] = [{k: r[k] for k in ("round", "gold_before", "gold_after", "kl", "promoted")} for r in done]
     return out

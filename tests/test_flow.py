@@ -570,7 +570,7 @@ def test_served_champion_answers_on_loopback(finished_round):
         server.wait(timeout=30)
 
 
-def test_blocked_validation_stops_before_training_and_registers_nothing(finished_round):
+def test_blocked_validation_stops_before_training_and_registers_nothing(finished_round, capsys):
     from flows.pipeline import rlhf_round
 
     ws, _ = finished_round
@@ -594,6 +594,21 @@ def test_blocked_validation_stops_before_training_and_registers_nothing(finished
     # the round's feedback was still versioned: nothing is lost
     assert len(versioning.raw_files(ws)) == 2
     assert len(rounds.completed_rounds(ws)) == 1
+    # `rlhf status` says why the last round stopped, until a round completes
+    failed = rounds.last_failure(ws)
+    assert (failed["round"], failed["stage"], failed["error"]) == (2, "validate", "VersioningError")
+    assert failed["reason"].startswith("validation blocked training: only ") and "validate.min_rows=100000" in failed["reason"]
+    from flows.cli import main
+
+    assert main(["status", "--workspace", str(ws.root)]) == 0
+    assert re.search(r"^last failure +round 2, stage validate, 20\d\d-\d\d-\d\dT[0-9:]+\+00:00: validation blocked "
+                     r"training: only \d+ usable pairs", capsys.readouterr().out, re.M)
+    history = ws.history_file.read_text()
+    ws.history_file.write_text(history + json.dumps({**json.loads(history.splitlines()[-1]), "round": 2}) + "\n")
+    try:
+        assert rounds.last_failure(ws) is None and rounds.status(ws, cfg)["last_failure"] is None
+    finally:
+        ws.history_file.write_text(history)
 
 
 def test_the_label_form_shows_every_text_verbatim():
