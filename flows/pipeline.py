@@ -41,7 +41,11 @@ def run_stage(workspace: str, stage: str) -> bool:
     def echo(line: str) -> None:  # what the stage printed: its warnings as warnings
         (logger.warning if line.startswith("warning:") else logger.info)("%s: %s", stage, line)
 
-    ran = versioning.repro(Workspace(workspace), stage, echo)
+    try:
+        ran = versioning.repro(Workspace(workspace), stage, echo)
+    except BaseException as e:  # which stage a signal stopped, for `rlhf status` (rounds.record_failure)
+        e.add_note(f"stage: {stage}")
+        raise
     logger.info("stage %s %s", stage, "ran" if ran else "unchanged, skipped by DVC")
     return ran
 

@@ -6,7 +6,7 @@ a round that was killed before that is simply run again under the same number.
 from __future__ import annotations
 
 import json
-import re
+import signal
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -130,13 +130,17 @@ def failure_file(ws: Workspace) -> Path:
 
 def record_failure(ws: Workspace, error: BaseException) -> dict:
     """Why the round that is running stopped, for `rlhf status`: a scheduled loop that fails every
-    night otherwise still reads 'last round 3: PROMOTED'. The stage comes from DVC's message; the
-    reason is the stage's own 'error:' lines, else the exception's first line."""
+    night otherwise still reads 'last round 3: PROMOTED'. The stage is the one run_stage noted on the
+    error; the reason, the stage's own 'error:' lines, a signal's name, or the error's first line."""
     done = completed_rounds(ws)
     text = str(error)
-    stage = re.search(r"dvc repro --single-item (\S+)` failed", text)
+    stages = [n.removeprefix("stage: ") for n in getattr(error, "__notes__", []) if n.startswith("stage: ")]
     reasons = [line.removeprefix("error: ") for line in text.splitlines() if line.startswith("error: ")]
-    failure = {"round": (done[-1]["round"] + 1) if done else 1, "stage": stage.group(1) if stage else None,
+    if isinstance(error, KeyboardInterrupt):
+        reasons = ["interrupted (Ctrl-C)"]
+    elif isinstance(getattr(error, "signal", None), int):  # Prefect's TerminationSignal: a cancel, `kill`
+        reasons = [f"stopped by {signal.Signals(error.signal).name}"]
+    failure = {"round": (done[-1]["round"] + 1) if done else 1, "stage": stages[-1] if stages else None,
                "error": type(error).__name__, "reason": (" ".join(reasons) or text.split("\n")[0] or type(error).__name__)[:2000],
                "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     failure_file(ws).parent.mkdir(exist_ok=True)

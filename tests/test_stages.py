@@ -18,7 +18,7 @@ from tasks.modeling import load_policy
 from tasks.prompts import sample_prompts
 from tasks.ppo import lora
 from tasks.train_policy import build_policy
-from tasks.workspace import init_workspace
+from tasks.workspace import Workspace, init_workspace
 
 from conftest import FAST, another_tokenizer, command_line, still_running
 from test_judge import bert_judge
@@ -329,6 +329,10 @@ def test_an_interrupted_rlhf_run_ends_in_seconds_and_leaves_nothing_running(how,
     assert ("interrupted. `rlhf run` again goes on with the same round" in out) == (how == "ctrl-c"), out[-3000:]
     alive = still_running(started, timeout=15)
     assert not alive, [(p.pid, p.cmdline()) for p in alive]
+    # `rlhf status` says why the round stopped, and in which stage
+    failed = rounds.last_failure(Workspace(root))
+    assert (failed["round"], failed["stage"]) == (1, "pretrain")
+    assert failed["reason"] == ("interrupted (Ctrl-C)" if how == "ctrl-c" else "stopped by SIGTERM"), failed
 
 
 def test_rlhf_server_stopped_with_sigterm_stops_both_servers(tmp_path):
