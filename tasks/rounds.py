@@ -94,16 +94,17 @@ class RoundBusy(RuntimeError):
     """Another round holds the workspace."""
 
 
-def round_lock(ws: Workspace) -> FileLock:
+def round_lock(ws: Workspace, timeout: float = 2) -> FileLock:
     """Held for a whole round: a second round in the same workspace is refused, never interleaved.
-    The operating system drops it when its process dies, so a killed round leaves no stale lock."""
+    The operating system drops it when its process dies, so a killed round leaves no stale lock.
+    Waited for `timeout` seconds: round_in_progress (`rlhf status`) holds it for an instant to look."""
     (ws.root / ".cache").mkdir(exist_ok=True)
-    return FileLock(str(ws.root / ".cache" / "round.lock"), timeout=0)
+    return FileLock(str(ws.root / ".cache" / "round.lock"), timeout=timeout)
 
 
 def round_in_progress(ws: Workspace) -> bool:
     try:
-        with round_lock(ws).acquire():
+        with round_lock(ws, timeout=0).acquire():
             return False
     except Timeout:
         return True

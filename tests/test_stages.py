@@ -589,6 +589,25 @@ def test_a_judge_is_measured_on_the_held_out_pairs_the_reward_model_was(tiny_mod
     assert measured and len(measured) <= 1024
 
 
+def test_rlhf_status_looking_never_makes_a_starting_round_fail(tmp_path):
+    """`rlhf status` (round_in_progress) holds the round lock for an instant to look; a round that
+    starts in that instant waits for it rather than failing as if another round ran."""
+    import subprocess
+    import sys
+    import time
+
+    ws = init_workspace(tmp_path / "ws")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+                               f"lock = FileLock({str(ws.root / '.cache' / 'round.lock')!r}); lock.acquire(); "
+                               "print('held', flush=True); time.sleep(0.5)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    assert rounds.round_in_progress(ws)  # it looks without waiting
+    started = time.monotonic()
+    with rounds.round_lock(ws).acquire():  # as rlhf_round takes it
+        assert time.monotonic() - started < 2
+    holder.wait(timeout=10)
+
+
 def test_progress_lines():
     from tasks.stage import time_left
     from tasks.train_reward import progress_line
