@@ -617,6 +617,11 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.versioning import VersioningError
 
     try:
+        if args.command in ("run", "status", "compare", "promote", "rollback", "gc", "label", "serve"):
+            from tasks.tracking import check_reachable
+            from tasks.workspace import USER_TRACKING_URI
+
+            check_reachable(USER_TRACKING_URI)  # in seconds, not after MLflow's four minutes of retries
         commands = {"run": cmd_run, "status": cmd_status, "import": cmd_import, "data": cmd_data,
                     "validate": cmd_validate, "label": cmd_label,
                     "compare": cmd_registry, "promote": cmd_registry, "rollback": cmd_registry,

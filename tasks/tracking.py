@@ -128,6 +128,30 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
         return None
 
 
+REACH_TIMEOUT_S = 10
+
+
+def check_reachable(uri: str | None, timeout: float = REACH_TIMEOUT_S) -> None:
+    """A tracking server that does not answer, said within `timeout` seconds: MLflow's client retries
+    each request for about four minutes (7 retries, backoff factor 2) before it gives up, and an
+    interactive command (`rlhf status`) sat silent that long. Any HTTP answer counts as an answer
+    (a server that asks for a password does answer); only no connection, or none in time, does not."""
+    if uri is None or not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError) as e:
+        why = getattr(e, "reason", e)
+        raise MlflowException(f"the server does not answer at {uri.rstrip('/')}/health within {timeout:.0f} s "
+                              f"({why}); start it, or unset MLFLOW_TRACKING_URI to use the workspace's own "
+                              "mlflow.db") from None
+
+
 def check_not_pruned(client: MlflowClient, ref: str) -> None:
     """A models:/NAME/VERSION or models:/NAME@ALIAS whose weights `rlhf gc` deleted is named as such."""
     body = ref[len("models:/"):]
