@@ -115,13 +115,13 @@ def running(ws: Workspace) -> dict | None:
     `dvc repro --single-item STAGE` process whose folder is the workspace) and for how long."""
     if not round_in_progress(ws):
         return None
-    done = completed_rounds(ws)
-    now = {"round": (done[-1]["round"] + 1) if done else 1, "stage": None, "stage_seconds": None}
+    now = {"round": next_round(ws), "stage": None, "stage_seconds": None}
+    root = ws.root.resolve()
     for proc in psutil.process_iter(["cmdline", "cwd", "create_time"]):
         args, cwd = proc.info["cmdline"] or [], proc.info["cwd"]
-        if cwd and Path(cwd) == ws.root.resolve() and "repro" in args and "--single-item" in args and args[-1] != "--single-item":
-            if any(a.endswith("dvc") or a == "dvc" for a in args):
-                now |= {"stage": args[-1], "stage_seconds": time.time() - proc.info["create_time"]}
+        # versioning.repro's command: ... dvc repro --single-item STAGE
+        if cwd and Path(cwd) == root and len(args) >= 4 and args[-4].endswith("dvc") and args[-3:-1] == ["repro", "--single-item"]:
+            now |= {"stage": args[-1], "stage_seconds": time.time() - proc.info["create_time"]}
     return now
 
 
@@ -133,7 +133,6 @@ def record_failure(ws: Workspace, error: BaseException) -> dict:
     """Why the round that is running stopped, for `rlhf status`: a scheduled loop that fails every
     night otherwise still reads 'last round 3: PROMOTED'. The stage is the one run_stage noted on the
     error; the reason, the stage's own 'error:' lines, a signal's name, or the error's first line."""
-    done = completed_rounds(ws)
     text = str(error)
     stages = [n.removeprefix("stage: ") for n in getattr(error, "__notes__", []) if n.startswith("stage: ")]
     reasons = [line.removeprefix("error: ") for line in text.splitlines() if line.startswith("error: ")]
@@ -141,7 +140,7 @@ def record_failure(ws: Workspace, error: BaseException) -> dict:
         reasons = ["interrupted (Ctrl-C)"]
     elif isinstance(getattr(error, "signal", None), int):  # Prefect's TerminationSignal: a cancel, `kill`
         reasons = [f"stopped by {signal.Signals(error.signal).name}"]
-    failure = {"round": (done[-1]["round"] + 1) if done else 1, "stage": stages[-1] if stages else None,
+    failure = {"round": next_round(ws), "stage": stages[-1] if stages else None,
                "error": type(error).__name__, "reason": (" ".join(reasons) or text.split("\n")[0] or type(error).__name__)[:2000],
                "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     failure_file(ws).parent.mkdir(exist_ok=True)
@@ -153,8 +152,8 @@ def last_failure(ws: Workspace) -> dict | None:
     """The last round that stopped, if no round has completed since."""
     if not failure_file(ws).exists():
         return None
-    failure, done = json.loads(failure_file(ws).read_text()), completed_rounds(ws)
-    return failure if not done or failure["round"] > done[-1]["round"] else None
+    failure = json.loads(failure_file(ws).read_text())
+    return failure if failure["round"] >= next_round(ws) else None
 
 
 def completed_rounds(ws: Workspace) -> list[dict]:
@@ -163,14 +162,19 @@ def completed_rounds(ws: Workspace) -> list[dict]:
     return [json.loads(line) for line in ws.history_file.read_text().splitlines() if line.strip()]
 
 
+def next_round(ws: Workspace) -> int:
+    """The number of the round that runs next (or runs now): one after the last completed round."""
+    done = completed_rounds(ws)
+    return done[-1]["round"] + 1 if done else 1
+
+
 def begin_round(ws: Workspace, cfg: PipelineConfig) -> RoundState:
     """The next round's state: numbered after the last completed round, starting from the champion."""
     client = tracking.setup(ws, cfg.project)
-    done = completed_rounds(ws)
     champion_policy = tracking.alias_version(client, cfg.policy_name, tracking.CHAMPION)
     champion_reward = tracking.alias_version(client, cfg.reward_name, tracking.CHAMPION)
     state = RoundState(
-        round=(done[-1]["round"] + 1) if done else 1,
+        round=next_round(ws),
         policy=f"models:/{cfg.policy_name}/{champion_policy}" if champion_policy else "models/base",
         champion_policy_version=champion_policy, champion_reward_version=champion_reward)
     ws.write_state(state)
