@@ -197,6 +197,11 @@ class RewardConfig(_Strict):
     lr: float = Field(1e-3, gt=0, description="learning rate")
     batch_size: int = Field(32, gt=0, description="pairs per step")
     eval_fraction: float = Field(0.2, gt=0, lt=1, description="pairs held out for pairwise accuracy")
+    split: Literal["pair", "prompt"] = Field(
+        "pair", description="what is held out: pairs (by a hash of each pair's id), or prompts (every pair of a "
+        "held-out prompt, by a hash of its text, as prompts.from_feedback splits them): with several pairs a "
+        "prompt, pairs held out share their prompt, often a response too, with pairs trained on, and their "
+        "accuracy says less of prompts the model has not seen")
     max_length: int | None = Field(None, gt=0, description="longest prompt+response+EOS, in tokens, the reward "
                                    "model trains on and scores; null = as many as the reward model has positions "
                                    "(64 for the built-in tiny model). Longer pairs are neither trained on nor scored, "

@@ -26,21 +26,12 @@ import torch
 from tasks import judge as judging
 from tasks import prompts as prompts_, scenario, tracking
 from tasks.config import ChatConfig, PipelineConfig
+from tasks.intervals import prompt_interval, wilson_interval
 from tasks.modeling import (compute_device, encode_prompt, generate_texts, load_policy, load_reward, load_tokenizer,
                             score_texts, sequence_logprobs)
 from tasks.prompts import check_lengths, evaluation_prompts
 from tasks.stage import stage_main
 from tasks.workspace import RoundState, Workspace
-
-
-def wilson_interval(wins: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (ties counted as half a win)."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = wins / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (centre - half, centre + half)
 
 
 def win_rate(a: list[float], b: list[float]) -> dict[str, float]:
@@ -77,25 +68,6 @@ def preference_rate(a: list[float], b: list[float], prompts: list[str] | None = 
         if over_prompts:
             out |= {"low": min(low, low_p), "high": max(high, high_p)}
     return out
-
-
-def prompt_interval(values: list[float], prompts: list[str]) -> tuple[float, float]:
-    """95% interval of the mean of `values` whose samples are clustered by prompt: the cluster-robust
-    standard error (sum over prompts of the squared sum of their deviations from the mean, over n^2,
-    times k/(k-1); for equal samples a prompt, the spread of the k prompts' means) with Student's t
-    at k-1 degrees of freedom, clipped to [0, 1]. One prompt says nothing of others: (0, 1)."""
-    from scipy.stats import t
-
-    n, mean = len(values), sum(values) / len(values)
-    deviations: dict[str, float] = {}
-    for v, p in zip(values, prompts):
-        deviations[p] = deviations.get(p, 0.0) + v - mean
-    k = len(deviations)
-    if k < 2:
-        return (0.0, 1.0)
-    se = math.sqrt(k / (k - 1) * sum(d * d for d in deviations.values())) / n
-    half = float(t.ppf(0.975, k - 1)) * se
-    return (max(0.0, mean - half), min(1.0, mean + half))
 
 
 def describe(responses: list[str], scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor,
@@ -216,6 +188,28 @@ def judge_both(ref: str, device: torch.device, prompts: list[str], texts: dict[s
     return out | {"figures": figures}
 
 
+def reward_model_figures(metrics: dict, over_prompts: bool) -> dict:
+    """The round's reward model as the report and its gate read it (metrics.json of train_reward):
+    its held-out accuracy's 95% interval over pairs, or with `over_prompts` (evaluate.interval, as
+    the win-rate's) the wider of that and the interval over their prompts; how many held-out pairs
+    have a prompt it trained on, and its accuracy on those that have not."""
+    held_out = metrics["held_out"]
+    figures = {"reward_model/pairs": held_out["n"]}
+    low, high = wilson_interval(held_out["accuracy"] * held_out["n"], held_out["n"])
+    if "interval_prompts" in held_out:  # (a reward model trained before 2026-11-25 has the accuracy alone)
+        figures |= {"reward_model/prompts": held_out["prompts"],
+                    "reward_model/seen_prompt_pairs": held_out["seen_prompt_pairs"],
+                    "reward_model/accuracy_low_prompts": held_out["interval_prompts"][0],
+                    "reward_model/accuracy_high_prompts": held_out["interval_prompts"][1],
+                    "reward_model/over_prompts": float(over_prompts)}
+        if over_prompts:
+            low, high = min(low, held_out["interval_prompts"][0]), max(high, held_out["interval_prompts"][1])
+    if "held_out_unseen_prompts" in metrics:
+        figures |= {"reward_model/accuracy_unseen_prompts": metrics["held_out_unseen_prompts"]["accuracy"],
+                    "reward_model/pairs_unseen_prompts": metrics["held_out_unseen_prompts"]["n"]}
+    return figures | {"reward_model/accuracy_low": low, "reward_model/accuracy_high": high}
+
+
 def held_out_feedback(ws: Workspace, cfg: PipelineConfig) -> list[dict]:
     """The validated pairs the round's reward model held out and was measured on (those it could
     read whole: train_reward.fits), at most 1,024: where a judge's agreement with your annotators
@@ -229,7 +223,7 @@ def held_out_feedback(ws: Workspace, cfg: PipelineConfig) -> list[dict]:
     tokenizer = load_tokenizer(ws.reward_model, cfg.chat_format)
     max_length = reward_max_length(cfg, AutoConfig.from_pretrained(ws.reward_model))
     kept = [r for r in records if fits(tokenizer, r, max_length, cfg.chat_format)]
-    return judging.sample_pairs(split(kept, cfg.reward.eval_fraction)[1])
+    return judging.sample_pairs(split(kept, cfg.reward.eval_fraction, cfg.reward.split)[1])
 
 
 def _release(device: torch.device) -> None:
@@ -332,8 +326,7 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
         held_out = reward_metrics["held_out"]
         report["reward_model/accuracy"] = held_out["accuracy"]
         report["reward_model/pairs"] = held_out["n"]  # how much that accuracy says: its interval below
-        report["reward_model/accuracy_low"], report["reward_model/accuracy_high"] = wilson_interval(
-            held_out["accuracy"] * held_out["n"], held_out["n"])
+        report |= reward_model_figures(reward_metrics, cfg.evaluate.over_prompts(cfg.scenario_prompts))
         report["round"] = state.round
         ws.evaluation_report.parent.mkdir(parents=True, exist_ok=True)
         ws.evaluation_report.write_text(json.dumps(report, indent=2))

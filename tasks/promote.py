@@ -44,10 +44,7 @@ def check_gates(report: dict, gates: GatesConfig) -> list[Gate]:
     report has no fluent rate and that gate is left out (the KL budget bounds the drift, and the
     perplexity under the reference is in the report)."""
     finite = all(math.isfinite(v) for v in report.values() if isinstance(v, float))
-    accuracy_detail = ""
-    if "reward_model/pairs" in report:  # (reports of earlier versions hold the accuracy alone)
-        accuracy_detail = (f"{report['reward_model/pairs']} held-out pairs, 95% interval "
-                           f"{report['reward_model/accuracy_low']:.2f}-{report['reward_model/accuracy_high']:.2f}")
+    accuracy_detail = accuracy_detail_of(report)
     win_detail = ""
     if "win_rate/prompts" in report:  # (reports of earlier versions: an interval over pairs alone)
         over = "prompts (the wider of the two)" if report["win_rate/over_prompts"] else "pairs"
@@ -69,6 +66,27 @@ def check_gates(report: dict, gates: GatesConfig) -> list[Gate]:
         Gate("reward_accuracy", report["reward_model/accuracy"], gates.min_reward_accuracy,
              report["reward_model/accuracy"] >= gates.min_reward_accuracy, accuracy_detail),
     ]
+
+
+def accuracy_detail_of(report: dict) -> str:
+    """What the reward model's accuracy rests on: '14 held-out pairs of 7 prompts, each prompt also
+    trained on, 95% interval 0.60-0.96 over pairs'. Reports of earlier versions say less."""
+    if "reward_model/pairs" not in report:
+        return ""
+    n, interval = report["reward_model/pairs"], (f"95% interval {report['reward_model/accuracy_low']:.2f}-"
+                                                 f"{report['reward_model/accuracy_high']:.2f}")
+    if "reward_model/prompts" not in report:
+        return f"{n} held-out pairs, {interval}"
+    seen = report["reward_model/seen_prompt_pairs"]
+    detail = f"{n} held-out pairs of {report['reward_model/prompts']} prompts"
+    if seen:
+        detail += ", each prompt also trained on" if seen == n else f", {seen} of them with a prompt also trained on"
+    over = "prompts (the wider of the two)" if report["reward_model/over_prompts"] else "pairs"
+    detail += f", {interval} over {over}"
+    if "reward_model/accuracy_unseen_prompts" in report:
+        detail += (f"; {report['reward_model/accuracy_unseen_prompts']:.2f} on the "
+                   f"{report['reward_model/pairs_unseen_prompts']} pairs of unseen prompts")
+    return detail
 
 
 def judge_detail(report: dict) -> str:

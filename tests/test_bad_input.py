@@ -63,6 +63,8 @@ from tasks.config import ValidateConfig
     ("evaluate:\n  max_prompts: all\n", "evaluate.max_prompts"),
     ("evaluate:\n  max_prompts: 2.5\n", "evaluate.max_prompts"),
     ("evaluate:\n  interval: clustered\n", "evaluate.interval: Input should be 'auto', 'prompts' or 'pairs'"),
+    ("reward:\n  split: prompts\n", "reward.split: Input should be 'pair' or 'prompt'"),
+    ("reward:\n  split: [pair]\n", "reward.split"),
     ("evaluate:\n  judge: ''\n", "evaluate.judge: String should have at least 1 character"),
     ("evaluate:\n  judge: 3\n", "evaluate.judge: Input should be a valid string"),
     ("evaluate:\n  judge: [a, b]\n", "evaluate.judge"),

@@ -4,7 +4,7 @@ import math
 import pytest
 
 from tasks.config import GatesConfig
-from tasks.evaluate import preference_rate, prompt_interval, wilson_interval, win_rate
+from tasks.evaluate import preference_rate, prompt_interval, reward_model_figures, wilson_interval, win_rate
 from tasks.promote import check_gates
 
 
@@ -95,6 +95,35 @@ def test_reward_accuracy_says_how_many_pairs_it_rests_on():
     assert check_gates({**now, "win_rate/over_prompts": 0.0}, GatesConfig())[0].reason().endswith("interval over pairs)")
     earlier = {k: v for k, v in GOOD.items() if not k.startswith("reward_model/") or k == "reward_model/accuracy"}
     assert check_gates(earlier, GatesConfig())[-1].reason() == "reward_accuracy passed: 0.6842 (threshold 0.6)"
+
+
+def test_the_reward_models_accuracy_interval_is_read_as_the_win_rates():
+    """Over pairs (the scenario), or over prompts on your own data (the wider of the two): 13 of 19
+    pairs right, over 4 prompts; with how many held-out pairs have a prompt it trained on."""
+    prompts = ["a"] * 5 + ["b"] * 5 + ["c"] * 5 + ["d"] * 4
+    right = [1.0] * 5 + [1.0] * 4 + [0.0] + [1.0] * 2 + [0.0] * 3 + [1.0] * 2 + [0.0] * 2
+    metrics = {"held_out": {"accuracy": 13 / 19, "n": 19, "prompts": 4, "seen_prompt_pairs": 15,
+                            "interval_pairs": list(wilson_interval(13, 19)),
+                            "interval_prompts": list(prompt_interval(right, prompts))},
+               "held_out_unseen_prompts": {"accuracy": 0.5, "n": 4}}
+    by_pairs, by_prompts = reward_model_figures(metrics, False), reward_model_figures(metrics, True)
+    assert (by_pairs["reward_model/accuracy_low"], by_pairs["reward_model/accuracy_high"]) == wilson_interval(13, 19)
+    assert by_prompts["reward_model/accuracy_low"] == prompt_interval(right, prompts)[0] < wilson_interval(13, 19)[0]
+    assert by_prompts["reward_model/accuracy_high"] == prompt_interval(right, prompts)[1] == 1.0  # clipped to 1
+    report = {**GOOD, "reward_model/accuracy": 13 / 19, **by_prompts}
+    assert check_gates(report, GatesConfig())[-1].reason() == (
+        f"reward_accuracy passed: 0.6842 (threshold 0.6; 19 held-out pairs of 4 prompts, 15 of them with a prompt "
+        f"also trained on, 95% interval {by_prompts['reward_model/accuracy_low']:.2f}-1.00 over prompts (the wider "
+        "of the two); 0.50 on the 4 pairs of unseen prompts)")
+    every = {**metrics, "held_out": {**metrics["held_out"], "seen_prompt_pairs": 19}}
+    del every["held_out_unseen_prompts"]
+    assert check_gates({**GOOD, **reward_model_figures(every, False)}, GatesConfig())[-1].reason() == (
+        "reward_accuracy passed: 0.6842 (threshold 0.6; 19 held-out pairs of 4 prompts, each prompt also trained "
+        "on, 95% interval 0.46-0.85 over pairs)")
+    # a reward model trained before these figures: its accuracy and the interval over pairs alone
+    old = reward_model_figures({"held_out": {"accuracy": 13 / 19, "n": 19}}, True)
+    assert old == {"reward_model/pairs": 19, "reward_model/accuracy_low": wilson_interval(13, 19)[0],
+                   "reward_model/accuracy_high": wilson_interval(13, 19)[1]}
 
 
 def test_without_the_scenarios_judge_the_fluency_gate_is_left_out_and_the_rest_still_gate():

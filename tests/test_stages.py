@@ -565,6 +565,60 @@ def test_reward_model_trains_under_bf16_autocast_and_is_measured_in_float32(tiny
                                                             "truncated": 0}
 
 
+def test_the_reward_models_held_out_accuracy_says_which_prompts_it_trained_on(tiny_model_dir, tmp_path, capsys):
+    """Split by pair (the default), the scenario's held-out pairs share their prompts with pairs the
+    model trained on, and the stage says so, with its accuracy on the pairs of prompts it never saw;
+    reward.split: prompt holds out every pair of a prompt (by prompts.held_out, as from_feedback
+    splits prompts), and a split that holds out nothing stops the stage before training."""
+    import hashlib
+
+    from tasks.collect import annotate, sample_pairs
+    from tasks.prompts import held_out as prompt_held_out
+    from tasks.stage import StageError
+    from tasks.train_reward import split, train
+
+    triples = sample_pairs(str(tiny_model_dir), scenario.feedback_prompts(), 48, 10, 1.0, seed=2)
+    records = [json.loads(r.to_json()) for r in annotate(triples, 1, None, 3.0, seed=2) if r.label == "pair"]
+    # 40 pairs of prompts asked once each: those held out are prompts the model never saw
+    once = [{**r, "id": hashlib.sha256(f"once {i}".encode()).hexdigest()[:16], "prompt": f"{r['prompt']} {i}"}
+            for i, r in enumerate(records[:40])]
+    data = records + once
+    metrics = train(str(tiny_model_dir), str(tiny_model_dir), data, load_config(None, FAST), tmp_path / "by-pair")
+    _, held = split(data, 0.2)
+    unseen = [r for r in held if r["prompt"].split()[-1].isdigit()]
+    assert unseen and len(unseen) < len(held)
+    h = metrics["held_out"]
+    assert (h["split"], h["n"], h["seen_prompt_pairs"], h["prompts"]) == ("pair", len(held), len(held) - len(unseen),
+                                                                          len({r["prompt"] for r in held}))
+    assert metrics["held_out_unseen_prompts"]["n"] == len(unseen)
+    low, high = h["interval_pairs"]
+    assert low < h["accuracy"] < high and h["interval_prompts"][0] <= h["accuracy"] <= h["interval_prompts"][1]
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("reward model: held-out accuracy"))
+    assert line == (f"reward model: held-out accuracy {h['accuracy']:.2f} on {len(held)} pairs of {h['prompts']} "
+                    f"prompts (95% interval {low:.2f}-{high:.2f} over pairs, {h['interval_prompts'][0]:.2f}-"
+                    f"{h['interval_prompts'][1]:.2f} over prompts); {len(held) - len(unseen)} of them have a prompt it "
+                    f"trained on, with other pairs of it (on the {len(unseen)} others: "
+                    f"{metrics['held_out_unseen_prompts']['accuracy']:.2f}): reward.split: prompt holds out every "
+                    "pair of a prompt")
+
+    cfg = load_config(None, {**FAST, "reward.split": "prompt", "reward.eval_fraction": 0.5})
+    metrics = train(str(tiny_model_dir), str(tiny_model_dir), data, cfg, tmp_path / "by-prompt")
+    train_set, held = split(data, 0.5, "prompt")
+    assert {r["prompt"] for r in held} == {r["prompt"] for r in data if prompt_held_out(r["prompt"], 0.5)}
+    assert not {r["prompt"] for r in held} & {r["prompt"] for r in train_set}
+    assert (metrics["held_out"]["n"], metrics["held_out"]["seen_prompt_pairs"]) == (len(held), 0)
+    assert "held_out_unseen_prompts" not in metrics
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("reward model: held-out accuracy"))
+    assert line.endswith(" over prompts)")
+    # the scenario's ten prompts, 20% held out by prompt: none is, and nothing would measure the model
+    cfg = load_config(None, {**FAST, "reward.split": "prompt"})
+    with pytest.raises(StageError, match=r"none of the \d+ trainable pairs is held out \(reward.eval_fraction 0.2, "
+                                         r"reward.split prompt\): the reward model's accuracy, which gates promotion, "
+                                         "would be measured on nothing"):
+        train(str(tiny_model_dir), str(tiny_model_dir), records, cfg, tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+
+
 def test_a_judge_is_measured_on_the_held_out_pairs_the_reward_model_was(tiny_model_dir, tmp_path):
     """judge/accuracy sits beside the reward model's held-out accuracy: on the same pairs, those the
     reward model held out and could read whole (pairs longer than reward.max_length are not)."""
