@@ -5,6 +5,7 @@ a round that was killed before that is simply run again under the same number.
 """
 from __future__ import annotations
 
+import copy
 import json
 import signal
 import time
@@ -15,6 +16,8 @@ import psutil
 from filelock import FileLock, Timeout
 from mlflow.exceptions import MlflowException
 from ruamel.yaml import YAML
+from ruamel.yaml.error import CommentMark
+from ruamel.yaml.tokens import CommentToken
 
 from tasks import tracking, versioning
 from tasks.config import PipelineConfig, load_config
@@ -26,7 +29,7 @@ def write_params(ws: Workspace, cfg: PipelineConfig) -> bool:
     """Make params.yaml say `cfg`, keeping its comments. Returns True if anything changed."""
     if ws.params.exists() and load_config(ws.params) == cfg:
         return False
-    yaml = YAML()
+    yaml = params_yaml()
     data = yaml.load(ws.params.read_text()) if ws.params.exists() else {}
 
     def merge(node, values: dict):
@@ -52,7 +55,7 @@ def upgrade_pipeline(ws: Workspace) -> list[str]:
     from tasks.workspace import PROJECT_ROOT
 
     said = []
-    yaml = YAML()
+    yaml = params_yaml()
     template = yaml.load((PROJECT_ROOT / "params.yaml").read_text())
     data = yaml.load(ws.params.read_text()) if ws.params.exists() else None
     added = _add_missing(data, template) if data is not None else []
@@ -76,18 +79,57 @@ def upgrade_pipeline(ws: Workspace) -> list[str]:
     return said
 
 
+def params_yaml() -> YAML:
+    """ruamel's round trip as params.yaml is written: quotes kept ("0 3 * * *" stays quoted) and None
+    written `null` (ruamel writes nothing after the colon), so a rewrite changes only what it must."""
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    return yaml
+
+
 def _add_missing(node, template, prefix: str = "") -> list[str]:
-    """Copy into `node` the keys of `template` it lacks (with their comments); their dotted names."""
+    """Copy into `node` the keys of `template` it lacks, each after the key it follows there (or
+    first), with its comment; their dotted names. A blank line rides on the comment of the key before
+    it, so a key added at a paragraph's end takes it over from that key, and one added inside a
+    paragraph has none."""
     added = []
-    for key, value in template.items():
-        if key not in node:
-            node[key] = value
-            if key in template.ca.items:
-                node.ca.items[key] = template.ca.items[key]
-            added.append(prefix + key)
-        elif isinstance(value, dict) and isinstance(node[key], dict):
-            added += _add_missing(node[key], value, f"{prefix}{key}.")
+    keys = list(template)
+    for i, key in enumerate(keys):
+        if key in node:
+            if isinstance(template[key], dict) and isinstance(node[key], dict):
+                added += _add_missing(node[key], template[key], f"{prefix}{key}.")
+            continue
+        before = next((k for k in reversed(keys[:i]) if k in node), None)
+        at = list(node).index(before) + 1 if before is not None else 0
+        node.insert(at, key, template[key])
+        # `before` closed a paragraph (a blank line) only because `key` was missing: `key` closes it now
+        blank = _take_blank(node, before) if before is not None and not _blank(template, before) else ""
+        comment = template.ca.items.get(key) or [None] * 4
+        if comment[2] is not None or blank:
+            token = copy.copy(comment[2]) if comment[2] is not None else CommentToken("\n", CommentMark(0))
+            token.value = token.value.rstrip("\n") + "\n" + blank
+            node.ca.items[key] = [comment[0], comment[1], token, comment[3]]
+        added.append(prefix + key)
     return added
+
+
+def _blank(node, key) -> str:
+    """The blank lines after `key`'s line: they ride on the end of its comment (or its lone newline)."""
+    comment = node.ca.items.get(key)
+    if comment is None or comment[2] is None:
+        return ""
+    text = comment[2].value
+    return text[len(text.rstrip("\n")) + 1:]
+
+
+def _take_blank(node, key) -> str:
+    """The blank lines after `key`, taken off it."""
+    blank = _blank(node, key)
+    if blank:
+        token = node.ca.items[key][2]
+        token.value = token.value.rstrip("\n") + "\n"
+    return blank
 
 
 class RoundBusy(RuntimeError):

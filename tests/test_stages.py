@@ -744,7 +744,13 @@ def test_a_workspace_of_an_earlier_version_is_brought_to_this_versions_pipeline(
     cfg = load_config(ws.params)
     assert cfg.seed == 5 and cfg.evaluate.judge is None and cfg.evaluate.max_prompts == 256
     assert cfg.gates.min_judge_win_rate == 0.5
-    assert "# a reward model PPO never saw" in ws.params.read_text()  # the comment came along
+    # each added where this version has it, with its comment and blank lines: the file reads as
+    # this version's own, with your value; nulls stay `null`, quotes stay
+    assert ws.params.read_text() == params.replace("seed: 0 ", "seed: 5 ", 1)
+    assert rounds.write_params(ws, load_config(ws.params, {"seed": 7, "refinement.cron": "0 4 * * *"}))
+    assert ws.params.read_text() == params.replace("seed: 0 ", "seed: 7 ", 1).replace('"0 3 * * *"', '"0 4 * * *"')
+    assert not rounds.write_params(ws, load_config(ws.params))
+    ws.params.write_text(params.replace("seed: 0 ", "seed: 5 ", 1))
     assert versioning.dvc(ws, "repro", "--dry", "-s", "validate", check=False).returncode == 0
     assert rounds.upgrade_pipeline(ws) == []  # once
     versioning.git(ws, "commit", "-qam", "this version's pipeline")
