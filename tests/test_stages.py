@@ -606,6 +606,11 @@ def test_the_reward_models_held_out_accuracy_says_which_prompts_it_trained_on(ti
     train_set, held = split(data, 0.5, "prompt")
     assert {r["prompt"] for r in held} == {r["prompt"] for r in data if prompt_held_out(r["prompt"], 0.5)}
     assert not {r["prompt"] for r in held} & {r["prompt"] for r in train_set}
+    # prompts.from_feedback (heldout_fraction up to eval_fraction): evaluation's prompts are among them
+    from tasks.prompts import split_prompts
+
+    evaluated = split_prompts([r["prompt"] for r in data], 0.3)[1]
+    assert evaluated and set(evaluated) <= {r["prompt"] for r in held}
     assert (metrics["held_out"]["n"], metrics["held_out"]["seen_prompt_pairs"]) == (len(held), 0)
     assert "held_out_unseen_prompts" not in metrics
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("reward model: held-out accuracy"))
