@@ -11,7 +11,9 @@ alike; with chat.template the prompt is a user turn of the chat template.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -42,9 +44,17 @@ def split(records: list[dict], eval_fraction: float, by: str = "pair") -> tuple[
     train, held_out = [], []
     for r in records:
         out = (prompt_held_out(r["prompt"], eval_fraction) if by == "prompt"
-               else int(r["id"][:8], 16) % 1000 < eval_fraction * 1000)
+               else id_hash(r["id"]) % 1000 < eval_fraction * 1000)
         (held_out if out else train).append(r)
     return train, held_out
+
+
+def id_hash(id_: str) -> int:
+    """A pair's id as a number to split by: our ids are already hashes (records.record_id, 16 hex
+    digits); an id of your own ('row-17', a UUID, a number) is hashed first."""
+    if not re.fullmatch(r"[0-9a-f]{16}", id_):
+        id_ = hashlib.sha256(id_.encode("utf-8")).hexdigest()
+    return int(id_[:8], 16)
 
 
 def calibration(r_c: torch.Tensor, r_r: torch.Tensor, buckets: int = 4) -> list[dict]:

@@ -578,3 +578,27 @@ def test_the_pipelines_commits_leave_the_users_staged_work_alone(tmp_path):
     # a round with nothing new of its own commits nothing, the user's staged work notwithstanding
     assert versioning.commit_round(ws, "round 2: test") is None
     assert git("diff", "--cached") == staged
+
+
+def test_pairs_with_ids_of_your_own_are_split_like_ours(tmp_path):
+    """An export's own ids ('row-17', UUIDs, numbers) are kept on import, and the reward model's
+    split hashes them: it read them as hex and stopped the stage ("invalid literal for int()")."""
+    import uuid
+
+    from tasks.train_reward import id_hash, split
+
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"id": f"row-{i}", "prompt": "the nurse said", "chosen": f" they left {i} .",
+                                        "rejected": f" she left {i} ."}) + "\n" for i in range(3)))
+    ws = init_workspace(tmp_path / "ws")
+    import_file(ws, path)
+    [raw] = versioning.raw_files(ws)
+    assert [json.loads(line)["id"] for line in raw.read_text().splitlines()] == ["row-0", "row-1", "row-2"]
+    ours = PreferenceRecord(prompt="p", chosen="a", rejected="b", source="simulated", annotator="x", round=1)
+    assert id_hash(ours.id) == int(ours.id[:8], 16)  # our hashes split as before: a pair keeps its side
+    for ids in ([f"row-{i}" for i in range(4000)], [str(uuid.UUID(int=i)) for i in range(4000)],
+                [str(i) for i in range(4000)]):
+        records = [{"id": i, "prompt": "p"} for i in ids]
+        _, held = split(records, 0.2)
+        assert 0.18 < len(held) / len(records) < 0.22  # the fraction asked for, whatever the ids look like
+        assert held == split(records[::-1], 0.2)[1][::-1]  # each pair by its own id

@@ -570,8 +570,6 @@ def test_the_reward_models_held_out_accuracy_says_which_prompts_it_trained_on(ti
     model trained on, and the stage says so, with its accuracy on the pairs of prompts it never saw;
     reward.split: prompt holds out every pair of a prompt (by prompts.held_out, as from_feedback
     splits prompts), and a split that holds out nothing stops the stage before training."""
-    import hashlib
-
     from tasks.collect import annotate, sample_pairs
     from tasks.prompts import held_out as prompt_held_out
     from tasks.stage import StageError
@@ -579,9 +577,9 @@ def test_the_reward_models_held_out_accuracy_says_which_prompts_it_trained_on(ti
 
     triples = sample_pairs(str(tiny_model_dir), scenario.feedback_prompts(), 48, 10, 1.0, seed=2)
     records = [json.loads(r.to_json()) for r in annotate(triples, 1, None, 3.0, seed=2) if r.label == "pair"]
-    # 40 pairs of prompts asked once each: those held out are prompts the model never saw
-    once = [{**r, "id": hashlib.sha256(f"once {i}".encode()).hexdigest()[:16], "prompt": f"{r['prompt']} {i}"}
-            for i, r in enumerate(records[:40])]
+    # 40 pairs of prompts asked once each: those held out are prompts the model never saw; their ids
+    # are an export's own (not hashes: they stopped the stage with "invalid literal for int()")
+    once = [{**r, "id": f"row-{i}", "prompt": f"{r['prompt']} {i}"} for i, r in enumerate(records[:40])]
     data = records + once
     metrics = train(str(tiny_model_dir), str(tiny_model_dir), data, load_config(None, FAST), tmp_path / "by-pair")
     _, held = split(data, 0.2)
