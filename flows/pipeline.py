@@ -41,8 +41,12 @@ def run_stage(workspace: str, stage: str) -> bool:
     def echo(line: str) -> None:  # what the stage printed: its warnings as warnings
         (logger.warning if line.startswith("warning:") else logger.info)("%s: %s", stage, line)
 
+    def stderr(line: str) -> None:  # said once it has succeeded: libraries' notes (MLflow's "Created
+        # version '4' of model ..."), their warnings as warnings ("...: FutureWarning: ...")
+        (logger.warning if "warning" in line.lower() else logger.info)("%s (stderr): %s", stage, line)
+
     try:
-        ran = versioning.repro(Workspace(workspace), stage, echo)
+        ran = versioning.repro(Workspace(workspace), stage, echo, stderr)
     except BaseException as e:  # which stage a signal stopped, for `rlhf status` (rounds.record_failure)
         e.add_note(f"stage: {stage}")
         raise

@@ -178,7 +178,7 @@ def train(init_ref: str, tokenizer_ref: str, records: list[dict], cfg: PipelineC
         args = TRLRewardConfig(
             output_dir=tmp, num_train_epochs=cfg.reward.epochs, per_device_train_batch_size=cfg.reward.batch_size,
             learning_rate=cfg.reward.lr, max_length=max_length, seed=cfg.seed,
-            use_cpu=compute_device().type == "cpu", bf16=bf16(cfg), gradient_checkpointing=False,
+            use_cpu=compute_device().type == "cpu", bf16=bf16(cfg), activation_checkpointing=False,
             report_to=[], save_strategy="no", logging_steps=5, disable_tqdm=True, dataset_num_proc=None,
             lr_scheduler_type="linear", warmup_steps=0)
         trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,

@@ -262,10 +262,13 @@ def push(ws: Workspace, *data: Path) -> str | None:
             f"local cache: `dvc push` in {ws.root} sends it once the remote is reachable, as the next round's push does")
 
 
-def repro(ws: Workspace, stage: str, echo: Callable[[str], None] | None = None) -> bool:
+def repro(ws: Workspace, stage: str, echo: Callable[[str], None] | None = None,
+          stderr: Callable[[str], None] | None = None) -> bool:
     """Run one stage through DVC. Returns False when DVC skipped it as unchanged. `echo` is given
     each line the stage prints, as it prints it (DVC passes a stage's output through and shows it
-    to no one else: a round's log would otherwise never see a stage's warnings or PPO's steps)."""
+    to no one else: a round's log would otherwise never see a stage's warnings or PPO's steps).
+    `stderr` is given, once the stage has succeeded, each line written to stderr (a library's
+    note or warning): a failed stage's stderr is in the error it raises."""
     own = StageLines()
 
     def relay(line: str) -> None:
@@ -273,6 +276,9 @@ def repro(ws: Workspace, stage: str, echo: Callable[[str], None] | None = None) 
             echo(line)
 
     out = dvc(ws, "repro", "--single-item", stage, on_line=relay if echo is not None else None)
+    for line in (out.stderr or "").splitlines() if stderr is not None else []:
+        if line.strip() and line.strip() != EMPTY_COLLECTED:  # (DVC's, expected on people's feedback)
+            stderr(line.rstrip())
     return "didn't change, skipping" not in out.stdout
 
 

@@ -50,7 +50,58 @@ def test_round_improves_the_held_out_gold_metric_and_promotes(finished_round):
     assert 0 < line["kl"] < load_config(ws.params).gates.max_kl
     assert line["reward_accuracy"] >= 0.6
     accuracy = next(r for r in line["reasons"] if r.startswith("reward_accuracy"))
-    assert "held-out pairs, 95% interval" in accuracy, accuracy
+    assert re.search(r"\d+ held-out pairs of 10 prompts, each prompt also trained on, 95% interval [0-9.]+-[0-9.]+ "
+                     "over pairs\)$", accuracy), accuracy
+
+
+NOTES = """
+import sys, warnings
+print("step 1/1")
+print("warning: 3 pairs are too long")
+print("Created version '4' of model 'rlhf-policy'.", file=sys.stderr)  # MLflow's note, on stderr
+warnings.warn("`old` is deprecated", FutureWarning)
+"""
+
+
+def test_a_stages_output_reaches_the_rounds_prefect_log(prefect, tmp_path):
+    """What a stage prints reaches the round's log in Prefect, its `warning:` lines as warnings;
+    what it writes to stderr too, once it has succeeded (before, it was dropped): a library's
+    warning as a warning, its notes (MLflow's "Created version ...") as notes."""
+    import logging
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    from flows.pipeline import run_stage
+
+    root = tmp_path / "ws"
+    root.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    versioning.dvc(Workspace(root), "init", "-q")
+    (root / "notes.py").write_text(NOTES)
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"notes": {"cmd": "python notes.py"}}}))
+    @flow
+    def one_stage():
+        return run_stage(str(root), "notes")
+
+    levels = {name: logging.getLogger(name).level for name in ("prefect", "prefect.task_runs")}
+    try:  # the suite logs warnings alone; setLevel, which clears the loggers' caches
+        for name in levels:
+            logging.getLogger(name).setLevel(logging.INFO)
+        state = one_stage(return_state=True)
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+    assert state.is_completed()
+    APILogWorker.drain_all(timeout=10)  # (its worker sends logs in batches)
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    said = [(log.level, log.message) for log in logs if log.message.startswith("notes")]
+    assert said[:4] == [(logging.INFO, "notes: step 1/1"), (logging.WARNING, "notes: warning: 3 pairs are too long"),
+                        (logging.INFO, "notes (stderr): Created version '4' of model 'rlhf-policy'."),
+                        (logging.WARNING, f"notes (stderr): {root / 'notes.py'}:6: FutureWarning: `old` is deprecated")]
 
 
 def test_both_models_registered_with_champion_and_previous(finished_round):

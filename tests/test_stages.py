@@ -278,8 +278,10 @@ def test_a_stages_lines_reach_the_round_as_it_prints_them(tmp_path, monkeypatch)
         seen.append(line)
         (root / "seen").touch()
 
-    assert versioning.repro(ws, "talker", echo) is True
+    warned = []
+    assert versioning.repro(ws, "talker", echo, warned.append) is True
     assert seen == ["warming up", "the round saw my first line"]  # DVC's lines, the dict, stderr: not
+    assert warned == ["waiting for the round"]  # its stderr, once it has succeeded
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
