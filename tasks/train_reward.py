@@ -25,7 +25,7 @@ from transformers import TrainerCallback
 
 from tasks import tracking
 from tasks.config import ChatConfig, PipelineConfig
-from tasks.intervals import prompt_interval, wilson_interval
+from tasks.intervals import interval_over_prompts, wilson_interval
 from tasks.modeling import (compute_device, encode_sequence, load_reward, load_tokenizer, max_positions,
                             pair_token_length, save, score_texts)
 from tasks.prompts import held_out as prompt_held_out
@@ -80,7 +80,7 @@ def pairwise_accuracy(model, tokenizer, records: list[dict], chat: ChatConfig | 
             "n": len(records), "calibration": calibration(r_c, r_r), "prompts": len(set(prompts)),
             # 95%: every pair independent / pairs clustered by prompt (a prompt's pairs are alike)
             "interval_pairs": list(wilson_interval(float(right.sum()), len(records))),
-            "interval_prompts": list(prompt_interval(right.tolist(), prompts))}
+            "interval_prompts": list(interval_over_prompts(right.tolist(), prompts))}
 
 
 def held_out_line(held_out: dict, seen: int, unseen: dict | None, hint: bool) -> str:

@@ -126,6 +126,19 @@ def test_the_reward_models_accuracy_interval_is_read_as_the_win_rates():
                    "reward_model/accuracy_high": wilson_interval(13, 19)[1]}
 
 
+def test_an_interval_over_prompts_is_never_narrower_than_over_pairs():
+    """A reward model right on all 24 held-out pairs of 8 prompts: no spread over prompts, so the
+    cluster-robust interval alone is (1, 1); Wilson's over the 24 pairs still admits mistakes."""
+    from tasks.intervals import interval_over_prompts
+
+    prompts = [f"p{i // 3}" for i in range(24)]
+    assert prompt_interval([1.0] * 24, prompts) == (1.0, 1.0)
+    assert interval_over_prompts([1.0] * 24, prompts) == wilson_interval(24, 24) == pytest.approx((0.862, 1.0), abs=1e-3)
+    spread = [1.0, 1.0, 1.0] * 4 + [0.0, 0.0, 1.0] * 4  # prompts alike inside: wider than Wilson's
+    assert interval_over_prompts(spread, prompts) == prompt_interval(spread, prompts)
+    assert prompt_interval(spread, prompts)[0] < wilson_interval(16, 24)[0]
+
+
 def test_without_the_scenarios_judge_the_fluency_gate_is_left_out_and_the_rest_still_gate():
     """On your own held-out prompts the report has no fluent rate: no fluency gate, the others as before."""
     own = {k: v for k, v in GOOD.items() if not k.endswith("/fluent_rate")}
