@@ -528,6 +528,8 @@ def cmd_status(args) -> int:
         now = info["running"]
         print(f"running        round {now['round']}: " + (f"stage {now['stage']} for {clock(now['stage_seconds'])}"
                                                          if now["stage"] else "between stages"))
+        if now["line"]:
+            print(f"               {clock(now['line_seconds'])} ago: {now['line']}")
     if info["last_failure"]:
         failed = info["last_failure"]
         print(f"last failure   round {failed['round']}" + (f", stage {failed['stage']}" if failed["stage"] else "")

@@ -153,17 +153,25 @@ def round_in_progress(ws: Workspace) -> bool:
 
 
 def running(ws: Workspace) -> dict | None:
-    """The round this workspace runs now, if any: its number, and the DVC stage running in it (the
-    `dvc repro --single-item STAGE` process whose folder is the workspace) and for how long."""
+    """The round this workspace runs now, if any: its number, the DVC stage running in it (the
+    `dvc repro --single-item STAGE` process whose folder is the workspace) and for how long, and
+    the last line that stage printed (versioning.note_line) and how long ago."""
     if not round_in_progress(ws):
         return None
-    now = {"round": next_round(ws), "stage": None, "stage_seconds": None}
-    root = ws.root.resolve()
+    now = {"round": next_round(ws), "stage": None, "stage_seconds": None, "line": None, "line_seconds": None}
+    root, started = ws.root.resolve(), None
     for proc in psutil.process_iter(["cmdline", "cwd", "create_time"]):
         args, cwd = proc.info["cmdline"] or [], proc.info["cwd"]
         # versioning.repro's command: ... dvc repro --single-item STAGE
         if cwd and Path(cwd) == root and len(args) >= 4 and args[-4].endswith("dvc") and args[-3:-1] == ["repro", "--single-item"]:
-            now |= {"stage": args[-1], "stage_seconds": time.time() - proc.info["create_time"]}
+            started = proc.info["create_time"]
+            now |= {"stage": args[-1], "stage_seconds": time.time() - started}
+    try:
+        last = json.loads(versioning.stage_line_file(ws).read_text())
+    except (OSError, ValueError):
+        return now
+    if started is not None and last.get("stage") == now["stage"] and last.get("at", 0) >= started:
+        now |= {"line": last["line"], "line_seconds": time.time() - last["at"]}  # this run's, not an earlier one's
     return now
 
 

@@ -7,6 +7,7 @@ never leak between stages or tests.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -274,12 +275,27 @@ def repro(ws: Workspace, stage: str, echo: Callable[[str], None] | None = None,
     def relay(line: str) -> None:
         if own(line):
             echo(line)
+            note_line(ws, stage, line)
 
     out = dvc(ws, "repro", "--single-item", stage, on_line=relay if echo is not None else None)
     for line in (out.stderr or "").splitlines() if stderr is not None else []:
         if line.strip() and line.strip() != EMPTY_COLLECTED:  # (DVC's, expected on people's feedback)
             stderr(line.rstrip())
     return "didn't change, skipping" not in out.stdout
+
+
+def stage_line_file(ws: Workspace) -> Path:
+    return ws.root / ".cache" / "stage_line.json"  # git-ignored: the round's own state
+
+
+def note_line(ws: Workspace, stage: str, line: str) -> None:
+    """The last line a relayed stage printed, and when, for `rlhf status` (rounds.running): a
+    terminal sees 'ppo step 312/1000 ... about 25m left' without opening the Prefect UI."""
+    path = stage_line_file(ws)
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({"stage": stage, "line": line[:500], "at": time.time()}))
+    os.replace(tmp, path)  # status never reads half a file
 
 
 class StageLines:

@@ -193,6 +193,7 @@ with capture_sigterm():  # as a round runs it (its lines relayed as they come), 
 SLEEPER = """
 import os, subprocess, sys
 open("stage.pid", "w").write(str(os.getpid()))
+print("sleeping 300 s")
 subprocess.run([sys.executable, "-c", "import os, time; open('child.pid', 'w').write(str(os.getpid())); time.sleep(300)"])
 """
 
@@ -220,6 +221,7 @@ def test_a_cancelled_round_stops_its_stage_and_what_the_stage_started(relay, tmp
     versioning.dvc(Workspace(root), "init", "-q")
     (root / "sleeper.py").write_text(SLEEPER)  # a stage that starts a process of its own, as accelerate can
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"sleeper": {"cmd": "python sleeper.py"}}}))
+    versioning.note_line(Workspace(root), "sleeper", "an earlier run's line")  # not this run's: never shown
     driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(root), relay], stderr=subprocess.PIPE, text=True,
                               cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONPATH": "."})
     deadline = time.monotonic() + 120
@@ -231,7 +233,13 @@ def test_a_cancelled_round_stops_its_stage_and_what_the_stage_started(relay, tmp
     assert rounds.running(Workspace(root)) is None  # no round holds the workspace: a stage alone
     with rounds.round_lock(Workspace(root)).acquire():
         now = rounds.running(Workspace(root))
+        while relay == "relay" and now["line"] is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # (the round relays the line as it reads it)
+            now = rounds.running(Workspace(root))
     assert now["round"] == 1 and now["stage"] == "sleeper" and 0 <= now["stage_seconds"] < 120
+    # and the last line the stage printed, when the round relays its lines (as every round does)
+    assert now["line"] == ("sleeping 300 s" if relay == "relay" else None)
+    assert (0 <= now["line_seconds"] <= now["stage_seconds"]) if relay == "relay" else now["line_seconds"] is None
 
     driver.send_signal(signal.SIGTERM)
     assert driver.wait(timeout=60) != 0
