@@ -190,11 +190,12 @@ def judge_both(ref: str, device: torch.device, prompts: list[str], texts: dict[s
 
 def reward_model_figures(metrics: dict, over_prompts: bool) -> dict:
     """The round's reward model as the report and its gate read it (metrics.json of train_reward):
-    its held-out accuracy's 95% interval over pairs, or with `over_prompts` (evaluate.interval, as
-    the win-rate's) the wider of that and the interval over their prompts; how many held-out pairs
-    have a prompt it trained on, and its accuracy on those that have not."""
+    its held-out accuracy, how many pairs that rests on, and its 95% interval over pairs, or with
+    `over_prompts` (evaluate.interval, as the win-rate's) over their prompts (which is never the
+    narrower: intervals.interval_over_prompts); how many held-out pairs have a prompt it trained
+    on, and its accuracy on those that have not."""
     held_out = metrics["held_out"]
-    figures = {"reward_model/pairs": held_out["n"]}
+    figures = {"reward_model/accuracy": held_out["accuracy"], "reward_model/pairs": held_out["n"]}
     low, high = wilson_interval(held_out["accuracy"] * held_out["n"], held_out["n"])
     if "interval_prompts" in held_out:  # (a reward model trained before 2026-11-25 has the accuracy alone)
         figures |= {"reward_model/prompts": held_out["prompts"],
@@ -203,7 +204,7 @@ def reward_model_figures(metrics: dict, over_prompts: bool) -> dict:
                     "reward_model/accuracy_high_prompts": held_out["interval_prompts"][1],
                     "reward_model/over_prompts": float(over_prompts)}
         if over_prompts:
-            low, high = min(low, held_out["interval_prompts"][0]), max(high, held_out["interval_prompts"][1])
+            low, high = held_out["interval_prompts"]
     if "held_out_unseen_prompts" in metrics:
         figures |= {"reward_model/accuracy_unseen_prompts": metrics["held_out_unseen_prompts"]["accuracy"],
                     "reward_model/pairs_unseen_prompts": metrics["held_out_unseen_prompts"]["n"]}
@@ -323,9 +324,6 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
                                  feedback_pairs=held_out_feedback(ws, cfg) if judge else None,
                                  say=functools.partial(print, flush=True))
         reward_metrics = json.loads((ws.reward_model / "metrics.json").read_text())
-        held_out = reward_metrics["held_out"]
-        report["reward_model/accuracy"] = held_out["accuracy"]
-        report["reward_model/pairs"] = held_out["n"]  # how much that accuracy says: its interval below
         report |= reward_model_figures(reward_metrics, cfg.evaluate.over_prompts(cfg.scenario_prompts))
         report["round"] = state.round
         ws.evaluation_report.parent.mkdir(parents=True, exist_ok=True)

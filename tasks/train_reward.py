@@ -189,16 +189,16 @@ def train(init_ref: str, tokenizer_ref: str, records: list[dict], cfg: PipelineC
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).float().eval()
     trained_on = {r["prompt"] for r in train_set}
     unseen = [r for r in held_out if r["prompt"] not in trained_on]
+    seen = len(held_out) - len(unseen)
     metrics = {"train": pairwise_accuracy(model, tokenizer, train_set, chat),
                "held_out": pairwise_accuracy(model, tokenizer, held_out, chat) | {"split": cfg.reward.split,
-                                                                                  "seen_prompt_pairs": len(held_out) - len(unseen)},
+                                                                                  "seen_prompt_pairs": seen},
                "too_long": too_long}
-    if unseen and len(unseen) < len(held_out):  # its accuracy on prompts it never saw, beside the whole's
+    if unseen and seen:  # its accuracy on prompts it never saw, beside the whole's
         metrics["held_out_unseen_prompts"] = pairwise_accuracy(model, tokenizer, unseen, chat)
     # the hint where a split by prompt would hold out about 5 prompts or more (not the scenario's 10)
     hint = cfg.reward.split == "pair" and len({r["prompt"] for r in kept}) * cfg.reward.eval_fraction >= 5
-    print(held_out_line(metrics["held_out"], len(held_out) - len(unseen), metrics.get("held_out_unseen_prompts"),
-                        hint), flush=True)
+    print(held_out_line(metrics["held_out"], seen, metrics.get("held_out_unseen_prompts"), hint), flush=True)
     if cfg.reward.eval_file:
         metrics["eval_file"] = accuracy_on_file(model, tokenizer, cfg.reward.eval_file, max_length, chat)
     if out.exists():

@@ -22,6 +22,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from tasks.processes import git_users, stop_groups
+from tasks.records import write_jsonl_atomic
 from tasks.workspace import Workspace
 
 DEFAULT_REMOTE = ".dvcstore"  # <workspace>/.dvcstore (dvc stores it relative to .dvc/config)
@@ -291,11 +292,8 @@ def stage_line_file(ws: Workspace) -> Path:
 def note_line(ws: Workspace, stage: str, line: str) -> None:
     """The last line a relayed stage printed, and when, for `rlhf status` (rounds.running): a
     terminal sees 'ppo step 312/1000 ... about 25m left' without opening the Prefect UI."""
-    path = stage_line_file(ws)
-    path.parent.mkdir(exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps({"stage": stage, "line": line[:500], "at": time.time()}))
-    os.replace(tmp, path)  # status never reads half a file
+    # written whole, then renamed: status never reads half a file
+    write_jsonl_atomic(stage_line_file(ws), [json.dumps({"stage": stage, "line": line[:500], "at": time.time()})])
 
 
 class StageLines:

@@ -100,11 +100,13 @@ def test_reward_accuracy_says_how_many_pairs_it_rests_on():
 def test_the_reward_models_accuracy_interval_is_read_as_the_win_rates():
     """Over pairs (the scenario), or over prompts on your own data (the wider of the two): 13 of 19
     pairs right, over 4 prompts; with how many held-out pairs have a prompt it trained on."""
+    from tasks.intervals import interval_over_prompts
+
     prompts = ["a"] * 5 + ["b"] * 5 + ["c"] * 5 + ["d"] * 4
     right = [1.0] * 5 + [1.0] * 4 + [0.0] + [1.0] * 2 + [0.0] * 3 + [1.0] * 2 + [0.0] * 2
     metrics = {"held_out": {"accuracy": 13 / 19, "n": 19, "prompts": 4, "seen_prompt_pairs": 15,
                             "interval_pairs": list(wilson_interval(13, 19)),
-                            "interval_prompts": list(prompt_interval(right, prompts))},
+                            "interval_prompts": list(interval_over_prompts(right, prompts))},
                "held_out_unseen_prompts": {"accuracy": 0.5, "n": 4}}
     by_pairs, by_prompts = reward_model_figures(metrics, False), reward_model_figures(metrics, True)
     assert (by_pairs["reward_model/accuracy_low"], by_pairs["reward_model/accuracy_high"]) == wilson_interval(13, 19)
@@ -122,7 +124,8 @@ def test_the_reward_models_accuracy_interval_is_read_as_the_win_rates():
         "on, 95% interval 0.46-0.85 over pairs)")
     # a reward model trained before these figures: its accuracy and the interval over pairs alone
     old = reward_model_figures({"held_out": {"accuracy": 13 / 19, "n": 19}}, True)
-    assert old == {"reward_model/pairs": 19, "reward_model/accuracy_low": wilson_interval(13, 19)[0],
+    assert old == {"reward_model/accuracy": 13 / 19, "reward_model/pairs": 19,
+                   "reward_model/accuracy_low": wilson_interval(13, 19)[0],
                    "reward_model/accuracy_high": wilson_interval(13, 19)[1]}
 
 
