@@ -332,23 +332,26 @@ def cmd_validate(args) -> int:
     if not files:
         raise SystemExit(f"error: nothing to validate: no files given and {ws.raw_dir} holds no feedback")
     tokenizer = policy_tokenizer(ws, cfg)
-    from tasks.importers import ImportError_, convert, detect_format
+    from tasks.importers import ImportError_, convert, decompressed, detect_format
 
     to_check, converted_bad = [], []
-    for f in map(Path, files):  # other formats (HH-RLHF, CSV, Parquet) are converted to records first
-        try:
-            fmt = detect_format(f)
-        except ImportError_ as e:
-            raise SystemExit(f"error: {e}") from None
-        if fmt == "jsonl":
-            to_check.append(f)
-            continue
-        (out / "converted").mkdir(parents=True, exist_ok=True)
-        kept, bad = out / "converted" / f"{f.stem}.jsonl", out / "converted" / f"{f.stem}.set-aside.jsonl"
-        convert(f, fmt, {}, 0, kept, bad)
-        to_check.append(kept)
-        converted_bad += [json.loads(line) for line in bad.read_text(encoding="utf-8").splitlines()]
-    result = validate_files(to_check, cfg.validate_, out / "gx", tokenizer, chat=cfg.chat_format)
+    with contextlib.ExitStack() as stack:
+        # other formats (HH-RLHF, CSV, Parquet) are converted to records first; compressed files unpacked
+        for f in map(Path, files):
+            try:
+                readable = stack.enter_context(decompressed(f))
+                fmt = detect_format(readable)
+                if fmt == "jsonl":
+                    to_check.append(readable)
+                    continue
+                (out / "converted").mkdir(parents=True, exist_ok=True)
+                kept, bad = out / "converted" / f"{readable.stem}.jsonl", out / "converted" / f"{readable.stem}.set-aside.jsonl"
+                convert(readable, fmt, {}, 0, kept, bad, name=f.name)
+            except ImportError_ as e:
+                raise SystemExit(f"error: {e}") from None
+            to_check.append(kept)
+            converted_bad += [json.loads(line) for line in bad.read_text(encoding="utf-8").splitlines()]
+        result = validate_files(to_check, cfg.validate_, out / "gx", tokenizer, chat=cfg.chat_format)
     result.quarantined += converted_bad
     summary = write_outputs(result, cfg.validate_, [str(f) for f in files], out / "accepted.jsonl",
                             out / "quarantine.jsonl", out / "validation.json",

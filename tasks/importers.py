@@ -4,28 +4,39 @@ Each reader streams its file and yields, per source row, either a PreferenceReco
 BadLine (row number + reason). `import_file` writes the kept records to a new immutable raw
 file, the set-aside rows to a quarantine file beside it, keeps the received file as it came,
 and versions all three with DVC. Nothing is dropped without a line saying why.
+
+Files come as tools write them: with a UTF-8 byte order mark (Excel), CSV separated by commas,
+tabs, semicolons (Excel where the decimal mark is a comma) or bars, gzip-, bzip2- or xz-compressed
+(`train.jsonl.gz`, as HH-RLHF is published).
 """
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
 import json
+import lzma
 import math
 import re
 import shutil
 import tempfile
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 from tasks import versioning
 from tasks.config import hh_turns, joined_turns
-from tasks.records import SOURCE_PATTERN, BadLine, PreferenceRecord, read_jsonl, utc_now
+from tasks.records import SOURCE_PATTERN, UTF8_BOM, BadLine, PreferenceRecord, read_jsonl, utc_now
 from tasks.workspace import Workspace
 
 FORMATS = ("jsonl", "conversational", "csv", "parquet", "hh-rlhf", "label-studio", "argilla")
 ASSISTANT = "\n\nAssistant:"
 MAX_FIELD_CHARS = 100_000  # a field longer than this is a broken export, not a response
+CSV_FIELD_LIMIT = 64 << 20  # Python's csv stops a whole file at a 128 KiB field; ours sets the row aside
+CSV_DELIMITERS = ",\t;|"
+csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))  # process-wide, and only ever raised
 Row = PreferenceRecord | BadLine
 
 
@@ -271,19 +282,60 @@ def read_hh_rlhf(path: Path, mapping: dict, round_: int) -> Iterator[Row]:
 
 
 def read_csv(path: Path, mapping: dict, round_: int) -> Iterator[Row]:
+    """Rows of a CSV file with a header line; the separator is the header's (see `csv_delimiter`).
+    A row that is not UTF-8 is set aside, as a JSON line would be; a header that is not stops the file.
+    Row numbers are the line a row starts on (a quoted response may span lines)."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            _check_columns(reader.fieldnames or [], mapping)
-            for n, row in enumerate(reader, start=2):  # line 1 is the header
-                if None in row:
-                    yield BadLine(n, f"{len(row[None])} more cells than the header has columns", str(row)[:2000])
-                    continue
-                yield make_record(n, _mapped(row, mapping), "import:csv", round_)
-    except UnicodeDecodeError as e:
-        raise ImportError_(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); re-export it as UTF-8") from None
+        # surrogateescape: a byte that is not UTF-8 reaches the row as a lone surrogate, found below
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+            header = f.readline()
+            f.seek(0)
+            reader = csv.DictReader(f, delimiter=csv_delimiter(path, header))
+            columns = reader.fieldnames or []
+            if not _is_utf8(*columns):
+                raise ImportError_(f"{path}: its header line is not UTF-8 text; re-export the file as UTF-8")
+            _check_columns(columns, mapping)
+            start = reader.line_num + 1
+            for row in reader:
+                n, start = start, reader.line_num + 1
+                cells = [v for k, v in row.items() if k is not None] + row.get(None, [])  # None: surplus cells
+                if not _is_utf8(*(c for c in cells if isinstance(c, str))):  # a short row's missing cells are None
+                    yield BadLine(n, "not UTF-8 text; re-export the file as UTF-8", _readable(row))
+                elif None in row:
+                    yield BadLine(n, f"{len(row[None])} more cells than the header has columns", _readable(row))
+                else:
+                    yield make_record(n, _mapped(row, mapping), "import:csv", round_)
     except csv.Error as e:
         raise ImportError_(f"{path} is not readable CSV: {e}") from None
+
+
+def csv_delimiter(path: Path, header: str) -> str:
+    """Tab for .tsv and .tab; else whichever of , tab ; | the header line holds most (a comma where
+    it holds none: one column)."""
+    if path.suffix.lower() in (".tsv", ".tab"):
+        return "\t"
+    counts = {d: header.count(d) for d in CSV_DELIMITERS}
+    best = max(counts, key=counts.get)
+    return best if counts[best] else ","
+
+
+def _is_utf8(*texts: str) -> bool:
+    """False where a text holds a byte decoded with surrogateescape (the file was not UTF-8 there)."""
+    try:
+        for text in texts:
+            text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _readable(row: dict) -> str:
+    """A CSV row for the quarantine file, its undecodable bytes as replacement characters."""
+    def fix(v):
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        return v.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if isinstance(v, str) else v
+    return str({k: fix(v) for k, v in row.items()})[:2000]
 
 
 def read_parquet(path: Path, mapping: dict, round_: int) -> Iterator[Row]:
@@ -337,7 +389,7 @@ def read_argilla(path: Path, mapping: dict, round_: int) -> Iterator[Row]:
     `responses`; each submitted response ranks the candidate fields). The best-ranked response is
     chosen against each lower-ranked one; equal ranks are a tie."""
     prompt_key = mapping.get("prompt", "prompt")
-    items = _json_array(path) if path.read_bytes()[:1] == b"[" else (
+    items = _json_array(path) if _starts_json_array(path) else (
         item if isinstance(item, BadLine) else item[1] for item in read_jsonl(path))
     for n, rec in enumerate(items, start=1):
         if isinstance(rec, BadLine):
@@ -367,9 +419,14 @@ def read_argilla(path: Path, mapping: dict, round_: int) -> Iterator[Row]:
                                   "import:argilla", round_)
 
 
+def _starts_json_array(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(1 << 16).removeprefix(UTF8_BOM).lstrip()[:1] == b"["
+
+
 def _json_array(path: Path) -> list:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as e:
         raise ImportError_(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
@@ -406,18 +463,23 @@ def detect_format(path: Path) -> str:
     if suffix in (".csv", ".tsv"):
         return "csv"
     with open(path, "rb") as f:
-        head = f.read(1 << 16)
+        head = f.read(1 << 16).removeprefix(UTF8_BOM)
     if not head.strip():
         raise ImportError_(f"{path} is empty: nothing to import")
     if head.lstrip()[:1] == b"[":  # a JSON array: Label Studio tasks or Argilla records
-        first = next(iter(_json_array(path)), None)
+        try:
+            first = next(iter(_json_array(path)), None)
+        except ImportError_ as e:
+            raise ImportError_(f"{e}; if it is JSON lines, pass --format") from None
         if isinstance(first, dict) and "annotations" in first and "data" in first:
             return "label-studio"
         if isinstance(first, dict) and "fields" in first and "responses" in first:
             return "argilla"
         raise ImportError_(f"{path}: a JSON array, but neither Label Studio tasks nor Argilla records; pass --format")
+    first_bad = None
     for item in read_jsonl(path):
         if isinstance(item, BadLine):
+            first_bad = first_bad or item
             continue
         keys = set(item[1])
         if {"chosen", "rejected"} <= keys and isinstance(item[1]["chosen"], (list, dict)):
@@ -431,7 +493,8 @@ def detect_format(path: Path) -> str:
         raise ImportError_(f"{path}: cannot tell the format from keys {sorted(keys)}; pass --format")
     if b"\x00" in head:
         raise ImportError_(f"{path} looks binary, not a JSON-lines, CSV or Parquet file")
-    raise ImportError_(f"{path}: no line of it is a JSON object; pass --format")
+    raise ImportError_(f"{path}: no line of it is a JSON object (line {first_bad.line}: {first_bad.reason}); "
+                       "pass --format")
 
 
 def parse_mapping(text: str | None) -> dict:
@@ -447,8 +510,10 @@ def parse_mapping(text: str | None) -> dict:
     return mapping
 
 
-def convert(path: Path, fmt: str, mapping: dict, round_: int, kept_out: Path, bad_out: Path) -> ImportSummary:
-    """Stream `path` into kept records (JSON lines) and set-aside rows (JSON lines with reasons)."""
+def convert(path: Path, fmt: str, mapping: dict, round_: int, kept_out: Path, bad_out: Path,
+            name: str | None = None) -> ImportSummary:
+    """Stream `path` into kept records (JSON lines) and set-aside rows (JSON lines with reasons);
+    `name`: the file's as received, where `path` is its decompressed copy."""
     summary = ImportSummary(source_file=str(path), format=fmt)
     seen: set[str] = set()
     with open(kept_out, "w", encoding="utf-8") as kept, open(bad_out, "w", encoding="utf-8") as bad:
@@ -458,7 +523,7 @@ def convert(path: Path, fmt: str, mapping: dict, round_: int, kept_out: Path, ba
             if isinstance(row, BadLine):
                 summary.set_aside += 1
                 summary.reasons[row.reason] += 1
-                bad.write(json.dumps({"source_file": path.name, "line": row.line, "reasons": [row.reason],
+                bad.write(json.dumps({"source_file": name or path.name, "line": row.line, "reasons": [row.reason],
                                       "record": row.raw}, ensure_ascii=False) + "\n")
                 continue
             seen.add(row.id)
@@ -468,6 +533,52 @@ def convert(path: Path, fmt: str, mapping: dict, round_: int, kept_out: Path, ba
     return summary
 
 
+COMPRESSED = {"gzip": gzip.open, "bzip2": bz2.open, "xz": lzma.open}
+COMPRESSED_SUFFIXES = (".gz", ".gzip", ".bz2", ".xz")
+
+
+def compression(path: Path) -> str | None:
+    """'gzip', 'bzip2' or 'xz' by the file's first bytes, None for a plain file; an archive or a
+    compression Python cannot read is refused, with how to unpack it."""
+    with open(path, "rb") as f:
+        magic = f.read(10)
+    if magic.startswith(b"\x1f\x8b"):
+        return "gzip"
+    if magic[:3] == b"BZh" and magic[3:4].isdigit() and magic[4:10] == b"1AY&SY":
+        return "bzip2"
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        return "xz"
+    if magic.startswith(b"\x28\xb5\x2f\xfd"):
+        raise ImportError_(f"{path} is zstd-compressed: decompress it first (`zstd -d {path}`) and import that")
+    if magic.startswith(b"PK\x03\x04"):
+        raise ImportError_(f"{path} is a zip archive: unpack it and import the files inside")
+    return None
+
+
+@contextmanager
+def decompressed(path: Path, scratch: Path | None = None) -> Iterator[Path]:
+    """`path` itself, or for a gzip, bzip2 or xz file its contents, in a temporary file in `scratch`
+    named without the compression suffix (train.jsonl.gz -> train.jsonl: the format is told as for
+    the plain file). Errors about the copy name `path`."""
+    kind = compression(path)
+    if kind is None:
+        yield path
+        return
+    inner = path.stem if path.suffix.lower() in COMPRESSED_SUFFIXES else path.name
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+        out = Path(tmp) / inner
+        try:
+            with COMPRESSED[kind](path, "rb") as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except (OSError, EOFError, lzma.LZMAError) as e:
+            raise ImportError_(f"{path} is {kind}-compressed but cannot be decompressed ({e or type(e).__name__}): "
+                               "is the file whole?") from None
+        try:
+            yield out
+        except ImportError_ as e:
+            raise ImportError_(str(e).replace(str(out), f"{path} (decompressed)")) from None
+
+
 def import_file(ws: Workspace, path: Path, fmt: str = "auto", mapping: dict | None = None,
                 round_: int | None = None) -> ImportSummary:
     """Import one file into the workspace's raw feedback, versioned with DVC. Returns the summary;
@@ -475,14 +586,15 @@ def import_file(ws: Workspace, path: Path, fmt: str = "auto", mapping: dict | No
     path = Path(path)
     if not path.is_file():
         raise ImportError_(f"{path} does not exist or is not a file")
-    fmt = detect_format(path) if fmt == "auto" else fmt
-    if fmt not in READERS:
+    if fmt != "auto" and fmt not in READERS:
         raise ImportError_(f"unknown format {fmt!r}; use one of auto, {', '.join(FORMATS)}")
     round_ = round_ if round_ is not None else ws.read_state().round
     (ws.root / ".cache").mkdir(exist_ok=True)  # git-ignored scratch space on the same disk
-    with tempfile.TemporaryDirectory(dir=ws.root / ".cache") as tmp:
+    with tempfile.TemporaryDirectory(dir=ws.root / ".cache") as tmp, decompressed(path, Path(tmp)) as readable:
+        fmt = detect_format(readable) if fmt == "auto" else fmt
         kept, bad = Path(tmp) / "kept.jsonl", Path(tmp) / "set-aside.jsonl"
-        summary = convert(path, fmt, mapping or {}, round_, kept, bad)
+        summary = convert(readable, fmt, mapping or {}, round_, kept, bad, name=path.name)
+        summary.source_file = str(path)
         source = f"import-{fmt}"
         if summary.kept:
             summary.raw_file = str(versioning.add_raw_feedback(ws, kept, round_, source, summary.kept,

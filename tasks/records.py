@@ -18,6 +18,7 @@ from typing import Iterable, Iterator
 SOURCES_FIXED = {"simulated", "prefect-ui"}  # plus "import:<format>"
 SOURCE_PATTERN = r"^(simulated|prefect-ui|import:[a-z0-9-]+)$"  # the data contract's `source` values
 LABELS = {"pair", "tie", "skip"}  # ties and skips are kept in the raw labels but are not pairs
+UTF8_BOM = b"\xef\xbb\xbf"  # what Excel and Windows tools put before UTF-8 text
 
 
 def record_id(prompt: str, chosen: str, rejected: str) -> str:
@@ -65,9 +66,12 @@ class BadLine:
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict] | BadLine]:
-    """Yield (line number, JSON object) per line, or a BadLine saying why it is not one. Streams the file."""
+    """Yield (line number, JSON object) per line, or a BadLine saying why it is not one. Streams the
+    file; a UTF-8 byte order mark before the first line is not part of it."""
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
+            if n == 1:
+                raw = raw.removeprefix(UTF8_BOM)
             if not raw.strip():
                 continue
             try:

@@ -136,12 +136,13 @@ def fits(tokenizer, record: dict, max_length: int, chat: ChatConfig | None = Non
 
 def accuracy_on_file(model, tokenizer, path: str, max_length: int, chat: ChatConfig | None = None) -> dict:
     """Pairwise accuracy on another preference file; pairs longer than max_length are counted, not scored."""
-    from tasks.importers import READERS, detect_format
+    from tasks.importers import READERS, decompressed, detect_format
     from tasks.records import PreferenceRecord
 
-    pairs = [{"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected}
-             for r in READERS[detect_format(Path(path))](Path(path), {}, 0)
-             if isinstance(r, PreferenceRecord) and r.label == "pair"]
+    with decompressed(Path(path)) as readable:
+        pairs = [{"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected}
+                 for r in READERS[detect_format(readable)](readable, {}, 0)
+                 if isinstance(r, PreferenceRecord) and r.label == "pair"]
     fit = [r for r in pairs if fits(tokenizer, r, max_length, chat)]
     return {**pairwise_accuracy(model, tokenizer, fit, chat), "file": str(path), "too_long": len(pairs) - len(fit)}
 

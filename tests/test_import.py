@@ -1,7 +1,11 @@
 """Importers: HH-RLHF whole, round trips through every format (conversations too), malformed files,
 DVC versioning."""
+import bz2
 import csv
+import gzip
+import io
 import json
+import lzma
 import os
 import subprocess
 from pathlib import Path
@@ -13,8 +17,8 @@ import pytest
 from flows.cli import main
 from tasks import versioning
 from tasks.config import ChatConfig, ValidateConfig
-from tasks.importers import ImportError_, from_conversation, import_file, split_dialogue
-from tasks.records import PreferenceRecord
+from tasks.importers import MAX_FIELD_CHARS, ImportError_, from_conversation, import_file, split_dialogue
+from tasks.records import UTF8_BOM, PreferenceRecord
 from tasks.validate import validate_files
 from tasks.workspace import init_workspace
 
@@ -298,7 +302,15 @@ def test_mostly_bad_file_exits_non_zero(ws, tmp_path, capsys):
     (b'{"foo": 1}\n', "auto", "cannot tell the format"),
     (b"question,answer\nq,a\n", "csv", "columns prompt, chosen, rejected not found"),
     (b"not parquet at all", "parquet", "not a Parquet file"),
-    (b"prompt,chosen,rejected\n\xff\xfe,b,c\n", "csv", "not UTF-8"),
+    (b"\xffprompt,chosen,rejected\nq,b,c\n", "csv", "header line is not UTF-8"),
+    (gzip.compress(b'{"prompt": "p", "chosen": " a", "rejected": " b"}\n' * 50)[:40], "auto",
+     "gzip-compressed but cannot be decompressed"),
+    (b"PK\x03\x04" + bytes(40), "auto", "a zip archive: unpack it"),
+    (b"\x28\xb5\x2f\xfd" + bytes(40), "auto", "zstd-compressed: decompress it first"),
+    (b'{"prompt": "p", "chosen": "\xff a", "rejected": " b"}\n', "auto",
+     "no line of it is a JSON object (line 1: not UTF-8 (invalid start byte at byte 27))"),
+    (b'[1, 2]\n{"prompt": "p", "chosen": " a", "rejected": " b"}\n', "auto",
+     "not valid JSON (Extra data at line 2); if it is JSON lines, pass --format"),
 ])
 def test_unreadable_files_give_a_clear_error_exit_2(ws, tmp_path, capsys, content, fmt, expected):
     path = tmp_path / ("f.parquet" if fmt == "parquet" else "f.csv" if fmt == "csv" else "f.jsonl")
@@ -318,6 +330,98 @@ def test_bad_map_and_missing_file(ws, tmp_path, capsys):
     assert "bad --map entry" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="max-bad-fraction"):
         main(["import", str(path), "--max-bad-fraction", "2", "--workspace", str(ws.root)])
+
+
+def as_tools_write_it(rows: list[dict], variant: str) -> tuple[str, bytes]:
+    """The same pairs as a file name and bytes, written the way some tool writes them."""
+    jsonl = "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+    def table(sep: str) -> bytes:
+        out = io.StringIO()
+        w = csv.DictWriter(out, fieldnames=["prompt", "chosen", "rejected"], delimiter=sep, extrasaction="ignore",
+                           lineterminator="\r\n")
+        w.writeheader()
+        w.writerows(rows)
+        return out.getvalue().encode()
+
+    return {"jsonl with a byte order mark": ("prefs.jsonl", UTF8_BOM + jsonl),
+            "Excel's CSV UTF-8": ("prefs.csv", UTF8_BOM + table(",")),
+            "semicolons": ("prefs.csv", table(";")),
+            "tabs, .tsv": ("prefs.tsv", table("\t")),
+            "tabs, .csv": ("prefs.csv", table("\t")),
+            "gzip": ("prefs.jsonl.gz", gzip.compress(jsonl)),
+            "bzip2": ("prefs.jsonl.bz2", bz2.compress(jsonl)),
+            "xz": ("prefs.jsonl.xz", lzma.compress(jsonl)),
+            "gzip tsv": ("prefs.tsv.gz", gzip.compress(table("\t"))),
+            "gzip, no suffix": ("prefs", gzip.compress(jsonl))}[variant]
+
+
+@pytest.fixture(scope="module")
+def one_ws(tmp_path_factory):
+    return init_workspace(tmp_path_factory.mktemp("one") / "ws")
+
+
+@pytest.mark.parametrize("variant", ["jsonl with a byte order mark", "Excel's CSV UTF-8", "semicolons", "tabs, .tsv",
+                                     "tabs, .csv", "gzip", "bzip2", "xz", "gzip tsv", "gzip, no suffix"])
+def test_files_as_tools_write_them_import_as_the_plain_file(one_ws, tmp_path, variant):
+    """Byte order marks, other separators and compression: the same pairs as from the plain file,
+    the file kept as it came; `rlhf validate` reads it too."""
+    ws = one_ws
+    recs = sample_records()
+    rows = [json.loads(r.to_json()) for r in recs]
+    name, data = as_tools_write_it(rows, variant)
+    path = tmp_path / name
+    path.write_bytes(data)
+    summary = import_file(ws, path)
+    assert (summary.kept, summary.set_aside) == (5, 0) and summary.source_file == str(path)
+    assert summary.format == ("csv" if variant in ("Excel's CSV UTF-8", "semicolons") or "tabs" in variant
+                              or "tsv" in variant else "jsonl")
+    back = records(summary.raw_file)
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in back] == [(r.prompt, r.chosen, r.rejected) for r in recs]
+    assert [r["id"] for r in back] == [r.id for r in recs]
+    assert open(summary.received_file, "rb").read() == data
+    assert not list((ws.root / ".cache").iterdir())  # no decompressed copy left behind
+    if summary.format == "csv":  # other formats reach the contract's checks through `rlhf validate`, converted
+        assert main(["validate", str(path), "--workspace", str(ws.root), "--out", str(tmp_path / "v"), "--json"]) == 1
+        assert validate_report(tmp_path / "v")["quarantined"] == 0  # only too few rows (5) block it
+
+
+def validate_report(out: Path) -> dict:
+    return json.loads((out / "validation.json").read_text())
+
+
+@needs_hh
+def test_hh_rlhf_as_published_gzip_imports_and_validates(ws, tmp_path, capsys):
+    """Hugging Face's Anthropic/hh-rlhf ships train.jsonl.gz: imported and validated as the plain file."""
+    path = tmp_path / "train.jsonl.gz"
+    path.write_bytes(gzip.compress(HH_RLHF.read_bytes()))
+    summary = import_file(ws, path)
+    assert summary.format == "hh-rlhf" and (summary.kept, summary.set_aside) == (1812, 0)
+    first = json.loads(HH_RLHF.open(encoding="utf-8").readline())
+    rec = records(summary.raw_file)[0]
+    assert rec["prompt"] + rec["chosen"] == first["chosen"]
+    assert main(["validate", str(path), "--workspace", str(ws.root), "--out", str(tmp_path / "v"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accepted"] == 1812
+
+
+def test_csv_rows_too_long_or_not_utf8_are_set_aside_at_the_line_they_start(ws, tmp_path, capsys):
+    """Python's csv stops a whole file at a 128 KiB field, and a file that is not UTF-8 at its first
+    odd byte: each is one bad row here, set aside with the line it starts on, as in JSON lines."""
+    path = tmp_path / "export.csv"
+    path.write_bytes(b"prompt,chosen,rejected\n"
+                     b"p1, a, b\n"
+                     b'p2,"two\nlines", b\n'  # lines 3-4
+                     b"p3, " + b"x" * 150_000 + b", b\n"  # line 5
+                     b"p4, caf\xe9, b\n"  # line 6: Latin-1
+                     b"p5, c, d\n")
+    code = main(["import", str(path), "--json", "--workspace", str(ws.root)])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and (out["kept"], out["set_aside"]) == (3, 2)
+    quarantined = {q["line"]: q for q in records(out["quarantine_file"])}
+    assert quarantined[5]["reasons"] == [f"field 'chosen' longer than {MAX_FIELD_CHARS} characters"]
+    assert quarantined[6]["reasons"] == ["not UTF-8 text; re-export the file as UTF-8"]
+    assert "caf\ufffd" in quarantined[6]["record"] and quarantined[6]["source_file"] == "export.csv"
+    assert [r["prompt"] for r in records(out["raw_file"])] == ["p1", "p2", "p5"]
 
 
 def test_csv_row_with_extra_cells_is_set_aside(ws, tmp_path):
