@@ -332,16 +332,16 @@ def cmd_validate(args) -> int:
     if not files:
         raise SystemExit(f"error: nothing to validate: no files given and {ws.raw_dir} holds no feedback")
     tokenizer = policy_tokenizer(ws, cfg)
-    from tasks.importers import ImportError_, convert, decompressed, detect_format
+    from tasks.importers import ImportError_, convert, decompressed, detect_format, is_json_array
 
     to_check, converted_bad = [], []
     with contextlib.ExitStack() as stack:
-        # other formats (HH-RLHF, CSV, Parquet) are converted to records first; compressed files unpacked
+        # other formats (HH-RLHF, CSV, Parquet, JSON arrays) are converted to records first; compressed files unpacked
         for f in map(Path, files):
             try:
                 readable = stack.enter_context(decompressed(f))
                 fmt = detect_format(readable)
-                if fmt == "jsonl":
+                if fmt == "jsonl" and not is_json_array(readable):  # our records as they are
                     to_check.append(readable)
                     continue
                 (out / "converted").mkdir(parents=True, exist_ok=True)

@@ -220,7 +220,7 @@ def as_prompt(turns: list[tuple[str, str]]) -> str | Problem:
 
 # ---- readers ---------------------------------------------------------------------------------
 def read_records_jsonl(path: Path, mapping: dict, round_: int) -> Iterator[Row]:
-    for item in read_jsonl(path):
+    for item in read_objects(path):
         if isinstance(item, BadLine):
             yield item
             continue
@@ -230,7 +230,7 @@ def read_records_jsonl(path: Path, mapping: dict, round_: int) -> Iterator[Row]:
 
 def read_conversational(path: Path, mapping: dict, round_: int) -> Iterator[Row]:
     """JSON lines whose `chosen` and `rejected` are conversations (see `from_conversation`)."""
-    for item in read_jsonl(path):
+    for item in read_objects(path):
         if isinstance(item, BadLine):
             yield item
             continue
@@ -263,7 +263,7 @@ def split_dialogue(chosen: str, rejected: str) -> tuple[str, str, str] | str:
 
 
 def read_hh_rlhf(path: Path, mapping: dict, round_: int) -> Iterator[Row]:
-    for item in read_jsonl(path):
+    for item in read_objects(path):
         if isinstance(item, BadLine):
             yield item
             continue
@@ -389,13 +389,12 @@ def read_argilla(path: Path, mapping: dict, round_: int) -> Iterator[Row]:
     `responses`; each submitted response ranks the candidate fields). The best-ranked response is
     chosen against each lower-ranked one; equal ranks are a tie."""
     prompt_key = mapping.get("prompt", "prompt")
-    items = _json_array(path) if _starts_json_array(path) else (
-        item if isinstance(item, BadLine) else item[1] for item in read_jsonl(path))
-    for n, rec in enumerate(items, start=1):
-        if isinstance(rec, BadLine):
-            yield rec
+    for item in read_objects(path):
+        if isinstance(item, BadLine):
+            yield item
             continue
-        fields = rec.get("fields") if isinstance(rec, dict) else None
+        n, rec = item
+        fields = rec.get("fields")
         if not isinstance(fields, dict):
             yield BadLine(n, "record without a 'fields' object", json.dumps(rec, default=str)[:2000])
             continue
@@ -419,7 +418,23 @@ def read_argilla(path: Path, mapping: dict, round_: int) -> Iterator[Row]:
                                   "import:argilla", round_)
 
 
-def _starts_json_array(path: Path) -> bool:
+def read_objects(path: Path) -> Iterator[tuple[int, dict] | BadLine]:
+    """(row, object) per JSON line, or per item of a JSON array (what `json.dump` of a list and
+    `DataFrame.to_json(orient="records")` write; the row is the item's position from 1), or a
+    BadLine where a row is not a JSON object."""
+    if not is_json_array(path):
+        yield from read_jsonl(path)
+        return
+    for n, obj in enumerate(_json_array(path), start=1):
+        if isinstance(obj, dict):
+            yield n, obj
+        else:
+            yield BadLine(n, f"not a JSON object (a {type(obj).__name__})",
+                          json.dumps(obj, ensure_ascii=False, default=str)[:2000])
+
+
+def is_json_array(path: Path) -> bool:
+    """Whether the file holds one JSON array (its first character past a byte order mark and blanks is '[')."""
     with open(path, "rb") as f:
         return f.read(1 << 16).removeprefix(UTF8_BOM).lstrip()[:1] == b"["
 
@@ -456,7 +471,7 @@ READERS: dict[str, Callable[[Path, dict, int], Iterator[Row]]] = {
 
 
 def detect_format(path: Path) -> str:
-    """By extension, then (for JSON lines) by the keys of the first object."""
+    """By extension, then (JSON lines or a JSON array) by the keys of the first object."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return "parquet"
@@ -466,35 +481,40 @@ def detect_format(path: Path) -> str:
         head = f.read(1 << 16).removeprefix(UTF8_BOM)
     if not head.strip():
         raise ImportError_(f"{path} is empty: nothing to import")
-    if head.lstrip()[:1] == b"[":  # a JSON array: Label Studio tasks or Argilla records
+    if head.lstrip()[:1] == b"[":  # a JSON array: Label Studio tasks, or records as JSON lines hold them
         try:
-            first = next(iter(_json_array(path)), None)
+            items = _json_array(path)
         except ImportError_ as e:
             raise ImportError_(f"{e}; if it is JSON lines, pass --format") from None
-        if isinstance(first, dict) and "annotations" in first and "data" in first:
+        first = next((item for item in items if isinstance(item, dict)), None)
+        if first is None:
+            raise ImportError_(f"{path}: a JSON array with no object in it: nothing to import")
+        if "annotations" in first and "data" in first:
             return "label-studio"
-        if isinstance(first, dict) and "fields" in first and "responses" in first:
-            return "argilla"
-        raise ImportError_(f"{path}: a JSON array, but neither Label Studio tasks nor Argilla records; pass --format")
+        return _format_of_object(path, first)
     first_bad = None
     for item in read_jsonl(path):
         if isinstance(item, BadLine):
             first_bad = first_bad or item
             continue
-        keys = set(item[1])
-        if {"chosen", "rejected"} <= keys and isinstance(item[1]["chosen"], (list, dict)):
-            return "conversational"
-        if {"prompt", "chosen", "rejected"} <= keys:
-            return "jsonl"
-        if {"chosen", "rejected"} <= keys and ASSISTANT in str(item[1].get("chosen")):
-            return "hh-rlhf"
-        if {"fields", "responses"} <= keys:
-            return "argilla"
-        raise ImportError_(f"{path}: cannot tell the format from keys {sorted(keys)}; pass --format")
+        return _format_of_object(path, item[1])
     if b"\x00" in head:
         raise ImportError_(f"{path} looks binary, not a JSON-lines, CSV or Parquet file")
     raise ImportError_(f"{path}: no line of it is a JSON object (line {first_bad.line}: {first_bad.reason}); "
                        "pass --format")
+
+
+def _format_of_object(path: Path, obj: dict) -> str:
+    keys = set(obj)
+    if {"chosen", "rejected"} <= keys and isinstance(obj["chosen"], (list, dict)):
+        return "conversational"
+    if {"prompt", "chosen", "rejected"} <= keys:
+        return "jsonl"
+    if {"chosen", "rejected"} <= keys and ASSISTANT in str(obj.get("chosen")):
+        return "hh-rlhf"
+    if {"fields", "responses"} <= keys:
+        return "argilla"
+    raise ImportError_(f"{path}: cannot tell the format from keys {sorted(keys)}; pass --format")
 
 
 def parse_mapping(text: str | None) -> dict:

@@ -306,6 +306,7 @@ def test_mostly_bad_file_exits_non_zero(ws, tmp_path, capsys):
     (gzip.compress(b'{"prompt": "p", "chosen": " a", "rejected": " b"}\n' * 50)[:40], "auto",
      "gzip-compressed but cannot be decompressed"),
     (b"PK\x03\x04" + bytes(40), "auto", "a zip archive: unpack it"),
+    (b"[1, 2]", "auto", "a JSON array with no object in it"),
     (b"\x28\xb5\x2f\xfd" + bytes(40), "auto", "zstd-compressed: decompress it first"),
     (b'{"prompt": "p", "chosen": "\xff a", "rejected": " b"}\n', "auto",
      "no line of it is a JSON object (line 1: not UTF-8 (invalid start byte at byte 27))"),
@@ -345,6 +346,8 @@ def as_tools_write_it(rows: list[dict], variant: str) -> tuple[str, bytes]:
         return out.getvalue().encode()
 
     return {"jsonl with a byte order mark": ("prefs.jsonl", UTF8_BOM + jsonl),
+            "a JSON array (json.dump)": ("prefs.json", json.dumps(rows, indent=2).encode()),
+            "a JSON array, gzip": ("prefs.json.gz", gzip.compress(json.dumps(rows).encode())),
             "Excel's CSV UTF-8": ("prefs.csv", UTF8_BOM + table(",")),
             "semicolons": ("prefs.csv", table(";")),
             "tabs, .tsv": ("prefs.tsv", table("\t")),
@@ -361,7 +364,8 @@ def one_ws(tmp_path_factory):
     return init_workspace(tmp_path_factory.mktemp("one") / "ws")
 
 
-@pytest.mark.parametrize("variant", ["jsonl with a byte order mark", "Excel's CSV UTF-8", "semicolons", "tabs, .tsv",
+@pytest.mark.parametrize("variant", ["jsonl with a byte order mark", "a JSON array (json.dump)",
+                                     "a JSON array, gzip", "Excel's CSV UTF-8", "semicolons", "tabs, .tsv",
                                      "tabs, .csv", "gzip", "bzip2", "xz", "gzip tsv", "gzip, no suffix"])
 def test_files_as_tools_write_them_import_as_the_plain_file(one_ws, tmp_path, variant):
     """Byte order marks, other separators and compression: the same pairs as from the plain file,
@@ -381,7 +385,7 @@ def test_files_as_tools_write_them_import_as_the_plain_file(one_ws, tmp_path, va
     assert [r["id"] for r in back] == [r.id for r in recs]
     assert open(summary.received_file, "rb").read() == data
     assert not list((ws.root / ".cache").iterdir())  # no decompressed copy left behind
-    if summary.format == "csv":  # other formats reach the contract's checks through `rlhf validate`, converted
+    if summary.format == "csv" or "array" in variant:  # through `rlhf validate` as converted records
         assert main(["validate", str(path), "--workspace", str(ws.root), "--out", str(tmp_path / "v"), "--json"]) == 1
         assert validate_report(tmp_path / "v")["quarantined"] == 0  # only too few rows (5) block it
 
@@ -422,6 +426,16 @@ def test_csv_rows_too_long_or_not_utf8_are_set_aside_at_the_line_they_start(ws, 
     assert quarantined[6]["reasons"] == ["not UTF-8 text; re-export the file as UTF-8"]
     assert "caf\ufffd" in quarantined[6]["record"] and quarantined[6]["source_file"] == "export.csv"
     assert [r["prompt"] for r in records(out["raw_file"])] == ["p1", "p2", "p5"]
+
+
+def test_a_json_array_sets_aside_its_items_that_are_not_objects_by_position(ws, tmp_path):
+    rows = [json.loads(r.to_json()) for r in sample_records(3)]
+    path = tmp_path / "prefs.json"
+    path.write_text(json.dumps([rows[0], 5, rows[1], ["x"], rows[2]]))
+    summary = import_file(ws, path)
+    assert (summary.kept, summary.set_aside) == (3, 2)
+    assert [(q["line"], q["reasons"], q["record"]) for q in records(summary.quarantine_file)] == \
+        [(2, ["not a JSON object (a int)"], "5"), (4, ["not a JSON object (a list)"], '["x"]')]
 
 
 def test_csv_row_with_extra_cells_is_set_aside(ws, tmp_path):
@@ -497,7 +511,7 @@ def test_argilla_ranking_export(ws, tmp_path):
     assert recs[0]["annotator"] == "argilla:u1"
     bad = tmp_path / "bad.json"
     bad.write_text('[{"neither": 1}]')
-    with pytest.raises(ImportError_, match="neither Label Studio tasks nor Argilla records"):
+    with pytest.raises(ImportError_, match=r"cannot tell the format from keys \['neither'\]; pass --format"):
         import_file(ws, bad)
 
 
