@@ -92,6 +92,8 @@ def make_record(line: int, data: dict, source: str, round_: int) -> Row:
         if isinstance(texts, str):
             return BadLine(line, texts, json.dumps(data, ensure_ascii=False, default=str)[:2000])
         data = {**data, **texts}
+    if "_choice_problem" in data:
+        return BadLine(line, data.pop("_choice_problem"), json.dumps(data, ensure_ascii=False, default=str)[:2000])
     problems = [p for p in (_text_problem(k, data.get(k)) for k in ("prompt", "chosen", "rejected")) if p]
     margin = data.get("margin")
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
@@ -452,17 +454,41 @@ def _json_array(path: Path) -> list:
 
 
 def _mapped(row: dict, mapping: dict) -> dict:
-    return {**row, **{ours: row.get(theirs) for ours, theirs in mapping.items()}}
+    """The row with our field names; with a=,b=,choice= the winner's columns become chosen and
+    rejected (`from_choice`), or the row carries why they cannot (`_choice_problem`)."""
+    if "choice" not in mapping:
+        return {**row, **{ours: row.get(theirs) for ours, theirs in mapping.items()}}
+    picked = from_choice(row.get(mapping["a"]), row.get(mapping["b"]), row.get(mapping["choice"]), mapping["choice"])
+    out = {**row, "prompt": row.get(mapping.get("prompt", "prompt"))}
+    return out | ({"_choice_problem": picked} if isinstance(picked, str) else picked)
+
+
+CHOICES = {"a": "a", "1": "a", "b": "b", "2": "b", "tie": "tie", "skip": "skip"}
+CHOICE_MAP_FORMATS = ("jsonl", "csv", "parquet")
+
+
+def from_choice(a, b, choice, column: str = "choice") -> dict | str:
+    """Two responses and which one won -> chosen / rejected / label, or why not. The choice reads
+    a or 1 (the first response), b or 2, tie or skip, in any case; a tie or skip keeps a as chosen."""
+    if isinstance(choice, float) and choice.is_integer():  # 1.0: a CSV or Parquet column of numbers
+        choice = int(choice)
+    pick = CHOICES.get(str(choice).strip().lower()) if isinstance(choice, (str, int)) and not isinstance(
+        choice, bool) else None
+    if pick is None:
+        return f"'{column}' is {choice!r}, not a, b, 1, 2, tie or skip"
+    chosen, rejected = (b, a) if pick == "b" else (a, b)
+    return {"chosen": chosen, "rejected": rejected, "label": "pair" if pick in ("a", "b") else pick}
 
 
 def _check_columns(columns: list[str], mapping: dict, prompt_optional: bool = False) -> None:
     """The prompt column may be missing where chosen holds whole conversations (implicit prompt)."""
-    needed = {k: mapping.get(k, k) for k in ("prompt", "chosen", "rejected") if k != "prompt" or not prompt_optional}
+    ours = ("prompt", "a", "b", "choice") if "choice" in mapping else ("prompt", "chosen", "rejected")
+    needed = {k: mapping.get(k, k) for k in ours if k != "prompt" or not prompt_optional}
     missing = [f"{theirs}" + (f" (for {ours})" if ours != theirs else "")
                for ours, theirs in needed.items() if theirs not in columns]
     if missing:
         raise ImportError_(f"columns {', '.join(missing)} not found; the file has {', '.join(columns) or 'none'}. "
-                           "Map yours with --map prompt=COL,chosen=COL,rejected=COL")
+                           f"Map yours with --map {MAP_USAGE}")
 
 
 READERS: dict[str, Callable[[Path, dict, int], Iterator[Row]]] = {
@@ -470,8 +496,9 @@ READERS: dict[str, Callable[[Path, dict, int], Iterator[Row]]] = {
     "parquet": read_parquet, "label-studio": read_label_studio, "argilla": read_argilla}
 
 
-def detect_format(path: Path) -> str:
-    """By extension, then (JSON lines or a JSON array) by the keys of the first object."""
+def detect_format(path: Path, mapping: dict | None = None) -> str:
+    """By extension, then (JSON lines or a JSON array) by the keys of the first object, read
+    through `mapping` (--map) where one is given."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return "parquet"
@@ -491,20 +518,23 @@ def detect_format(path: Path) -> str:
             raise ImportError_(f"{path}: a JSON array with no object in it: nothing to import")
         if "annotations" in first and "data" in first:
             return "label-studio"
-        return _format_of_object(path, first)
+        return _format_of_object(path, first, mapping or {})
     first_bad = None
     for item in read_jsonl(path):
         if isinstance(item, BadLine):
             first_bad = first_bad or item
             continue
-        return _format_of_object(path, item[1])
+        return _format_of_object(path, item[1], mapping or {})
     if b"\x00" in head:
         raise ImportError_(f"{path} looks binary, not a JSON-lines, CSV or Parquet file")
     raise ImportError_(f"{path}: no line of it is a JSON object (line {first_bad.line}: {first_bad.reason}); "
                        "pass --format")
 
 
-def _format_of_object(path: Path, obj: dict) -> str:
+def _format_of_object(path: Path, obj: dict, mapping: dict) -> str:
+    if "choice" in mapping and all(mapping[k] in obj for k in ("a", "b", "choice")):
+        return "jsonl"
+    obj = {**obj, **{ours: obj[theirs] for ours, theirs in mapping.items() if theirs in obj}}
     keys = set(obj)
     if {"chosen", "rejected"} <= keys and isinstance(obj["chosen"], (list, dict)):
         return "conversational"
@@ -517,16 +547,26 @@ def _format_of_object(path: Path, obj: dict) -> str:
     raise ImportError_(f"{path}: cannot tell the format from keys {sorted(keys)}; pass --format")
 
 
+MAP_USAGE = "prompt=COL,chosen=COL,rejected=COL, or prompt=COL,a=COL,b=COL,choice=COL (a column saying which won)"
+
+
 def parse_mapping(text: str | None) -> dict:
-    """'prompt=question,chosen=good' -> {'prompt': 'question', 'chosen': 'good'}."""
+    """'prompt=question,chosen=good' -> {'prompt': 'question', 'chosen': 'good'}; or the two
+    responses and the column that says which won: 'a=left,b=right,choice=winner'."""
     if not text:
         return {}
     mapping = {}
     for part in text.split(","):
         ours, sep, theirs = part.partition("=")
-        if not sep or ours.strip() not in ("prompt", "chosen", "rejected") or not theirs.strip():
-            raise ImportError_(f"bad --map entry {part!r}: expected prompt=COL, chosen=COL or rejected=COL")
+        if not sep or ours.strip() not in ("prompt", "chosen", "rejected", "a", "b", "choice") or not theirs.strip():
+            raise ImportError_(f"bad --map entry {part!r}: expected {MAP_USAGE}")
         mapping[ours.strip()] = theirs.strip()
+    ab = {"a", "b", "choice"} & set(mapping)
+    if ab and ab != {"a", "b", "choice"}:
+        raise ImportError_(f"--map {text!r}: a=, b= and choice= go together (the two responses and which won); "
+                           f"missing {', '.join(sorted({'a', 'b', 'choice'} - ab))}")
+    if ab and {"chosen", "rejected"} & set(mapping):
+        raise ImportError_(f"--map {text!r}: either chosen= and rejected=, or a=, b= and choice=, not both")
     return mapping
 
 
@@ -608,12 +648,15 @@ def import_file(ws: Workspace, path: Path, fmt: str = "auto", mapping: dict | No
         raise ImportError_(f"{path} does not exist or is not a file")
     if fmt != "auto" and fmt not in READERS:
         raise ImportError_(f"unknown format {fmt!r}; use one of auto, {', '.join(FORMATS)}")
+    mapping = mapping or {}
     round_ = round_ if round_ is not None else ws.read_state().round
     (ws.root / ".cache").mkdir(exist_ok=True)  # git-ignored scratch space on the same disk
     with tempfile.TemporaryDirectory(dir=ws.root / ".cache") as tmp, decompressed(path, Path(tmp)) as readable:
-        fmt = detect_format(readable) if fmt == "auto" else fmt
+        fmt = detect_format(readable, mapping) if fmt == "auto" else fmt
+        if "choice" in mapping and fmt not in CHOICE_MAP_FORMATS:
+            raise ImportError_(f"--map a=,b=,choice= reads {', '.join(CHOICE_MAP_FORMATS)} files; {path} is {fmt}")
         kept, bad = Path(tmp) / "kept.jsonl", Path(tmp) / "set-aside.jsonl"
-        summary = convert(readable, fmt, mapping or {}, round_, kept, bad, name=path.name)
+        summary = convert(readable, fmt, mapping, round_, kept, bad, name=path.name)
         summary.source_file = str(path)
         source = f"import-{fmt}"
         if summary.kept:

@@ -17,7 +17,8 @@ import pytest
 from flows.cli import main
 from tasks import versioning
 from tasks.config import ChatConfig, ValidateConfig
-from tasks.importers import MAX_FIELD_CHARS, ImportError_, from_conversation, import_file, split_dialogue
+from tasks.importers import (MAX_FIELD_CHARS, ImportError_, from_conversation, import_file, parse_mapping,
+                             split_dialogue)
 from tasks.records import UTF8_BOM, PreferenceRecord
 from tasks.validate import validate_files
 from tasks.workspace import init_workspace
@@ -329,6 +330,12 @@ def test_bad_map_and_missing_file(ws, tmp_path, capsys):
     path.write_text("a,b,c\n1,2,3\n")
     assert main(["import", str(path), "--map", "prompt", "--workspace", str(ws.root)]) == 2
     assert "bad --map entry" in capsys.readouterr().err
+    for bad, expected in [("a=a,b=b", "a=, b= and choice= go together (the two responses and which won); missing choice"),
+                          ("a=a,b=b,choice=c,chosen=c", "either chosen= and rejected=, or a=, b= and choice=, not both"),
+                          ("a=a,b=b,choice=d", "columns prompt, d (for choice) not found; the file has a, b, c"),
+                          ("winner=c", "bad --map entry 'winner=c'")]:
+        assert main(["import", str(path), "--map", bad, "--workspace", str(ws.root)]) == 2
+        assert expected in capsys.readouterr().err
     with pytest.raises(SystemExit, match="max-bad-fraction"):
         main(["import", str(path), "--max-bad-fraction", "2", "--workspace", str(ws.root)])
 
@@ -436,6 +443,46 @@ def test_a_json_array_sets_aside_its_items_that_are_not_objects_by_position(ws, 
     assert (summary.kept, summary.set_aside) == (3, 2)
     assert [(q["line"], q["reasons"], q["record"]) for q in records(summary.quarantine_file)] == \
         [(2, ["not a JSON object (a int)"], "5"), (4, ["not a JSON object (a list)"], '["x"]')]
+
+
+def test_two_responses_and_a_column_saying_which_won_become_pairs(ws, tmp_path, capsys):
+    """A spreadsheet's layout (prompt, response A, response B, which was better): --map a=,b=,choice=.
+    The choice reads a/1, b/2, tie, skip in any case; anything else is set aside, saying so."""
+    path = tmp_path / "sheet.csv"
+    path.write_text("question,left,right,better\n"
+                    "q1, l1, r1,A\nq2, l2, r2,b\nq3, l3, r3,2\nq4, l4, r4,Tie\nq5, l5, r5,skip\nq6, l6, r6,maybe\n"
+                    "q7, l7, r7,\n")
+    mapping = "prompt=question,a=left,b=right,choice=better"
+    assert main(["import", str(path), "--map", mapping, "--json", "--workspace", str(ws.root)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["kept"], out["set_aside"]) == (5, 2)
+    assert out["reasons"] == {"'better' is 'maybe', not a, b, 1, 2, tie or skip": 1,
+                              "'better' is '', not a, b, 1, 2, tie or skip": 1}
+    assert [(r["prompt"], r["chosen"], r["rejected"], r["label"]) for r in records(out["raw_file"])] == [
+        ("q1", " l1", " r1", "pair"), ("q2", " r2", " l2", "pair"), ("q3", " r3", " l3", "pair"),
+        ("q4", " l4", " r4", "tie"), ("q5", " l5", " r5", "skip")]
+    assert [q["line"] for q in records(out["quarantine_file"])] == [7, 8]
+    # Parquet and JSON lines alike; numbers as a column of numbers store them (1, 2.0)
+    rows = [{"question": f"p{i}", "left": f" l{i}", "right": f" r{i}", "better": w} for i, w in enumerate([1, 2.0, 2])]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "sheet.parquet")
+    (tmp_path / "sheet.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name in ("sheet.parquet", "sheet.jsonl"):
+        summary = import_file(ws, tmp_path / name, "auto", parse_mapping(mapping))
+        assert summary.format == name.split(".")[1] and (summary.kept, summary.set_aside) == (3, 0)
+        assert [r["chosen"] for r in records(summary.raw_file)] == [" l0", " r1", " r2"]
+    with pytest.raises(ImportError_, match="--map a=,b=,choice= reads jsonl, csv, parquet files; .* is argilla"):
+        (tmp_path / "argilla.jsonl").write_text(json.dumps({"fields": {}, "responses": []}) + "\n")
+        import_file(ws, tmp_path / "argilla.jsonl", "auto", parse_mapping(mapping))
+
+
+def test_json_lines_with_their_own_field_names_are_told_apart_through_the_map(ws, tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"question": r.prompt, "good": r.chosen, "bad": r.rejected}) + "\n"
+                            for r in sample_records(3)))
+    with pytest.raises(ImportError_, match="cannot tell the format"):
+        import_file(ws, path)
+    summary = import_file(ws, path, "auto", parse_mapping("prompt=question,chosen=good,rejected=bad"))
+    assert summary.format == "jsonl" and summary.kept == 3
 
 
 def test_csv_row_with_extra_cells_is_set_aside(ws, tmp_path):
