@@ -26,7 +26,7 @@ import torch
 from tasks import judge as judging
 from tasks import prompts as prompts_, scenario, tracking
 from tasks.config import ChatConfig, PipelineConfig
-from tasks.intervals import prompt_interval, wilson_interval
+from tasks.intervals import interval_over_prompts, wilson_interval
 from tasks.modeling import (compute_device, encode_prompt, generate_texts, load_policy, load_reward, load_tokenizer,
                             score_texts, sequence_logprobs)
 from tasks.prompts import check_lengths, evaluation_prompts
@@ -53,20 +53,21 @@ def preference_rate(a: list[float], b: list[float], prompts: list[str] | None = 
     independent: right when the held-out prompts are all there is to measure. Over prompts
     (`low_prompts`, with `prompts`, each pair's): the samples of one prompt are alike (a prompt
     the candidate answers better it answers better 32 times), so when the held-out prompts are a
-    sample of what will be asked, the prompts are what counts (prompt_interval). `low`/`high` are
-    the gated interval: over pairs, or with `over_prompts` the wider of the two (a copy of the
-    champion, 0.5 on every prompt, has no spread over prompts; over pairs it still may lose)."""
+    sample of what will be asked, the prompts are what counts: interval_over_prompts, never
+    narrower than Wilson's (a copy of the champion, 0.5 on every prompt, has no spread over
+    prompts; over pairs it still may lose). `low`/`high` are the gated interval: over pairs, or
+    with `over_prompts` over prompts."""
     n = len(a)
     probs = [0.5 * (1.0 + math.tanh((x - y) / 2.0)) for x, y in zip(a, b)]  # sigmoid, without overflow
     low, high = wilson_interval(sum(probs), n)
     out = {"rate": sum(probs) / max(n, 1), "low": low, "high": high, "hard": win_rate(a, b)["rate"],
            "low_pairs": low, "high_pairs": high}
     if prompts is not None:
-        low_p, high_p = prompt_interval(probs, prompts)
+        low_p, high_p = interval_over_prompts(probs, prompts)
         out |= {"prompts": len(set(prompts)), "low_prompts": low_p, "high_prompts": high_p,
                 "over_prompts": float(over_prompts)}
         if over_prompts:
-            out |= {"low": min(low, low_p), "high": max(high, high_p)}
+            out |= {"low": low_p, "high": high_p}
     return out
 
 

@@ -233,12 +233,12 @@ def test_evaluation_report_plots_and_calibration(finished_round):
     assert report["win_rate/low"] < report["win_rate/rate"] < report["win_rate/high"]
     # the scenario's gate reads the interval over pairs (its 6 held-out professions are all its gold
     # metric measures); the one over prompts is reported beside it, from the same table
-    from tasks.evaluate import prompt_interval, wilson_interval
+    from tasks.intervals import interval_over_prompts, wilson_interval
     probs = [1 / (1 + math.exp(-d)) for d in diffs]
     assert report["win_rate/prompts"] == 6 and report["win_rate/over_prompts"] == 0
     assert (report["win_rate/low"], report["win_rate/high"]) == pytest.approx(wilson_interval(sum(probs), len(probs)))
     assert (report["win_rate/low_prompts"], report["win_rate/high_prompts"]) == pytest.approx(
-        prompt_interval(probs, list(table["prompt"])))
+        interval_over_prompts(probs, list(table["prompt"])))
 
 
 def test_the_evaluation_page_shows_texts_as_written():

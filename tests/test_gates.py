@@ -4,7 +4,8 @@ import math
 import pytest
 
 from tasks.config import GatesConfig
-from tasks.evaluate import preference_rate, prompt_interval, reward_model_figures, wilson_interval, win_rate
+from tasks.evaluate import preference_rate, reward_model_figures, win_rate
+from tasks.intervals import interval_over_prompts, prompt_interval, wilson_interval
 from tasks.promote import check_gates
 
 
@@ -62,6 +63,9 @@ def test_the_win_rate_interval_counts_prompts_not_only_pairs():
     # interval still admits a loss, so the gate is not passed by a copy
     same = preference_rate([1.0] * 192, [1.0] * 192, prompts, True)
     assert same["rate"] == 0.5 and same["low"] < 0.5 < same["high"]
+    # and the interval over prompts reported beside it is that one, not the point 0.5-0.5
+    assert (same["low_prompts"], same["high_prompts"]) == (same["low"], same["high"]) == (same["low_pairs"],
+                                                                                          same["high_pairs"])
 
 
 GOOD = {"win_rate/low": 0.7, "candidate/kl_to_reference": 3.0, "champion/fluent_rate": 0.9,
@@ -100,7 +104,6 @@ def test_reward_accuracy_says_how_many_pairs_it_rests_on():
 def test_the_reward_models_accuracy_interval_is_read_as_the_win_rates():
     """Over pairs (the scenario), or over prompts on your own data (the wider of the two): 13 of 19
     pairs right, over 4 prompts; with how many held-out pairs have a prompt it trained on."""
-    from tasks.intervals import interval_over_prompts
 
     prompts = ["a"] * 5 + ["b"] * 5 + ["c"] * 5 + ["d"] * 4
     right = [1.0] * 5 + [1.0] * 4 + [0.0] + [1.0] * 2 + [0.0] * 3 + [1.0] * 2 + [0.0] * 2
