@@ -65,8 +65,9 @@ def unused_path(folder: Path, name: str) -> Path:
 
 
 @task(cache_policy=NO_CACHE)
-def import_inbox(workspace: str, inbox: str, settle_s: float = INBOX_SETTLE_S) -> dict:
+def import_inbox(workspace: str, inbox: str, settle_s: float = INBOX_SETTLE_S, mapping: str | None = None) -> dict:
     """Import every file in the inbox; move each to inbox/done/ or inbox/failed/ (with the reason).
+    `mapping`: refinement.inbox_map, the files' columns as `rlhf import --map` takes them.
 
     A file changed in the last `settle_s` seconds is left for the next round: a copy still under
     way would be imported in part and the rest never read. Hidden files (a writer's `.name.tmp`
@@ -85,7 +86,7 @@ def import_inbox(workspace: str, inbox: str, settle_s: float = INBOX_SETTLE_S) -
             result["waiting"].append(path.name)
             continue
         try:
-            summary = importers.import_file(ws, path)
+            summary = importers.import_file(ws, path, mapping=importers.parse_mapping(mapping))
             problem = importers.failed(summary)
         except importers.ImportError_ as e:
             problem = str(e)
@@ -134,7 +135,7 @@ def rlhf_refinement(workspace: str = ".", config: PipelineConfig | None = None,
         message = f"another round is running in {ws.root}; this run is skipped (at most one round at a time)"
         logger.warning(message)
         return Cancelled(message=message)
-    inbox = import_inbox(str(ws.root), cfg.refinement.inbox)
+    inbox = import_inbox(str(ws.root), cfg.refinement.inbox, mapping=cfg.refinement.inbox_map)
     if not cfg.collect.simulate and cfg.refinement.skip_without_new_feedback:
         new = new_feedback_since_last_round(ws)
         if not new:

@@ -290,6 +290,9 @@ class RefinementConfig(_Strict):
     timezone: str = Field("UTC", description="time zone of the cron schedule (IANA name)")
     inbox: str = Field("inbox", description="folder (relative to the workspace) whose preference files each "
                                             "refinement round imports first; done/ and failed/ keep them after")
+    inbox_map: str | None = Field(None, description="the inbox files' columns, as `rlhf import --map` takes them "
+                                  "(e.g. 'prompt=question,a=left,b=right,choice=better' for a labelling sheet's "
+                                  "nightly export); null: prompt, chosen, rejected")
     skip_without_new_feedback: bool = Field(True, description="when collect.simulate is false, skip a round "
                                                               "that has no feedback newer than the last round")
     keep_versions: int | None = Field(None, ge=1, description="after each round (scheduled or `rlhf run`), delete "
@@ -302,6 +305,16 @@ class RefinementConfig(_Strict):
         if self.gc_remote and self.keep_versions is None:
             raise ValueError("refinement.gc_remote prunes only with refinement.keep_versions set (e.g. 2)")
         return self
+
+    @field_validator("inbox_map")
+    @classmethod
+    def _inbox_map(cls, value: str | None) -> str | None:
+        from tasks.importers import ImportError_, parse_mapping  # importers reads this module: imported here
+        try:
+            parse_mapping(value)
+        except ImportError_ as e:
+            raise ValueError(str(e)) from None
+        return value
 
     @field_validator("cron")
     @classmethod

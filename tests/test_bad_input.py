@@ -46,6 +46,9 @@ from tasks.config import ValidateConfig
     ("refinement:\n  keep_versions: two\n", "refinement.keep_versions"),
     ("refinement:\n  keep_versions: 1.5\n", "refinement.keep_versions"),
     ("refinement:\n  gc_remote: maybe\n", "refinement.gc_remote"),
+    ("refinement:\n  inbox_map: prompt=q,a=l,b=r\n", "refinement.inbox_map: Value error, --map 'prompt=q,a=l,b=r': a=, b= and "
+                                                      "choice= go together"),
+    ("refinement:\n  inbox_map: winner=w\n", "refinement.inbox_map: Value error, bad --map entry 'winner=w'"),
     ("refinement:\n  gc_remote: true\n", "prunes only with refinement.keep_versions set"),
     ("prompts:\n  train: data/prompts/train.txt\n", "set prompts.train and prompts.heldout together"),
     ("chat:\n  template: true\n", "chat.template needs models.policy"),

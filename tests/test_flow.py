@@ -784,6 +784,33 @@ def test_the_inbox_leaves_a_file_being_written_and_never_replaces_one_moved_befo
     assert len(versioning.raw_files(ws)) == 4 and not [p for p in inbox.iterdir() if p.is_file()]
 
 
+def test_the_inbox_reads_a_labelling_sheets_export_through_refinement_inbox_map(prefect, tmp_path):
+    """A nightly export of two responses and which won: failed without the map, saying which columns
+    are missing; with `refinement.inbox_map` its pairs are imported the right way round."""
+    import os
+    import time
+
+    from flows.refinement import import_inbox
+
+    ws = init_workspace(tmp_path / "ws")
+    inbox = ws.root / "inbox"
+    inbox.mkdir()
+    sheet = "question,left,right,better\n" + "".join(
+        f"the pilot said {i}, they were late {i} ., he was late {i} .,{'AB'[i % 2]}\n" for i in range(4))
+    for attempt in range(2):
+        (inbox / "nightly.csv").write_text(sheet)
+        os.utime(inbox / "nightly.csv", (time.time() - 60,) * 2)
+        result = import_inbox(str(ws.root), "inbox", mapping="prompt=question,a=left,b=right,choice=better"
+                              if attempt else None)
+        if not attempt:
+            assert result["failed"][0]["file"] == "nightly.csv" and not result["imported"]
+            assert "columns prompt, chosen, rejected not found" in (inbox / "failed" / "nightly.csv.reason.txt").read_text()
+    assert [(f["file"], f["kept"], f["set_aside"]) for f in result["imported"]] == [("nightly.csv", 4, 0)]
+    (raw,) = versioning.raw_files(ws)
+    assert [json.loads(line)["chosen"] for line in raw.read_text().splitlines()] == [
+        " they were late 0 .", " he was late 1 .", " they were late 2 .", " he was late 3 ."]
+
+
 def test_gc_deletes_only_weights_nothing_points_at(finished_round, capsys):
     """`rlhf gc`: versions with an alias and the newest --keep keep their weights; the others lose
     them (their metrics and tags stay, and loading one names the prune); DVC drops unused cache;
