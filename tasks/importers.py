@@ -312,9 +312,9 @@ def read_csv(path: Path, mapping: dict, round_: int) -> Iterator[Row]:
 
 
 def csv_delimiter(path: Path, header: str) -> str:
-    """Tab for .tsv and .tab; else whichever of , tab ; | the header line holds most (a comma where
-    it holds none: one column)."""
-    if path.suffix.lower() in (".tsv", ".tab"):
+    """Tab for .tsv; else whichever of , tab ; | the header line holds most (a comma where it holds
+    none: one column)."""
+    if path.suffix.lower() == ".tsv":
         return "\t"
     counts = {d: header.count(d) for d in CSV_DELIMITERS}
     best = max(counts, key=counts.get)
