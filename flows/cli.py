@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "argilla"])
     imp.add_argument("--map", dest="mapping", help="column map for CSV/Parquet/JSONL: prompt=COL,chosen=COL,rejected=COL, "
                                                    "or prompt=COL,a=COL,b=COL,choice=COL where a column says which of "
-                                                   "two responses won (a/1, b/2, tie, skip)")
+                                                   "two responses won (a/1, b/2, tie, skip; choice_a=VALUE,"
+                                                   "choice_b=VALUE... where yours differ)")
     imp.add_argument("--max-bad-fraction", type=float, default=None,
                      help="exit non-zero when more than this share of rows is set aside (default 0.5, the bound "
                           "refinement rounds put on inbox files)")

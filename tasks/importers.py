@@ -458,24 +458,42 @@ def _mapped(row: dict, mapping: dict) -> dict:
     rejected (`from_choice`), or the row carries why they cannot (`_choice_problem`)."""
     if "choice" not in mapping:
         return {**row, **{ours: row.get(theirs) for ours, theirs in mapping.items()}}
-    picked = from_choice(row.get(mapping["a"]), row.get(mapping["b"]), row.get(mapping["choice"]), mapping["choice"])
+    picked = from_choice(row.get(mapping["a"]), row.get(mapping["b"]), row.get(mapping["choice"]), mapping["choice"],
+                         choice_values(mapping))
     out = {**row, "prompt": row.get(mapping.get("prompt", "prompt"))}
     return out | ({"_choice_problem": picked} if isinstance(picked, str) else picked)
 
 
-CHOICES = {"a": "a", "1": "a", "b": "b", "2": "b", "tie": "tie", "skip": "skip"}
+CHOICES = {"a": ("a", "1"), "b": ("b", "2"), "tie": ("tie",), "skip": ("skip",)}  # what a choice reads by default
 CHOICE_MAP_FORMATS = ("jsonl", "csv", "parquet")
 
 
-def from_choice(a, b, choice, column: str = "choice") -> dict | str:
-    """Two responses and which one won -> chosen / rejected / label, or why not. The choice reads
-    a or 1 (the first response), b or 2, tie or skip, in any case; a tie or skip keeps a as chosen."""
-    if isinstance(choice, float) and choice.is_integer():  # 1.0: a CSV or Parquet column of numbers
-        choice = int(choice)
-    pick = CHOICES.get(str(choice).strip().lower()) if isinstance(choice, (str, int)) and not isinstance(
-        choice, bool) else None
+def choice_values(mapping: dict) -> dict[str, str]:
+    """The choice column's values -> a, b, tie or skip: the defaults, each of a, b, tie, skip
+    replaced where the map gives its own (`choice_b=0`: SHP's labels, 1 for A and 0 for B;
+    `choice_a=0,choice_b=1`: PKU-SafeRLHF's better_response_id; `|` between several)."""
+    values = {value: pick for pick, default in CHOICES.items() if f"choice_{pick}" not in mapping for value in default}
+    for pick in CHOICES:  # yours over the defaults: choice_a=2 alone makes 2 mean a
+        if f"choice_{pick}" in mapping:
+            values |= {value.strip().lower(): pick for value in mapping[f"choice_{pick}"].split("|")}
+    return values
+
+
+def _choice_text(value) -> str | None:
+    """A choice cell as the text it is compared as; 1.0 (a column of numbers) reads as 1."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip().lower() if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+
+
+def from_choice(a, b, choice, column: str = "choice", values: dict[str, str] | None = None) -> dict | str:
+    """Two responses and which one won -> chosen / rejected / label, or why not. `values` (from
+    `choice_values`) reads the choice, in any case; a tie or skip keeps a as chosen."""
+    values = values or choice_values({})
+    pick = values.get(_choice_text(choice))
     if pick is None:
-        return f"'{column}' is {choice!r}, not a, b, 1, 2, tie or skip"
+        accepted = ", ".join(f"{'/'.join(v for v, p in values.items() if p == pick)} ({pick})" for pick in CHOICES)
+        return f"'{column}' is {choice!r}, not one of {accepted}"
     chosen, rejected = (b, a) if pick == "b" else (a, b)
     return {"chosen": chosen, "rejected": rejected, "label": "pair" if pick in ("a", "b") else pick}
 
@@ -547,7 +565,9 @@ def _format_of_object(path: Path, obj: dict, mapping: dict) -> str:
     raise ImportError_(f"{path}: cannot tell the format from keys {sorted(keys)}; pass --format")
 
 
-MAP_USAGE = "prompt=COL,chosen=COL,rejected=COL, or prompt=COL,a=COL,b=COL,choice=COL (a column saying which won)"
+MAP_USAGE = ("prompt=COL,chosen=COL,rejected=COL, or prompt=COL,a=COL,b=COL,choice=COL (a column saying which won; "
+             "choice_a=, choice_b=, choice_tie=, choice_skip= give its values where they are not a/1, b/2, tie, skip)")
+MAP_KEYS = ("prompt", "chosen", "rejected", "a", "b", "choice", "choice_a", "choice_b", "choice_tie", "choice_skip")
 
 
 def parse_mapping(text: str | None) -> dict:
@@ -558,7 +578,7 @@ def parse_mapping(text: str | None) -> dict:
     mapping = {}
     for part in text.split(","):
         ours, sep, theirs = part.partition("=")
-        if not sep or ours.strip() not in ("prompt", "chosen", "rejected", "a", "b", "choice") or not theirs.strip():
+        if not sep or ours.strip() not in MAP_KEYS or not theirs.strip():
             raise ImportError_(f"bad --map entry {part!r}: expected {MAP_USAGE}")
         mapping[ours.strip()] = theirs.strip()
     ab = {"a", "b", "choice"} & set(mapping)
@@ -567,6 +587,16 @@ def parse_mapping(text: str | None) -> dict:
                            f"missing {', '.join(sorted({'a', 'b', 'choice'} - ab))}")
     if ab and {"chosen", "rejected"} & set(mapping):
         raise ImportError_(f"--map {text!r}: either chosen= and rejected=, or a=, b= and choice=, not both")
+    given = [k for k in mapping if k.startswith("choice_")]
+    if given and "choice" not in mapping:
+        raise ImportError_(f"--map {text!r}: {', '.join(g + '=' for g in given)} give the values of the choice "
+                           "column: map it too (a=COL,b=COL,choice=COL)")
+    meaning: dict[str, str] = {}
+    for key in given:
+        for value in (v.strip().lower() for v in mapping[key].split("|")):
+            if meaning.setdefault(value, key) != key:
+                raise ImportError_(f"--map {text!r}: the choice value {value!r} is given for both "
+                                   f"{meaning[value]} and {key}")
     return mapping
 
 

@@ -333,7 +333,11 @@ def test_bad_map_and_missing_file(ws, tmp_path, capsys):
     for bad, expected in [("a=a,b=b", "a=, b= and choice= go together (the two responses and which won); missing choice"),
                           ("a=a,b=b,choice=c,chosen=c", "either chosen= and rejected=, or a=, b= and choice=, not both"),
                           ("a=a,b=b,choice=d", "columns prompt, d (for choice) not found; the file has a, b, c"),
-                          ("winner=c", "bad --map entry 'winner=c'")]:
+                          ("winner=c", "bad --map entry 'winner=c'"),
+                          ("a=a,b=b,choice=c,choice_a=0,choice_b=1|0",
+                           "the choice value '0' is given for both choice_a and choice_b"),
+                          ("prompt=a,chosen=b,rejected=c,choice_b=0",
+                           "choice_b= give the values of the choice column: map it too")]:
         assert main(["import", str(path), "--map", bad, "--workspace", str(ws.root)]) == 2
         assert expected in capsys.readouterr().err
     with pytest.raises(SystemExit, match="max-bad-fraction"):
@@ -463,8 +467,8 @@ def test_two_responses_and_a_column_saying_which_won_become_pairs(ws, tmp_path, 
     assert main(["import", str(path), "--map", mapping, "--json", "--workspace", str(ws.root)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert (out["kept"], out["set_aside"]) == (5, 2)
-    assert out["reasons"] == {"'better' is 'maybe', not a, b, 1, 2, tie or skip": 1,
-                              "'better' is '', not a, b, 1, 2, tie or skip": 1}
+    assert out["reasons"] == {"'better' is 'maybe', not one of a/1 (a), b/2 (b), tie (tie), skip (skip)": 1,
+                              "'better' is '', not one of a/1 (a), b/2 (b), tie (tie), skip (skip)": 1}
     assert [(r["prompt"], r["chosen"], r["rejected"], r["label"]) for r in records(out["raw_file"])] == [
         ("q1", " l1", " r1", "pair"), ("q2", " r2", " l2", "pair"), ("q3", " r3", " l3", "pair"),
         ("q4", " l4", " r4", "tie"), ("q5", " l5", " r5", "skip")]
@@ -477,6 +481,17 @@ def test_two_responses_and_a_column_saying_which_won_become_pairs(ws, tmp_path, 
         summary = import_file(ws, tmp_path / name, "auto", parse_mapping(mapping))
         assert summary.format == name.split(".")[1] and (summary.kept, summary.set_aside) == (3, 0)
         assert [r["chosen"] for r in records(summary.raw_file)] == [" l0", " r1", " r2"]
+    # a dataset's own values: SHP's labels (1: A preferred, 0: B), PKU-SafeRLHF's better_response_id (0, 1)
+    shp, pku = tmp_path / "shp.csv", tmp_path / "pku.csv"
+    shp.write_text("history,human_ref_A,human_ref_B,labels\nq1, a1, b1,1\nq2, a2, b2,0\nq3, a3, b3,2\n")
+    pku.write_text("prompt,response_0,response_1,better_response_id\nq1, a1, b1,0\nq2, a2, b2,1\n")
+    summary = import_file(ws, shp, "auto", parse_mapping("prompt=history,a=human_ref_A,b=human_ref_B,choice=labels,"
+                                                         "choice_b=0"))
+    assert [r["chosen"] for r in records(summary.raw_file)] == [" a1", " b2"]
+    assert summary.reasons == {"'labels' is '2', not one of a/1 (a), 0 (b), tie (tie), skip (skip)": 1}
+    summary = import_file(ws, pku, "auto", parse_mapping("a=response_0,b=response_1,choice=better_response_id,"
+                                                         "choice_a=0,choice_b=1"))
+    assert [r["chosen"] for r in records(summary.raw_file)] == [" a1", " b2"] and summary.set_aside == 0
     with pytest.raises(ImportError_, match="--map a=,b=,choice= reads jsonl, csv, parquet files; .* is argilla"):
         (tmp_path / "argilla.jsonl").write_text(json.dumps({"fields": {}, "responses": []}) + "\n")
         import_file(ws, tmp_path / "argilla.jsonl", "auto", parse_mapping(mapping))
