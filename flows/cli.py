@@ -3,7 +3,7 @@
     rlhf run [--rounds N] [--config FILE] [--workspace DIR] [--policy-model ID] [--reward-model ID] [--chat-template]
     rlhf status [--json] [--workspace DIR]
     rlhf gc [--keep N] [--remote] [--dry-run] [--json]
-    rlhf import FILE [--format auto|jsonl|conversational|csv|parquet|hh-rlhf|label-studio|argilla] [--map prompt=COL,...] [--json]
+    rlhf import FILE [FILE ...] [--format auto|jsonl|conversational|csv|parquet|hh-rlhf|label-studio|argilla] [--map prompt=COL,...] [--json]
     rlhf data history [--json]        rlhf validate [FILE ...] [--json]
     rlhf label [--pairs N] [--batch-size N] [--timeout S] [--seed N]
     rlhf compare [A B] [--evaluate] [--json]
@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a chat or instruct model: prompts become a user turn of its tokenizer's chat template")
 
     imp = sub.add_parser("import", help="import a preference file into the raw feedback (DVC-versioned)")
-    imp.add_argument("file", type=Path)
+    imp.add_argument("files", type=Path, nargs="+", metavar="FILE",
+                     help="preference files; several (a dataset's shards) are imported one by one")
     imp.add_argument("--format", default="auto",
                      choices=["auto", "jsonl", "conversational", "csv", "parquet", "hh-rlhf", "label-studio",
                               "argilla"])
@@ -260,7 +261,7 @@ def _check_judge_arg(value: str) -> str:
 
 
 def cmd_import(args) -> int:
-    from tasks.importers import MAX_BAD_FRACTION, ImportError_, failed, import_file, parse_mapping
+    from tasks.importers import MAX_BAD_FRACTION, ImportError_, parse_mapping
     from tasks.workspace import init_workspace
 
     if args.max_bad_fraction is None:
@@ -269,8 +270,22 @@ def cmd_import(args) -> int:
         raise SystemExit(f"error: --max-bad-fraction must be between 0 and 1, got {args.max_bad_fraction}")
     try:
         mapping = parse_mapping(args.mapping)
-        ws = init_workspace(args.workspace)
-        summary = import_file(ws, args.file, args.format, mapping)
+    except ImportError_ as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ws = init_workspace(args.workspace)
+    # several files (a dataset's shards, a shell glob): each imported on its own, the others still
+    # when one cannot be; the exit code is the worst of theirs
+    return max(import_one(ws, path, args, mapping) for path in args.files)
+
+
+def import_one(ws, path: Path, args, mapping: dict) -> int:
+    from tasks.importers import ImportError_, failed, import_file
+
+    try:
+        if path.is_dir():
+            raise ImportError_(f"{path} is a folder: name its files (rlhf import {path}/*.jsonl)")
+        summary = import_file(ws, path, args.format, mapping)
     except ImportError_ as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -289,7 +304,7 @@ def cmd_import(args) -> int:
         if hint:
             print(f"note: {hint}")
         if problem:
-            print(f"error: {problem}", file=sys.stderr)
+            print(f"error: {summary.source_file}: {problem}", file=sys.stderr)
     if summary.push_error:  # the import stands (committed, in the local cache): said, not failed
         print(f"warning: {summary.push_error}", file=sys.stderr)
     return 1 if problem else 0

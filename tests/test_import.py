@@ -507,6 +507,23 @@ def test_json_lines_with_their_own_field_names_are_told_apart_through_the_map(ws
     assert summary.format == "jsonl" and summary.kept == 3
 
 
+def test_several_files_import_one_by_one_and_one_unreadable_stops_none_of_the_others(ws, tmp_path, capsys):
+    rows = [json.loads(r.to_json()) for r in sample_records(6)]
+    shards = []
+    for i in range(3):
+        shards.append(tmp_path / f"train-{i:05d}-of-00003.parquet")
+        pq.write_table(pa.Table.from_pylist(rows[2 * i:2 * i + 2]), shards[-1])
+    (tmp_path / "empty.jsonl").write_text("")
+    code = main(["import", str(shards[0]), str(tmp_path / "empty.jsonl"), str(tmp_path), *map(str, shards[1:]),
+                 "--json", "--workspace", str(ws.root)])
+    captured = capsys.readouterr()
+    out = [json.loads(line) for line in captured.out.splitlines()]  # a line per file imported
+    assert code == 2 and [(o["source_file"], o["kept"]) for o in out] == [(str(s), 2) for s in shards]
+    assert "empty.jsonl is empty: nothing to import" in captured.err
+    assert f"{tmp_path} is a folder: name its files (rlhf import {tmp_path}/*.jsonl)" in captured.err
+    assert len(versioning.raw_files(ws)) == 3
+
+
 def test_csv_row_with_extra_cells_is_set_aside(ws, tmp_path):
     path = tmp_path / "x.csv"
     path.write_text("prompt,chosen,rejected\np, a, b\np2, a2, b2, surplus\n")
