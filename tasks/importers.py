@@ -348,9 +348,10 @@ def read_parquet(path: Path, mapping: dict, round_: int) -> Iterator[Row]:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a file that is not Parquet
         raise ImportError_(f"{path} is not a Parquet file: {e}") from None
-    schema, chosen = pf.schema_arrow, mapping.get("chosen", "chosen")
-    conversations = chosen in schema.names and (pa.types.is_list(schema.field(chosen).type)
-                                                or pa.types.is_large_list(schema.field(chosen).type))
+    schema = pf.schema_arrow
+    side = mapping["a"] if "choice" in mapping else mapping.get("chosen", "chosen")  # a column of responses
+    conversations = side in schema.names and (pa.types.is_list(schema.field(side).type)
+                                              or pa.types.is_large_list(schema.field(side).type))
     _check_columns(schema.names, mapping, prompt_optional=conversations)
     n = 0
     for batch in pf.iter_batches(batch_size=8192):  # streams: memory does not grow with the file

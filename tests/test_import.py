@@ -492,6 +492,21 @@ def test_two_responses_and_a_column_saying_which_won_become_pairs(ws, tmp_path, 
     summary = import_file(ws, pku, "auto", parse_mapping("a=response_0,b=response_1,choice=better_response_id,"
                                                          "choice_a=0,choice_b=1"))
     assert [r["chosen"] for r in records(summary.raw_file)] == [" a1", " b2"] and summary.set_aside == 0
+    # Chatbot Arena: two conversations and the winner, as words; a multi-turn pair whose earlier
+    # replies differ too is set aside with its reason (one reply must differ, after a shared prompt)
+    def conv(*turns):
+        return [{"role": role, "content": text} for pair in turns for role, text in zip(("user", "assistant"), pair)]
+    arena = tmp_path / "arena.parquet"
+    pq.write_table(pa.Table.from_pylist([
+        {"winner": "model_b", "conversation_a": conv(("2+2?", "5")), "conversation_b": conv(("2+2?", "4"))},
+        {"winner": "tie (bothbad)", "conversation_a": conv(("x", "y")), "conversation_b": conv(("x", "z"))},
+        {"winner": "model_a", "conversation_a": conv(("q", "a"), ("q2", "a2")),
+         "conversation_b": conv(("q", "b"), ("q2", "b2"))}]), arena)
+    summary = import_file(ws, arena, "auto", parse_mapping("a=conversation_a,b=conversation_b,choice=winner,"
+                                                           "choice_a=model_a,choice_b=model_b,choice_tie=tie|tie (bothbad)"))
+    assert [(r["prompt"], r["chosen"], r["rejected"], r["label"]) for r in records(summary.raw_file)] == [
+        ("2+2?", "4", "5", "pair"), ("x", "y", "z", "tie")]
+    assert summary.set_aside == 1 and "does not end in one assistant reply" in next(iter(summary.reasons))
     with pytest.raises(ImportError_, match="--map a=,b=,choice= reads jsonl, csv, parquet files; .* is argilla"):
         (tmp_path / "argilla.jsonl").write_text(json.dumps({"fields": {}, "responses": []}) + "\n")
         import_file(ws, tmp_path / "argilla.jsonl", "auto", parse_mapping(mapping))
