@@ -461,12 +461,13 @@ def _mapped(row: dict, mapping: dict) -> dict:
         return {**row, **{ours: row.get(theirs) for ours, theirs in mapping.items()}}
     picked = from_choice(row.get(mapping["a"]), row.get(mapping["b"]), row.get(mapping["choice"]), mapping["choice"],
                          choice_values(mapping))
-    out = {**row, "prompt": row.get(mapping.get("prompt", "prompt"))}
+    out = {**row, **{ours: row.get(theirs) for ours, theirs in mapping.items() if ours in ("prompt", "annotator")}}
     return out | ({"_choice_problem": picked} if isinstance(picked, str) else picked)
 
 
 CHOICES = {"a": ("a", "1"), "b": ("b", "2"), "tie": ("tie",), "skip": ("skip",)}  # what a choice reads by default
 CHOICE_MAP_FORMATS = ("jsonl", "csv", "parquet")
+ANNOTATOR_MAP_FORMATS = ("jsonl", "conversational", "csv", "parquet")
 
 
 def choice_values(mapping: dict) -> dict[str, str]:
@@ -502,6 +503,7 @@ def from_choice(a, b, choice, column: str = "choice", values: dict[str, str] | N
 def _check_columns(columns: list[str], mapping: dict, prompt_optional: bool = False) -> None:
     """The prompt column may be missing where chosen holds whole conversations (implicit prompt)."""
     ours = ("prompt", "a", "b", "choice") if "choice" in mapping else ("prompt", "chosen", "rejected")
+    ours += ("annotator",) if "annotator" in mapping else ()
     needed = {k: mapping.get(k, k) for k in ours if k != "prompt" or not prompt_optional}
     missing = [f"{theirs}" + (f" (for {ours})" if ours != theirs else "")
                for ours, theirs in needed.items() if theirs not in columns]
@@ -567,8 +569,10 @@ def _format_of_object(path: Path, obj: dict, mapping: dict) -> str:
 
 
 MAP_USAGE = ("prompt=COL,chosen=COL,rejected=COL, or prompt=COL,a=COL,b=COL,choice=COL (a column saying which won; "
-             "choice_a=, choice_b=, choice_tie=, choice_skip= give its values where they are not a/1, b/2, tie, skip)")
-MAP_KEYS = ("prompt", "chosen", "rejected", "a", "b", "choice", "choice_a", "choice_b", "choice_tie", "choice_skip")
+             "choice_a=, choice_b=, choice_tie=, choice_skip= give its values where they are not a/1, b/2, tie, skip); "
+             "annotator=COL: who labelled the row")
+MAP_KEYS = ("prompt", "chosen", "rejected", "a", "b", "choice", "choice_a", "choice_b", "choice_tie", "choice_skip",
+            "annotator")
 
 
 def parse_mapping(text: str | None) -> dict:
@@ -686,6 +690,8 @@ def import_file(ws: Workspace, path: Path, fmt: str = "auto", mapping: dict | No
         fmt = detect_format(readable, mapping) if fmt == "auto" else fmt
         if "choice" in mapping and fmt not in CHOICE_MAP_FORMATS:
             raise ImportError_(f"--map a=,b=,choice= reads {', '.join(CHOICE_MAP_FORMATS)} files; {path} is {fmt}")
+        if "annotator" in mapping and fmt not in ANNOTATOR_MAP_FORMATS:  # the others name their annotators
+            raise ImportError_(f"--map annotator= reads {', '.join(ANNOTATOR_MAP_FORMATS)} files; {path} is {fmt}")
         kept, bad = Path(tmp) / "kept.jsonl", Path(tmp) / "set-aside.jsonl"
         summary = convert(readable, fmt, mapping, round_, kept, bad, name=path.name)
         summary.source_file = str(path)

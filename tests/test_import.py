@@ -460,11 +460,11 @@ def test_two_responses_and_a_column_saying_which_won_become_pairs(ws, tmp_path, 
     """A spreadsheet's layout (prompt, response A, response B, which was better): --map a=,b=,choice=.
     The choice reads a/1, b/2, tie, skip in any case; anything else is set aside, saying so."""
     path = tmp_path / "sheet.csv"
-    path.write_text("question,left,right,better\n"
-                    "q1, l1, r1,A\nq2, l2, r2,b\nq3, l3, r3,2\nq4, l4, r4,Tie\nq5, l5, r5,skip\nq6, l6, r6,maybe\n"
-                    "q7, l7, r7,\n")
+    path.write_text("question,left,right,better,who\n"
+                    "q1, l1, r1,A,ann\nq2, l2, r2,b,bo\nq3, l3, r3,2,ann\nq4, l4, r4,Tie,ann\nq5, l5, r5,skip,ann\n"
+                    "q6, l6, r6,maybe,ann\nq7, l7, r7,,ann\n")
     mapping = "prompt=question,a=left,b=right,choice=better"
-    assert main(["import", str(path), "--map", mapping, "--json", "--workspace", str(ws.root)]) == 0
+    assert main(["import", str(path), "--map", mapping + ",annotator=who", "--json", "--workspace", str(ws.root)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert (out["kept"], out["set_aside"]) == (5, 2)
     assert out["reasons"] == {"'better' is 'maybe', not one of a/1 (a), b/2 (b), tie (tie), skip (skip)": 1,
@@ -472,6 +472,7 @@ def test_two_responses_and_a_column_saying_which_won_become_pairs(ws, tmp_path, 
     assert [(r["prompt"], r["chosen"], r["rejected"], r["label"]) for r in records(out["raw_file"])] == [
         ("q1", " l1", " r1", "pair"), ("q2", " r2", " l2", "pair"), ("q3", " r3", " l3", "pair"),
         ("q4", " l4", " r4", "tie"), ("q5", " l5", " r5", "skip")]
+    assert [r["annotator"] for r in records(out["raw_file"])] == ["ann", "bo", "ann", "ann", "ann"]  # annotator=who
     assert [q["line"] for q in records(out["quarantine_file"])] == [7, 8]
     # Parquet and JSON lines alike; numbers as a column of numbers store them (1, 2.0)
     rows = [{"question": f"p{i}", "left": f" l{i}", "right": f" r{i}", "better": w} for i, w in enumerate([1, 2.0, 2])]
@@ -520,6 +521,11 @@ def test_json_lines_with_their_own_field_names_are_told_apart_through_the_map(ws
         import_file(ws, path)
     summary = import_file(ws, path, "auto", parse_mapping("prompt=question,chosen=good,rejected=bad"))
     assert summary.format == "jsonl" and summary.kept == 3
+    assert {r["annotator"] for r in records(summary.raw_file)} == {"unknown"}
+    with pytest.raises(ImportError_, match="--map annotator= reads jsonl, conversational, csv, parquet files; .* is hh-rlhf"):
+        (tmp_path / "hh.jsonl").write_text(json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b",
+                                                       "rejected": "\n\nHuman: a\n\nAssistant: c"}) + "\n")
+        import_file(ws, tmp_path / "hh.jsonl", "auto", parse_mapping("annotator=who"))
 
 
 def test_several_files_import_one_by_one_and_one_unreadable_stops_none_of_the_others(ws, tmp_path, capsys):
