@@ -300,7 +300,7 @@ def import_one(ws, path: Path, args, mapping: dict) -> int:
             print(f"versioned as {summary.raw_file}")
         if summary.quarantine_file:
             print(f"set-aside rows with their line numbers: {summary.quarantine_file}")
-        hint = chat_hint(summary, ws)
+        hint = chat_hint(summary, ws) or join_hint(summary, ws)
         if hint:
             print(f"note: {hint}")
         if problem:
@@ -324,6 +324,17 @@ def chat_hint(summary, ws) -> str | None:
             "kept in HH-RLHF's form ('\\n\\nHuman: ...\\n\\nAssistant:'); ") if summary.dialogues else ""
     return (what + "to train a chat model on them as its turns, set chat.template: true"
             + (" and chat.hh_dialogue: true" if summary.dialogues else "") + " (with models.policy) in params.yaml")
+
+
+def join_hint(summary, ws) -> str | None:
+    """Pairs a plain language model would read run together, said where chat.template is false."""
+    from tasks.config import load_config
+
+    if not summary.run_together or load_config(ws.params if ws.params.exists() else None).chat.template:
+        return None
+    return (f"in {summary.run_together} of the {summary.kept} kept pairs the prompt and a response meet with no "
+            "space or newline between them: a plain language model reads the two run together (chat.template "
+            "is false); start the responses with a space or newline, or with a chat model set chat.template: true")
 
 
 def cmd_validate(args) -> int:

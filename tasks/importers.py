@@ -55,11 +55,12 @@ class ImportSummary:
     quarantine_file: str | None = None
     received_file: str | None = None
     dialogues: int = 0  # kept records whose prompt is a dialogue (several turns, or a system turn)
+    run_together: int = 0  # kept records whose prompt and a response meet with no whitespace between them
     push_error: str | None = None  # why the files were not pushed to the DVC remote (committed all the same)
 
     def as_dict(self) -> dict:
         return {"source_file": self.source_file, "format": self.format, "kept": self.kept,
-                "set_aside": self.set_aside, "reasons": dict(self.reasons), "dialogues": self.dialogues,
+                "set_aside": self.set_aside, "reasons": dict(self.reasons), "dialogues": self.dialogues, "run_together": self.run_together,
                 "raw_file": self.raw_file,
                 "quarantine_file": self.quarantine_file, "received_file": self.received_file,
                 "pushed": self.push_error is None, "push_error": self.push_error}
@@ -624,8 +625,15 @@ def convert(path: Path, fmt: str, mapping: dict, round_: int, kept_out: Path, ba
             seen.add(row.id)
             summary.kept += 1
             summary.dialogues += hh_turns(row.prompt) is not None
+            summary.run_together += not (separated(row.prompt, row.chosen) and separated(row.prompt, row.rejected))
             kept.write(row.to_json() + "\n")
     return summary
+
+
+def separated(prompt: str, response: str) -> bool:
+    """Whether whitespace lies between a prompt and its response: a plain language model reads
+    prompt + response as one text ("...said" + "they were" is "...saidthey were")."""
+    return prompt[-1:].isspace() or response[:1].isspace()
 
 
 COMPRESSED = {"gzip": gzip.open, "bzip2": bz2.open, "xz": lzma.open}

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.cli import main
-from tasks import versioning
-from tasks.config import ChatConfig, ValidateConfig
+from tasks import rounds, versioning
+from tasks.config import ChatConfig, ValidateConfig, load_config
 from tasks.importers import (MAX_FIELD_CHARS, ImportError_, convert, decompressed, detect_format,
                              from_conversation, import_file, parse_mapping, split_dialogue)
 from tasks.records import UTF8_BOM, PreferenceRecord
@@ -473,6 +473,7 @@ def test_two_responses_and_a_column_saying_which_won_become_pairs(ws, tmp_path, 
         ("q1", " l1", " r1", "pair"), ("q2", " r2", " l2", "pair"), ("q3", " r3", " l3", "pair"),
         ("q4", " l4", " r4", "tie"), ("q5", " l5", " r5", "skip")]
     assert [r["annotator"] for r in records(out["raw_file"])] == ["ann", "bo", "ann", "ann", "ann"]  # annotator=who
+    assert out["run_together"] == 0  # every response starts with a space
     assert [q["line"] for q in records(out["quarantine_file"])] == [7, 8]
     # Parquet and JSON lines alike; numbers as a column of numbers store them (1, 2.0)
     rows = [{"question": f"p{i}", "left": f" l{i}", "right": f" r{i}", "better": w} for i, w in enumerate([1, 2.0, 2])]
@@ -508,6 +509,7 @@ def test_two_responses_and_a_column_saying_which_won_become_pairs(ws, tmp_path, 
     assert [(r["prompt"], r["chosen"], r["rejected"], r["label"]) for r in records(summary.raw_file)] == [
         ("2+2?", "4", "5", "pair"), ("x", "y", "z", "tie")]
     assert summary.set_aside == 1 and "does not end in one assistant reply" in next(iter(summary.reasons))
+    assert summary.run_together == 2  # "2+2?" + "4": turns of a chat, run together as plain text
     with pytest.raises(ImportError_, match="--map a=,b=,choice= reads jsonl, csv, parquet files; .* is argilla"):
         (tmp_path / "argilla.jsonl").write_text(json.dumps({"fields": {}, "responses": []}) + "\n")
         import_file(ws, tmp_path / "argilla.jsonl", "auto", parse_mapping(mapping))
@@ -543,6 +545,19 @@ def test_several_files_import_one_by_one_and_one_unreadable_stops_none_of_the_ot
     assert "empty.jsonl is empty: nothing to import" in captured.err
     assert f"{tmp_path} is a folder: name its files (rlhf import {tmp_path}/*.jsonl)" in captured.err
     assert len(versioning.raw_files(ws)) == 3
+
+
+def test_pairs_a_plain_model_would_read_run_together_are_said(ws, tmp_path, capsys):
+    path = tmp_path / "sheet.csv"
+    path.write_text("prompt,chosen,rejected\nthe pilot said,they were late .,he was late .\n"
+                    "the nurse said, they are busy ., she is busy .\n")
+    assert main(["import", str(path), "--workspace", str(ws.root)]) == 0
+    assert ("note: in 1 of the 2 kept pairs the prompt and a response meet with no space or newline between them"
+            in capsys.readouterr().out)
+    rounds.write_params(ws, load_config(None, {"chat.template": True, "models.policy": "some/chat-model"}))
+    path.write_text(path.read_text() + "the cook said,they were out .,he was out .\n")  # another file
+    assert main(["import", str(path), "--workspace", str(ws.root)]) == 0
+    assert "run together" not in capsys.readouterr().out  # a chat template keeps them apart
 
 
 def test_csv_row_with_extra_cells_is_set_aside(ws, tmp_path):
