@@ -329,12 +329,11 @@ def chat_hint(summary, ws) -> str | None:
 def join_hint(summary, ws) -> str | None:
     """Pairs a plain language model would read run together, said where chat.template is false."""
     from tasks.config import load_config
+    from tasks.importers import run_together_note
 
     if not summary.run_together or load_config(ws.params if ws.params.exists() else None).chat.template:
         return None
-    return (f"in {summary.run_together} of the {summary.kept} kept pairs the prompt and a response meet with no "
-            "space or newline between them: a plain language model reads the two run together (chat.template "
-            "is false); start the responses with a space or newline, or with a chat model set chat.template: true")
+    return run_together_note(summary)
 
 
 def cmd_validate(args) -> int:

@@ -65,9 +65,11 @@ def unused_path(folder: Path, name: str) -> Path:
 
 
 @task(cache_policy=NO_CACHE)
-def import_inbox(workspace: str, inbox: str, settle_s: float = INBOX_SETTLE_S, mapping: str | None = None) -> dict:
+def import_inbox(workspace: str, inbox: str, settle_s: float = INBOX_SETTLE_S, mapping: str | None = None,
+                 chat_template: bool = False) -> dict:
     """Import every file in the inbox; move each to inbox/done/ or inbox/failed/ (with the reason).
-    `mapping`: refinement.inbox_map, the files' columns as `rlhf import --map` takes them.
+    `mapping`: refinement.inbox_map, the files' columns as `rlhf import --map` takes them;
+    `chat_template`: chat.template (without it, pairs whose prompt and response run together are said).
 
     A file changed in the last `settle_s` seconds is left for the next round: a copy still under
     way would be imported in part and the rest never read. Hidden files (a writer's `.name.tmp`
@@ -101,10 +103,14 @@ def import_inbox(workspace: str, inbox: str, settle_s: float = INBOX_SETTLE_S, m
         else:
             logger.info("inbox file %s imported: %d kept, %d set aside", path.name, summary.kept,
                         summary.set_aside)
+            note = None if chat_template else importers.run_together_note(summary)
+            if note:
+                logger.warning("inbox file %s: %s", path.name, note)
             if summary.push_error:
                 logger.warning("inbox file %s: %s", path.name, summary.push_error)
             result["imported"].append({"file": path.name, "moved_to": str(moved.relative_to(folder)),
-                                       "kept": summary.kept, "set_aside": summary.set_aside})
+                                       "kept": summary.kept, "set_aside": summary.set_aside,
+                                       "run_together": summary.run_together})
     return result
 
 
@@ -135,7 +141,8 @@ def rlhf_refinement(workspace: str = ".", config: PipelineConfig | None = None,
         message = f"another round is running in {ws.root}; this run is skipped (at most one round at a time)"
         logger.warning(message)
         return Cancelled(message=message)
-    inbox = import_inbox(str(ws.root), cfg.refinement.inbox, mapping=cfg.refinement.inbox_map)
+    inbox = import_inbox(str(ws.root), cfg.refinement.inbox, mapping=cfg.refinement.inbox_map,
+                         chat_template=cfg.chat.template)
     if not cfg.collect.simulate and cfg.refinement.skip_without_new_feedback:
         new = new_feedback_since_last_round(ws)
         if not new:

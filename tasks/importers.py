@@ -630,6 +630,16 @@ def convert(path: Path, fmt: str, mapping: dict, round_: int, kept_out: Path, ba
     return summary
 
 
+def run_together_note(summary: ImportSummary) -> str | None:
+    """What to do about pairs a plain language model would read run together (say it where
+    chat.template is false: a chat template keeps prompt and reply apart as turns)."""
+    if not summary.run_together:
+        return None
+    return (f"in {summary.run_together} of the {summary.kept} kept pairs the prompt and a response meet with no "
+            "space or newline between them: a plain language model reads the two run together (chat.template "
+            "is false); start the responses with a space or newline, or with a chat model set chat.template: true")
+
+
 def separated(prompt: str, response: str) -> bool:
     """Whether whitespace lies between a prompt and its response: a plain language model reads
     prompt + response as one text ("...said" + "they were" is "...saidthey were")."""

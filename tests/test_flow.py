@@ -796,7 +796,8 @@ def test_the_inbox_reads_a_labelling_sheets_export_through_refinement_inbox_map(
     inbox = ws.root / "inbox"
     inbox.mkdir()
     sheet = "question,left,right,better\n" + "".join(
-        f"the pilot said {i}, they were late {i} ., he was late {i} .,{'AB'[i % 2]}\n" for i in range(4))
+        f"the pilot said {i}, they were late {i} ., he was late {i} .,{'AB'[i % 2]}\n" for i in range(3))
+    sheet += "the pilot said 3,they were late 3 .,he was late 3 .,B\n"  # no space: a plain model reads it run together
     for attempt in range(2):
         (inbox / "nightly.csv").write_text(sheet)
         os.utime(inbox / "nightly.csv", (time.time() - 60,) * 2)
@@ -805,10 +806,11 @@ def test_the_inbox_reads_a_labelling_sheets_export_through_refinement_inbox_map(
         if not attempt:
             assert result["failed"][0]["file"] == "nightly.csv" and not result["imported"]
             assert "columns prompt, chosen, rejected not found" in (inbox / "failed" / "nightly.csv.reason.txt").read_text()
-    assert [(f["file"], f["kept"], f["set_aside"]) for f in result["imported"]] == [("nightly.csv", 4, 0)]
+    assert [(f["file"], f["kept"], f["set_aside"], f["run_together"]) for f in result["imported"]] == [
+        ("nightly.csv", 4, 0, 1)]
     (raw,) = versioning.raw_files(ws)
     assert [json.loads(line)["chosen"] for line in raw.read_text().splitlines()] == [
-        " they were late 0 .", " he was late 1 .", " they were late 2 .", " he was late 3 ."]
+        " they were late 0 .", " he was late 1 .", " they were late 2 .", "he was late 3 ."]
 
 
 def test_gc_deletes_only_weights_nothing_points_at(finished_round, capsys):
