@@ -79,6 +79,7 @@ def import_inbox(workspace: str, inbox: str, settle_s: float = INBOX_SETTLE_S, m
     folder = (ws.root / inbox).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     logger = get_run_logger()
+    columns = importers.parse_mapping(mapping)  # once: the same for every file
     result = {"imported": [], "failed": [], "waiting": []}
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         age = time.time() - path.stat().st_mtime
@@ -88,7 +89,7 @@ def import_inbox(workspace: str, inbox: str, settle_s: float = INBOX_SETTLE_S, m
             result["waiting"].append(path.name)
             continue
         try:
-            summary = importers.import_file(ws, path, mapping=importers.parse_mapping(mapping))
+            summary = importers.import_file(ws, path, mapping=columns)
             problem = importers.failed(summary)
         except importers.ImportError_ as e:
             problem = str(e)

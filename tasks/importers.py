@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from collections import Counter
 from contextlib import contextmanager
+from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -60,8 +61,8 @@ class ImportSummary:
 
     def as_dict(self) -> dict:
         return {"source_file": self.source_file, "format": self.format, "kept": self.kept,
-                "set_aside": self.set_aside, "reasons": dict(self.reasons), "dialogues": self.dialogues, "run_together": self.run_together,
-                "raw_file": self.raw_file,
+                "set_aside": self.set_aside, "reasons": dict(self.reasons), "dialogues": self.dialogues,
+                "run_together": self.run_together, "raw_file": self.raw_file,
                 "quarantine_file": self.quarantine_file, "received_file": self.received_file,
                 "pushed": self.push_error is None, "push_error": self.push_error}
 
@@ -439,8 +440,13 @@ def read_objects(path: Path) -> Iterator[tuple[int, dict] | BadLine]:
 
 def is_json_array(path: Path) -> bool:
     """Whether the file holds one JSON array (its first character past a byte order mark and blanks is '[')."""
+    return _head(path).lstrip()[:1] == b"["
+
+
+def _head(path: Path) -> bytes:
+    """The file's first 64 KiB, without a UTF-8 byte order mark."""
     with open(path, "rb") as f:
-        return f.read(1 << 16).removeprefix(UTF8_BOM).lstrip()[:1] == b"["
+        return f.read(1 << 16).removeprefix(UTF8_BOM)
 
 
 def _json_array(path: Path) -> list:
@@ -474,11 +480,17 @@ ANNOTATOR_MAP_FORMATS = ("jsonl", "conversational", "csv", "parquet")
 def choice_values(mapping: dict) -> dict[str, str]:
     """The choice column's values -> a, b, tie or skip: the defaults, each of a, b, tie, skip
     replaced where the map gives its own (`choice_b=0`: SHP's labels, 1 for A and 0 for B;
-    `choice_a=0,choice_b=1`: PKU-SafeRLHF's better_response_id; `|` between several)."""
-    values = {value: pick for pick, default in CHOICES.items() if f"choice_{pick}" not in mapping for value in default}
-    for pick in CHOICES:  # yours over the defaults: choice_a=2 alone makes 2 mean a
-        if f"choice_{pick}" in mapping:
-            values |= {value.strip().lower(): pick for value in mapping[f"choice_{pick}"].split("|")}
+    `choice_a=0,choice_b=1`: PKU-SafeRLHF's better_response_id; `|` between several). Read for
+    every row: made once per map (do not change the table it returns)."""
+    return _choice_table(tuple(mapping.get(f"choice_{pick}") for pick in CHOICES))
+
+
+@lru_cache(maxsize=16)
+def _choice_table(given: tuple[str | None, ...]) -> dict[str, str]:
+    values = {value: pick for (pick, default), mine in zip(CHOICES.items(), given) if mine is None for value in default}
+    for pick, mine in zip(CHOICES, given):  # yours over the defaults: choice_a=2 alone makes 2 mean a
+        if mine is not None:
+            values |= {value.strip().lower(): pick for value in mine.split("|")}
     return values
 
 
@@ -526,11 +538,10 @@ def detect_format(path: Path, mapping: dict | None = None) -> str:
         return "parquet"
     if suffix in (".csv", ".tsv"):
         return "csv"
-    with open(path, "rb") as f:
-        head = f.read(1 << 16).removeprefix(UTF8_BOM)
+    head = _head(path)
     if not head.strip():
         raise ImportError_(f"{path} is empty: nothing to import")
-    if head.lstrip()[:1] == b"[":  # a JSON array: Label Studio tasks, or records as JSON lines hold them
+    if head.lstrip()[:1] == b"[":  # is_json_array: Label Studio tasks, or records as JSON lines hold them
         try:
             items = _json_array(path)
         except ImportError_ as e:
