@@ -51,6 +51,11 @@ FAST = {
     "evaluate.samples_per_prompt": 16,
 }
 
+# A round that has only to run, not to learn: for tests of what goes around the stages
+# (orchestration, pruning, other architectures). Most of such a round is its stages' start-up.
+SMALL = {**FAST, "collect.pairs_per_prompt": 16, "reward.epochs": 2, "ppo.steps": 12, "ppo.batch_size": 32,
+         "ppo.minibatches": 2, "ppo.checkpoint_every": 2, "evaluate.samples_per_prompt": 4}
+
 
 # The longest files first, so that workers start on them and the short ones fill in around them
 # (`make test` hands out whole files in this order: --dist loadfile --no-loadscope-reorder).

@@ -17,7 +17,7 @@ from tasks import rounds, scenario, versioning
 from tasks.config import load_config
 from tasks.workspace import Workspace, init_workspace
 
-from conftest import FAST
+from conftest import FAST, SMALL
 
 pytestmark = pytest.mark.slow
 
@@ -888,7 +888,7 @@ def test_rlhf_run_prunes_after_each_round_with_keep_versions(finished_round, tmp
     from tasks import tracking
 
     ws, _ = finished_round
-    cfg = load_config(None, {**FAST, "refinement.keep_versions": 1})  # (the blocked-validation test's params linger)
+    cfg = load_config(None, {**SMALL, "refinement.keep_versions": 1})  # (the blocked-validation test's params linger)
     config = tmp_path / "params.yaml"
     config.write_text(yaml.safe_dump(cfg.to_params()))
     with mlflow.start_run(run_name="extra-version"):  # one more policy version, soon neither aliased nor newest

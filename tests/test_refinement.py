@@ -28,12 +28,10 @@ from tasks.config import load_config
 from tasks.processes import stop_groups
 from tasks.workspace import Workspace, folder_bytes, init_workspace
 
-from conftest import FAST, still_running
+from conftest import SMALL, still_running
 
 pytestmark = pytest.mark.slow
 
-SMALL = {**FAST, "collect.pairs_per_prompt": 16, "reward.epochs": 2, "ppo.steps": 12, "ppo.batch_size": 32,
-         "ppo.minibatches": 2, "ppo.checkpoint_every": 2, "evaluate.samples_per_prompt": 4}
 
 
 SECRET = "rlhf-test-secret-5f0c9e"
@@ -254,8 +252,23 @@ def test_a_run_while_a_round_holds_the_workspace_is_cancelled(served):
 
 def test_people_feedback_from_the_inbox_trains_a_round_and_without_new_feedback_none_runs(served):
     """collect.simulate false: the round trains on what people gave (here, files dropped into the
-    inbox); a bad file is set aside with its reason; with nothing new, the next run is skipped."""
+    inbox); a bad file is set aside with its reason; with nothing new, the next run is skipped.
+    The round's run also prunes (refinement.keep_versions, with gc_remote) while a feedback file of
+    history is missing from the workspace: its gc refuses before deleting anything, its task fails,
+    and the run, whose round is done, completes and says why (the next test restores the file)."""
+    import mlflow
+
     ws, serve, _ = served
+    cfg = load_config(ws.params)
+    client = tracking.setup(ws, cfg.project)
+    with mlflow.start_run(run_name="extra-version"):  # neither aliased nor, after the next rounds, newest
+        extra = tracking.log_model(ws.policy_model, "policy", cfg.policy_name).version
+    extra_folder = Path(client.get_model_version_download_uri(cfg.policy_name, extra).removeprefix("file://"))
+    weights = folder_bytes(extra_folder)
+    assert weights > 100_000
+    pointer = sorted((ws.root / "data" / "feedback" / "raw").glob("*.dvc"))[0]
+    versioning.git(ws, "rm", "-q", str(pointer.relative_to(ws.root)))
+    versioning.git(ws, "commit", "-q", "-m", "drop a feedback file")
     inbox = ws.root / "inbox"
     inbox.mkdir(exist_ok=True)
     _people_feedback(inbox / "reviews.jsonl")
@@ -263,7 +276,8 @@ def test_people_feedback_from_the_inbox_trains_a_round_and_without_new_feedback_
     for f in ("reviews.jsonl", "broken.jsonl"):  # written a minute ago: not a copy still under way
         os.utime(inbox / f, (time.time() - 60,) * 2)
     done_before = len(rounds.completed_rounds(ws))
-    people_only = {"overrides": {"collect.simulate": False}}
+    people_only = {"overrides": {"collect.simulate": False, "refinement.keep_versions": 1,
+                                 "refinement.gc_remote": True}}
 
     run = _run_deployment("rlhf-refinement/scheduled", people_only)
     run = _wait(lambda: _final(run.id), 600, serve, ws, every=2)
@@ -271,9 +285,14 @@ def test_people_feedback_from_the_inbox_trains_a_round_and_without_new_feedback_
     assert (inbox / "done" / "reviews.jsonl").exists() and not (inbox / "reviews.jsonl").exists()
     assert "cannot tell the format" in (inbox / "failed" / "broken.jsonl.reason.txt").read_text()
     done = rounds.completed_rounds(ws)
-    assert len(done) == done_before + 1
+    assert len(done) == done_before + 1, (run.state.message, _serve_log(ws))
     new_files = set(done[-1]["feedback_files"]) - set(done[-2]["feedback_files"])
     assert len(new_files) == 1 and "import-jsonl" in new_files.pop()  # the inbox file, nothing simulated
+    [gc_task] = _task_runs(run.id, "collect_garbage")
+    assert gc_task.state.is_failed() and "would delete their only copy" in gc_task.state.message
+    assert "gc failed" in _refinement_note(run.id) and "would delete their only copy" in _refinement_note(run.id)
+    assert folder_bytes(extra_folder) == weights  # refused before anything was deleted
+    assert tracking.PRUNED not in client.get_model_version(cfg.policy_name, extra).tags
 
     run = _run_deployment("rlhf-refinement/scheduled", people_only)
     run = _wait(lambda: _final(run.id), 300, serve, ws, every=2)
@@ -297,41 +316,25 @@ def _refinement_note(flow_run_id):
     return found[0].data
 
 
-def test_keep_versions_prunes_after_each_round_and_a_refused_gc_deletes_nothing(served):
+def test_keep_versions_prunes_after_each_round(served):
     """refinement.keep_versions: after its round, a scheduled run frees disk as `rlhf gc --keep N`
-    does. First with gc_remote while a feedback file of history is missing from the workspace: the
-    gc refuses before deleting anything, its task fails, the run (whose round is done) completes
-    and says why. Then, the file restored, the next round's gc prunes the weights nothing points at."""
+    does, with gc_remote on the DVC remote too. The feedback file the inbox test's run left missing
+    (its gc refused, deleting nothing) restored, this round's gc prunes the weights nothing points at."""
     import mlflow
 
     ws, serve, _ = served
     cfg = load_config(ws.params)
     client = tracking.setup(ws, cfg.project)
-    with mlflow.start_run(run_name="extra-version"):  # neither aliased nor, after the next round, newest
-        extra = tracking.log_model(ws.policy_model, "policy", cfg.policy_name).version
+    dropped = versioning.git(ws, "log", "-1", "--format=%H", "--grep", "^drop a feedback file$").stdout.strip()
+    assert dropped, "the inbox test drops a feedback file first"
+    extra = next(v.version for v in client.search_model_versions(f"name='{cfg.policy_name}'")
+                 if client.get_run(v.run_id).info.run_name == "extra-version")
     extra_folder = Path(client.get_model_version_download_uri(cfg.policy_name, extra).removeprefix("file://"))
-    weights = folder_bytes(extra_folder)
-    assert weights > 100_000
-    pointer = sorted((ws.root / "data" / "feedback" / "raw").glob("*.dvc"))[0]
-    versioning.git(ws, "rm", "-q", str(pointer.relative_to(ws.root)))
-    versioning.git(ws, "commit", "-q", "-m", "drop a feedback file")
-    dropped = versioning.head_commit(ws)
-    rounds_before = len(rounds.completed_rounds(ws))
+    versioning.git(ws, "revert", "--no-edit", dropped)  # the round committed its lineage since
+    pointer = versioning.git(ws, "show", "--name-only", "--format=", dropped).stdout.strip()
+    versioning.dvc(ws, "pull", "-q", pointer)
     prune = {"refinement.keep_versions": 1, "refinement.gc_remote": True,
              "collect.simulate": True}  # the inbox test's run left params.yaml at false
-
-    run = _run_deployment("rlhf-refinement/scheduled", {"overrides": prune})
-    run = _wait(lambda: _final(run.id), 600, serve, ws, every=2)
-    assert run.state.is_completed(), run.state.message
-    assert len(rounds.completed_rounds(ws)) == rounds_before + 1, (run.state.message, _serve_log(ws))
-    [gc_task] = _task_runs(run.id, "collect_garbage")
-    assert gc_task.state.is_failed() and "would delete their only copy" in gc_task.state.message
-    assert "gc failed" in _refinement_note(run.id) and "would delete their only copy" in _refinement_note(run.id)
-    assert folder_bytes(extra_folder) == weights  # refused before anything was deleted
-    assert tracking.PRUNED not in client.get_model_version(cfg.policy_name, extra).tags
-
-    versioning.git(ws, "revert", "--no-edit", dropped)  # the round committed its lineage since
-    versioning.dvc(ws, "pull", "-q", str(pointer.relative_to(ws.root)))
     run = _run_deployment("rlhf-refinement/scheduled", {"overrides": prune})
     run = _wait(lambda: _final(run.id), 600, serve, ws, every=2)
     assert run.state.is_completed(), run.state.message

@@ -20,7 +20,7 @@ from tasks.ppo import lora
 from tasks.train_policy import build_policy
 from tasks.workspace import Workspace, init_workspace
 
-from conftest import FAST, another_tokenizer, command_line, still_running
+from conftest import FAST, SMALL, another_tokenizer, command_line, still_running
 from test_judge import bert_judge
 
 pytestmark = pytest.mark.slow
@@ -708,7 +708,7 @@ def test_a_qwen3_users_model_runs_every_stage(tiny_model_dir, tmp_path):
                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
     folder = save(train_model(tok, lines, pretrain, seed=0, config=qwen3)[0], tok, tmp_path / "qwen3")
     ws = init_workspace(tmp_path / "ws")
-    rounds.write_params(ws, load_config(None, {**FAST, "models.policy": str(folder)}))
+    rounds.write_params(ws, load_config(None, {**SMALL, "models.policy": str(folder)}))
     out = versioning.dvc(ws, "repro").stdout
     for stage in ("collect", "validate", "train_reward", "train_policy", "evaluate", "promote"):
         assert f"Running stage '{stage}'" in out
