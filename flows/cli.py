@@ -25,6 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+# what `rlhf import` and `rlhf validate` read: tasks.importers.FORMATS, not imported here (every command
+# would pay for it)
+FORMAT_CHOICES = ("jsonl", "conversational", "csv", "parquet", "hh-rlhf", "label-studio", "argilla")
+
 
 def _defaults_for_local_run() -> None:
     # Prefect in local mode: an ephemeral server started by the flow itself, no analytics.
@@ -103,9 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp = sub.add_parser("import", help="import a preference file into the raw feedback (DVC-versioned)")
     imp.add_argument("files", type=Path, nargs="+", metavar="FILE",
                      help="preference files; several (a dataset's shards) are imported one by one")
-    imp.add_argument("--format", default="auto",
-                     choices=["auto", "jsonl", "conversational", "csv", "parquet", "hh-rlhf", "label-studio",
-                              "argilla"])
+    imp.add_argument("--format", default="auto", choices=["auto", *FORMAT_CHOICES])
     imp.add_argument("--map", dest="mapping", help="column map for CSV/Parquet/JSONL: prompt=COL,chosen=COL,rejected=COL, "
                                                    "or prompt=COL,a=COL,b=COL,choice=COL where a column says which of "
                                                    "two responses won (a/1, b/2, tie, skip; choice_a=VALUE,"
@@ -128,8 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--workspace", type=Path, default=Path("."))
 
     val = sub.add_parser("validate", help="run the validation gate alone (exit 1 on a blocking failure)")
-    val.add_argument("files", nargs="*", type=Path, help="preference files in our format (default: the "
-                                                         "workspace's raw feedback)")
+    val.add_argument("files", nargs="*", type=Path, help="preference files, in any format `rlhf import` reads "
+                                                         "(default: the workspace's raw feedback)")
+    val.add_argument("--format", default="auto", choices=["auto", *FORMAT_CHOICES],
+                     help="the files' format, as `rlhf import` reads them (default: told from each file)")
+    val.add_argument("--map", dest="mapping", help="the files' columns, as `rlhf import --map` takes them")
     val.add_argument("--version", dest="rev", help="validate the raw feedback as it was at this data version "
                                                   "(a commit from `rlhf data history`)")
     val.add_argument("--out", type=Path, help="folder for accepted, quarantine, report and Data Docs "
@@ -359,27 +364,42 @@ def cmd_validate(args) -> int:
         raise SystemExit(f"error: no such file: {', '.join(missing)}")
     if not files:
         raise SystemExit(f"error: nothing to validate: no files given and {ws.raw_dir} holds no feedback")
-    tokenizer = policy_tokenizer(ws, cfg)
-    from tasks.importers import ImportError_, convert, decompressed, detect_format, is_json_array
+    from tasks.importers import ImportError_, check_mapping, convert, decompressed, detect_format, is_json_array, parse_mapping
 
+    try:
+        mapping = parse_mapping(args.mapping)
+    except ImportError_ as e:
+        raise SystemExit(f"error: {e}") from None
+    tokenizer = policy_tokenizer(ws, cfg)
     to_check, converted_bad = [], []
+    given = {}  # a checked file's name -> (the file given, the line there of each of its rows, or None: the same)
     with contextlib.ExitStack() as stack:
         # other formats (HH-RLHF, CSV, Parquet, JSON arrays) are converted to records first; compressed files unpacked
-        for f in map(Path, files):
+        for n, f in enumerate(map(Path, files), start=1):
             try:
                 readable = stack.enter_context(decompressed(f))
-                fmt = detect_format(readable)
-                if fmt == "jsonl" and not is_json_array(readable):  # our records as they are
+                fmt = detect_format(readable, mapping) if args.format == "auto" else args.format
+                check_mapping(mapping, fmt, f)
+                if fmt == "jsonl" and not mapping and not is_json_array(readable):  # our records as they are
                     to_check.append(readable)
+                    given[readable.name] = (f.name, None)
                     continue
                 (out / "converted").mkdir(parents=True, exist_ok=True)
-                kept, bad = out / "converted" / f"{readable.stem}.jsonl", out / "converted" / f"{readable.stem}.set-aside.jsonl"
-                convert(readable, fmt, {}, 0, kept, bad, name=f.name)
+                kept = out / "converted" / f"{n}-{readable.stem}.jsonl"
+                bad = out / "converted" / f"{n}-{readable.stem}.set-aside.jsonl"
+                lines: list[int] = []
+                convert(readable, fmt, mapping, 0, kept, bad, name=f.name, lines=lines)
             except ImportError_ as e:
                 raise SystemExit(f"error: {e}") from None
             to_check.append(kept)
+            given[kept.name] = (f.name, lines)
             converted_bad += [json.loads(line) for line in bad.read_text(encoding="utf-8").splitlines()]
         result = validate_files(to_check, cfg.validate_, out / "gx", tokenizer, chat=cfg.chat_format)
+    for row in result.quarantined:  # named by the file given and its line there, not the converted copy's
+        name, lines = given.get(row["source_file"], (row["source_file"], None))
+        row["source_file"] = name
+        if lines and isinstance(row.get("line"), int) and 0 < row["line"] <= len(lines):
+            row["line"] = lines[row["line"] - 1]
     result.quarantined += converted_bad
     summary = write_outputs(result, cfg.validate_, [str(f) for f in files], out / "accepted.jsonl",
                             out / "quarantine.jsonl", out / "validation.json",

@@ -89,7 +89,7 @@ def import_inbox(workspace: str, inbox: str, settle_s: float = INBOX_SETTLE_S, m
             result["waiting"].append(path.name)
             continue
         try:
-            summary = importers.import_file(ws, path, mapping=columns)
+            summary = importers.import_file(ws, path, mapping=columns, map_for_tables=True)
             problem = importers.failed(summary)
         except importers.ImportError_ as e:
             problem = str(e)
@@ -104,6 +104,8 @@ def import_inbox(workspace: str, inbox: str, settle_s: float = INBOX_SETTLE_S, m
         else:
             logger.info("inbox file %s imported: %d kept, %d set aside", path.name, summary.kept,
                         summary.set_aside)
+            if summary.map_not_applied:
+                logger.info("inbox file %s: %s", path.name, summary.map_not_applied)
             note = None if chat_template else importers.run_together_note(summary)
             if note:
                 logger.warning("inbox file %s: %s", path.name, note)
@@ -111,7 +113,8 @@ def import_inbox(workspace: str, inbox: str, settle_s: float = INBOX_SETTLE_S, m
                 logger.warning("inbox file %s: %s", path.name, summary.push_error)
             result["imported"].append({"file": path.name, "moved_to": str(moved.relative_to(folder)),
                                        "kept": summary.kept, "set_aside": summary.set_aside,
-                                       "run_together": summary.run_together})
+                                       "run_together": summary.run_together,
+                                       "map_not_applied": summary.map_not_applied})
     return result
 
 

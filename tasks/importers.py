@@ -58,13 +58,15 @@ class ImportSummary:
     dialogues: int = 0  # kept records whose prompt is a dialogue (several turns, or a system turn)
     run_together: int = 0  # kept records whose prompt and a response meet with no whitespace between them
     push_error: str | None = None  # why the files were not pushed to the DVC remote (committed all the same)
+    map_not_applied: str | None = None  # why the inbox's map was not applied (a format naming its own fields)
 
     def as_dict(self) -> dict:
         return {"source_file": self.source_file, "format": self.format, "kept": self.kept,
                 "set_aside": self.set_aside, "reasons": dict(self.reasons), "dialogues": self.dialogues,
                 "run_together": self.run_together, "raw_file": self.raw_file,
                 "quarantine_file": self.quarantine_file, "received_file": self.received_file,
-                "pushed": self.push_error is None, "push_error": self.push_error}
+                "pushed": self.push_error is None, "push_error": self.push_error,
+                "map_not_applied": self.map_not_applied}
 
 
 # ---- checks shared by every format --------------------------------------------------------------
@@ -111,7 +113,7 @@ def make_record(line: int, data: dict, source: str, round_: int) -> Row:
         source=_source(data.get("source"), source), annotator=str(data.get("annotator") or "unknown"),
         round=int(data["round"]) if isinstance(data.get("round"), int) else round_,
         policy_version=data.get("policy_version"), created_at=str(data.get("created_at") or utc_now()),
-        label=label, margin=margin, id=str(data.get("id") or ""))
+        label=label, margin=margin, id=str(data.get("id") or ""), line=line)
 
 
 # ---- conversations: TRL's conversational preference format, ShareGPT's messages ------------------
@@ -272,11 +274,12 @@ def read_hh_rlhf(path: Path, mapping: dict, round_: int) -> Iterator[Row]:
             yield item
             continue
         line, obj = item
-        problems = [p for p in (_text_problem(k, obj.get(k)) for k in ("chosen", "rejected")) if p]
+        fields = (mapping.get("chosen", "chosen"), mapping.get("rejected", "rejected"))
+        problems = [p for p in (_text_problem(k, obj.get(k)) for k in fields) if p]
         if problems:
             yield BadLine(line, "; ".join(problems), json.dumps(obj, ensure_ascii=False, default=str)[:2000])
             continue
-        split = split_dialogue(obj["chosen"], obj["rejected"])
+        split = split_dialogue(obj[fields[0]], obj[fields[1]])
         if isinstance(split, str):
             yield BadLine(line, split, json.dumps(obj, ensure_ascii=False)[:2000])
             continue
@@ -473,8 +476,6 @@ def _mapped(row: dict, mapping: dict) -> dict:
 
 
 CHOICES = {"a": ("a", "1"), "b": ("b", "2"), "tie": ("tie",), "skip": ("skip",)}  # what a choice reads by default
-CHOICE_MAP_FORMATS = ("jsonl", "csv", "parquet")
-ANNOTATOR_MAP_FORMATS = ("jsonl", "conversational", "csv", "parquet")
 
 
 def choice_values(mapping: dict) -> dict[str, str]:
@@ -585,6 +586,34 @@ MAP_USAGE = ("prompt=COL,chosen=COL,rejected=COL, or prompt=COL,a=COL,b=COL,choi
              "annotator=COL: who labelled the row")
 MAP_KEYS = ("prompt", "chosen", "rejected", "a", "b", "choice", "choice_a", "choice_b", "choice_tie", "choice_skip",
             "annotator")
+# The --map keys each format reads. HH-RLHF, Label Studio and Argilla name their own annotators;
+# HH-RLHF's prompt is the dialogue up to its last Assistant turn, never a field of its own.
+MAP_READ = {"jsonl": MAP_KEYS, "csv": MAP_KEYS, "parquet": MAP_KEYS,
+            "conversational": ("prompt", "chosen", "rejected", "annotator"),
+            "hh-rlhf": ("chosen", "rejected"),  # the fields of the two dialogues
+            "label-studio": ("prompt", "chosen", "rejected"),  # data's prompt, answer1 and answer2 fields
+            "argilla": ("prompt",)}  # the field of `fields` that holds the prompt
+CHOICE_MAP_FORMATS = tuple(f for f in FORMATS if "choice" in MAP_READ[f])
+ANNOTATOR_MAP_FORMATS = tuple(f for f in FORMATS if "annotator" in MAP_READ[f])
+OWN_FIELDS_FORMATS = ("hh-rlhf", "label-studio", "argilla")  # datasets' and tools' formats: fields of their own
+
+
+def _map_text(mapping: dict) -> str:
+    return ",".join(f"{ours}={theirs}" for ours, theirs in mapping.items())
+
+
+def check_mapping(mapping: dict, fmt: str, path: Path) -> None:
+    """A --map key the format does not read is refused, never ignored: a file read other than as
+    its map says would import the wrong fields without a word."""
+    unread = [k for k in mapping if k not in MAP_READ[fmt]]
+    if "choice" in unread:
+        raise ImportError_(f"--map a=,b=,choice= reads {', '.join(CHOICE_MAP_FORMATS)} files; {path} is {fmt}")
+    if "annotator" in unread:
+        raise ImportError_(f"--map annotator= reads {', '.join(ANNOTATOR_MAP_FORMATS)} files; {path} is {fmt}, "
+                           "which names its annotators itself")
+    if unread:
+        raise ImportError_(f"--map {', '.join(k + '=' for k in unread)}: {path} is {fmt}, which has no such field "
+                           f"to name; {fmt} files read {', '.join(k + '=' for k in MAP_READ[fmt])} from --map")
 
 
 def parse_mapping(text: str | None) -> dict:
@@ -618,15 +647,16 @@ def parse_mapping(text: str | None) -> dict:
 
 
 def convert(path: Path, fmt: str, mapping: dict, round_: int, kept_out: Path, bad_out: Path,
-            name: str | None = None) -> ImportSummary:
+            name: str | None = None, lines: list[int] | None = None) -> ImportSummary:
     """Stream `path` into kept records (JSON lines) and set-aside rows (JSON lines with reasons);
-    `name`: the file's as received, where `path` is its decompressed copy."""
+    `name`: the file's as received, where `path` is its decompressed copy; `lines`, where given,
+    gets the line (or array position) in `path` of each kept record, in order."""
     summary = ImportSummary(source_file=str(path), format=fmt)
     seen: set[str] = set()
     with open(kept_out, "w", encoding="utf-8") as kept, open(bad_out, "w", encoding="utf-8") as bad:
         for row in READERS[fmt](path, mapping, round_):
             if isinstance(row, PreferenceRecord) and row.id in seen:
-                row = BadLine(0, "duplicate of an earlier pair in the file", row.to_json()[:2000])
+                row = BadLine(row.line or 0, "duplicate of an earlier pair in the file", row.to_json()[:2000])
             if isinstance(row, BadLine):
                 summary.set_aside += 1
                 summary.reasons[row.reason] += 1
@@ -634,6 +664,8 @@ def convert(path: Path, fmt: str, mapping: dict, round_: int, kept_out: Path, ba
                                       "record": row.raw}, ensure_ascii=False) + "\n")
                 continue
             seen.add(row.id)
+            if lines is not None:
+                lines.append(row.line)
             summary.kept += 1
             summary.dialogues += hh_turns(row.prompt) is not None
             summary.run_together += not (separated(row.prompt, row.chosen) and separated(row.prompt, row.rejected))
@@ -704,9 +736,12 @@ def decompressed(path: Path, scratch: Path | None = None) -> Iterator[Path]:
 
 
 def import_file(ws: Workspace, path: Path, fmt: str = "auto", mapping: dict | None = None,
-                round_: int | None = None) -> ImportSummary:
+                round_: int | None = None, map_for_tables: bool = False) -> ImportSummary:
     """Import one file into the workspace's raw feedback, versioned with DVC. Returns the summary;
-    the caller decides the exit code (see `failed`)."""
+    the caller decides the exit code (see `failed`). A --map key the file's format does not read is
+    refused; with `map_for_tables` (the inbox's one map for every file it is sent), a file of a
+    format that names its own fields (HH-RLHF, Label Studio, Argilla) is read without the map, and
+    the summary's `map_not_applied` says so."""
     path = Path(path)
     if not path.is_file():
         raise ImportError_(f"{path} does not exist or is not a file")
@@ -717,12 +752,14 @@ def import_file(ws: Workspace, path: Path, fmt: str = "auto", mapping: dict | No
     (ws.root / ".cache").mkdir(exist_ok=True)  # git-ignored scratch space on the same disk
     with tempfile.TemporaryDirectory(dir=ws.root / ".cache") as tmp, decompressed(path, Path(tmp)) as readable:
         fmt = detect_format(readable, mapping) if fmt == "auto" else fmt
-        if "choice" in mapping and fmt not in CHOICE_MAP_FORMATS:
-            raise ImportError_(f"--map a=,b=,choice= reads {', '.join(CHOICE_MAP_FORMATS)} files; {path} is {fmt}")
-        if "annotator" in mapping and fmt not in ANNOTATOR_MAP_FORMATS:  # the others name their annotators
-            raise ImportError_(f"--map annotator= reads {', '.join(ANNOTATOR_MAP_FORMATS)} files; {path} is {fmt}")
+        not_applied = None
+        if mapping and map_for_tables and fmt in OWN_FIELDS_FORMATS:
+            not_applied = f"{fmt} names its own fields: the map ({_map_text(mapping)}) is not applied to it"
+            mapping = {}
+        check_mapping(mapping, fmt, path)
         kept, bad = Path(tmp) / "kept.jsonl", Path(tmp) / "set-aside.jsonl"
         summary = convert(readable, fmt, mapping, round_, kept, bad, name=path.name)
+        summary.map_not_applied = not_applied
         summary.source_file = str(path)
         source = f"import-{fmt}"
         if summary.kept:

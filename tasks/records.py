@@ -45,6 +45,7 @@ class PreferenceRecord:
     comment: str | None = None  # the annotator's note, if any
     shown_as_a: str | None = None  # which response a person saw first ("chosen" or "rejected"), if recorded
     id: str = ""
+    line: int | None = field(default=None, compare=False, repr=False)  # where an import read it (not written out)
 
     def __post_init__(self):
         if not self.id:
@@ -52,6 +53,7 @@ class PreferenceRecord:
 
     def to_json(self) -> str:
         d = asdict(self)
+        del d["line"]
         for optional in ("margin", "comment", "shown_as_a"):
             if d[optional] is None:
                 del d[optional]

@@ -786,7 +786,8 @@ def test_the_inbox_leaves_a_file_being_written_and_never_replaces_one_moved_befo
 
 def test_the_inbox_reads_a_labelling_sheets_export_through_refinement_inbox_map(prefect, tmp_path):
     """A nightly export of two responses and which won: failed without the map, saying which columns
-    are missing; with `refinement.inbox_map` its pairs are imported the right way round."""
+    are missing; with `refinement.inbox_map` its pairs are imported the right way round. An HH-RLHF
+    file dropped beside it is read by its own fields, the map not applied to it, and said."""
     import os
     import time
 
@@ -801,14 +802,21 @@ def test_the_inbox_reads_a_labelling_sheets_export_through_refinement_inbox_map(
     for attempt in range(2):
         (inbox / "nightly.csv").write_text(sheet)
         os.utime(inbox / "nightly.csv", (time.time() - 60,) * 2)
+        if attempt:
+            (inbox / "hh.jsonl").write_text(json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: hello",
+                                                        "rejected": "\n\nHuman: hi\n\nAssistant: go"}) + "\n")
+            os.utime(inbox / "hh.jsonl", (time.time() - 60,) * 2)
         result = import_inbox(str(ws.root), "inbox", mapping="prompt=question,a=left,b=right,choice=better"
                               if attempt else None)
         if not attempt:
             assert result["failed"][0]["file"] == "nightly.csv" and not result["imported"]
             assert "columns prompt, chosen, rejected not found" in (inbox / "failed" / "nightly.csv.reason.txt").read_text()
     assert [(f["file"], f["kept"], f["set_aside"], f["run_together"]) for f in result["imported"]] == [
-        ("nightly.csv", 4, 0, 1)]
-    (raw,) = versioning.raw_files(ws)
+        ("hh.jsonl", 1, 0, 0), ("nightly.csv", 4, 0, 1)]
+    assert result["imported"][0]["map_not_applied"] == (
+        "hh-rlhf names its own fields: the map (prompt=question,a=left,b=right,choice=better) is not applied to it")
+    assert result["imported"][1]["map_not_applied"] is None
+    raw = next(f for f in versioning.raw_files(ws) if "import-csv" in f.name)
     assert [json.loads(line)["chosen"] for line in raw.read_text().splitlines()] == [
         " they were late 0 .", " he was late 1 .", " they were late 2 .", "he was late 3 ."]
 

@@ -283,7 +283,7 @@ def test_bad_rows_are_set_aside_with_line_and_reason_and_cli_summarises(ws, tmp_
                                    "not UTF-8 (invalid start byte at byte 0)", "missing or empty field 'chosen'",
                                    "field 'margin' is not a finite number", "duplicate of an earlier pair in the file"}
     quarantined = records(out["quarantine_file"])
-    assert sorted(q["line"] for q in quarantined) == [0, 2, 3, 4, 5]
+    assert sorted(q["line"] for q in quarantined) == [2, 3, 4, 5, 6]  # the duplicate's own line (it read 0)
     assert open(out["received_file"], "rb").read() == path.read_bytes()
 
 
@@ -635,6 +635,37 @@ def test_argilla_ranking_export(ws, tmp_path):
     bad.write_text('[{"neither": 1}]')
     with pytest.raises(ImportError_, match=r"cannot tell the format from keys \['neither'\]; pass --format"):
         import_file(ws, bad)
+
+
+def test_a_map_key_the_format_does_not_read_is_refused_and_hh_dialogues_renamed_are_read(ws, tmp_path, capsys):
+    """HH-RLHF, Label Studio and Argilla name their own fields: a --map key one of them does not
+    read is refused, naming what it reads; it was ignored, the file imported as if unmapped.
+    HH-RLHF's two dialogues under names of their own (a copy with its columns renamed) are read
+    through chosen= and rejected=."""
+    from flows.cli import main
+
+    hh = tmp_path / "hh-renamed.jsonl"
+    hh.write_text("".join(json.dumps({"better": f"\n\nHuman: q{i}\n\nAssistant: good {i}",
+                                      "worse": f"\n\nHuman: q{i}\n\nAssistant: bad {i}"}) + "\n" for i in range(3)))
+    with pytest.raises(ImportError_, match="cannot tell the format"):
+        import_file(ws, hh)
+    summary = import_file(ws, hh, "auto", parse_mapping("chosen=better,rejected=worse"))
+    assert summary.format == "hh-rlhf" and (summary.kept, summary.set_aside) == (3, 0)
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in records(summary.raw_file)][1] == (
+        "\n\nHuman: q1\n\nAssistant:", " good 1", " bad 1")
+    with pytest.raises(ImportError_, match=r"^--map prompt=: .*hh-renamed.jsonl is hh-rlhf, which has no such field "
+                                           r"to name; hh-rlhf files read chosen=, rejected= from --map$"):
+        import_file(ws, hh, "auto", parse_mapping("prompt=question,chosen=better,rejected=worse"))
+    argilla = tmp_path / "argilla.jsonl"
+    argilla.write_text(json.dumps({"fields": {"q": "the ceo said", "r1": " a .", "r2": " b ."}, "responses": []}) + "\n")
+    with pytest.raises(ImportError_, match=r"--map chosen=, rejected=: .* is argilla, .*; argilla files read prompt= "):
+        import_file(ws, argilla, "auto", parse_mapping("prompt=q,chosen=r1,rejected=r2"))
+    capsys.readouterr()
+    assert main(["import", str(hh), "--map", "prompt=question,chosen=better,rejected=worse",
+                 "--workspace", str(ws.root)]) == 2
+    out, err = capsys.readouterr()
+    assert "--map prompt=:" in err and "Traceback" not in out + err
+    assert len(versioning.history(ws)) == 1  # the refused imports wrote nothing
 
 
 def test_concurrent_imports_never_clobber_each_other(ws, tmp_path):

@@ -145,6 +145,37 @@ def test_cli_validate_missing_file(tmp_path):
         main(["validate", str(tmp_path / "missing.jsonl"), "--workspace", str(tmp_path)])
 
 
+def test_cli_validates_a_sheet_through_its_map_naming_the_file_and_lines_given(tmp_path, capsys):
+    """`rlhf validate` reads what `rlhf import` reads, --map and --format too, and names each row
+    set aside by the file given and its line there: a compressed sheet's rows were named by the
+    converted copy (sheet.jsonl, its own line numbers), and a sheet with columns of its own could
+    not be checked before its import at all."""
+    import gzip
+
+    sheet = "question,left,right,better\n" + "".join(
+        f"the pilot said {i},\" they were late {i} .\",\" he was late {i} .\",a\n" for i in range(30))
+    sheet += "the nurse said,\" they left .\",\" she left .\",maybe\n"  # line 32: no choice it reads
+    sheet += "the nurse said,\" a first\nline .\",\" she left .\",b\n"  # lines 33-34: a response of two lines
+    sheet += "the chef said,\" they left .\",\" they left .\",a\n"  # line 35: the two responses are one
+    path = tmp_path / "sheet.csv.gz"
+    path.write_bytes(gzip.compress(sheet.encode()))
+    out = tmp_path / "checked"
+    with pytest.raises(SystemExit, match="columns prompt, chosen, rejected not found"):
+        main(["validate", str(path), "--out", str(out), "--workspace", str(tmp_path)])
+    main(["validate", str(path), "--map", "prompt=question,a=left,b=right,choice=better", "--json",
+          "--out", str(out), "--workspace", str(tmp_path)])
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["accepted"], summary["quarantined"]) == (31, 2)
+    set_aside = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+    assert sorted((q["source_file"], q["line"], q["reasons"][0][:24]) for q in set_aside) == [
+        ("sheet.csv.gz", 32, "'better' is 'maybe', not"), ("sheet.csv.gz", 35, "chosen equals rejected")]
+    for bad, error in [(["--map", "prompt=q,winner=w"], "bad --map entry 'winner=w'"),
+                       (["--format", "hh-rlhf", "--map", "prompt=question"], "--map prompt=: .* is hh-rlhf"),
+                       (["--format", "xml"], None)]:
+        with pytest.raises(SystemExit, match=error):
+            main(["validate", str(path), *bad, "--out", str(out), "--workspace", str(tmp_path)])
+
+
 def test_severity_config_is_validated(tmp_path):
     p = tmp_path / "params.yaml"
     p.write_text("validate:\n  severity:\n    drift: fatal\n")
