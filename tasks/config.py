@@ -206,11 +206,35 @@ class RewardConfig(_Strict):
                                    "model trains on and scores; null = as many as the reward model has positions "
                                    "(64 for the built-in tiny model). Longer pairs are neither trained on nor scored, "
                                    "and the stage's log counts them")
-    eval_file: str | None = Field(None, description="a preference file (our records, HH-RLHF, CSV, Parquet) "
-                                                    "to report the reward model's pairwise accuracy on as well")
+    eval_file: str | None = Field(None, description="a preference file (any format `rlhf import` reads) to report "
+                                                    "the reward model's pairwise accuracy on as well; read before "
+                                                    "training, its unreadable rows counted by reason")
+    eval_map: str | None = Field(None, description="eval_file's columns, as `rlhf import --map` takes them; null: "
+                                                   "prompt, chosen, rejected")
     mixed_precision: Literal["auto", "bf16", "no"] = Field(
         "auto", description="bf16: train under bf16 autocast over float32 weights; no: float32; auto: bf16 on a GPU "
                             "that has it, no on a CPU (as ppo.mixed_precision)")
+
+    @field_validator("eval_map")
+    @classmethod
+    def _eval_map(cls, value: str | None) -> str | None:
+        return valid_map(value)
+
+    @model_validator(mode="after")
+    def _map_needs_file(self) -> "RewardConfig":
+        if self.eval_map and not self.eval_file:
+            raise ValueError("reward.eval_map names the columns of reward.eval_file: set the file too")
+        return self
+
+
+def valid_map(value: str | None) -> str | None:
+    """A column map as `rlhf import --map` takes it, or the reason it is not one."""
+    from tasks.importers import ImportError_, parse_mapping  # importers reads this module: imported here
+    try:
+        parse_mapping(value)
+    except ImportError_ as e:
+        raise ValueError(str(e)) from None
+    return value
 
 
 class EvaluateConfig(_Strict):
@@ -309,12 +333,7 @@ class RefinementConfig(_Strict):
     @field_validator("inbox_map")
     @classmethod
     def _inbox_map(cls, value: str | None) -> str | None:
-        from tasks.importers import ImportError_, parse_mapping  # importers reads this module: imported here
-        try:
-            parse_mapping(value)
-        except ImportError_ as e:
-            raise ValueError(str(e)) from None
-        return value
+        return valid_map(value)
 
     @field_validator("cron")
     @classmethod

@@ -17,6 +17,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import mlflow
@@ -134,17 +135,46 @@ def fits(tokenizer, record: dict, max_length: int, chat: ChatConfig | None = Non
     return pair_token_length(tokenizer, record["prompt"], record["chosen"], record["rejected"], chat) + 1 <= max_length
 
 
-def accuracy_on_file(model, tokenizer, path: str, max_length: int, chat: ChatConfig | None = None) -> dict:
-    """Pairwise accuracy on another preference file; pairs longer than max_length are counted, not scored."""
-    from tasks.importers import READERS, decompressed, detect_format
-    from tasks.records import PreferenceRecord
+def read_eval_file(path: str, mapping: str | None = None) -> tuple[list[dict], Counter]:
+    """reward.eval_file's pairs, read as `rlhf import` reads files (reward.eval_map: its columns),
+    and its rows that could not be read, counted by reason: scored on fewer pairs than the file
+    holds, the accuracy says so. Ties and skips are not pairs. Read before training: a file that
+    cannot be read stops the stage before, not after, the training."""
+    from tasks.importers import READERS, ImportError_, check_mapping, decompressed, detect_format, parse_mapping
+    from tasks.records import BadLine, PreferenceRecord
 
-    with decompressed(Path(path)) as readable:
-        pairs = [{"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected}
-                 for r in READERS[detect_format(readable)](readable, {}, 0)
-                 if isinstance(r, PreferenceRecord) and r.label == "pair"]
+    if not Path(path).is_file():
+        raise StageError(f"reward.eval_file {path} does not exist or is not a file")
+    try:
+        columns = parse_mapping(mapping)
+        with decompressed(Path(path)) as readable:
+            fmt = detect_format(readable, columns)
+            check_mapping(columns, fmt, Path(path))
+            rows = list(READERS[fmt](readable, columns, 0))
+    except ImportError_ as e:
+        raise StageError(f"reward.eval_file: {e}") from None
+    pairs = [{"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected}
+             for r in rows if isinstance(r, PreferenceRecord) and r.label == "pair"]
+    return pairs, Counter(r.reason for r in rows if isinstance(r, BadLine))
+
+
+def accuracy_on_file(model, tokenizer, path: str, pairs: list[dict], set_aside: Counter, max_length: int,
+                     chat: ChatConfig | None = None) -> dict:
+    """Pairwise accuracy on another preference file's pairs (`read_eval_file`); pairs longer than
+    max_length are counted, not scored, as are the rows that could not be read."""
     fit = [r for r in pairs if fits(tokenizer, r, max_length, chat)]
-    return {**pairwise_accuracy(model, tokenizer, fit, chat), "file": str(path), "too_long": len(pairs) - len(fit)}
+    return {**pairwise_accuracy(model, tokenizer, fit, chat), "file": str(path), "too_long": len(pairs) - len(fit),
+            "set_aside": sum(set_aside.values()), "set_aside_reasons": dict(set_aside.most_common())}
+
+
+def eval_file_line(m: dict) -> str:
+    """'eval_file hh.jsonl: accuracy 0.62 on 280 pairs (20 too long; 3 rows set aside: ...)'."""
+    line = f"eval_file {m['file']}: accuracy {m['accuracy']:.2f} on {m['n']} pairs"
+    notes = [f"{m['too_long']} too long"] if m["too_long"] else []
+    if m["set_aside"]:
+        notes.append(f"{m['set_aside']} rows could not be read: " + "; ".join(
+            f"{reason} ({n})" for reason, n in list(m["set_aside_reasons"].items())[:3]))
+    return line + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def train(init_ref: str, tokenizer_ref: str, records: list[dict], cfg: PipelineConfig, out: Path) -> dict:
@@ -154,6 +184,7 @@ def train(init_ref: str, tokenizer_ref: str, records: list[dict], cfg: PipelineC
     from trl import RewardTrainer
 
     chat = cfg.chat_format
+    eval_file = read_eval_file(cfg.reward.eval_file, cfg.reward.eval_map) if cfg.reward.eval_file else None
     tokenizer = load_tokenizer(tokenizer_ref, chat)
     model = load_reward(init_ref, tokenizer.pad_token_id)
     max_length = reward_max_length(cfg, model.config)
@@ -200,8 +231,9 @@ def train(init_ref: str, tokenizer_ref: str, records: list[dict], cfg: PipelineC
     # the hint where a split by prompt would hold out about 5 prompts or more (not the scenario's 10)
     hint = cfg.reward.split == "pair" and len({r["prompt"] for r in kept}) * cfg.reward.eval_fraction >= 5
     print(held_out_line(metrics["held_out"], seen, metrics.get("held_out_unseen_prompts"), hint), flush=True)
-    if cfg.reward.eval_file:
-        metrics["eval_file"] = accuracy_on_file(model, tokenizer, cfg.reward.eval_file, max_length, chat)
+    if eval_file is not None:
+        metrics["eval_file"] = accuracy_on_file(model, tokenizer, cfg.reward.eval_file, *eval_file, max_length, chat)
+        print(eval_file_line(metrics["eval_file"]), flush=True)
     if out.exists():
         shutil.rmtree(out)
     save(model, tokenizer, out)
@@ -254,7 +286,9 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
                                 "reward/pairs_unseen_prompts": metrics["held_out_unseen_prompts"]["n"]})
         if "eval_file" in metrics:
             mlflow.log_metrics({"reward/eval_file_accuracy": metrics["eval_file"]["accuracy"],
-                                "reward/eval_file_pairs": metrics["eval_file"]["n"]})
+                                "reward/eval_file_pairs": metrics["eval_file"]["n"],
+                                "reward/eval_file_too_long": metrics["eval_file"]["too_long"],
+                                "reward/eval_file_set_aside": metrics["eval_file"]["set_aside"]})
         for i, bucket in enumerate(metrics["held_out"]["calibration"]):
             mlflow.log_metric("reward/calibration_accuracy", bucket["accuracy"], step=i)
         mlflow.log_dict(metrics, "reward_metrics.json")

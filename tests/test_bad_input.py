@@ -49,6 +49,8 @@ from tasks.config import ValidateConfig
     ("refinement:\n  inbox_map: prompt=q,a=l,b=r\n", "refinement.inbox_map: Value error, --map 'prompt=q,a=l,b=r': a=, b= and "
                                                       "choice= go together"),
     ("refinement:\n  inbox_map: winner=w\n", "refinement.inbox_map: Value error, bad --map entry 'winner=w'"),
+    ("reward:\n  eval_map: winner=w\n  eval_file: eval.csv\n", "reward.eval_map: Value error, bad --map entry 'winner=w'"),
+    ("reward:\n  eval_map: prompt=q,chosen=a,rejected=b\n", "reward.eval_map names the columns of reward.eval_file"),
     ("refinement:\n  gc_remote: true\n", "prunes only with refinement.keep_versions set"),
     ("prompts:\n  train: data/prompts/train.txt\n", "set prompts.train and prompts.heldout together"),
     ("chat:\n  template: true\n", "chat.template needs models.policy"),

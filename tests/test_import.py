@@ -23,7 +23,7 @@ from tasks.records import UTF8_BOM, PreferenceRecord
 from tasks.validate import validate_files
 from tasks.workspace import init_workspace
 
-from conftest import HH_RLHF
+from conftest import FAST, HH_RLHF
 
 needs_hh = pytest.mark.skipif(not HH_RLHF.exists(), reason=f"HH-RLHF sample not found at {HH_RLHF}")
 
@@ -62,6 +62,36 @@ def test_hh_rlhf_sample_imports_whole_with_prompts_split_right(ws):
     # importing the same file again adds nothing new
     again = import_file(ws, HH_RLHF)
     assert again.raw_file == summary.raw_file and len(versioning.history(ws)) == 1
+
+
+def test_the_reward_eval_file_is_read_through_its_map_before_training(tiny_model_dir, tmp_path):
+    """reward.eval_file in any format `rlhf import` reads, a sheet's columns through reward.eval_map;
+    a file that cannot be read stops the stage before it trains, not after."""
+    from tasks.stage import StageError
+    from tasks.train_reward import eval_file_line, read_eval_file, train
+
+    sheet = tmp_path / "eval.csv"
+    sheet.write_text("question,left,right,better\n" + "the nurse said, they left ., she left .,a\n"
+                     "the chef said, he left ., they left .,B\n" + "the pilot said, x ., y .,tie\n"
+                     "the ceo said, x ., y .,maybe\n")
+    pairs, set_aside = read_eval_file(str(sheet), "prompt=question,a=left,b=right,choice=better")
+    assert pairs == [{"prompt": "the nurse said", "chosen": " they left .", "rejected": " she left ."},
+                     {"prompt": "the chef said", "chosen": " they left .", "rejected": " he left ."}]  # no tie
+    assert list(set_aside.elements()) == ["'better' is 'maybe', not one of a/1 (a), b/2 (b), tie (tie), skip (skip)"]
+    m = {"file": "eval.csv", "accuracy": 0.5, "n": 2, "too_long": 0, "set_aside": 1,
+         "set_aside_reasons": dict(set_aside)}
+    assert eval_file_line(m) == ("eval_file eval.csv: accuracy 0.50 on 2 pairs (1 rows could not be read: 'better' is "
+                                 "'maybe', not one of a/1 (a), b/2 (b), tie (tie), skip (skip) (1))")
+    out = tmp_path / "reward"
+    hh = tmp_path / "hh.jsonl"
+    hh.write_text(json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go"}))
+    for overrides, error in [({"reward.eval_file": str(sheet)}, "columns prompt, chosen, rejected not found"),
+                             ({"reward.eval_file": str(tmp_path / "gone.jsonl")}, "does not exist"),
+                             ({"reward.eval_file": str(hh), "reward.eval_map": "prompt=question"}, "--map prompt=")]:
+        cfg = load_config(None, {**FAST, **overrides})
+        with pytest.raises(StageError, match=f"^reward.eval_file.*{error}"):
+            train(str(tiny_model_dir), str(tiny_model_dir), [], cfg, out)
+        assert not out.exists()  # stopped before anything was trained or written
 
 
 def test_an_unreachable_dvc_remote_leaves_the_import_committed_and_said(ws, tmp_path, capsys):
@@ -207,12 +237,16 @@ def test_imported_hh_pairs_train_the_reward_model(ws, tmp_path):
     base = save(model, tok, tmp_path / "hh-base")
     # an HH-RLHF file of its own (the sample's last 300 lines, untouched) for "when configured"
     eval_file = tmp_path / "hh-eval.jsonl"
-    eval_file.write_bytes(b"\n".join(HH_RLHF.read_bytes().rstrip(b"\n").split(b"\n")[-300:]) + b"\n")
+    eval_file.write_bytes(b"\n".join(HH_RLHF.read_bytes().rstrip(b"\n").split(b"\n")[-300:]) + b"\n"
+                          + b"{broken\n" + json.dumps({"chosen": "no turns", "rejected": "at all"}).encode() + b"\n")
     cfg = load_config(None, {"reward.epochs": 1, "reward.max_length": 512, "reward.batch_size": 16,
                              "reward.eval_file": str(eval_file)})
     metrics = train(str(base), str(base), pairs[:240], cfg, tmp_path / "hh-reward")
-    # accuracy on that file, read straight from HH-RLHF's own format, every pair counted
+    # accuracy on that file, read straight from HH-RLHF's own format, every pair counted, the rows
+    # that could not be read too (they were dropped without a word)
     assert metrics["eval_file"]["n"] + metrics["eval_file"]["too_long"] == 300
+    assert metrics["eval_file"]["set_aside"] == 2 and metrics["eval_file"]["set_aside_reasons"] == {
+        "not JSON (Expecting property name enclosed in double quotes)": 1, "no '\\n\\nAssistant:' turn in 'chosen'": 1}
     assert 0 <= metrics["eval_file"]["accuracy"] <= 1
     import mlflow
     assert mlflow.active_run() is None  # outside a stage, training logs nowhere and leaves no run open
