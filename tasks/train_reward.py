@@ -172,7 +172,7 @@ def eval_file_line(m: dict) -> str:
     line = f"eval_file {m['file']}: accuracy {m['accuracy']:.2f} on {m['n']} pairs"
     notes = [f"{m['too_long']} too long"] if m["too_long"] else []
     if m["set_aside"]:
-        notes.append(f"{m['set_aside']} rows could not be read: " + "; ".join(
+        notes.append(f"{m['set_aside']} {'row' if m['set_aside'] == 1 else 'rows'} could not be read: " + "; ".join(
             f"{reason} ({n})" for reason, n in list(m["set_aside_reasons"].items())[:3]))
     return line + (f" ({'; '.join(notes)})" if notes else "")
 

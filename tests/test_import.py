@@ -80,7 +80,7 @@ def test_the_reward_eval_file_is_read_through_its_map_before_training(tiny_model
     assert list(set_aside.elements()) == ["'better' is 'maybe', not one of a/1 (a), b/2 (b), tie (tie), skip (skip)"]
     m = {"file": "eval.csv", "accuracy": 0.5, "n": 2, "too_long": 0, "set_aside": 1,
          "set_aside_reasons": dict(set_aside)}
-    assert eval_file_line(m) == ("eval_file eval.csv: accuracy 0.50 on 2 pairs (1 rows could not be read: 'better' is "
+    assert eval_file_line(m) == ("eval_file eval.csv: accuracy 0.50 on 2 pairs (1 row could not be read: 'better' is "
                                  "'maybe', not one of a/1 (a), b/2 (b), tie (tie), skip (skip) (1))")
     out = tmp_path / "reward"
     hh = tmp_path / "hh.jsonl"
