@@ -21,9 +21,10 @@ run: $(STAMP)
 	$(VENV)/bin/rlhf run $(ARGS)
 	$(VENV)/bin/rlhf status
 
-# One worker per core (four at most), whole files to a worker, the longest first (tests/conftest.py).
+# One worker per core (four at most), whole files to a worker, the longest first (tests/conftest.py);
+# the 15 slowest tests listed at the end, where the suite's time goes.
 test: $(STAMP)
-	$(PYTHON) -m pytest -q -ra -n logical --maxprocesses 4 --dist loadfile --no-loadscope-reorder
+	$(PYTHON) -m pytest -q -ra -n logical --maxprocesses 4 --dist loadfile --no-loadscope-reorder --durations=15
 
 bench: $(STAMP)
 	$(PYTHON) bench/ppo_throughput.py --shape tiny --device cpu
