@@ -595,7 +595,8 @@ MAP_READ = {"jsonl": MAP_KEYS, "csv": MAP_KEYS, "parquet": MAP_KEYS,
             "argilla": ("prompt",)}  # the field of `fields` that holds the prompt
 CHOICE_MAP_FORMATS = tuple(f for f in FORMATS if "choice" in MAP_READ[f])
 ANNOTATOR_MAP_FORMATS = tuple(f for f in FORMATS if "annotator" in MAP_READ[f])
-OWN_FIELDS_FORMATS = ("hh-rlhf", "label-studio", "argilla")  # datasets' and tools' formats: fields of their own
+# datasets' and tools' own formats (HH-RLHF, Label Studio, Argilla): fields and annotators of their own
+OWN_FIELDS_FORMATS = tuple(f for f in FORMATS if f not in ANNOTATOR_MAP_FORMATS)
 
 
 def _map_text(mapping: dict) -> str:

@@ -168,7 +168,7 @@ def accuracy_on_file(model, tokenizer, path: str, pairs: list[dict], set_aside: 
 
 
 def eval_file_line(m: dict) -> str:
-    """'eval_file hh.jsonl: accuracy 0.62 on 280 pairs (20 too long; 3 rows set aside: ...)'."""
+    """'eval_file hh.jsonl: accuracy 0.62 on 280 pairs (20 too long; 3 rows could not be read: ...)'."""
     line = f"eval_file {m['file']}: accuracy {m['accuracy']:.2f} on {m['n']} pairs"
     notes = [f"{m['too_long']} too long"] if m["too_long"] else []
     if m["set_aside"]:

@@ -678,8 +678,11 @@ def test_a_map_key_the_format_does_not_read_is_refused_and_hh_dialogues_renamed_
     read is refused, naming what it reads; it was ignored, the file imported as if unmapped.
     HH-RLHF's two dialogues under names of their own (a copy with its columns renamed) are read
     through chosen= and rejected=."""
-    from flows.cli import main
+    from flows.cli import FORMAT_CHOICES, main
+    from tasks.importers import FORMATS, OWN_FIELDS_FORMATS
 
+    assert FORMAT_CHOICES == FORMATS  # the CLI's copy (importers is not imported to build the parser)
+    assert OWN_FIELDS_FORMATS == ("hh-rlhf", "label-studio", "argilla")
     hh = tmp_path / "hh-renamed.jsonl"
     hh.write_text("".join(json.dumps({"better": f"\n\nHuman: q{i}\n\nAssistant: good {i}",
                                       "worse": f"\n\nHuman: q{i}\n\nAssistant: bad {i}"}) + "\n" for i in range(3)))
