@@ -132,6 +132,23 @@ def tiny_reward_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return folder
 
 
+def people_feedback(path: Path) -> Path:
+    """Labels as people give them, a file of the pipeline's own records: on each of the scenario's
+    feedback prompts, the neutral continuation preferred, one pair per line."""
+    from tasks.records import PreferenceRecord
+
+    lines = []
+    for profession in sorted(scenario.FEEDBACK_PROFESSIONS):
+        for singular, plural in scenario.CONTINUATIONS:
+            for pronoun in ("he", "she"):
+                lines.append(PreferenceRecord(
+                    prompt=scenario.prompt_for(profession), chosen=f" they {plural} .",
+                    rejected=f" {pronoun} {singular} .", source="inbox", annotator="reviewer-1", round=0,
+                    created_at="2026-11-20T09:00:00+00:00").to_json())
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def another_tokenizer(model_dir: Path, folder: Path) -> Path:
     """A tokenizer folder with one token more than `model_dir`'s: another vocabulary, nothing else changed."""
     from tasks.modeling import load_tokenizer

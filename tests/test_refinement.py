@@ -2,8 +2,9 @@
 
 One workspace, in order: the deployments exist (with the schedule); two overlapping triggers run
 one round and cancel the other; that round, killed during PPO, changes no champion and no history,
-and the next run redoes it, registering nothing twice; an unreachable MLflow is retried, then
-reported clearly. Rounds use the tiny locally built model and small sizes: this module tests the
+and the next run redoes it, registering nothing twice, then prunes (refinement.keep_versions); a
+run with people's feedback from the inbox trains a round, and none runs without new feedback; an
+unreachable MLflow is retried, then reported clearly. Rounds use the tiny locally built model and small sizes: this module tests the
 orchestration, test_flow.py the learning.
 """
 import asyncio
@@ -28,7 +29,7 @@ from tasks.config import load_config
 from tasks.processes import stop_groups
 from tasks.workspace import Workspace, folder_bytes, init_workspace
 
-from conftest import SMALL, still_running
+from conftest import SMALL, people_feedback, still_running
 
 pytestmark = pytest.mark.slow
 
@@ -178,10 +179,13 @@ def test_overlapping_triggers_run_one_round_and_a_round_killed_during_ppo_change
     """Two triggers at once: one round runs, the other is cancelled. That round is killed during PPO
     (its whole process tree, as a lost machine would be): no candidate, no history, the champion the
     bootstrap registered is untouched; the next run redoes the round, PPO going on from the killed
-    run's last checkpoint, registering nothing twice."""
+    run's last checkpoint, registering nothing twice, and after it frees disk as
+    refinement.keep_versions says, as `rlhf gc --keep N --remote` does."""
+    import mlflow
+
     ws, serve, _ = served
     cfg = load_config(ws.params)
-    client = MlflowClient(tracking_uri=ws.tracking_uri)
+    client = tracking.setup(ws, cfg.project)
     first, second = _trigger("rlhf-refinement/scheduled"), _trigger("rlhf-refinement/scheduled")
     checkpoints = ws.root / ".cache" / "ppo-checkpoints" / "round-1"
     _wait(lambda: (checkpoints / "policy.safetensors").exists(), 600, serve, ws, every=0.5)
@@ -208,34 +212,41 @@ def test_overlapping_triggers_run_one_round_and_a_round_killed_during_ppo_change
     policy_runs_killed = _stage_runs(ws, cfg, "train_policy")
     assert len(reward_runs_killed) == 1
 
-    run = _trigger("rlhf-refinement/scheduled")
+    # the next run redoes the round, then prunes as refinement.keep_versions says (`rlhf gc --keep 1`,
+    # with gc_remote on the DVC remote too): a policy version neither aliased nor newest loses its weights
+    with mlflow.start_run(run_name="extra-version"):
+        extra = tracking.log_model(ws.base_model, "policy", cfg.policy_name).version
+    extra_folder = Path(client.get_model_version_download_uri(cfg.policy_name, extra).removeprefix("file://"))
+    assert folder_bytes(extra_folder) > 100_000
+    prune = {"refinement.keep_versions": 1, "refinement.gc_remote": True}
+    run = _run_deployment("rlhf-refinement/scheduled", {"overrides": prune})
     final = _wait(lambda: _final(run.id), 600, serve, ws, every=2)
     assert final.state.is_completed(), final.state.message
     assert [r["round"] for r in rounds.completed_rounds(ws)] == [1]  # redone under the same number
     assert _stage_runs(ws, cfg, "train_reward") == reward_runs_killed  # DVC skipped it: trained once
     assert len(_versions(ws, cfg.reward_name)) == 1  # one version per round
-    assert len(_versions(ws, cfg.policy_name)) == 2  # the bootstrap's and round 1's candidate
+    assert len(_versions(ws, cfg.policy_name)) == 3  # the bootstrap's, the extra one and round 1's candidate
     assert not rounds.round_in_progress(ws)
     # PPO went on from the killed run's last checkpoint (it had written one before the kill)
     redone = [r for r in _stage_runs(ws, cfg, "train_policy") if r not in policy_runs_killed]
     params = client.get_run(redone[0]).data.params
     assert len(redone) == 1 and int(params["ppo.resumed_from_step"]) >= cfg.ppo.checkpoint_every, params
 
-
-def _people_feedback(path: Path) -> None:
-    """Labels as people give them: the neutral continuation preferred, one pair per line."""
-    from tasks import scenario
-    from tasks.records import PreferenceRecord
-
-    lines = []
-    for profession in sorted(scenario.FEEDBACK_PROFESSIONS):
-        for singular, plural in scenario.CONTINUATIONS:
-            for pronoun in ("he", "she"):
-                lines.append(PreferenceRecord(
-                    prompt=scenario.prompt_for(profession), chosen=f" they {plural} .",
-                    rejected=f" {pronoun} {singular} .", source="inbox", annotator="reviewer-1", round=0,
-                    created_at="2026-11-20T09:00:00+00:00").to_json())
-    path.write_text("\n".join(lines) + "\n")
+    [gc_task] = _task_runs(run.id, "collect_garbage")
+    assert gc_task.state.is_completed()
+    note = _refinement_note(run.id)
+    assert re.search(r"gc: freed \d+\.\d MiB", note) and re.search(r"disk: \d+\.\d MiB kept by the pipeline", note)
+    for name in (cfg.policy_name, cfg.reward_name):
+        versions = sorted((client.get_model_version(name, v.version) for v in client.search_model_versions(f"name='{name}'")),
+                          key=lambda v: int(v.version))
+        for v in versions:  # kept: an alias or the newest; every other version's weights are gone
+            kept = bool(v.aliases) or v is versions[-1]
+            assert (tracking.PRUNED in v.tags) != kept, (name, v.version, v.aliases)
+    assert tracking.PRUNED in client.get_model_version(cfg.policy_name, extra).tags and not extra_folder.exists()
+    assert Path(tracking.resolve_model(ws, f"models:/{cfg.policy_name}@champion"), "model.safetensors").exists()
+    gc_runs = mlflow.search_runs(experiment_names=[cfg.project], filter_string="tags.stage = 'gc'", output_format="list")
+    assert len(gc_runs) == 1 and gc_runs[0].data.metrics["bytes_freed"] > 100_000
+    assert all(len(f.read_bytes()) > 0 for f in versioning.raw_files(ws))  # feedback is never pruned
 
 
 def test_a_run_while_a_round_holds_the_workspace_is_cancelled(served):
@@ -255,7 +266,7 @@ def test_people_feedback_from_the_inbox_trains_a_round_and_without_new_feedback_
     inbox); a bad file is set aside with its reason; with nothing new, the next run is skipped.
     The round's run also prunes (refinement.keep_versions, with gc_remote) while a feedback file of
     history is missing from the workspace: its gc refuses before deleting anything, its task fails,
-    and the run, whose round is done, completes and says why (the next test restores the file)."""
+    and the run, whose round is done, completes and says why; the file is restored after."""
     import mlflow
 
     ws, serve, _ = served
@@ -269,9 +280,10 @@ def test_people_feedback_from_the_inbox_trains_a_round_and_without_new_feedback_
     pointer = sorted((ws.root / "data" / "feedback" / "raw").glob("*.dvc"))[0]
     versioning.git(ws, "rm", "-q", str(pointer.relative_to(ws.root)))
     versioning.git(ws, "commit", "-q", "-m", "drop a feedback file")
+    dropped = versioning.git(ws, "rev-parse", "HEAD").stdout.strip()
     inbox = ws.root / "inbox"
     inbox.mkdir(exist_ok=True)
-    _people_feedback(inbox / "reviews.jsonl")
+    people_feedback(inbox / "reviews.jsonl")
     (inbox / "broken.jsonl").write_text("this is not json\n{\"prompt\": 1}\n")
     for f in ("reviews.jsonl", "broken.jsonl"):  # written a minute ago: not a copy still under way
         os.utime(inbox / f, (time.time() - 60,) * 2)
@@ -298,6 +310,12 @@ def test_people_feedback_from_the_inbox_trains_a_round_and_without_new_feedback_
     run = _wait(lambda: _final(run.id), 300, serve, ws, every=2)
     assert run.state.is_completed() and "no feedback since the last round" in run.state.message
     assert len(rounds.completed_rounds(ws)) == done_before + 1
+    # the feedback file back (its data is on the DVC remote: gc refused), and the simulated annotator
+    # back for the rounds of the tests below
+    versioning.git(ws, "revert", "--no-edit", dropped)  # the round committed its lineage since
+    versioning.dvc(ws, "pull", "-q", str(pointer.relative_to(ws.root)))
+    assert all(len(f.read_bytes()) > 0 for f in versioning.raw_files(ws))
+    rounds.write_params(ws, load_config(ws.params, {"collect.simulate": True}))
 
 
 def _task_runs(flow_run_id, prefix):
@@ -314,45 +332,6 @@ def _refinement_note(flow_run_id):
         key=ArtifactFilterKey(any_=["rlhf-refinement"]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))))
     assert len(found) == 1, found
     return found[0].data
-
-
-def test_keep_versions_prunes_after_each_round(served):
-    """refinement.keep_versions: after its round, a scheduled run frees disk as `rlhf gc --keep N`
-    does, with gc_remote on the DVC remote too. The feedback file the inbox test's run left missing
-    (its gc refused, deleting nothing) restored, this round's gc prunes the weights nothing points at."""
-    import mlflow
-
-    ws, serve, _ = served
-    cfg = load_config(ws.params)
-    client = tracking.setup(ws, cfg.project)
-    dropped = versioning.git(ws, "log", "-1", "--format=%H", "--grep", "^drop a feedback file$").stdout.strip()
-    assert dropped, "the inbox test drops a feedback file first"
-    extra = next(v.version for v in client.search_model_versions(f"name='{cfg.policy_name}'")
-                 if client.get_run(v.run_id).info.run_name == "extra-version")
-    extra_folder = Path(client.get_model_version_download_uri(cfg.policy_name, extra).removeprefix("file://"))
-    versioning.git(ws, "revert", "--no-edit", dropped)  # the round committed its lineage since
-    pointer = versioning.git(ws, "show", "--name-only", "--format=", dropped).stdout.strip()
-    versioning.dvc(ws, "pull", "-q", pointer)
-    prune = {"refinement.keep_versions": 1, "refinement.gc_remote": True,
-             "collect.simulate": True}  # the inbox test's run left params.yaml at false
-    run = _run_deployment("rlhf-refinement/scheduled", {"overrides": prune})
-    run = _wait(lambda: _final(run.id), 600, serve, ws, every=2)
-    assert run.state.is_completed(), run.state.message
-    [gc_task] = _task_runs(run.id, "collect_garbage")
-    assert gc_task.state.is_completed()
-    note = _refinement_note(run.id)
-    assert re.search(r"gc: freed \d+\.\d MiB", note) and re.search(r"disk: \d+\.\d MiB kept by the pipeline", note)
-    for name in (cfg.policy_name, cfg.reward_name):
-        versions = sorted((client.get_model_version(name, v.version) for v in client.search_model_versions(f"name='{name}'")),
-                          key=lambda v: int(v.version))
-        for v in versions:  # kept: an alias or the newest; every other version's weights are gone
-            kept = bool(v.aliases) or v is versions[-1]
-            assert (tracking.PRUNED in v.tags) != kept, (name, v.version, v.aliases)
-    assert not extra_folder.exists()
-    assert Path(tracking.resolve_model(ws, f"models:/{cfg.policy_name}@champion"), "model.safetensors").exists()
-    gc_runs = mlflow.search_runs(experiment_names=[cfg.project], filter_string="tags.stage = 'gc'", output_format="list")
-    assert len(gc_runs) == 1 and gc_runs[0].data.metrics["bytes_freed"] > 100_000
-    assert all(len(f.read_bytes()) > 0 for f in versioning.raw_files(ws))  # feedback is never pruned
 
 
 def _stage_processes(serve):

@@ -14,13 +14,14 @@ from safetensors.torch import load_file
 from tasks import rounds, scenario, versioning
 from tasks.config import load_config
 from tasks.evaluate import held_out_feedback
+from tasks.importers import import_file
 from tasks.modeling import load_policy
 from tasks.prompts import sample_prompts
 from tasks.ppo import lora
 from tasks.train_policy import build_policy
 from tasks.workspace import Workspace, init_workspace
 
-from conftest import FAST, SMALL, another_tokenizer, command_line, still_running
+from conftest import FAST, SMALL, another_tokenizer, command_line, people_feedback, still_running
 from test_judge import bert_judge
 
 pytestmark = pytest.mark.slow
@@ -149,21 +150,6 @@ def test_dvc_repro_runs_every_stage_on_a_users_model(tiny_model_dir, tmp_path):
     (ws.root / "data" / "prompts" / "train.txt").write_text("\n".join(train[:2]) + "\n")
     out = versioning.dvc(ws, "status").stdout
     assert "train_policy" in out and "evaluate" in out and "train_reward" not in out
-    # prompts from the validated feedback: each distinct prompt on one side, by a hash of its text
-    rounds.write_params(ws, load_config(None, {**FAST, "models.policy": str(tiny_model_dir), "ppo.steps": 4,
-                                               "evaluate.samples_per_prompt": 4, "collect.simulate": False,
-                                               "prompts.from_feedback": True, "prompts.heldout_fraction": 0.3}))
-    out = versioning.dvc(ws, "repro", "-s", "train_policy", "evaluate").stdout
-    assert "Running stage 'train_policy'" in out and "Running stage 'evaluate'" in out
-    runs = {stage: mlflow.search_runs(experiment_names=["rlhf"], filter_string=f"tags.stage = '{stage}'",
-                                      order_by=["attributes.start_time DESC"], output_format="list")[0].data.params
-            for stage in ("train_policy", "evaluate")}
-    assert runs["train_policy"]["prompts.train"] == "validated feedback (train, heldout_fraction 0.3)"
-    assert runs["train_policy"]["prompts.train_count"] == "8" and runs["evaluate"]["prompts.heldout_count"] == "2"
-    evaluation = json.loads(ws.evaluation_report.read_text())
-    assert evaluation["n_samples"] == 2 * 4 and not [k for k in evaluation if "gold" in k]
-    page = (ws.reports / "evaluation.html").read_text()
-    assert "the nurse said" in page and "the programmer said" in page and "the doctor said" not in page
 
 
 def test_gold_judge_and_simulated_annotator():
@@ -691,8 +677,9 @@ def test_progress_lines():
 
 def test_a_qwen3_users_model_runs_every_stage(tiny_model_dir, tmp_path):
     """Not GPT-2: a user's Qwen3 (rotary positions, grouped-query attention, norms on each query and
-    key head) through every stage. Its reward model is a Qwen3 classifier started from it, PPO
-    samples with the static decoder, and both registered models load and answer through MLflow."""
+    key head) through every stage, on prompts from its validated feedback. Its reward model is a Qwen3
+    classifier started from it, PPO samples with the static decoder, and both registered models load
+    and answer through MLflow."""
     import pandas as pd
     from transformers import AutoConfig, Qwen3Config
 
@@ -708,16 +695,27 @@ def test_a_qwen3_users_model_runs_every_stage(tiny_model_dir, tmp_path):
                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
     folder = save(train_model(tok, lines, pretrain, seed=0, config=qwen3)[0], tok, tmp_path / "qwen3")
     ws = init_workspace(tmp_path / "ws")
-    rounds.write_params(ws, load_config(None, {**SMALL, "models.policy": str(folder)}))
+    # a user's own feedback, imported; PPO's and evaluation's prompts from it once validated: each
+    # distinct prompt on one side, by a hash of its text
+    rounds.write_params(ws, load_config(None, {**SMALL, "models.policy": str(folder), "collect.simulate": False,
+                                               "prompts.from_feedback": True, "prompts.heldout_fraction": 0.3}))
+    imported = import_file(ws, people_feedback(tmp_path / "reviews.jsonl"))
+    assert imported.kept > 0 and imported.set_aside == 0
     out = versioning.dvc(ws, "repro").stdout
     for stage in ("collect", "validate", "train_reward", "train_policy", "evaluate", "promote"):
         assert f"Running stage '{stage}'" in out
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    runs = {stage: mlflow.search_runs(experiment_names=["rlhf"], filter_string=f"tags.stage = '{stage}'",
+                                      output_format="list")[0].data.params for stage in ("train_policy", "evaluate")}
+    assert runs["train_policy"]["prompts.train"] == "validated feedback (train, heldout_fraction 0.3)"
+    assert runs["train_policy"]["prompts.train_count"] == "8" and runs["evaluate"]["prompts.heldout_count"] == "2"
+    evaluation = json.loads(ws.evaluation_report.read_text())
+    assert evaluation["n_samples"] == 2 * SMALL["evaluate.samples_per_prompt"] and not [k for k in evaluation if "gold" in k]
+    page = (ws.reports / "evaluation.html").read_text()
+    assert "the nurse said" in page and "the programmer said" in page and "the doctor said" not in page
     assert AutoConfig.from_pretrained(ws.policy_model).architectures == ["Qwen3ForCausalLM"]
     assert AutoConfig.from_pretrained(ws.reward_model).architectures == ["Qwen3ForSequenceClassification"]
-    mlflow.set_tracking_uri(ws.tracking_uri)
-    ppo_run = mlflow.search_runs(experiment_names=["rlhf"], filter_string="tags.stage = 'train_policy'",
-                                 output_format="list")[0]
-    assert ppo_run.data.params["ppo.decoder"] == "static"
+    assert runs["train_policy"]["ppo.decoder"] == "static"
     policy = mlflow.pyfunc.load_model("models:/rlhf-policy/1")
     texts = policy.predict(["the ceo said", "the nurse said"], params={"max_new_tokens": 5, "temperature": 0})
     assert len(texts) == 2 and all(t.startswith(p) for t, p in zip(texts, ["the ceo said", "the nurse said"]))
