@@ -33,6 +33,33 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
+
+
+def _migrated_prefect_database() -> None:
+    """Prefect's server builds a new database by running its migrations, 10-15 s, at its first start
+    in each worker's PREFECT_HOME. Done once per Prefect version on this machine instead (its own
+    `prefect server database upgrade`, under a file lock for the other workers), then copied in."""
+    import shutil
+    import subprocess
+    import sys
+    from importlib.metadata import version
+
+    from filelock import FileLock
+
+    template = Path(tempfile.gettempdir()) / f"rlhf-tests-prefect-{version('prefect')}.db"
+    with FileLock(f"{template}.lock"):
+        if not template.exists():
+            home = Path(tempfile.mkdtemp(prefix="rlhf-tests-prefect-migrate-"))
+            subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
+                           env={**os.environ, "PREFECT_HOME": str(home)}, check=True, capture_output=True)
+            os.replace(home / "prefect.db", template)  # whole or not at all
+            shutil.rmtree(home)
+    (_HOME / "prefect").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, _HOME / "prefect" / "prefect.db")
+
+
+_migrated_prefect_database()
+
 import pytest  # noqa: E402
 
 from tasks import scenario  # noqa: E402

@@ -11,7 +11,6 @@ import mlflow
 import pytest
 import yaml
 from mlflow import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 
 from tasks import rounds, scenario, versioning
 from tasks.config import load_config
@@ -22,9 +21,13 @@ from conftest import FAST, SMALL
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def prefect():
-    with prefect_test_harness(server_startup_timeout=180):
+@pytest.fixture(scope="module")
+def prefect(tmp_path_factory):
+    """The temporary Prefect server `rlhf run` starts where no PREFECT_API_URL is set; the flows
+    of this module report to it, and so do the `rlhf run`s they make."""
+    from flows.serve import prefect_api
+
+    with prefect_api(Workspace(tmp_path_factory.mktemp("prefect")), timeout=180):
         yield
 
 
