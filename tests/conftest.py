@@ -176,6 +176,23 @@ def people_feedback(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A tiny Qwen3 of the GPT-2's tokenizer, pre-trained on the scenario corpus as it is (a random
+    model's gibberish would be set aside by validation, rightly)."""
+    from transformers import Qwen3Config
+
+    from tasks.modeling import load_tokenizer, save
+    from tasks.pretrain import train_model
+
+    tok, pretrain = load_tokenizer(tiny_model_dir), load_config(None, FAST).pretrain
+    lines = scenario.corpus(pretrain.n_sentences, pretrain.neutral_rate, seed=0)
+    qwen3 = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    return save(train_model(tok, lines, pretrain, seed=0, config=qwen3)[0], tok, tmp_path_factory.mktemp("tiny-qwen3"))
+
+
 def another_tokenizer(model_dir: Path, folder: Path) -> Path:
     """A tokenizer folder with one token more than `model_dir`'s: another vocabulary, nothing else changed."""
     from tasks.modeling import load_tokenizer

@@ -1,4 +1,4 @@
-"""Stages without Prefect: `dvc repro` runs the whole pipeline, here on a user's own model folder."""
+"""Stages without Prefect: `dvc repro` runs the whole pipeline, here on a user's own model folder (a Qwen3)."""
 import html
 import json
 import math
@@ -14,22 +14,29 @@ from safetensors.torch import load_file
 from tasks import rounds, scenario, versioning
 from tasks.config import load_config
 from tasks.evaluate import held_out_feedback
-from tasks.importers import import_file
 from tasks.modeling import load_policy
 from tasks.prompts import sample_prompts
 from tasks.ppo import lora
 from tasks.train_policy import build_policy
 from tasks.workspace import Workspace, init_workspace
 
-from conftest import FAST, SMALL, another_tokenizer, command_line, people_feedback, still_running
+from conftest import FAST, another_tokenizer, command_line, still_running
 from test_judge import bert_judge
 
 pytestmark = pytest.mark.slow
 
 
-def test_dvc_repro_runs_every_stage_on_a_users_model(tiny_model_dir, tmp_path):
+def test_dvc_repro_runs_every_stage_on_a_users_model(tiny_qwen3_dir, tmp_path):
+    """Without Prefect: `dvc repro` runs every stage on a user's model folder, and not a GPT-2: a
+    Qwen3 (rotary positions, grouped-query attention, norms on each query and key head). Its reward
+    model is a Qwen3 classifier started from it, PPO samples with the static decoder, and both
+    registered models load and answer through MLflow. Then LoRA on two processes (FSDP), your own
+    prompts and a judge of another tokenizer, and prompts from the validated feedback."""
+    import pandas as pd
+    from transformers import AutoConfig
+
     ws = init_workspace(tmp_path / "ws")
-    rounds.write_params(ws, load_config(None, {**FAST, "models.policy": str(tiny_model_dir)}))
+    rounds.write_params(ws, load_config(None, {**FAST, "models.policy": str(tiny_qwen3_dir)}))
     out = versioning.dvc(ws, "repro")
     for stage in ("pretrain", "collect", "validate", "train_reward", "train_policy", "evaluate", "promote"):
         assert f"Running stage '{stage}'" in out.stdout
@@ -38,12 +45,12 @@ def test_dvc_repro_runs_every_stage_on_a_users_model(tiny_model_dir, tmp_path):
     assert re.fullmatch(rf"sampled {pairs} pairs of responses in [0-9.]+s; the simulated annotator preferred one "
                         r"in \d+, called \d+ ties", collected[0])
     # pre-training was skipped: the base model is the user's model, loaded and saved as is
-    mine, base = load_file(tiny_model_dir / "model.safetensors"), load_file(ws.base_model / "model.safetensors")
+    mine, base = load_file(tiny_qwen3_dir / "model.safetensors"), load_file(ws.base_model / "model.safetensors")
     assert mine.keys() == base.keys() and all((mine[k] == base[k]).all() for k in mine)
     mlflow.set_tracking_uri(ws.tracking_uri)
     pretrain_run = mlflow.search_runs(experiment_names=["rlhf"], filter_string="tags.stage = 'pretrain'",
                                       output_format="list")[0]
-    assert pretrain_run.data.params["base_model"] == str(tiny_model_dir)
+    assert pretrain_run.data.params["base_model"] == str(tiny_qwen3_dir)
     assert "pretrain/loss" not in pretrain_run.data.metrics
     reward_run = mlflow.search_runs(experiment_names=["rlhf"], filter_string="tags.stage = 'train_reward'",
                                     output_format="list")[0]
@@ -56,11 +63,22 @@ def test_dvc_repro_runs_every_stage_on_a_users_model(tiny_model_dir, tmp_path):
     evaluation = json.loads(ws.evaluation_report.read_text())
     assert evaluation["candidate/neutral_rate"] > evaluation["champion/neutral_rate"]
     assert "dvc.lock" in {p.name for p in ws.root.iterdir()}
+    assert AutoConfig.from_pretrained(ws.policy_model).architectures == ["Qwen3ForCausalLM"]
+    assert AutoConfig.from_pretrained(ws.reward_model).architectures == ["Qwen3ForSequenceClassification"]
+    ppo_run = mlflow.search_runs(experiment_names=["rlhf"], filter_string="tags.stage = 'train_policy'",
+                                 output_format="list")[0]
+    assert ppo_run.data.params["ppo.decoder"] == "static"
+    policy = mlflow.pyfunc.load_model("models:/rlhf-policy/1")
+    texts = policy.predict(["the ceo said", "the nurse said"], params={"max_new_tokens": 5, "temperature": 0})
+    assert len(texts) == 2 and all(t.startswith(p) for t, p in zip(texts, ["the ceo said", "the nurse said"]))
+    reward = mlflow.pyfunc.load_model("models:/rlhf-reward/1")
+    scores = reward.predict(pd.DataFrame({"prompt": ["the ceo said"] * 2, "response": [" they left .", " he left ."]}))
+    assert len(scores) == 2 and all(math.isfinite(s) for s in scores) and scores[0] != scores[1]
     # a second repro with nothing changed does nothing
     assert "Running stage" not in versioning.dvc(ws, "repro").stdout
     # LoRA on 2 processes, FSDP-sharded (PPO alone: its upstream is unchanged): the stage starts itself
     # twice under torchrun (CPU, gloo), adapters on the base, the base (adapters off) as reference
-    rounds.write_params(ws, load_config(None, {**FAST, "models.policy": str(tiny_model_dir), "ppo.lora_rank": 4,
+    rounds.write_params(ws, load_config(None, {**FAST, "models.policy": str(tiny_qwen3_dir), "ppo.lora_rank": 4,
                                                "ppo.steps": 4, "ppo.processes": 2, "ppo.fsdp": True}))
     out = versioning.dvc(ws, "repro", "train_policy").stdout
     assert "PPO on 2 processes (FSDP, CPU)" in out and "Running stage 'train_reward'" not in out
@@ -90,7 +108,7 @@ def test_dvc_repro_runs_every_stage_on_a_users_model(tiny_model_dir, tmp_path):
     heldout = [{"prompt": "the ceo told us"}, {"prompt": "a cashier said"}, {"prompt": "the surgeon\nsaid"}]
     (ws.root / "data" / "prompts" / "train.txt").write_text("\n".join(train) + "\n")
     (ws.root / "data" / "prompts" / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in heldout))
-    rounds.write_params(ws, load_config(None, {**FAST, "models.policy": str(tiny_model_dir), "ppo.steps": 4,
+    rounds.write_params(ws, load_config(None, {**FAST, "models.policy": str(tiny_qwen3_dir), "ppo.steps": 4,
                                                "evaluate.samples_per_prompt": 4, "collect.simulate": False,
                                                "evaluate.max_prompts": 2,  # of the 3: a sample of 2 answered
                                                "evaluate.judge": str(bert_judge(tmp_path / "judge")),
@@ -150,6 +168,21 @@ def test_dvc_repro_runs_every_stage_on_a_users_model(tiny_model_dir, tmp_path):
     (ws.root / "data" / "prompts" / "train.txt").write_text("\n".join(train[:2]) + "\n")
     out = versioning.dvc(ws, "status").stdout
     assert "train_policy" in out and "evaluate" in out and "train_reward" not in out
+    # prompts from the validated feedback: each distinct prompt on one side, by a hash of its text
+    rounds.write_params(ws, load_config(None, {**FAST, "models.policy": str(tiny_qwen3_dir), "ppo.steps": 4,
+                                               "evaluate.samples_per_prompt": 4, "collect.simulate": False,
+                                               "prompts.from_feedback": True, "prompts.heldout_fraction": 0.3}))
+    out = versioning.dvc(ws, "repro", "-s", "train_policy", "evaluate").stdout
+    assert "Running stage 'train_policy'" in out and "Running stage 'evaluate'" in out
+    runs = {stage: mlflow.search_runs(experiment_names=["rlhf"], filter_string=f"tags.stage = '{stage}'",
+                                      order_by=["attributes.start_time DESC"], output_format="list")[0].data.params
+            for stage in ("train_policy", "evaluate")}
+    assert runs["train_policy"]["prompts.train"] == "validated feedback (train, heldout_fraction 0.3)"
+    assert runs["train_policy"]["prompts.train_count"] == "8" and runs["evaluate"]["prompts.heldout_count"] == "2"
+    evaluation = json.loads(ws.evaluation_report.read_text())
+    assert evaluation["n_samples"] == 2 * 4 and not [k for k in evaluation if "gold" in k]
+    page = (ws.reports / "evaluation.html").read_text()
+    assert "the nurse said" in page and "the programmer said" in page and "the doctor said" not in page
 
 
 def test_gold_judge_and_simulated_annotator():
@@ -673,55 +706,6 @@ def test_progress_lines():
     assert (progress_line(40, 180, 70.0, {"loss": 0.6523, "accuracy": 0.61, "margin": 0.2})
             == "reward step 40/180  loss 0.652  accuracy 0.61  1m10s, about 4m05s left")
     assert progress_line(180, 180, 9.4, {"loss": 0.5}) == "reward step 180/180  loss 0.500  9s"
-
-
-def test_a_qwen3_users_model_runs_every_stage(tiny_model_dir, tmp_path):
-    """Not GPT-2: a user's Qwen3 (rotary positions, grouped-query attention, norms on each query and
-    key head) through every stage, on prompts from its validated feedback. Its reward model is a Qwen3
-    classifier started from it, PPO samples with the static decoder, and both registered models load
-    and answer through MLflow."""
-    import pandas as pd
-    from transformers import AutoConfig, Qwen3Config
-
-    from tasks.modeling import load_tokenizer, save
-    from tasks.pretrain import train_model
-
-    # pre-trained on the scenario's sentences as the GPT-2 is (a random model's gibberish would be
-    # set aside by validation, rightly)
-    tok, pretrain = load_tokenizer(tiny_model_dir), load_config(None, FAST).pretrain
-    lines = scenario.corpus(pretrain.n_sentences, pretrain.neutral_rate, seed=0)
-    qwen3 = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
-                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
-    folder = save(train_model(tok, lines, pretrain, seed=0, config=qwen3)[0], tok, tmp_path / "qwen3")
-    ws = init_workspace(tmp_path / "ws")
-    # a user's own feedback, imported; PPO's and evaluation's prompts from it once validated: each
-    # distinct prompt on one side, by a hash of its text
-    rounds.write_params(ws, load_config(None, {**SMALL, "models.policy": str(folder), "collect.simulate": False,
-                                               "prompts.from_feedback": True, "prompts.heldout_fraction": 0.3}))
-    imported = import_file(ws, people_feedback(tmp_path / "reviews.jsonl"))
-    assert imported.kept > 0 and imported.set_aside == 0
-    out = versioning.dvc(ws, "repro").stdout
-    for stage in ("collect", "validate", "train_reward", "train_policy", "evaluate", "promote"):
-        assert f"Running stage '{stage}'" in out
-    mlflow.set_tracking_uri(ws.tracking_uri)
-    runs = {stage: mlflow.search_runs(experiment_names=["rlhf"], filter_string=f"tags.stage = '{stage}'",
-                                      output_format="list")[0].data.params for stage in ("train_policy", "evaluate")}
-    assert runs["train_policy"]["prompts.train"] == "validated feedback (train, heldout_fraction 0.3)"
-    assert runs["train_policy"]["prompts.train_count"] == "8" and runs["evaluate"]["prompts.heldout_count"] == "2"
-    evaluation = json.loads(ws.evaluation_report.read_text())
-    assert evaluation["n_samples"] == 2 * SMALL["evaluate.samples_per_prompt"] and not [k for k in evaluation if "gold" in k]
-    page = (ws.reports / "evaluation.html").read_text()
-    assert "the nurse said" in page and "the programmer said" in page and "the doctor said" not in page
-    assert AutoConfig.from_pretrained(ws.policy_model).architectures == ["Qwen3ForCausalLM"]
-    assert AutoConfig.from_pretrained(ws.reward_model).architectures == ["Qwen3ForSequenceClassification"]
-    assert runs["train_policy"]["ppo.decoder"] == "static"
-    policy = mlflow.pyfunc.load_model("models:/rlhf-policy/1")
-    texts = policy.predict(["the ceo said", "the nurse said"], params={"max_new_tokens": 5, "temperature": 0})
-    assert len(texts) == 2 and all(t.startswith(p) for t, p in zip(texts, ["the ceo said", "the nurse said"]))
-    reward = mlflow.pyfunc.load_model("models:/rlhf-reward/1")
-    scores = reward.predict(pd.DataFrame({"prompt": ["the ceo said"] * 2, "response": [" they left .", " he left ."]}))
-    assert len(scores) == 2 and all(math.isfinite(s) for s in scores) and scores[0] != scores[1]
 
 
 def test_a_workspace_of_an_earlier_version_is_brought_to_this_versions_pipeline(tmp_path):
