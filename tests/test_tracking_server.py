@@ -17,8 +17,10 @@ from tasks.processes import stop_groups
 from tasks.workspace import folder_bytes, init_workspace
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """One server for the module (its start, a new database's migrations included, takes about 9 s)."""
+    tmp_path = tmp_path_factory.mktemp("mlflow-server")
     store = tmp_path / "server-artifacts"
     port = free_port()
     log = tmp_path / "mlflow-server.log"
