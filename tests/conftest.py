@@ -42,16 +42,21 @@ def _migrated_prefect_database() -> None:
     import shutil
     import subprocess
     import sys
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        template = Path(tempfile.gettempdir()) / f"rlhf-tests-prefect-{version('prefect')}.db"
+    except PackageNotFoundError:  # the PPO core's tests on a machine with torch and transformers alone
+        return
     from filelock import FileLock
 
-    template = Path(tempfile.gettempdir()) / f"rlhf-tests-prefect-{version('prefect')}.db"
     with FileLock(f"{template}.lock"):
         if not template.exists():
             home = Path(tempfile.mkdtemp(prefix="rlhf-tests-prefect-migrate-"))
-            subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
-                           env={**os.environ, "PREFECT_HOME": str(home)}, check=True, capture_output=True)
+            out = subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
+                                 env={**os.environ, "PREFECT_HOME": str(home)}, capture_output=True, text=True)
+            if out.returncode != 0:
+                raise RuntimeError(f"prefect server database upgrade failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
             os.replace(home / "prefect.db", template)  # whole or not at all
             shutil.rmtree(home)
     (_HOME / "prefect").mkdir(parents=True, exist_ok=True)
