@@ -34,7 +34,6 @@ if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 
-
 def _migrated_prefect_database() -> None:
     """Prefect's server builds a new database by running its migrations, 10-15 s, at its first start
     in each worker's PREFECT_HOME. Done once per Prefect version on this machine instead (its own
@@ -162,23 +161,6 @@ def tiny_reward_dir(tiny_model_dir, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-reward") / "reward"
     train(str(tiny_model_dir), str(tiny_model_dir), records, cfg, folder)
     return folder
-
-
-def people_feedback(path: Path) -> Path:
-    """Labels as people give them, a file of the pipeline's own records: on each of the scenario's
-    feedback prompts, the neutral continuation preferred, one pair per line."""
-    from tasks.records import PreferenceRecord
-
-    lines = []
-    for profession in sorted(scenario.FEEDBACK_PROFESSIONS):
-        for singular, plural in scenario.CONTINUATIONS:
-            for pronoun in ("he", "she"):
-                lines.append(PreferenceRecord(
-                    prompt=scenario.prompt_for(profession), chosen=f" they {plural} .",
-                    rejected=f" {pronoun} {singular} .", source="inbox", annotator="reviewer-1", round=0,
-                    created_at="2026-11-20T09:00:00+00:00").to_json())
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,8 @@ One workspace, in order: the deployments exist (with the schedule); two overlapp
 one round and cancel the other; that round, killed during PPO, changes no champion and no history,
 and the next run redoes it, registering nothing twice, then prunes (refinement.keep_versions); a
 run with people's feedback from the inbox trains a round, and none runs without new feedback; an
-unreachable MLflow is retried, then reported clearly. Rounds use the tiny locally built model and small sizes: this module tests the
-orchestration, test_flow.py the learning.
+unreachable MLflow is retried, then reported clearly. Rounds use the tiny locally built model and
+small sizes: this module tests the orchestration, test_flow.py the learning.
 """
 import asyncio
 import concurrent.futures
@@ -29,7 +29,7 @@ from tasks.config import load_config
 from tasks.processes import stop_groups
 from tasks.workspace import Workspace, folder_bytes, init_workspace
 
-from conftest import SMALL, people_feedback, still_running
+from conftest import SMALL, still_running
 
 pytestmark = pytest.mark.slow
 
@@ -214,10 +214,7 @@ def test_overlapping_triggers_run_one_round_and_a_round_killed_during_ppo_change
 
     # the next run redoes the round, then prunes as refinement.keep_versions says (`rlhf gc --keep 1`,
     # with gc_remote on the DVC remote too): a policy version neither aliased nor newest loses its weights
-    with mlflow.start_run(run_name="extra-version"):
-        extra = tracking.log_model(ws.base_model, "policy", cfg.policy_name).version
-    extra_folder = Path(client.get_model_version_download_uri(cfg.policy_name, extra).removeprefix("file://"))
-    assert folder_bytes(extra_folder) > 100_000
+    extra, extra_folder = _extra_version(ws, cfg, client, ws.base_model)
     prune = {"refinement.keep_versions": 1, "refinement.gc_remote": True}
     run = _run_deployment("rlhf-refinement/scheduled", {"overrides": prune})
     final = _wait(lambda: _final(run.id), 600, serve, ws, every=2)
@@ -249,6 +246,34 @@ def test_overlapping_triggers_run_one_round_and_a_round_killed_during_ppo_change
     assert all(len(f.read_bytes()) > 0 for f in versioning.raw_files(ws))  # feedback is never pruned
 
 
+def _people_feedback(path: Path) -> None:
+    """Labels as people give them: the neutral continuation preferred, one pair per line."""
+    from tasks import scenario
+    from tasks.records import PreferenceRecord
+
+    lines = []
+    for profession in sorted(scenario.FEEDBACK_PROFESSIONS):
+        for singular, plural in scenario.CONTINUATIONS:
+            for pronoun in ("he", "she"):
+                lines.append(PreferenceRecord(
+                    prompt=scenario.prompt_for(profession), chosen=f" they {plural} .",
+                    rejected=f" {pronoun} {singular} .", source="inbox", annotator="reviewer-1", round=0,
+                    created_at="2026-11-20T09:00:00+00:00").to_json())
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _extra_version(ws, cfg, client, folder: Path) -> tuple[str, Path]:
+    """One more policy version, logged from `folder`: neither aliased nor, after the next round,
+    newest. Its version, and the folder of its weights in the store (over 100 kB of them)."""
+    import mlflow
+
+    with mlflow.start_run(run_name="extra-version"):
+        version = tracking.log_model(folder, "policy", cfg.policy_name).version
+    weights = Path(client.get_model_version_download_uri(cfg.policy_name, version).removeprefix("file://"))
+    assert folder_bytes(weights) > 100_000
+    return version, weights
+
+
 def test_a_run_while_a_round_holds_the_workspace_is_cancelled(served):
     ws, serve, _ = served
     history = ws.history_file.read_text()
@@ -267,23 +292,18 @@ def test_people_feedback_from_the_inbox_trains_a_round_and_without_new_feedback_
     The round's run also prunes (refinement.keep_versions, with gc_remote) while a feedback file of
     history is missing from the workspace: its gc refuses before deleting anything, its task fails,
     and the run, whose round is done, completes and says why; the file is restored after."""
-    import mlflow
-
     ws, serve, _ = served
     cfg = load_config(ws.params)
     client = tracking.setup(ws, cfg.project)
-    with mlflow.start_run(run_name="extra-version"):  # neither aliased nor, after the next rounds, newest
-        extra = tracking.log_model(ws.policy_model, "policy", cfg.policy_name).version
-    extra_folder = Path(client.get_model_version_download_uri(cfg.policy_name, extra).removeprefix("file://"))
+    extra, extra_folder = _extra_version(ws, cfg, client, ws.policy_model)
     weights = folder_bytes(extra_folder)
-    assert weights > 100_000
     pointer = sorted((ws.root / "data" / "feedback" / "raw").glob("*.dvc"))[0]
     versioning.git(ws, "rm", "-q", str(pointer.relative_to(ws.root)))
     versioning.git(ws, "commit", "-q", "-m", "drop a feedback file")
     dropped = versioning.git(ws, "rev-parse", "HEAD").stdout.strip()
     inbox = ws.root / "inbox"
     inbox.mkdir(exist_ok=True)
-    people_feedback(inbox / "reviews.jsonl")
+    _people_feedback(inbox / "reviews.jsonl")
     (inbox / "broken.jsonl").write_text("this is not json\n{\"prompt\": 1}\n")
     for f in ("reviews.jsonl", "broken.jsonl"):  # written a minute ago: not a copy still under way
         os.utime(inbox / f, (time.time() - 60,) * 2)
