@@ -27,7 +27,7 @@ from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
 from tasks import tracking, versioning
-from tasks.collect import sample_pairs
+from tasks.collect import Sampler, pair_sampler
 from tasks.config import PipelineConfig, load_config
 from tasks.prompts import training_prompts
 from tasks.records import PreferenceRecord
@@ -148,6 +148,29 @@ def policy_to_label(ws: Workspace, cfg: PipelineConfig) -> tuple[str, str | None
                          f"or run `rlhf run --workspace {ws.root}` first (the built-in scenario)")
 
 
+TRIES = 3  # samplings of the pairs to show, at most
+
+
+def draw_pairs(pool: list[str], pairs: int, sample: Sampler, seed: int) -> tuple[list[dict], list[str]]:
+    """`pairs` pairs to show, {"prompt", "A", "B"}, sampled for the pool's first `pairs` prompts
+    (the two responses of each already in random order), and the prompts left out.
+
+    A pair of two equal responses has nothing to judge (validation would set it aside): its prompt
+    gives way to the pool's next unused one, or, once the pool is used up, is sampled again; TRIES
+    samplings at most. A policy that answers some prompt the same way every time (a sharp policy,
+    a low temperature) still fills the session from other prompts."""
+    shown, todo, unused = [], pool[:pairs], pool[pairs:]
+    for attempt in range(TRIES):
+        triples = sample(todo, seed + 2 * attempt)
+        shown += [{"prompt": p, "A": a, "B": b} for p, a, b in triples if a != b]
+        equal = [p for p, a, b in triples if a == b]
+        fresh, unused = unused[:len(equal)], unused[len(equal):]
+        todo = fresh + equal[len(fresh):]
+        if not todo:
+            break
+    return shown, todo
+
+
 @flow(name="rlhf-label")
 def label(workspace: str = ".", pairs: int = 8, batch_size: int = 4, timeout_seconds: int = 3600,
           annotator: str | None = None, seed: int | None = None) -> dict:
@@ -167,23 +190,15 @@ def label(workspace: str = ".", pairs: int = 8, batch_size: int = 4, timeout_sec
     policy_ref, champion = policy_to_label(ws, cfg)
     if champion is not None:
         policy_ref = tracking.resolve_model(ws, policy_ref)
-    # `pairs` prompts drawn from the training prompts (each once while there are enough), one pair each
+    # the training prompts in a random order (each once while there are enough), one pair each
     prompts = training_prompts(ws, cfg)
-    rng = random.Random(seed)
     pool = prompts * -(-pairs // len(prompts))
-    rng.shuffle(pool)
-    # two samples per prompt, already in random order; a pair of two equal responses has nothing to
-    # judge (validation would set it aside): those prompts are sampled again, twice at most
-    shown, todo = [], pool[:pairs]
-    for attempt in range(3):
-        triples = sample_pairs(policy_ref, todo, 1, cfg.collect.max_new_tokens, cfg.collect.temperature,
-                               seed + attempt, cfg.chat_format)
-        shown += [{"prompt": p, "A": a, "B": b} for p, a, b in triples if a != b]
-        todo = [p for p, a, b in triples if a == b]
-        if not todo:
-            break
+    random.Random(seed).shuffle(pool)
+    sampler = pair_sampler(policy_ref, cfg.collect.max_new_tokens, cfg.collect.temperature, cfg.chat_format)
+    shown, todo = draw_pairs(pool, pairs, sampler, seed)
     if todo:
-        get_run_logger().warning("%d prompts gave two equal responses three times: not shown", len(todo))
+        get_run_logger().warning("%d pairs fewer than asked: after %d samplings, every prompt left still gave "
+                                 "two equal responses", len(todo), TRIES)
     say(f"{len(shown)} pairs sampled with seed {seed} (the same seed shows the same pairs of this policy again); "
           + (f"labels are recorded as annotator {annotator!r}" if annotator else "the first form asks for your name"))
     round_ = ws.read_state().round

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 
 import mlflow
 
@@ -19,14 +20,26 @@ from tasks.stage import stage_main
 from tasks.workspace import RoundState, Workspace
 
 
+Sampler = Callable[[list[str], int], list[tuple[str, str, str]]]
+
+
+def pair_sampler(policy_ref: str, max_new_tokens: int, temperature: float, chat: ChatConfig | None = None) -> Sampler:
+    """The policy, loaded once, as a function (prompts, seed) -> one (prompt, response A, response B)
+    triple per prompt: two independent samples, drawn with seeds `seed` and `seed + 1`."""
+    tokenizer, model = load_tokenizer(policy_ref, chat), load_policy(policy_ref).to(compute_device())
+
+    def sample(prompts: list[str], seed: int) -> list[tuple[str, str, str]]:
+        a = generate_texts(model, tokenizer, prompts, max_new_tokens, temperature, seed, chat=chat)
+        b = generate_texts(model, tokenizer, prompts, max_new_tokens, temperature, seed + 1, chat=chat)
+        return list(zip(prompts, a, b))
+    return sample
+
+
 def sample_pairs(policy_ref: str, prompts: list[str], pairs_per_prompt: int, max_new_tokens: int,
                  temperature: float, seed: int, chat: ChatConfig | None = None) -> list[tuple[str, str, str]]:
-    """(prompt, response A, response B) triples: two independent samples per pair."""
-    tokenizer, model = load_tokenizer(policy_ref, chat), load_policy(policy_ref).to(compute_device())
+    """(prompt, response A, response B) triples: `pairs_per_prompt` pairs of two independent samples each."""
     batch = [p for p in prompts for _ in range(pairs_per_prompt)]
-    a = generate_texts(model, tokenizer, batch, max_new_tokens, temperature, seed, chat=chat)
-    b = generate_texts(model, tokenizer, batch, max_new_tokens, temperature, seed + 1, chat=chat)
-    return list(zip(batch, a, b))
+    return pair_sampler(policy_ref, max_new_tokens, temperature, chat)(batch, seed)
 
 
 def annotate(triples: list[tuple[str, str, str]], round_: int, policy_version: str | None, beta: float,

@@ -681,6 +681,31 @@ def test_the_label_form_shows_every_text_verbatim():
     assert [t.content for t in tokens if t.type == "inline" and t.content.startswith("Pair")] == ["Pair 7", "Pair 8"]
 
 
+def test_a_prompt_answered_the_same_way_twice_gives_way_to_an_unused_one():
+    """The label session shows as many pairs as asked when the policy answers some prompts the same
+    way every time: each such prompt gives way to the pool's next unused one; once the pool is used
+    up, it is sampled again with other seeds, three samplings at most, then left out."""
+    from flows.labelling import TRIES, draw_pairs
+
+    calls = []
+
+    def policy(prompts, seed):  # sure of its answer to "stuck" prompts; to "once" only with the first seed
+        calls.append((list(prompts), seed))
+        same = lambda p: p.startswith("stuck") or (p.startswith("once") and seed == 10)  # noqa: E731
+        return [(p, f"{p}/{seed}", f"{p}/{seed if same(p) else seed + 1}") for p in prompts]
+
+    shown, left = draw_pairs(["stuck 1", "a", "stuck 2", "b", "c", "d"], 3, policy, seed=10)
+    assert [s["prompt"] for s in shown] == ["a", "b", "c"] and left == []
+    assert calls == [(["stuck 1", "a", "stuck 2"], 10), (["b", "c"], 12)]
+    assert shown[0] == {"prompt": "a", "A": "a/10", "B": "a/11"}
+
+    calls.clear()  # a short pool: "stuck 1" gives way to "e", "once" is shown when sampled again, "stuck 2" left out
+    shown, left = draw_pairs(["stuck 1", "once", "stuck 2", "e"], 3, policy, seed=10)
+    assert [s["prompt"] for s in shown] == ["e", "once"] and left == ["stuck 2"]
+    assert calls == [(["stuck 1", "once", "stuck 2"], 10), (["e", "once", "stuck 2"], 12), (["stuck 2"], 14)]
+    assert len(calls) == TRIES == 3
+
+
 def test_label_flow_pauses_resumes_with_answers_and_keeps_them_on_timeout(finished_round):
     """A person's labels through the Prefect form: batch 1 answered from another thread, batch 2
     left unanswered until its timeout; the answers given land in DVC."""
@@ -722,13 +747,14 @@ def test_label_flow_pauses_resumes_with_answers_and_keeps_them_on_timeout(finish
     # and validation sets repeats of a labelled pair aside: the person's second session wasted)
     again = label(workspace=str(ws.root), pairs=4, batch_size=2, timeout_seconds=1)
     assert again["labelled"] == 0 and again["seed"] != result["seed"]
-    # each prompt shown, or said not to be: this converged champion may answer one the same way three times
+    # each pair shown, or said not to be: this converged champion may answer prompts the same way every time
     assert again["shown"] + again["not_shown"] == 4 and again["shown"] >= 2
 
 
 def test_the_label_flow_shows_no_pair_of_two_equal_responses(finished_round, tmp_path):
     """Near-greedy sampling gives every prompt the same response twice: nothing to judge, so no
-    such pair reaches a person (each prompt is sampled three times, then left out, with a warning)."""
+    such pair reaches a person (other prompts are tried, then each left sampled again, three samplings
+    in all, then left out, with a warning)."""
     import shutil
 
     from flows.labelling import label
