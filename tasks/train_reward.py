@@ -167,9 +167,16 @@ def accuracy_on_file(model, tokenizer, path: str, pairs: list[dict], set_aside: 
             "set_aside": sum(set_aside.values()), "set_aside_reasons": dict(set_aside.most_common())}
 
 
+def file_sha256(path: str | Path) -> str:
+    """The file's SHA-256, read in chunks: which version of a file a figure was measured on."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def eval_file_line(m: dict) -> str:
-    """'eval_file hh.jsonl: accuracy 0.62 on 280 pairs (20 too long; 3 rows could not be read: ...)'."""
-    line = f"eval_file {m['file']}: accuracy {m['accuracy']:.2f} on {m['n']} pairs"
+    """'eval_file hh.jsonl (sha256 5d41402abc4b): accuracy 0.62 on 280 pairs (20 too long; 3 rows
+    could not be read: ...)'."""
+    line = f"eval_file {m['file']} (sha256 {m['sha256'][:12]}): accuracy {m['accuracy']:.2f} on {m['n']} pairs"
     notes = [f"{m['too_long']} too long"] if m["too_long"] else []
     if m["set_aside"]:
         notes.append(f"{m['set_aside']} {'row' if m['set_aside'] == 1 else 'rows'} could not be read: " + "; ".join(
@@ -184,7 +191,9 @@ def train(init_ref: str, tokenizer_ref: str, records: list[dict], cfg: PipelineC
     from trl import RewardTrainer
 
     chat = cfg.chat_format
-    eval_file = read_eval_file(cfg.reward.eval_file, cfg.reward.eval_map) if cfg.reward.eval_file else None
+    eval_file = None
+    if cfg.reward.eval_file:  # read, and hashed, before training: a file changed meanwhile is not the one logged
+        eval_file = (*read_eval_file(cfg.reward.eval_file, cfg.reward.eval_map), file_sha256(cfg.reward.eval_file))
     tokenizer = load_tokenizer(tokenizer_ref, chat)
     model = load_reward(init_ref, tokenizer.pad_token_id)
     max_length = reward_max_length(cfg, model.config)
@@ -232,7 +241,9 @@ def train(init_ref: str, tokenizer_ref: str, records: list[dict], cfg: PipelineC
     hint = cfg.reward.split == "pair" and len({r["prompt"] for r in kept}) * cfg.reward.eval_fraction >= 5
     print(held_out_line(metrics["held_out"], seen, metrics.get("held_out_unseen_prompts"), hint), flush=True)
     if eval_file is not None:
-        metrics["eval_file"] = accuracy_on_file(model, tokenizer, cfg.reward.eval_file, *eval_file, max_length, chat)
+        pairs, set_aside, sha256 = eval_file
+        metrics["eval_file"] = accuracy_on_file(model, tokenizer, cfg.reward.eval_file, pairs, set_aside, max_length,
+                                                chat) | {"sha256": sha256}
         print(eval_file_line(metrics["eval_file"]), flush=True)
     if out.exists():
         shutil.rmtree(out)
@@ -284,7 +295,8 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
         if "held_out_unseen_prompts" in metrics:
             mlflow.log_metrics({"reward/accuracy_unseen_prompts": metrics["held_out_unseen_prompts"]["accuracy"],
                                 "reward/pairs_unseen_prompts": metrics["held_out_unseen_prompts"]["n"]})
-        if "eval_file" in metrics:
+        if "eval_file" in metrics:  # (the file is not a DVC dependency: its hash says which version was read)
+            mlflow.log_param("reward.eval_file_sha256", metrics["eval_file"]["sha256"])
             mlflow.log_metrics({"reward/eval_file_accuracy": metrics["eval_file"]["accuracy"],
                                 "reward/eval_file_pairs": metrics["eval_file"]["n"],
                                 "reward/eval_file_too_long": metrics["eval_file"]["too_long"],

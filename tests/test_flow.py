@@ -2,6 +2,7 @@
 
 One round runs once for the module; the tests then check what every stage left behind.
 """
+import hashlib
 import json
 import re
 import subprocess
@@ -36,8 +37,13 @@ def finished_round(prefect, tmp_path_factory):
     from flows.pipeline import rlhf_round
 
     root = tmp_path_factory.mktemp("flow") / "ws"
-    # a label-balance bound the scenario cannot meet: a warning, which must not stop the round
-    line = rlhf_round(workspace=str(root), config=load_config(None, {**FAST, "validate.chosen_longer_max": 0.05}))
+    # a label-balance bound the scenario cannot meet: a warning, which must not stop the round;
+    # an eval file of your own, scored beside the held-out pairs
+    (root.parent / "eval.jsonl").write_text("".join(json.dumps({"prompt": f"the {who} said", "chosen": " they left .",
+                                                                "rejected": " she left ."}) + "\n"
+                                                    for who in ("judge", "cook", "nurse")))
+    line = rlhf_round(workspace=str(root), config=load_config(None, {**FAST, "validate.chosen_longer_max": 0.05,
+                                                                       "reward.eval_file": str(root.parent / "eval.jsonl")}))
     return Workspace(root), line
 
 
@@ -322,6 +328,13 @@ def test_each_logged_model_carries_its_own_params_and_metrics(finished_round):
     assert promote_run.data.tags["stage"] == "promote" and "kind" not in promote_run.data.params
     bootstrap = logged("rlhf-policy", "1")
     assert bootstrap.params["kind"] == "policy" and bootstrap.params["round"] == "0"
+    # reward.eval_file: its accuracy, and which version of the file it was measured on (not a DVC dependency)
+    eval_file = ws.root.parent / "eval.jsonl"
+    reward_run = mlflow.search_runs(experiment_names=["rlhf"], filter_string="tags.stage = 'train_reward'",
+                                    output_format="list")[0]
+    assert reward_run.data.params["reward.eval_file"] == str(eval_file)
+    assert reward_run.data.params["reward.eval_file_sha256"] == hashlib.sha256(eval_file.read_bytes()).hexdigest()
+    assert reward_run.data.metrics["reward/eval_file_pairs"] == 3
 
 
 def test_served_models_take_params_and_refuse_bad_input(finished_round):
