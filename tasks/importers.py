@@ -12,6 +12,7 @@ tabs, semicolons (Excel where the decimal mark is a comma) or bars, gzip-, bzip2
 from __future__ import annotations
 
 import bz2
+import codecs
 import csv
 import gzip
 import json
@@ -452,6 +453,17 @@ def _head(path: Path) -> bytes:
         return f.read(1 << 16).removeprefix(UTF8_BOM)
 
 
+def _first_item(head: bytes):
+    """The first item of the JSON array a file's head starts, parsed from the head alone (the
+    reader parses the whole file once: a large export is not parsed twice); None where the item
+    does not end within the head or is not JSON."""
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head)  # a character cut at the end waits
+        return json.JSONDecoder().raw_decode(text.lstrip()[1:].lstrip())[0]  # past '[' and blanks
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
 def _json_array(path: Path) -> list:
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
@@ -543,11 +555,13 @@ def detect_format(path: Path, mapping: dict | None = None) -> str:
     if not head.strip():
         raise ImportError_(f"{path} is empty: nothing to import")
     if head.lstrip()[:1] == b"[":  # is_json_array: Label Studio tasks, or records as JSON lines hold them
-        try:
-            items = _json_array(path)
-        except ImportError_ as e:
-            raise ImportError_(f"{e}; if it is JSON lines, pass --format") from None
-        first = next((item for item in items if isinstance(item, dict)), None)
+        first = _first_item(head)
+        if not isinstance(first, dict):  # not within the head, or not an object: the whole array
+            try:
+                items = _json_array(path)
+            except ImportError_ as e:
+                raise ImportError_(f"{e}; if it is JSON lines, pass --format") from None
+            first = next((item for item in items if isinstance(item, dict)), None)
         if first is None:
             raise ImportError_(f"{path}: a JSON array with no object in it: nothing to import")
         if "annotations" in first and "data" in first:

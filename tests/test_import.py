@@ -353,6 +353,9 @@ def test_mostly_bad_file_exits_non_zero(ws, tmp_path, capsys):
      "no line of it is a JSON object (line 1: not UTF-8 (invalid start byte at byte 27))"),
     (b'[1, 2]\n{"prompt": "p", "chosen": " a", "rejected": " b"}\n', "auto",
      "not valid JSON (Extra data at line 2); if it is JSON lines, pass --format"),
+    # its first object tells the format, the reader finds the rest is not one array
+    (b'[{"prompt": "p", "chosen": " a", "rejected": " b"}]\n[{"prompt": "q", "chosen": " a", "rejected": " b"}]\n',
+     "auto", "not valid JSON (Extra data at line 2)"),
 ])
 def test_unreadable_files_give_a_clear_error_exit_2(ws, tmp_path, capsys, content, fmt, expected):
     path = tmp_path / ("f.parquet" if fmt == "parquet" else "f.csv" if fmt == "csv" else "f.jsonl")
@@ -652,6 +655,24 @@ def test_label_studio_pairwise_export(ws, tmp_path):
     assert (recs[0]["chosen"], recs[0]["annotator"]) == (" they were late .", "label-studio:7")
     assert recs[1]["chosen"] == " she was late ." and recs[0]["source"] == "import:label-studio"
     assert set(summary.reasons) == {"task has no annotation", "annotation has no pairwise choice (left or right)"}
+
+
+def test_a_json_arrays_format_is_told_by_its_first_object_read_once(tmp_path):
+    """The first object of a JSON array tells its format, read from the file's first 64 KiB where it
+    ends there (the reader then parses the file, once), else from the whole file: a first task
+    longer than that, or a first item that is not an object."""
+    from tasks.importers import _first_item, _head, detect_format
+
+    path = tmp_path / "export.json"
+    task = {"id": 1, "data": {"prompt": "the nurse said", "answer1": " a .", "answer2": " b ."}, "annotations": []}
+    for first_id in (1, 10):  # the head's end cuts a two-byte character in one of the two
+        long = {**task, "id": 2, "data": {**task["data"], "prompt": "é" * 40_000}}
+        path.write_text(json.dumps([{**task, "id": first_id}, long], ensure_ascii=False), encoding="utf-8")
+        assert _first_item(_head(path)) == {**task, "id": first_id} and detect_format(path) == "label-studio"
+    path.write_text(json.dumps([{**task, "data": {**task["data"], "prompt": "é" * 40_000}}], ensure_ascii=False))
+    assert _first_item(_head(path)) is None and detect_format(path) == "label-studio"
+    path.write_text(json.dumps([1, {"prompt": "p", "chosen": " a", "rejected": " b"}]))
+    assert _first_item(_head(path)) == 1 and detect_format(path) == "jsonl"
 
 
 def test_argilla_ranking_export(ws, tmp_path):
