@@ -124,3 +124,22 @@ def test_the_win_rate_interval_simulation_runs_and_names_bad_arguments(tmp_path,
         with pytest.raises(SystemExit) as exc:
             module.main(args)
         assert exc.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_the_import_and_validation_benchmark_runs_both_formats_and_names_bad_arguments(tmp_path, capsys):
+    """bench/import_validate.py: every synthetic pair imported and accepted, from JSON lines and
+    from a Label Studio export; bad arguments exit 2 with their name. Its figures are measured
+    (bench/README.md), not tested."""
+    spec = importlib.util.spec_from_file_location("import_validate", BENCH.parent / "import_validate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for fmt in ("jsonl", "label-studio"):
+        module.main(["--rows", "40", "--format", fmt, "--out", str(tmp_path), "--json"])
+        out = json.loads(capsys.readouterr().out)
+        assert out == json.loads((tmp_path / "import_validate.json").read_text())
+        assert out["format"] == fmt and out["import"]["kept"] == out["validate"]["accepted"] == 40
+    for args, said in [(["--rows", "0"], "--rows must be at least 1, got 0"), (["--rows", "x"], "invalid int"),
+                       (["--format", "csv"], "invalid choice: 'csv'"), (["--out", __file__], "is a file, not a folder")]:
+        with pytest.raises(SystemExit) as exc:
+            module.main(args)
+        assert exc.value.code == 2 and said in capsys.readouterr().err
