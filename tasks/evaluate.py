@@ -194,7 +194,7 @@ def reward_model_figures(metrics: dict, over_prompts: bool) -> dict:
     its held-out accuracy, how many pairs that rests on, and its 95% interval over pairs, or with
     `over_prompts` (evaluate.interval, as the win-rate's) over their prompts (which is never the
     narrower: intervals.interval_over_prompts); how many held-out pairs have a prompt it trained
-    on, and its accuracy on those that have not."""
+    on, and its accuracy on those that have not; its accuracy on reward.eval_file where one is set."""
     held_out = metrics["held_out"]
     figures = {"reward_model/accuracy": held_out["accuracy"], "reward_model/pairs": held_out["n"]}
     low, high = wilson_interval(held_out["accuracy"] * held_out["n"], held_out["n"])
@@ -209,6 +209,9 @@ def reward_model_figures(metrics: dict, over_prompts: bool) -> dict:
     if "held_out_unseen_prompts" in metrics:
         figures |= {"reward_model/accuracy_unseen_prompts": metrics["held_out_unseen_prompts"]["accuracy"],
                     "reward_model/pairs_unseen_prompts": metrics["held_out_unseen_prompts"]["n"]}
+    if "eval_file" in metrics:  # reward.eval_file: the same file round after round, so versions compare on it
+        figures |= {"reward_model/eval_file_accuracy": metrics["eval_file"]["accuracy"],
+                    "reward_model/eval_file_pairs": metrics["eval_file"]["n"]}
     return figures | {"reward_model/accuracy_low": low, "reward_model/accuracy_high": high}
 
 

@@ -86,6 +86,9 @@ def accuracy_detail_of(report: dict) -> str:
     if "reward_model/accuracy_unseen_prompts" in report:
         detail += (f"; {report['reward_model/accuracy_unseen_prompts']:.2f} on the "
                    f"{report['reward_model/pairs_unseen_prompts']} pairs of unseen prompts")
+    if "reward_model/eval_file_accuracy" in report:
+        detail += (f"; {report['reward_model/eval_file_accuracy']:.2f} on the "
+                   f"{report['reward_model/eval_file_pairs']} pairs of reward.eval_file")
     return detail
 
 

@@ -21,8 +21,8 @@ from tasks.workspace import Workspace, folder_bytes
 COMPARED = ["candidate/reward_mean", "candidate/neutral_rate", "candidate/fluent_rate", "candidate/kl_to_reference",
             "candidate/perplexity_under_reference", "candidate/degenerate_rate", "candidate/length_tokens",
             "win_rate/rate", "win_rate/low", "win_rate/hard", "reward_model/accuracy", "reward_model/accuracy_low",
-            "reward_model/pairs", "reward_model/accuracy_unseen_prompts", "candidate/judge_score", "judge_win_rate/rate", "judge_win_rate/low",
-            "judge/agreement", "judge/accuracy"]
+            "reward_model/pairs", "reward_model/accuracy_unseen_prompts", "reward_model/eval_file_accuracy",
+            "candidate/judge_score", "judge_win_rate/rate", "judge_win_rate/low", "judge/agreement", "judge/accuracy"]
 
 
 class RegistryError(ValueError):

@@ -60,7 +60,7 @@ def test_round_improves_the_held_out_gold_metric_and_promotes(finished_round):
     assert line["reward_accuracy"] >= 0.6
     accuracy = next(r for r in line["reasons"] if r.startswith("reward_accuracy"))
     assert re.search(r"\d+ held-out pairs of 10 prompts, each prompt also trained on, 95% interval [0-9.]+-[0-9.]+ "
-                     "over pairs\)$", accuracy), accuracy
+                     r"over pairs; [0-9.]+ on the 3 pairs of reward.eval_file\)$", accuracy), accuracy
 
 
 NOTES = """
@@ -335,6 +335,16 @@ def test_each_logged_model_carries_its_own_params_and_metrics(finished_round):
     assert reward_run.data.params["reward.eval_file"] == str(eval_file)
     assert reward_run.data.params["reward.eval_file_sha256"] == hashlib.sha256(eval_file.read_bytes()).hexdigest()
     assert reward_run.data.metrics["reward/eval_file_pairs"] == 3
+    # and beside its held-out accuracy wherever reward model versions are compared: the registry's
+    # logged model, the report, the gate's reason, `rlhf compare`
+    assert reward_metrics["reward_model/eval_file_pairs"] == 3
+    assert reward_metrics["reward_model/eval_file_accuracy"] == reward_run.data.metrics["reward/eval_file_accuracy"]
+    assert any(r.startswith("reward_accuracy ") and r.endswith(
+        f"; {report['reward_model/eval_file_accuracy']:.2f} on the 3 pairs of reward.eval_file)")
+        for r in decision["reasons"]), decision["reasons"]  # (the value the report holds)
+    from tasks import registry
+    compared = registry.compare(ws, load_config(ws.params), "champion", "1")
+    assert compared["champion"]["metrics"]["reward_model/eval_file_accuracy"] == report["reward_model/eval_file_accuracy"]
 
 
 def test_served_models_take_params_and_refuse_bad_input(finished_round):
