@@ -592,7 +592,9 @@ def cmd_status(args) -> int:
     print(f"last round     {last['round']}: {'PROMOTED' if last['promoted'] else 'not promoted'}")
     print(f"{'gold metric' if last.get('gold_after') is not None else 'result':<15}{headline(last)}")
     print(f"KL             {last['kl']:.3f} nats to the reference")
-    print(f"reward model   held-out accuracy {last['reward_accuracy']:.3f}")
+    on_file = last.get("reward_eval_file_accuracy")  # (None, or missing from rounds before 2026-12-04)
+    print(f"reward model   held-out accuracy {last['reward_accuracy']:.3f}"
+          + (f", {on_file:.3f} on reward.eval_file" if on_file is not None else ""))
     print(f"win-rate       {last['win_rate']:.3f} against the champion (reward model)")
     if last.get("judge_win_rate") is not None:
         print(f"               {last['judge_win_rate']:.3f} by the judge (evaluate.judge)")

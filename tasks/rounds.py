@@ -246,6 +246,7 @@ def finish_round(ws: Workspace, state: RoundState) -> dict:
         "reward_before": evaluation["champion/reward_mean"],  # both by this round's reward model
         "reward": evaluation["candidate/reward_mean"],
         "reward_accuracy": evaluation["reward_model/accuracy"],
+        "reward_eval_file_accuracy": evaluation.get("reward_model/eval_file_accuracy"),  # None without reward.eval_file
         "win_rate": evaluation["win_rate/rate"],
         "gold_win_rate": evaluation.get("gold_win_rate/rate"),
         "judge_win_rate": evaluation.get("judge_win_rate/rate"),  # evaluate.judge's; None without one

@@ -198,6 +198,9 @@ def test_status_json_holds_the_documented_keys(finished_round, capsys):
     for key in ("round", "gold_before", "gold_after", "kl", "reward", "reward_before", "reward_accuracy", "win_rate",
                 "promoted", "reasons"):
         assert key in last
+    on_file = last["reward_eval_file_accuracy"]  # the round's reward.eval_file
+    assert re.search(rf"^reward model +held-out accuracy {last['reward_accuracy']:.3f}, {on_file:.3f} on "
+                     r"reward.eval_file$", out, re.M), out
     assert last["judge_win_rate"] is None and "by the judge" not in out  # no evaluate.judge
     assert info["running"] is None and "running" not in out
     with rounds.round_lock(ws).acquire():  # as a round that runs no stage now holds it
