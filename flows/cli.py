@@ -225,9 +225,10 @@ def cmd_run(args) -> int:
     with prefect_api(ws):
         results = rlhf_loop(workspace=str(ws_root), rounds_=args.rounds, config=cfg)
     for line in results:
-        print(f"round {line['round']}: {headline(line)}, "
-              f"KL {line['kl']:.2f}, reward accuracy {line['reward_accuracy']:.2f}, win-rate {line['win_rate']:.2f}, "
-              f"{'PROMOTED' if line['promoted'] else 'not promoted'}")
+        on_file = line.get("reward_eval_file_accuracy")
+        print(f"round {line['round']}: {headline(line)}, KL {line['kl']:.2f}, reward accuracy "
+              f"{line['reward_accuracy']:.2f}{f' ({on_file:.2f} on reward.eval_file)' if on_file is not None else ''}, "
+              f"win-rate {line['win_rate']:.2f}, {'PROMOTED' if line['promoted'] else 'not promoted'}")
         if "pruning" in line:
             print(f"  {line['pruning']}")
         if line.get("push_error"):

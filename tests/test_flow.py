@@ -951,7 +951,8 @@ def test_rlhf_run_prunes_after_each_round_with_keep_versions(finished_round, tmp
     from tasks import tracking
 
     ws, _ = finished_round
-    cfg = load_config(None, {**SMALL, "refinement.keep_versions": 1})  # (the blocked-validation test's params linger)
+    cfg = load_config(None, {**SMALL, "refinement.keep_versions": 1,  # (the blocked-validation test's params linger)
+                             "reward.eval_file": str(ws.root.parent / "eval.jsonl")})
     config = tmp_path / "params.yaml"
     config.write_text(yaml.safe_dump(cfg.to_params()))
     with mlflow.start_run(run_name="extra-version"):  # one more policy version, soon neither aliased nor newest
@@ -964,6 +965,7 @@ def test_rlhf_run_prunes_after_each_round_with_keep_versions(finished_round, tmp
     out, err = capsys.readouterr()
     assert code == 0, out + err
     assert re.search(r"^round \d+: .*\n  gc: freed [\d.]+ MiB", out, re.M), out
+    assert re.search(r"^round \d+: .*, reward accuracy [\d.]+ \([\d.]+ on reward.eval_file\), win-rate", out, re.M), out
     assert re.search(r"^  warning: not pushed to the DVC remote \(ERROR: .*\); it is committed", err, re.M), err
     versioning.dvc(ws, "remote", "modify", "local", "url", str(ws.root / ".dvcstore"))
     assert versioning.push(ws) is None
