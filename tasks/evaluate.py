@@ -209,7 +209,9 @@ def reward_model_figures(metrics: dict, over_prompts: bool) -> dict:
     if "held_out_unseen_prompts" in metrics:
         figures |= {"reward_model/accuracy_unseen_prompts": metrics["held_out_unseen_prompts"]["accuracy"],
                     "reward_model/pairs_unseen_prompts": metrics["held_out_unseen_prompts"]["n"]}
-    if "eval_file" in metrics:  # reward.eval_file: the same file round after round, so versions compare on it
+    # reward.eval_file: the same pairs round after round, so versions compare on it; a file with no pair
+    # it could score (all too long, say) has no accuracy, and a NaN here would fail the no_nan gate
+    if metrics.get("eval_file", {}).get("n"):
         figures |= {"reward_model/eval_file_accuracy": metrics["eval_file"]["accuracy"],
                     "reward_model/eval_file_pairs": metrics["eval_file"]["n"]}
     return figures | {"reward_model/accuracy_low": low, "reward_model/accuracy_high": high}

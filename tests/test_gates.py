@@ -125,6 +125,14 @@ def test_the_reward_models_accuracy_interval_is_read_as_the_win_rates():
     assert check_gates({**GOOD, **reward_model_figures(every, False)}, GatesConfig())[-1].reason() == (
         "reward_accuracy passed: 0.6842 (threshold 0.6; 19 held-out pairs of 4 prompts, each prompt also trained "
         "on, 95% interval 0.46-0.85 over pairs)")
+    # reward.eval_file's accuracy beside it; an eval file with no pair it could score is no NaN to fail no_nan
+    on_file = reward_model_figures({**every, "eval_file": {"accuracy": 0.75, "n": 8}}, False)
+    assert (on_file["reward_model/eval_file_accuracy"], on_file["reward_model/eval_file_pairs"]) == (0.75, 8)
+    assert check_gates({**GOOD, **on_file}, GatesConfig())[-1].reason().endswith(
+        "over pairs; 0.75 on the 8 pairs of reward.eval_file)")
+    unscored = reward_model_figures({**every, "eval_file": {"accuracy": float("nan"), "n": 0}}, False)
+    assert not [k for k in unscored if "eval_file" in k] and all(g.passed for g in check_gates({**GOOD, **unscored},
+                                                                                                GatesConfig()))
     # a reward model trained before these figures: its accuracy and the interval over pairs alone
     old = reward_model_figures({"held_out": {"accuracy": 13 / 19, "n": 19}}, True)
     assert old == {"reward_model/accuracy": 13 / 19, "reward_model/pairs": 19,
