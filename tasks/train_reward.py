@@ -176,7 +176,8 @@ def file_sha256(path: str | Path) -> str:
 def eval_file_line(m: dict) -> str:
     """'eval_file hh.jsonl (sha256 5d41402abc4b): accuracy 0.62 on 280 pairs (20 too long; 3 rows
     could not be read: ...)'."""
-    line = f"eval_file {m['file']} (sha256 {m['sha256'][:12]}): accuracy {m['accuracy']:.2f} on {m['n']} pairs"
+    line = f"eval_file {m['file']} (sha256 {m['sha256'][:12]}): " + (
+        f"accuracy {m['accuracy']:.2f} on {m['n']} pairs" if m["n"] else "no pair it could score, no accuracy")
     notes = [f"{m['too_long']} too long"] if m["too_long"] else []
     if m["set_aside"]:
         notes.append(f"{m['set_aside']} {'row' if m['set_aside'] == 1 else 'rows'} could not be read: " + "; ".join(

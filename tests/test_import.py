@@ -85,6 +85,8 @@ def test_the_reward_eval_file_is_read_through_its_map_before_training(tiny_model
     assert eval_file_line(m) == (f"eval_file eval.csv (sha256 {m['sha256'][:12]}): accuracy 0.50 on 2 pairs (1 row "
                                  "could not be read: 'better' is 'maybe', not one of a/1 (a), b/2 (b), tie (tie), "
                                  "skip (skip) (1))")
+    assert eval_file_line({**m, "accuracy": float("nan"), "n": 0, "too_long": 2, "set_aside": 0}) == (
+        f"eval_file eval.csv (sha256 {m['sha256'][:12]}): no pair it could score, no accuracy (2 too long)")
     out = tmp_path / "reward"
     hh = tmp_path / "hh.jsonl"
     hh.write_text(json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go"}))
