@@ -24,7 +24,7 @@ import mlflow
 import torch
 from transformers import TrainerCallback
 
-from tasks import tracking
+from tasks import tracking, versioning
 from tasks.config import ChatConfig, PipelineConfig
 from tasks.intervals import interval_over_prompts, wilson_interval
 from tasks.modeling import (compute_device, encode_sequence, load_reward, load_tokenizer, max_positions,
@@ -167,16 +167,10 @@ def accuracy_on_file(model, tokenizer, path: str, pairs: list[dict], set_aside: 
             "set_aside": sum(set_aside.values()), "set_aside_reasons": dict(set_aside.most_common())}
 
 
-def file_sha256(path: str | Path) -> str:
-    """The file's SHA-256, read in chunks: which version of a file a figure was measured on."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def eval_file_line(m: dict) -> str:
-    """'eval_file hh.jsonl (sha256 5d41402abc4b): accuracy 0.62 on 280 pairs (20 too long; 3 rows
+    """'eval_file hh.jsonl (md5 5d41402abc4b): accuracy 0.62 on 280 pairs (20 too long; 3 rows
     could not be read: ...)'."""
-    line = f"eval_file {m['file']} (sha256 {m['sha256'][:12]}): " + (
+    line = f"eval_file {m['file']} (md5 {m['md5'][:12]}): " + (
         f"accuracy {m['accuracy']:.2f} on {m['n']} pairs" if m["n"] else "no pair it could score, no accuracy")
     notes = [f"{m['too_long']} too long"] if m["too_long"] else []
     if m["set_aside"]:
@@ -192,9 +186,9 @@ def train(init_ref: str, tokenizer_ref: str, records: list[dict], cfg: PipelineC
     from trl import RewardTrainer
 
     chat = cfg.chat_format
-    eval_file = None
-    if cfg.reward.eval_file:  # read, and hashed, before training: a file changed meanwhile is not the one logged
-        eval_file = (*read_eval_file(cfg.reward.eval_file, cfg.reward.eval_map), file_sha256(cfg.reward.eval_file))
+    eval_file = read_eval_file(cfg.reward.eval_file, cfg.reward.eval_map) if cfg.reward.eval_file else None
+    # hashed as it is read, before training (DVC's hash of it): a file changed meanwhile is not the one logged
+    eval_md5 = versioning.file_md5(cfg.reward.eval_file) if eval_file is not None else None
     tokenizer = load_tokenizer(tokenizer_ref, chat)
     model = load_reward(init_ref, tokenizer.pad_token_id)
     max_length = reward_max_length(cfg, model.config)
@@ -242,9 +236,8 @@ def train(init_ref: str, tokenizer_ref: str, records: list[dict], cfg: PipelineC
     hint = cfg.reward.split == "pair" and len({r["prompt"] for r in kept}) * cfg.reward.eval_fraction >= 5
     print(held_out_line(metrics["held_out"], seen, metrics.get("held_out_unseen_prompts"), hint), flush=True)
     if eval_file is not None:
-        pairs, set_aside, sha256 = eval_file
-        metrics["eval_file"] = accuracy_on_file(model, tokenizer, cfg.reward.eval_file, pairs, set_aside, max_length,
-                                                chat) | {"sha256": sha256}
+        metrics["eval_file"] = accuracy_on_file(model, tokenizer, cfg.reward.eval_file, *eval_file, max_length,
+                                                chat) | {"md5": eval_md5}
         print(eval_file_line(metrics["eval_file"]), flush=True)
     if out.exists():
         shutil.rmtree(out)
@@ -297,7 +290,7 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> dict:
             mlflow.log_metrics({"reward/accuracy_unseen_prompts": metrics["held_out_unseen_prompts"]["accuracy"],
                                 "reward/pairs_unseen_prompts": metrics["held_out_unseen_prompts"]["n"]})
         if "eval_file" in metrics:  # (the file is not a DVC dependency: its hash says which version was read)
-            mlflow.log_param("reward.eval_file_sha256", metrics["eval_file"]["sha256"])
+            mlflow.log_param("reward.eval_file_md5", metrics["eval_file"]["md5"])
             mlflow.log_metrics({"reward/eval_file_accuracy": metrics["eval_file"]["accuracy"],
                                 "reward/eval_file_pairs": metrics["eval_file"]["n"],
                                 "reward/eval_file_too_long": metrics["eval_file"]["too_long"],

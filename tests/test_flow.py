@@ -336,7 +336,7 @@ def test_each_logged_model_carries_its_own_params_and_metrics(finished_round):
     reward_run = mlflow.search_runs(experiment_names=["rlhf"], filter_string="tags.stage = 'train_reward'",
                                     output_format="list")[0]
     assert reward_run.data.params["reward.eval_file"] == str(eval_file)
-    assert reward_run.data.params["reward.eval_file_sha256"] == hashlib.sha256(eval_file.read_bytes()).hexdigest()
+    assert reward_run.data.params["reward.eval_file_md5"] == hashlib.md5(eval_file.read_bytes()).hexdigest()
     assert reward_run.data.metrics["reward/eval_file_pairs"] == 3
     # and beside its held-out accuracy wherever reward model versions are compared: the registry's
     # logged model, the report, the gate's reason, `rlhf compare`

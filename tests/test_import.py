@@ -69,7 +69,8 @@ def test_the_reward_eval_file_is_read_through_its_map_before_training(tiny_model
     """reward.eval_file in any format `rlhf import` reads, a sheet's columns through reward.eval_map;
     a file that cannot be read stops the stage before it trains, not after."""
     from tasks.stage import StageError
-    from tasks.train_reward import eval_file_line, file_sha256, read_eval_file, train
+    from tasks.train_reward import eval_file_line, read_eval_file, train
+    from tasks.versioning import file_md5
 
     sheet = tmp_path / "eval.csv"
     sheet.write_text("question,left,right,better\n" + "the nurse said, they left ., she left .,a\n"
@@ -80,13 +81,13 @@ def test_the_reward_eval_file_is_read_through_its_map_before_training(tiny_model
                      {"prompt": "the chef said", "chosen": " they left .", "rejected": " he left ."}]  # no tie
     assert list(set_aside.elements()) == ["'better' is 'maybe', not one of a/1 (a), b/2 (b), tie (tie), skip (skip)"]
     m = {"file": "eval.csv", "accuracy": 0.5, "n": 2, "too_long": 0, "set_aside": 1,
-         "set_aside_reasons": dict(set_aside), "sha256": file_sha256(sheet)}
-    assert m["sha256"] == hashlib.sha256(sheet.read_bytes()).hexdigest()
-    assert eval_file_line(m) == (f"eval_file eval.csv (sha256 {m['sha256'][:12]}): accuracy 0.50 on 2 pairs (1 row "
+         "set_aside_reasons": dict(set_aside), "md5": file_md5(sheet)}
+    assert m["md5"] == hashlib.md5(sheet.read_bytes()).hexdigest()
+    assert eval_file_line(m) == (f"eval_file eval.csv (md5 {m['md5'][:12]}): accuracy 0.50 on 2 pairs (1 row "
                                  "could not be read: 'better' is 'maybe', not one of a/1 (a), b/2 (b), tie (tie), "
                                  "skip (skip) (1))")
     assert eval_file_line({**m, "accuracy": float("nan"), "n": 0, "too_long": 2, "set_aside": 0}) == (
-        f"eval_file eval.csv (sha256 {m['sha256'][:12]}): no pair it could score, no accuracy (2 too long)")
+        f"eval_file eval.csv (md5 {m['md5'][:12]}): no pair it could score, no accuracy (2 too long)")
     out = tmp_path / "reward"
     hh = tmp_path / "hh.jsonl"
     hh.write_text(json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go"}))
@@ -253,7 +254,7 @@ def test_imported_hh_pairs_train_the_reward_model(ws, tmp_path):
     assert metrics["eval_file"]["set_aside"] == 2 and metrics["eval_file"]["set_aside_reasons"] == {
         "not JSON (Expecting property name enclosed in double quotes)": 1, "no '\\n\\nAssistant:' turn in 'chosen'": 1}
     assert 0 <= metrics["eval_file"]["accuracy"] <= 1
-    assert metrics["eval_file"]["sha256"] == hashlib.sha256(eval_file.read_bytes()).hexdigest()  # which version
+    assert metrics["eval_file"]["md5"] == hashlib.md5(eval_file.read_bytes()).hexdigest()  # which version
     import mlflow
     assert mlflow.active_run() is None  # outside a stage, training logs nowhere and leaves no run open
     assert metrics["train"]["n"] + metrics["held_out"]["n"] + metrics["too_long"] == 240  # none lost silently
