@@ -6,12 +6,12 @@
 #                            beyond torch + transformers + accelerate, and pydantic for the GPU
 #                            tests of the pipeline's sampling) and its script into .whl/
 #   bench/gpu.sh run [OUT] [tests|bench|all]
-#                            on the GPU machine, from the repository root: the GPU tests, then our
-#                            PPO against the reference on the 124m and 355m shapes, in the same run
-#                            (124m with a kernel profile of one more step), LoRA on 355m, 124m
-#                            under mixed precision (the pipeline's setting), 124m sampled 16
-#                            episodes at a time, and a Llama (either decoder) and a Qwen3 of the
-#                            124m shape; the device and tests in OUT/gpu.txt, the tables in
+#                            on the GPU machine, from the repository root: our PPO against the
+#                            reference on the 124m and 355m shapes, in the same run (124m with a
+#                            kernel profile of one more step), then the GPU tests, then ours alone:
+#                            124m under mixed precision (the pipeline's setting), a Llama (either
+#                            decoder) and a Qwen3 of the 124m shape, LoRA on 355m and 124m sampled
+#                            16 episodes at a time; the device and tests in OUT/gpu.txt, the tables in
 #                            OUT/bench.txt, each run's JSON a line of OUT/runs.jsonl (OUT
 #                            defaults to bench/results)
 set -euo pipefail
@@ -39,35 +39,48 @@ run)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
         | tee -a "$out/gpu.txt"
-    # a failing test or run is reported in the logs and the rest still runs
-    if [ "$part" != bench ]; then
+    # a failing test or run is reported in the logs and the rest still runs; each run is cut off after
+    # GPU_RUN_TIMEOUT seconds (default 300) so that one that hangs leaves the device time to the rest
+    limit=${GPU_RUN_TIMEOUT:-300}
+    gpu_tests() {
+        echo "== tests/test_gpu.py (started $(date -u +%T))" | tee -a "$out/gpu.txt"
         # (pydantic from the same wheels: the pipeline's sampling and scoring read its config types)
-        PYTHONPATH=/tmp/ref-site python3 -m pytest -q -ra tests/test_gpu.py --noconftest -p no:cacheprovider 2>&1 \
-            | tee -a "$out/gpu.txt" || true
-    fi
-    [ "$part" = tests ] && exit 0
-    : > "$out/runs.jsonl"
+        PYTHONPATH=/tmp/ref-site timeout "$limit" python3 -m pytest -q -ra tests/test_gpu.py --noconftest \
+            -p no:cacheprovider 2>&1 | tee -a "$out/gpu.txt" || echo "== tests FAILED or cut off" | tee -a "$out/gpu.txt"
+    }
     bench() {  # NAME ARGS...: one benchmark run, its table into the log, its JSON a line of runs.jsonl
         local name=$1; shift
-        echo "== $name: bench/ppo_throughput.py $*" | tee -a "$log"
-        if python3 bench/ppo_throughput.py --device cuda --repeats 1 --out "/tmp/bench-$name" "$@" 2>&1 | tee -a "$log"
+        echo "== $name (started $(date -u +%T)): bench/ppo_throughput.py $*" | tee -a "$log"
+        if timeout "$limit" python3 bench/ppo_throughput.py --device cuda --repeats 1 --out "/tmp/bench-$name" "$@" \
+            2>&1 | tee -a "$log"
         then python3 -c "import json, sys; print(json.dumps({'name': sys.argv[1], **json.load(open(sys.argv[2]))}))" \
                  "$name" "/tmp/bench-$name/ppo_throughput.json" >> "$out/runs.jsonl"
-        else echo "== $name FAILED" | tee -a "$log"
+        else echo "== $name FAILED or cut off" | tee -a "$log"
         fi
     }
-    # against the reference, in the same run; 124m then profiles one more step of ours (its kernel table)
-    bench ppo_124m --shape 124m --reference-python /tmp/refpy --reference-script .whl/trl_ppo_reference.py --profile
-    bench ppo_355m --shape 355m --reference-python /tmp/refpy --reference-script .whl/trl_ppo_reference.py
-    # LoRA's speed and memory beside full fine-tuning (ours alone: the reference has no LoRA run)
-    bench ppo_355m_lora16 --shape 355m --lora 16 --no-reference
-    # the pipeline's setting: float32 weights under bf16 autocast, generation over bf16 copies
-    bench ppo_124m_mixed --shape 124m --mixed --no-reference
-    bench ppo_124m_gen16 --shape 124m --generation-batch 16 --no-reference  # the cost of a bounded KV cache
-    # a Llama of the 124m shape: the graph decoder against HF's cache (the reference runs GPT-2 only)
-    bench ppo_124m_llama_static --shape 124m --family llama --generation static --no-reference
-    bench ppo_124m_llama_dynamic --shape 124m --family llama --generation dynamic --no-reference
-    bench ppo_124m_qwen3 --shape 124m --family qwen3 --no-reference
+    against_reference() {  # the measure: both GPU shapes, the reference in the same run
+        # 124m then profiles one more step of ours (its kernel table)
+        bench ppo_124m --shape 124m --reference-python /tmp/refpy --reference-script .whl/trl_ppo_reference.py --profile
+        bench ppo_355m --shape 355m --reference-python /tmp/refpy --reference-script .whl/trl_ppo_reference.py
+    }
+    ours_alone() {
+        # the pipeline's setting: float32 weights under bf16 autocast, generation over bf16 copies
+        bench ppo_124m_mixed --shape 124m --mixed --no-reference
+        # a Llama of the 124m shape: the graph decoder against HF's cache (the reference runs GPT-2 only)
+        bench ppo_124m_llama_static --shape 124m --family llama --generation static --no-reference
+        bench ppo_124m_llama_dynamic --shape 124m --family llama --generation dynamic --no-reference
+        bench ppo_124m_qwen3 --shape 124m --family qwen3 --no-reference
+        # LoRA's speed and memory beside full fine-tuning (ours alone: the reference has no LoRA run)
+        bench ppo_355m_lora16 --shape 355m --lora 16 --no-reference
+        bench ppo_124m_gen16 --shape 124m --generation-batch 16 --no-reference  # the cost of a bounded KV cache
+    }
+    # most wanted first, so that a device call cut short still brings back the figures
+    if [ "$part" != tests ]; then : > "$out/runs.jsonl"; fi
+    case "$part" in
+    tests) gpu_tests ;;
+    bench) against_reference; ours_alone ;;
+    all) against_reference; gpu_tests; ours_alone ;;
+    esac
     ;;
 *)
     echo "usage: bench/gpu.sh fetch | run [OUT] [tests|bench|all]" >&2
