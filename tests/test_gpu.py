@@ -129,7 +129,8 @@ def test_fsdp_on_the_gpu_gathers_for_the_graph_decoder_and_trains(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                            str(worker), str(tmp_path / "model"), "--out", str(out), "--fsdp", "--cuda"],
                           capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(worker.parents[1])})
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              filter(None, [str(worker.parents[1]), os.environ.get("PYTHONPATH")]))})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["sharded"] and result["graph"] and result["weights_changed"]

@@ -180,7 +180,8 @@ def _two_processes(model_dir, out, *args):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(worker), str(model_dir), "--out", str(out), *args],
                           capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parents[1])})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+                              filter(None, [str(worker.parents[1]), os.environ.get("PYTHONPATH")]))})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text()), load_file(f"{out}.safetensors")
 
