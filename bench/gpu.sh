@@ -5,13 +5,14 @@
 #   bench/gpu.sh fetch       where pip works: the reference's wheels (TRL 0.29 and what it needs
 #                            beyond torch + transformers + accelerate, and pydantic for the GPU
 #                            tests of the pipeline's sampling) and its script into .whl/
-#   bench/gpu.sh run [OUT] [tests|bench|all]
+#   bench/gpu.sh run [OUT] [tests|bench|reference|all]
 #                            on the GPU machine, from the repository root: our PPO against the
 #                            reference on the 124m and 355m shapes, in the same run (124m with a
 #                            kernel profile of one more step), then the GPU tests, then ours alone:
 #                            124m under mixed precision (the pipeline's setting), a Llama (either
 #                            decoder) and a Qwen3 of the 124m shape, LoRA on 355m and 124m sampled
-#                            16 episodes at a time; the device and tests in OUT/gpu.txt, the tables in
+#                            16 episodes at a time ('reference': the two runs against the reference
+#                            alone); the device and tests in OUT/gpu.txt, the tables in
 #                            OUT/bench.txt, each run's JSON a line of OUT/runs.jsonl (OUT
 #                            defaults to bench/results)
 set -euo pipefail
@@ -28,8 +29,9 @@ fetch)
     ;;
 run)
     out=${2:-bench/results}
-    part=${3:-all}  # tests | bench | all: the two halves fit one 10-minute device call each
-    case "$part" in tests|bench|all) ;; *) echo "bench/gpu.sh run [OUT] [tests|bench|all], not '$part'" >&2; exit 2;; esac
+    part=${3:-all}  # tests | bench | reference | all
+    case "$part" in tests|bench|reference|all) ;;
+    *) echo "bench/gpu.sh run [OUT] [tests|bench|reference|all], not '$part'" >&2; exit 2;; esac
     mkdir -p "$out"
     [ -f .whl/trl_ppo_reference.py ] || { echo "no .whl/: run 'bench/gpu.sh fetch' where pip works" >&2; exit 2; }
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/ref-site .whl/*.whl
@@ -40,8 +42,11 @@ run)
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
         | tee -a "$out/gpu.txt"
     # a failing test or run is reported in the logs and the rest still runs; each run is cut off after
-    # GPU_RUN_TIMEOUT seconds (default 300) so that one that hangs leaves the device time to the rest
-    limit=${GPU_RUN_TIMEOUT:-300}
+    # GPU_RUN_TIMEOUT seconds (default 420) so that one that hangs leaves the device time to the rest.
+    # On an H200 (2026-12-04) 124m against the reference took 145 s in all (the reference's process
+    # about 105 s of it, 31 s of them training), the GPU tests 72 s, each run of ours alone 31 to 42
+    # s; 355m against the reference did not end within 240 s
+    limit=${GPU_RUN_TIMEOUT:-420}
     gpu_tests() {
         echo "== tests/test_gpu.py (started $(date -u +%T))" | tee -a "$out/gpu.txt"
         # (pydantic from the same wheels: the pipeline's sampling and scoring read its config types)
@@ -79,11 +84,12 @@ run)
     case "$part" in
     tests) gpu_tests ;;
     bench) against_reference; ours_alone ;;
+    reference) against_reference ;;
     all) against_reference; gpu_tests; ours_alone ;;
     esac
     ;;
 *)
-    echo "usage: bench/gpu.sh fetch | run [OUT] [tests|bench|all]" >&2
+    echo "usage: bench/gpu.sh fetch | run [OUT] [tests|bench|reference|all]" >&2
     exit 2
     ;;
 esac
