@@ -46,6 +46,15 @@ SHAPES = {  # the reference README's shapes
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "bench" / "trl_ppo_reference.py"
 
 
+T0 = time.perf_counter()
+
+
+def progress(what: str) -> None:
+    """A line on stderr with the seconds since this script loaded: a run cut off on a lent machine
+    says how far it got and where the time went (model building, training, the reference)."""
+    print(f"[{time.perf_counter() - T0:7.1f} s] {what}", file=sys.stderr, flush=True)
+
+
 FAMILIES = {"llama": LlamaConfig, "qwen3": Qwen3Config, "gemma3": Gemma3TextConfig}  # besides GPT-2
 
 
@@ -125,6 +134,7 @@ def run_ours(s: dict, device: str, bf16: bool, profile: bool = False, lora_rank:
     # the reward model of the policy's family and size (a scalar head), as the pipeline makes it
     reward = AutoModelForSequenceClassification.from_config(type(cfg)(**score_cfg, num_labels=1),
                                                             dtype=dtype).to(device)
+    progress(f"ours: models built ({type(lm).__name__}, {s['layers']} layers, {s['dim']} dim) on {device}")
     ops = decode_ops(lm, device, torch.bfloat16 if mixed else None)  # before training: the counting step writes into a cache of its own
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(2, s["vocab"], (s["prompts"], s["prompt_len"]), generator=g).tolist()
@@ -137,11 +147,13 @@ def run_ours(s: dict, device: str, bf16: bool, profile: bool = False, lora_rank:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
+    progress(f"ours: training {ppo.steps} steps of {s['batch']} episodes")
     t0 = time.perf_counter()
     history = trainer.train()
     if device == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
+    progress(f"ours: trained in {dt:.2f} s")
     if profile:  # one more step under the profiler: where the time goes, kernel by kernel
         from torch.profiler import ProfilerActivity, profile as torch_profile
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -150,6 +162,7 @@ def run_ours(s: dict, device: str, bf16: bool, profile: bool = False, lora_rank:
             trainer.train_step()
         sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=25), file=sys.stderr)
+        progress("ours: one more step profiled")
     gen_fraction = sum(h["perf/gen_fraction"] for h in history) / len(history)
     later = history[1:] or history  # after the first step (CUDA graph capture, allocator warm-up)
     label = ", ".join(x for x in (family if family != "gpt2" else "", f"LoRA {lora_rank}" if lora_rank else "",
@@ -172,7 +185,10 @@ def run_reference(s: dict, python: str, script: Path, bf16: bool) -> dict:
     args = [python, str(script), "--layers", str(s["layers"]), "--dim", str(s["dim"]), "--heads", str(s["heads"]),
             "--vocab", str(s["vocab"]), "--prompts", str(s["prompts"]), "--prompt-len", str(s["prompt_len"]),
             "--response-len", str(s["response_len"]), "--batch", str(s["batch"])] + (["--bf16"] if bf16 else [])
+    progress(f"reference: started ({python} {script.name})")
+    t0 = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"})
+    progress(f"reference: ended after {time.perf_counter() - t0:.1f} s (exit status {proc.returncode})")
     if proc.returncode != 0:
         raise SystemExit(f"the reference failed ({python} {script}):\n{proc.stderr[-2000:]}")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
