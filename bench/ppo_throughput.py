@@ -29,8 +29,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, Gemma3TextConfig, GPT2Config,
+T0 = time.perf_counter()  # before torch: the progress lines count the imports too
+
+import torch  # noqa: E402
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, Gemma3TextConfig, GPT2Config,  # noqa: E402
                           LlamaConfig, Qwen3Config)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,11 +48,8 @@ SHAPES = {  # the reference README's shapes
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "bench" / "trl_ppo_reference.py"
 
 
-T0 = time.perf_counter()
-
-
 def progress(what: str) -> None:
-    """A line on stderr with the seconds since this script loaded: a run cut off on a lent machine
+    """A line on stderr with the seconds since this script began: a run cut off on a lent machine
     says how far it got and where the time went (model building, training, the reference)."""
     print(f"[{time.perf_counter() - T0:7.1f} s] {what}", file=sys.stderr, flush=True)
 
@@ -246,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"--reference-python {a.reference_python}: no such interpreter")
         if not a.reference_script.exists():
             p.error(f"reference script {a.reference_script} not found; pass --reference-script")
+    progress(f"torch {torch.__version__} and transformers imported; {a.shape} on {a.device}")
     bf16 = a.device == "cuda"  # the reference README's GPU figures are bf16
     shape = SHAPES[a.shape]
     ours = max((run_ours(shape, a.device, bf16, a.profile, a.lora, a.family, a.generation, a.generation_batch,
