@@ -11,10 +11,11 @@
 #                            kernel profile of one more step), then the GPU tests, then ours alone:
 #                            124m under mixed precision (the pipeline's setting), a Llama (either
 #                            decoder) and a Qwen3 of the 124m shape, LoRA on 355m and 124m sampled
-#                            16 episodes at a time ('reference': the two runs against the reference
-#                            alone); the device and tests in OUT/gpu.txt, the tables in
-#                            OUT/bench.txt, each run's JSON a line of OUT/runs.jsonl (OUT
-#                            defaults to bench/results)
+#                            16 episodes at a time ('reference': the runs against the reference
+#                            alone; GPU_SHAPES="355m" runs one shape against it, GPU_RUN_TIMEOUT
+#                            the seconds each run may take); the device and tests in OUT/gpu.txt,
+#                            the tables in OUT/bench.txt, each run's JSON a line of OUT/runs.jsonl
+#                            (OUT defaults to bench/results)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +33,9 @@ run)
     part=${3:-all}  # tests | bench | reference | all
     case "$part" in tests|bench|reference|all) ;;
     *) echo "bench/gpu.sh run [OUT] [tests|bench|reference|all], not '$part'" >&2; exit 2;; esac
+    for shape in ${GPU_SHAPES:-124m 355m}; do
+        case "$shape" in 124m|355m) ;; *) echo "GPU_SHAPES: 124m and/or 355m, not '$shape'" >&2; exit 2;; esac
+    done
     mkdir -p "$out"
     [ -f .whl/trl_ppo_reference.py ] || { echo "no .whl/: run 'bench/gpu.sh fetch' where pip works" >&2; exit 2; }
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/ref-site .whl/*.whl
@@ -42,7 +46,8 @@ run)
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
         | tee -a "$out/gpu.txt"
     # a failing test or run is reported in the logs and the rest still runs; each run is cut off after
-    # GPU_RUN_TIMEOUT seconds (default 420) so that one that hangs leaves the device time to the rest.
+    # GPU_RUN_TIMEOUT seconds (default 420) so that one that hangs leaves the device time to the rest;
+    # GPU_SHAPES="355m" (say) runs one shape against the reference where the other is already measured.
     # On an H200 (2026-12-04) 124m against the reference took 145 s in all (the reference's process
     # about 105 s of it, 31 s of them training), the GPU tests 68 s, each run of ours alone 31 to 42
     # s; 355m against the reference did not end within 240 s
@@ -63,10 +68,14 @@ run)
         else echo "== $name FAILED or cut off" | tee -a "$log"
         fi
     }
-    against_reference() {  # the issue's measure: both GPU shapes, the reference in the same run
-        # 124m then profiles one more step of ours (its kernel table)
-        bench ppo_124m --shape 124m --reference-python /tmp/refpy --reference-script .whl/trl_ppo_reference.py --profile
-        bench ppo_355m --shape 355m --reference-python /tmp/refpy --reference-script .whl/trl_ppo_reference.py
+    against_reference() {  # the issue's measure: the GPU shapes (GPU_SHAPES, default both), the reference in the same run
+        for shape in ${GPU_SHAPES:-124m 355m}; do
+            case "$shape" in
+            124m) # 124m then profiles one more step of ours (its kernel table)
+                bench ppo_124m --shape 124m --reference-python /tmp/refpy --reference-script .whl/trl_ppo_reference.py --profile ;;
+            355m) bench ppo_355m --shape 355m --reference-python /tmp/refpy --reference-script .whl/trl_ppo_reference.py ;;
+            esac
+        done
     }
     ours_alone() {
         # the pipeline's setting: float32 weights under bf16 autocast, generation over bf16 copies
