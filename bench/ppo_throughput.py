@@ -12,7 +12,8 @@ reference: TRL 0.29 with a separate value model (its only design). With --lora R
 trains rank-R adapters instead (the reference is the policy with its adapters off): less memory,
 not the same work as the reference's full fine-tuning, so its ratio is reported apart. With
 --family llama ours runs a Llama of the shape's size (rotary positions, 4 query heads per
-key/value head, SwiGLU; qwen3 and gemma3 the same with their norms) and the reference, GPT-2
+key/value head, SwiGLU; qwen3 and gemma3 the same with their norms, phi3 with its fused
+projections) and the reference, GPT-2
 only, does not run; --generation picks our
 decoder (static: KV cache + CUDA graphs; dynamic: HF's cache). Prints a table, and with --json
 one JSON object; writes ppo_throughput.json into --out (bench/results).
@@ -33,7 +34,7 @@ T0 = time.perf_counter()  # before torch: the progress lines count the imports t
 
 import torch  # noqa: E402
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, Gemma3TextConfig, GPT2Config,  # noqa: E402
-                          LlamaConfig, Qwen3Config)
+                          LlamaConfig, Phi3Config, Qwen3Config)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tasks.ppo import lora, static_decode  # noqa: E402
@@ -54,7 +55,7 @@ def progress(what: str) -> None:
     print(f"[{time.perf_counter() - T0:7.1f} s] {what}", file=sys.stderr, flush=True)
 
 
-FAMILIES = {"llama": LlamaConfig, "qwen3": Qwen3Config, "gemma3": Gemma3TextConfig}  # besides GPT-2
+FAMILIES = {"llama": LlamaConfig, "qwen3": Qwen3Config, "gemma3": Gemma3TextConfig, "phi3": Phi3Config}  # besides GPT-2
 
 
 def policy_config(s: dict, family: str):
@@ -62,9 +63,9 @@ def policy_config(s: dict, family: str):
     if family in FAMILIES:
         # the shape's size: 4 query heads per key/value head where the count allows, SwiGLU-sized MLP;
         # Qwen3 and Gemma 3 add their norms, Gemma 3 alternates 5 sliding-window layers (512 tokens,
-        # as its 270M and 1B) with a global one
+        # as its 270M and 1B) with a global one; Phi-3 fuses q/k/v and gate/up into one projection each
         head_dim = s["dim"] // s["heads"]
-        extra = {"head_dim": head_dim} if family != "llama" else {}
+        extra = {"head_dim": head_dim} if family in ("qwen3", "gemma3") else {}
         if family == "gemma3":
             extra |= {"query_pre_attn_scalar": head_dim, "sliding_window": 512}
         return FAMILIES[family](

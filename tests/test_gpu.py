@@ -7,7 +7,7 @@ Needs torch and transformers only, like the PPO core.
 import pytest
 import torch
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, Gemma3TextConfig, GPT2Config,
-                          LlamaConfig, Qwen3Config)
+                          LlamaConfig, Phi3Config, Qwen3Config)
 
 from tasks.ppo import static_decode
 from tasks.ppo.rollout import PolicyWithValue, sample
@@ -29,7 +29,11 @@ QWEN3 = Qwen3Config(num_hidden_layers=4, hidden_size=256, intermediate_size=512,
 GEMMA3 = Gemma3TextConfig(num_hidden_layers=4, hidden_size=256, intermediate_size=512, num_attention_heads=4,
                           num_key_value_heads=2, head_dim=64, vocab_size=2000, max_position_embeddings=96,
                           sliding_window=96, sliding_window_pattern=2, pad_token_id=0, eos_token_id=1, bos_token_id=1)
-CONFIGS = {"gpt2": CFG, "llama": LLAMA, "qwen3": QWEN3, "gemma3": GEMMA3}
+# Phi-3: Llama's block with fused q/k/v and gate/up projections; rotary on half of each head (as Phi-4-mini's 3/4)
+PHI3 = Phi3Config(num_hidden_layers=4, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                  num_key_value_heads=2, partial_rotary_factor=0.5, vocab_size=2000, max_position_embeddings=96,
+                  pad_token_id=0, eos_token_id=1, bos_token_id=1)
+CONFIGS = {"gpt2": CFG, "llama": LLAMA, "qwen3": QWEN3, "gemma3": GEMMA3, "phi3": PHI3}
 
 
 def prompts(B, P, seed=0):

@@ -1,4 +1,4 @@
-"""Fast rollouts: a preallocated KV cache, and on CUDA a graph per step (GPT-2, Llama families, Gemma 3).
+"""Fast rollouts: a preallocated KV cache, and on CUDA a graph per step (GPT-2, Llama families, Phi-3, Gemma 3).
 
 Generation is most of a PPO step, and at PPO's batch sizes one decode step of a small model is
 a few hundred tiny kernels: eager PyTorch spends its time launching them. This decoder keeps
@@ -10,7 +10,8 @@ rollouts needs no new capture.
 It reuses the model's own modules (embeddings, norms, projections, MLP, LM head, with any LoRA
 adapters on them); only the cached attention and the layout of a block are written here, once
 per family: `_GPT2` (learned positions, fused qkv), `_Llama` (rotary positions, grouped-query
-attention; also Mistral, Qwen2 and Qwen3) and `_Gemma3` (Llama's, with more norms). `sample` in
+attention; also Mistral, Qwen2 and Qwen3), `_Phi3` (Llama's, with fused projections and rotary
+positions on part of each head) and `_Gemma3` (Llama's, with more norms). `sample` in
 rollout.py is the general path (any causal LM, HF's dynamic cache); `supports(lm)` says whether
 this one applies. Under mixed precision (float32 weights, bf16 autocast) it decodes over bf16
 copies of the weights made at each rollout, so the graph casts nothing per token. Imports torch
@@ -28,11 +29,12 @@ from tasks.ppo.rollout import base_model, position_ids_from_mask, sample_token
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")  # one block layout (modular copies in transformers)
 GEMMA3 = "gemma3_text"  # Gemma 3's text models (270M, 1B; the larger ones' language model)
+PHI3 = "phi3"  # Phi-3 and Phi-3.5 mini and medium, Phi-4-mini: Llama's block with fused projections
 
 
 def _window(cfg) -> int | None:
     """The sliding-attention window, where a layer has one (Mistral; Gemma 3; Qwen2 and Qwen3 when configured)."""
-    if cfg.model_type == "mistral":
+    if cfg.model_type in ("mistral", PHI3):  # every layer
         return getattr(cfg, "sliding_window", None)
     if "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
         return getattr(cfg, "sliding_window", None)
@@ -40,14 +42,19 @@ def _window(cfg) -> int | None:
 
 
 def supports(lm: nn.Module, max_len: int | None = None) -> bool:
-    """GPT-2, Llama or Gemma 3 layout with the attention and positions this file implements."""
+    """GPT-2, Llama, Phi-3 or Gemma 3 layout with the attention and positions this file implements.
+
+    Rotary tables are computed once for the whole rollout, so scalings that change with the length
+    are declined: dynamic NTK always, and LongRoPE (Phi-3.5, Phi-4-mini) where the rollout reaches
+    past the model's original length, where HF switches from its short factors to its long ones
+    mid-sequence; within it, the short factors hold throughout, as they do in HF's forward."""
     cfg = getattr(lm, "config", None)
     kind = getattr(cfg, "model_type", None)
     if kind == "gpt2":
         return (hasattr(base_model(lm), "transformer")
                 and getattr(cfg, "scale_attn_weights", True) and not getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
                 and not getattr(cfg, "reorder_and_upcast_attn", False) and not getattr(cfg, "add_cross_attention", False))
-    if kind in LLAMA_LIKE or kind == GEMMA3:
+    if kind in LLAMA_LIKE or kind in (GEMMA3, PHI3):
         rope = getattr(cfg, "rope_parameters", None) or {}
         # one rotary table, or (Gemma 3) one per layer type
         ropes = rope.values() if kind == GEMMA3 else [rope]
@@ -55,9 +62,18 @@ def supports(lm: nn.Module, max_len: int | None = None) -> bool:
         gemma_extras = kind == GEMMA3 and (cfg.final_logit_softcapping is not None or cfg.attn_logit_softcapping
                                            is not None or getattr(cfg, "use_bidirectional_attention", False))
         return (hasattr(base_model(lm), "model") and not gemma_extras
-                and all(r.get("rope_type", "default") not in ("dynamic", "longrope") for r in ropes)  # change with length
+                and all(_fixed_rope(r, max_len) for r in ropes)
                 and (window is None or (max_len is not None and max_len <= window)))
     return False
+
+
+def _fixed_rope(rope: dict, max_len: int | None) -> bool:
+    """Whether a rotary scaling gives the same table at every length up to `max_len`."""
+    kind = rope.get("rope_type", "default")
+    if kind == "longrope":  # short factors up to the original length, long ones past it
+        original = rope.get("original_max_position_embeddings")
+        return max_len is not None and original is not None and max_len <= original
+    return kind != "dynamic"
 
 
 class _GPT2:
@@ -168,7 +184,27 @@ class _Gemma3(_Llama):
         return _rms_norm(block.post_feedforward_layernorm, block.mlp(_rms_norm(block.pre_feedforward_layernorm, h)))
 
 
-LLAMA_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+class _Phi3(_Llama):
+    """Phi-3: Llama's block with q, k and v from one projection (`qkv_proj`) and the MLP's gate and
+    up from one (`gate_up_proj`, inside its MLP module, called whole), and rotary positions on the
+    first `partial_rotary_factor` of each head (all of it in Phi-3, three quarters in Phi-4-mini),
+    the rest of the head passed through. Its residual dropout is a no-op outside training."""
+
+    def qkv(self, block: nn.Module, h: torch.Tensor, rope: dict):
+        attn, x = block.self_attn, _rms_norm(block.input_layernorm, h)
+        B, S, _ = x.shape
+        q, k, v = attn.qkv_proj(x).view(B, S, -1, self.head_dim).split((self.n_head, self.n_kv, self.n_kv), dim=2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        cos, sin = rope[None]
+        r = cos.shape[-1]  # the rotated part of a head
+        if r == self.head_dim:
+            return _rotate(q, cos, sin).to(q.dtype), torch.stack((_rotate(k, cos, sin).to(k.dtype), v))
+        q = torch.cat((_rotate(q[..., :r], cos, sin).to(q.dtype), q[..., r:]), dim=-1)
+        k = torch.cat((_rotate(k[..., :r], cos, sin).to(k.dtype), k[..., r:]), dim=-1)
+        return q, torch.stack((k, v))
+
+
+LLAMA_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm")
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -215,11 +251,12 @@ class StaticDecoder:
         self.B, self.P, self.T = batch, prompt_len, max_new_tokens
         self.L = prompt_len + max_new_tokens
         if not supports(lm, self.L):
-            raise ValueError(f"StaticDecoder supports GPT-2, Llama-family models (Mistral, Qwen2 and Qwen3) and "
-                             f"Gemma 3 within their sliding window, not {type(lm).__name__}")
+            raise ValueError(f"StaticDecoder supports GPT-2, Llama-family models (Mistral, Qwen2 and Qwen3), "
+                             f"Phi-3 and Gemma 3 within their sliding window and their rotary scaling's fixed "
+                             f"range, not {type(lm).__name__}")
         self.lm = lm
         self.runner = _Runner(lm)
-        self.arch = {"gpt2": _GPT2, GEMMA3: _Gemma3}.get(lm.config.model_type, _Llama)(lm, self.L)
+        self.arch = {"gpt2": _GPT2, GEMMA3: _Gemma3, PHI3: _Phi3}.get(lm.config.model_type, _Llama)(lm, self.L)
         if self.L > self.arch.max_positions:
             raise ValueError(f"prompt {prompt_len} + response {max_new_tokens} tokens exceed the model's "
                              f"{self.arch.max_positions} positions")
