@@ -150,10 +150,14 @@ class _Llama:
         """cos / sin at the positions fed in, (B, 1, S, D) float32, once per step for every layer."""
         return {kind: (cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)) for kind, (cos, sin) in self.tables.items()}
 
+    def heads(self, attn: nn.Module, x: torch.Tensor):
+        """q, k and v, (B, S, heads, head_dim) each: one projection each."""
+        B, S, _ = x.shape
+        return (proj(x).view(B, S, -1, self.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+
     def qkv(self, block: nn.Module, h: torch.Tensor, rope: dict):
         attn, x = block.self_attn, _rms_norm(block.input_layernorm, h)
-        B, S, _ = x.shape
-        q, k, v = (proj(x).view(B, S, -1, self.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        q, k, v = self.heads(attn, x)
         if self.head_norms:
             q, k = _rms_norm(attn.q_norm, q), _rms_norm(attn.k_norm, k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -186,22 +190,13 @@ class _Gemma3(_Llama):
 
 class _Phi3(_Llama):
     """Phi-3: Llama's block with q, k and v from one projection (`qkv_proj`) and the MLP's gate and
-    up from one (`gate_up_proj`, inside its MLP module, called whole), and rotary positions on the
+    up from one (`gate_up_proj`, inside its MLP module, called whole); its rotary table covers the
     first `partial_rotary_factor` of each head (all of it in Phi-3, three quarters in Phi-4-mini),
-    the rest of the head passed through. Its residual dropout is a no-op outside training."""
+    which `_rotate` reads. Its residual dropout is a no-op outside training."""
 
-    def qkv(self, block: nn.Module, h: torch.Tensor, rope: dict):
-        attn, x = block.self_attn, _rms_norm(block.input_layernorm, h)
+    def heads(self, attn: nn.Module, x: torch.Tensor):
         B, S, _ = x.shape
-        q, k, v = attn.qkv_proj(x).view(B, S, -1, self.head_dim).split((self.n_head, self.n_kv, self.n_kv), dim=2)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        cos, sin = rope[None]
-        r = cos.shape[-1]  # the rotated part of a head
-        if r == self.head_dim:
-            return _rotate(q, cos, sin).to(q.dtype), torch.stack((_rotate(k, cos, sin).to(k.dtype), v))
-        q = torch.cat((_rotate(q[..., :r], cos, sin).to(q.dtype), q[..., r:]), dim=-1)
-        k = torch.cat((_rotate(k[..., :r], cos, sin).to(k.dtype), k[..., r:]), dim=-1)
-        return q, torch.stack((k, v))
+        return attn.qkv_proj(x).view(B, S, -1, self.head_dim).split((self.n_head, self.n_kv, self.n_kv), dim=2)
 
 
 LLAMA_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm")
@@ -223,7 +218,12 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotary position embedding, as HF's apply_rotary_pos_emb: x * cos + rotate_half(x) * sin, where
     rotate_half(x) = cat(-x2, x1). With the sign folded into the table (signed_sin = cat(-sin1, sin2))
-    that is x * cos + roll(x) * signed_sin: three kernels where HF's form takes five."""
+    that is x * cos + roll(x) * signed_sin: three kernels where HF's form takes five. A table
+    narrower than the head (partial rotary, Phi-4-mini's) rotates the head's first part and passes
+    the rest through, as HF's Phi-3 does."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat((_rotate(x[..., :r], cos, signed_sin), x[..., r:]), dim=-1)
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
 
 
