@@ -48,9 +48,9 @@ run)
     # a failing test or run is reported in the logs and the rest still runs; each run is cut off after
     # GPU_RUN_TIMEOUT seconds (default 420) so that one that hangs leaves the device time to the rest;
     # GPU_SHAPES="355m" (say) runs one shape against the reference where the other is already measured.
-    # On an H200 (2026-12-04) 124m against the reference took 145 s in all (the reference's process
-    # about 105 s of it, 31 s of them training), the GPU tests 68 s, each run of ours alone 31 to 42
-    # s; 355m against the reference did not end within 240 s
+    # On an H200 (2026-12-04) 124m against the reference took 145 s in all (the reference's process,
+    # by difference, about 105 s of it, 31 s of them training), the GPU tests 68 s, each run of ours
+    # alone 31 to 42 s; 355m against the reference did not end within 240 s
     limit=${GPU_RUN_TIMEOUT:-420}
     gpu_tests() {
         echo "== tests/test_gpu.py (started $(date -u +%T))" | tee -a "$out/gpu.txt"
