@@ -13,8 +13,8 @@ trains rank-R adapters instead (the reference is the policy with its adapters of
 not the same work as the reference's full fine-tuning, so its ratio is reported apart. With
 --family llama ours runs a Llama of the shape's size (rotary positions, 4 query heads per
 key/value head, SwiGLU; qwen3 and gemma3 the same with their norms, phi3 with its fused
-projections) and the reference, GPT-2
-only, does not run; --generation picks our
+projections; pythia a GPT-NeoX with Pythia's settings, which at 124m is Pythia-160M's shape)
+and the reference, GPT-2 only, does not run; --generation picks our
 decoder (static: KV cache + CUDA graphs; dynamic: HF's cache). Prints a table, and with --json
 one JSON object; writes ppo_throughput.json into --out (bench/results).
 """
@@ -34,7 +34,7 @@ T0 = time.perf_counter()  # before torch: the progress lines count the imports t
 
 import torch  # noqa: E402
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, Gemma3TextConfig, GPT2Config,  # noqa: E402
-                          LlamaConfig, Phi3Config, Qwen3Config)
+                          GPTNeoXConfig, LlamaConfig, Phi3Config, Qwen3Config)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tasks.ppo import lora, static_decode  # noqa: E402
@@ -55,11 +55,17 @@ def progress(what: str) -> None:
     print(f"[{time.perf_counter() - T0:7.1f} s] {what}", file=sys.stderr, flush=True)
 
 
-FAMILIES = {"llama": LlamaConfig, "qwen3": Qwen3Config, "gemma3": Gemma3TextConfig, "phi3": Phi3Config}  # besides GPT-2
+FAMILIES = {"llama": LlamaConfig, "qwen3": Qwen3Config, "gemma3": Gemma3TextConfig, "phi3": Phi3Config,
+            "pythia": GPTNeoXConfig}  # besides GPT-2
 
 
 def policy_config(s: dict, family: str):
     positions = s["prompt_len"] + s["response_len"] + 8
+    if family == "pythia":  # GPT-NeoX as Pythia sets it: rotary on a quarter of each head, parallel residual
+        return GPTNeoXConfig(num_hidden_layers=s["layers"], hidden_size=s["dim"], num_attention_heads=s["heads"],
+                             intermediate_size=4 * s["dim"], vocab_size=s["vocab"], max_position_embeddings=positions,
+                             rotary_pct=0.25, use_parallel_residual=True, pad_token_id=0, eos_token_id=1,
+                             bos_token_id=1)
     if family in FAMILIES:
         # the shape's size: 4 query heads per key/value head where the count allows, SwiGLU-sized MLP;
         # Qwen3 and Gemma 3 add their norms, Gemma 3 alternates 5 sliding-window layers (512 tokens,

@@ -642,24 +642,27 @@ _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 
 
 @pytest.mark.parametrize("variant", ["llama3-rope", "llama-bias-mqa", "qwen2", "mistral", "qwen3", "gemma3",
-                                     "phi3", "phi3-partial-rotary", "phi3-longrope",
+                                     "phi3", "phi3-partial-rotary", "phi3-longrope", "pythia", "neox-sequential",
                                      "mistral-window-8", "qwen3-window-8", "gemma3-window-8", "gemma3-softcap",
-                                     "phi3-window-8", "phi3-longrope-past"])
+                                     "phi3-window-8", "phi3-longrope-past", "neox-dynamic-rope"])
 def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, tiny_model_dir):
     """Qwen2, Qwen3 (per-head query/key norms), Gemma 3 (those norms, norms around attention and
     MLP, scaled embeddings, a rotary table per layer type, its own attention scale), Mistral
     (within its sliding window), Llama 3's scaled rotary, biased projections with one key/value
     head, Phi-3 (fused q/k/v and gate/up projections; rotary on part of each head as Phi-4-mini;
-    LongRoPE within its original length, as Phi-3.5), each also with LoRA: the static decoder's
+    LongRoPE within its original length, as Phi-3.5), GPT-NeoX (Pythia's: q/k/v interleaved head
+    by head in one projection, rotary on a quarter of each head, LayerNorm, attention and MLP in
+    parallel; and with the residual in sequence), each also with LoRA: the static decoder's
     logits are the model's at every step, and it samples what HF's sampler samples. A sliding
     window shorter than the rollout (Mistral's, Phi-3's, Qwen3's or Gemma 3's local layers),
-    LongRoPE past the original length (HF switches factors mid-rollout) and logit soft-capping are
-    left to HF's sampler."""
-    from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config,
-                              Qwen2Config, Qwen3Config)
+    LongRoPE past the original length (HF switches factors mid-rollout), rotary scaling that
+    changes with the length (dynamic NTK) and logit soft-capping are left to HF's sampler."""
+    from transformers import (AutoModelForCausalLM, Gemma3TextConfig, GPTNeoXConfig, LlamaConfig, MistralConfig,
+                              Phi3Config, Qwen2Config, Qwen3Config)
 
     tok = load_tokenizer(tiny_model_dir)
     common = dict(_LLAMA_LIKE, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    neox = {k: v for k, v in common.items() if k != "num_key_value_heads"}
 
     def longrope(original: int) -> dict:  # Phi-3.5's scaling: per-frequency factors, short and long
         half = 64 // 4 // 2
@@ -687,6 +690,10 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
         "phi3-longrope": lambda: Phi3Config(**common, **longrope(64)),
         "phi3-window-8": lambda: Phi3Config(**common, sliding_window=8),
         "phi3-longrope-past": lambda: Phi3Config(**common, **longrope(12)),
+        # Pythia's layout at this size (rotary_pct 0.25 and use_parallel_residual are its settings)
+        "pythia": lambda: GPTNeoXConfig(**neox, rotary_pct=0.25, use_parallel_residual=True),
+        "neox-sequential": lambda: GPTNeoXConfig(**neox, rotary_pct=1.0, use_parallel_residual=False),
+        "neox-dynamic-rope": lambda: GPTNeoXConfig(**neox, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
     }[variant]()
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(config).eval()
@@ -700,7 +707,10 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
         assert lm.config.rope_parameters["original_max_position_embeddings"] == (64 if variant == "phi3-longrope" else 12)
     if variant == "phi3-partial-rotary":
         assert lm.model.rotary_emb(ids.float(), ids)[0].shape[-1] == 8  # of the head's 16
-    if variant.endswith(("window-8", "softcap", "-past")):
+    if variant == "pythia":
+        assert lm.gpt_neox.rotary_emb(ids.float(), ids)[0].shape[-1] == 4 and lm.config.use_parallel_residual
+        assert lm.lm_head.weight.data_ptr() != lm.gpt_neox.embed_in.weight.data_ptr()  # a head of its own
+    if variant.endswith(("window-8", "softcap", "-past", "dynamic-rope")):
         assert not static_decode.supports(lm, ids.shape[1] + 12)
         with pytest.raises(ValueError, match="StaticDecoder supports"):
             static_decode.StaticDecoder(lm, 2, ids.shape[1], 12)
@@ -722,13 +732,14 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
             assert torch.equal(fast, slow), (with_lora, seed)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3", "gemma3", "phi3"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3", "gemma3", "phi3", "pythia"])
 def test_static_decoder_in_bf16_is_as_close_to_the_truth_as_the_model_itself(family, tiny_model_dir):
     """In bf16 the decoder computes its own way (q scaled before the product, softmax read in bf16,
     F.rms_norm, rotary as one addcmul): at every step its logits are as close to a float64 forward
     of the same weights as HF's own bf16 forward is. Norm weights are random, so where each norm
     applies its weight (Llama after the cast back, Gemma 3 before) shows."""
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig, Phi3Config, Qwen3Config
+    from transformers import (AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, GPTNeoXConfig, LlamaConfig,
+                              Phi3Config, Qwen3Config)
 
     tok = load_tokenizer(tiny_model_dir)
     common = dict(_LLAMA_LIKE, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
@@ -737,7 +748,9 @@ def test_static_decoder_in_bf16_is_as_close_to_the_truth_as_the_model_itself(fam
               "qwen3": lambda: Qwen3Config(**common),
               "gemma3": lambda: Gemma3TextConfig(**common, head_dim=16, sliding_window=64,
                                                  sliding_window_pattern=2),
-              "phi3": lambda: Phi3Config(**common, partial_rotary_factor=0.5)}[family]()
+              "phi3": lambda: Phi3Config(**common, partial_rotary_factor=0.5),
+              "pythia": lambda: GPTNeoXConfig(**{k: v for k, v in common.items() if k != "num_key_value_heads"},
+                                              rotary_pct=0.25, use_parallel_residual=True)}[family]()
     torch.manual_seed(0)
     truth = AutoModelForCausalLM.from_config(config).double().eval()
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Fast rollouts: a preallocated KV cache, and on CUDA a graph per step (GPT-2, Llama families, Phi-3, Gemma 3).
+"""Fast rollouts: a preallocated KV cache, and on CUDA a graph per step (GPT-2, Llama, Phi-3, Gemma 3, GPT-NeoX).
 
 Generation is most of a PPO step, and at PPO's batch sizes one decode step of a small model is
 a few hundred tiny kernels: eager PyTorch spends its time launching them. This decoder keeps
@@ -11,7 +11,8 @@ It reuses the model's own modules (embeddings, norms, projections, MLP, LM head,
 adapters on them); only the cached attention and the layout of a block are written here, once
 per family: `_GPT2` (learned positions, fused qkv), `_Llama` (rotary positions, grouped-query
 attention; also Mistral, Qwen2 and Qwen3), `_Phi3` (Llama's, with fused projections and rotary
-positions on part of each head) and `_Gemma3` (Llama's, with more norms). `sample` in
+positions on part of each head), `_Gemma3` (Llama's, with more norms) and `_NeoX` (Pythia:
+Phi-3's partial rotary, LayerNorm, attention and MLP side by side). `sample` in
 rollout.py is the general path (any causal LM, HF's dynamic cache); `supports(lm)` says whether
 this one applies. Under mixed precision (float32 weights, bf16 autocast) it decodes over bf16
 copies of the weights made at each rollout, so the graph casts nothing per token. Imports torch
@@ -30,6 +31,7 @@ from tasks.ppo.rollout import base_model, position_ids_from_mask, sample_token
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")  # one block layout (modular copies in transformers)
 GEMMA3 = "gemma3_text"  # Gemma 3's text models (270M, 1B; the larger ones' language model)
 PHI3 = "phi3"  # Phi-3 and Phi-3.5 mini and medium, Phi-4-mini: Llama's block with fused projections
+NEOX = "gpt_neox"  # GPT-NeoX: Pythia (the RLHF literature's models), GPT-NeoX-20B, StableLM-alpha, Dolly
 
 
 def _window(cfg) -> int | None:
@@ -42,7 +44,7 @@ def _window(cfg) -> int | None:
 
 
 def supports(lm: nn.Module, max_len: int | None = None) -> bool:
-    """GPT-2, Llama, Phi-3 or Gemma 3 layout with the attention and positions this file implements.
+    """GPT-2, Llama, Phi-3, Gemma 3 or GPT-NeoX layout with the attention and positions this file implements.
 
     Rotary tables are computed once for the whole rollout, so scalings that change with the length
     are declined: dynamic NTK always, and LongRoPE (Phi-3.5, Phi-4-mini) where the rollout reaches
@@ -64,6 +66,8 @@ def supports(lm: nn.Module, max_len: int | None = None) -> bool:
         return (hasattr(base_model(lm), "model") and not gemma_extras
                 and all(_fixed_rope(r, max_len) for r in ropes)
                 and (window is None or (max_len is not None and max_len <= window)))
+    if kind == NEOX:
+        return hasattr(base_model(lm), "gpt_neox") and _fixed_rope(getattr(cfg, "rope_parameters", None) or {}, max_len)
     return False
 
 
@@ -86,6 +90,7 @@ class _GPT2:
         self.head_dim = cfg.n_embd // cfg.n_head
         self.scale = None  # SDPA's default, 1 / sqrt(head_dim)
         self.gelu_tanh = cfg.activation_function in ("gelu_new", "gelu_pytorch_tanh")
+        self.parallel = False  # attention, then the MLP on its output
 
     def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return self.tr.wte(ids) + self.tr.wpe(pos)
@@ -120,6 +125,8 @@ class _Llama:
     heads than query heads (grouped-query attention), RMSNorm, gated MLP. Qwen3 adds an RMSNorm
     over each query and key head (`q_norm`, `k_norm`) before the rotation."""
 
+    parallel = False  # attention, then the MLP on its output
+
     def __init__(self, lm: nn.Module, max_len: int):
         cfg, self.m = lm.config, base_model(lm).model
         self.blocks, self.embedding = list(self.m.layers), self.m.embed_tokens
@@ -128,6 +135,9 @@ class _Llama:
         self.n_head, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim, self.scale = attn.head_dim, attn.scaling
         self.head_norms = cfg.model_type in ("qwen3", GEMMA3)
+        self.rotary_tables(cfg, max_len)
+
+    def rotary_tables(self, cfg, max_len: int) -> None:
         # cos / sin of every position a rollout reaches, once, by the model's own rotary module
         # (its scaling types included), in float32 as HF computes them; Gemma 3 has a table for
         # its sliding-window layers and one for its global layers
@@ -155,8 +165,11 @@ class _Llama:
         B, S, _ = x.shape
         return (proj(x).view(B, S, -1, self.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
 
+    def attention(self, block: nn.Module) -> nn.Module:
+        return block.self_attn
+
     def qkv(self, block: nn.Module, h: torch.Tensor, rope: dict):
-        attn, x = block.self_attn, _rms_norm(block.input_layernorm, h)
+        attn, x = self.attention(block), _rms_norm(block.input_layernorm, h)
         q, k, v = self.heads(attn, x)
         if self.head_norms:
             q, k = _rms_norm(attn.q_norm, q), _rms_norm(attn.k_norm, k)
@@ -199,6 +212,40 @@ class _Phi3(_Llama):
         return attn.qkv_proj(x).view(B, S, -1, self.head_dim).split((self.n_head, self.n_kv, self.n_kv), dim=2)
 
 
+class _NeoX(_Llama):
+    """GPT-NeoX (Pythia): q, k and v from one projection laid out head by head (each head's q, k
+    and v side by side), rotary positions on the first `rotary_pct` of each head (a quarter in
+    Pythia), LayerNorm with biases, a GELU MLP, an LM head of its own. With
+    `use_parallel_residual` (Pythia's, GPT-NeoX-20B's) attention and MLP both read the block's
+    input and are added to it together. Its dropouts are no-ops outside training."""
+
+    def __init__(self, lm: nn.Module, max_len: int):
+        cfg, self.m = lm.config, base_model(lm).gpt_neox
+        self.blocks, self.embedding = list(self.m.layers), self.m.embed_in
+        self.max_positions = cfg.max_position_embeddings
+        self.n_head = self.n_kv = cfg.num_attention_heads
+        attn = self.blocks[0].attention
+        self.head_dim, self.scale = attn.head_size, attn.scaling
+        self.head_norms, self.parallel = False, cfg.use_parallel_residual
+        self.rotary_tables(cfg, max_len)
+
+    def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.m.embed_in(ids)
+
+    def attention(self, block: nn.Module) -> nn.Module:
+        return block.attention
+
+    def heads(self, attn: nn.Module, x: torch.Tensor):
+        B, S, _ = x.shape
+        return attn.query_key_value(x).view(B, S, -1, 3 * self.head_dim).chunk(3, dim=-1)
+
+    def out(self, block: nn.Module, a: torch.Tensor) -> torch.Tensor:
+        return block.attention.dense(a)
+
+    def norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.m.final_layer_norm(h)
+
+
 LLAMA_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm")
 
 
@@ -220,7 +267,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
     rotate_half(x) = cat(-x2, x1). With the sign folded into the table (signed_sin = cat(-sin1, sin2))
     that is x * cos + roll(x) * signed_sin: three kernels where HF's form takes five. A table
     narrower than the head (partial rotary, Phi-4-mini's) rotates the head's first part and passes
-    the rest through, as HF's Phi-3 does."""
+    the rest through, as HF's Phi-3 and GPT-NeoX do."""
     r = cos.shape[-1]
     if r < x.shape[-1]:
         return torch.cat((_rotate(x[..., :r], cos, signed_sin), x[..., r:]), dim=-1)
@@ -252,11 +299,12 @@ class StaticDecoder:
         self.L = prompt_len + max_new_tokens
         if not supports(lm, self.L):
             raise ValueError(f"StaticDecoder supports GPT-2, Llama-family models (Mistral, Qwen2 and Qwen3), "
-                             f"Phi-3 and Gemma 3 within their sliding window and their rotary scaling's fixed "
-                             f"range, not {type(lm).__name__}")
+                             f"Phi-3, Gemma 3 and GPT-NeoX within their sliding window and their rotary "
+                             f"scaling's fixed range, not {type(lm).__name__}")
         self.lm = lm
         self.runner = _Runner(lm)
-        self.arch = {"gpt2": _GPT2, GEMMA3: _Gemma3, PHI3: _Phi3}.get(lm.config.model_type, _Llama)(lm, self.L)
+        arch = {"gpt2": _GPT2, GEMMA3: _Gemma3, PHI3: _Phi3, NEOX: _NeoX}.get(lm.config.model_type, _Llama)
+        self.arch = arch(lm, self.L)
         if self.L > self.arch.max_positions:
             raise ValueError(f"prompt {prompt_len} + response {max_new_tokens} tokens exceed the model's "
                              f"{self.arch.max_positions} positions")
@@ -338,8 +386,12 @@ class StaticDecoder:
                 if groups > 1:
                     keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
                 a = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, scale=arch.scale)
-            h = h + arch.out(block, a.transpose(1, 2).reshape(B, S, -1))
-            h = h + arch.mlp(block, h)
+            a = arch.out(block, a.transpose(1, 2).reshape(B, S, -1))
+            if arch.parallel:  # GPT-NeoX's parallel residual: the MLP reads the block's input too (HF's order of sums)
+                h = arch.mlp(block, h) + a + h
+            else:
+                h = h + a
+                h = h + arch.mlp(block, h)
         return arch.norm(h)
 
     def _head_logits(self, h: torch.Tensor) -> torch.Tensor:
