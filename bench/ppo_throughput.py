@@ -13,7 +13,8 @@ trains rank-R adapters instead (the reference is the policy with its adapters of
 not the same work as the reference's full fine-tuning, so its ratio is reported apart. With
 --family llama ours runs a Llama of the shape's size (rotary positions, 4 query heads per
 key/value head, SwiGLU; qwen3 and gemma3 the same with their norms, phi3 with its fused
-projections; pythia a GPT-NeoX with Pythia's settings, which at 124m is Pythia-160M's shape)
+projections, olmo2 with its norms after attention and MLP; pythia a GPT-NeoX with Pythia's
+settings, which at 124m is Pythia-160M's shape)
 and the reference, GPT-2 only, does not run; --generation picks our
 decoder (static: KV cache + CUDA graphs; dynamic: HF's cache). Prints a table, and with --json
 one JSON object; writes ppo_throughput.json into --out (bench/results).
@@ -34,7 +35,7 @@ T0 = time.perf_counter()  # before torch: the progress lines count the imports t
 
 import torch  # noqa: E402
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, Gemma3TextConfig, GPT2Config,  # noqa: E402
-                          GPTNeoXConfig, LlamaConfig, Phi3Config, Qwen3Config)
+                          GPTNeoXConfig, LlamaConfig, Olmo2Config, Phi3Config, Qwen3Config)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tasks.ppo import lora, static_decode  # noqa: E402
@@ -56,7 +57,7 @@ def progress(what: str) -> None:
 
 
 FAMILIES = {"llama": LlamaConfig, "qwen3": Qwen3Config, "gemma3": Gemma3TextConfig, "phi3": Phi3Config,
-            "pythia": GPTNeoXConfig}  # besides GPT-2
+            "olmo2": Olmo2Config, "pythia": GPTNeoXConfig}  # besides GPT-2
 
 
 def policy_config(s: dict, family: str):

@@ -7,7 +7,7 @@ Needs torch and transformers only, like the PPO core.
 import pytest
 import torch
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, Gemma3TextConfig, GPT2Config,
-                          GPTNeoXConfig, LlamaConfig, Phi3Config, Qwen3Config)
+                          GPTNeoXConfig, LlamaConfig, Olmo3Config, Phi3Config, Qwen3Config)
 
 from tasks.ppo import static_decode
 from tasks.ppo.rollout import PolicyWithValue, sample
@@ -37,7 +37,13 @@ PHI3 = Phi3Config(num_hidden_layers=4, hidden_size=256, intermediate_size=512, n
 PYTHIA = GPTNeoXConfig(num_hidden_layers=4, hidden_size=256, intermediate_size=1024, num_attention_heads=4,
                        rotary_pct=0.25, use_parallel_residual=True, vocab_size=2000, max_position_embeddings=96,
                        pad_token_id=0, eos_token_id=1, bos_token_id=1)
-CONFIGS = {"gpt2": CFG, "llama": LLAMA, "qwen3": QWEN3, "gemma3": GEMMA3, "phi3": PHI3, "pythia": PYTHIA}
+# OLMo 3: norms after attention and MLP, query/key norms over all heads, a sliding-window layer and a global one
+OLMO3 = Olmo3Config(num_hidden_layers=4, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=2000, max_position_embeddings=96, sliding_window=96,
+                    layer_types=["sliding_attention", "full_attention"] * 2, pad_token_id=0, eos_token_id=1,
+                    bos_token_id=1)
+CONFIGS = {"gpt2": CFG, "llama": LLAMA, "qwen3": QWEN3, "gemma3": GEMMA3, "phi3": PHI3, "pythia": PYTHIA,
+           "olmo3": OLMO3}
 
 
 def prompts(B, P, seed=0):

@@ -643,8 +643,9 @@ _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 
 @pytest.mark.parametrize("variant", ["llama3-rope", "llama-bias-mqa", "qwen2", "mistral", "qwen3", "gemma3",
                                      "phi3", "phi3-partial-rotary", "phi3-longrope", "pythia", "neox-sequential",
-                                     "mistral-window-8", "qwen3-window-8", "gemma3-window-8", "gemma3-softcap",
-                                     "phi3-window-8", "phi3-longrope-past", "neox-dynamic-rope"])
+                                     "olmo2", "olmo3", "mistral-window-8", "qwen3-window-8", "gemma3-window-8",
+                                     "gemma3-softcap", "phi3-window-8", "phi3-longrope-past", "neox-dynamic-rope",
+                                     "olmo3-window-8"])
 def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, tiny_model_dir):
     """Qwen2, Qwen3 (per-head query/key norms), Gemma 3 (those norms, norms around attention and
     MLP, scaled embeddings, a rotary table per layer type, its own attention scale), Mistral
@@ -652,13 +653,15 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
     head, Phi-3 (fused q/k/v and gate/up projections; rotary on part of each head as Phi-4-mini;
     LongRoPE within its original length, as Phi-3.5), GPT-NeoX (Pythia's: q/k/v interleaved head
     by head in one projection, rotary on a quarter of each head, LayerNorm, attention and MLP in
-    parallel; and with the residual in sequence), each also with LoRA: the static decoder's
+    parallel; and with the residual in sequence), OLMo 2 (norms after attention and MLP, query and
+    key norms over all heads at once) and OLMo 3 (those, with a sliding-window layer and a global
+    one, a rotary table each), each also with LoRA: the static decoder's
     logits are the model's at every step, and it samples what HF's sampler samples. A sliding
-    window shorter than the rollout (Mistral's, Phi-3's, Qwen3's or Gemma 3's local layers),
+    window shorter than the rollout (Mistral's, Phi-3's, or Qwen3's, Gemma 3's or OLMo 3's local layers),
     LongRoPE past the original length (HF switches factors mid-rollout), rotary scaling that
     changes with the length (dynamic NTK) and logit soft-capping are left to HF's sampler."""
     from transformers import (AutoModelForCausalLM, Gemma3TextConfig, GPTNeoXConfig, LlamaConfig, MistralConfig,
-                              Phi3Config, Qwen2Config, Qwen3Config)
+                              Olmo2Config, Olmo3Config, Phi3Config, Qwen2Config, Qwen3Config)
 
     tok = load_tokenizer(tiny_model_dir)
     common = dict(_LLAMA_LIKE, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
@@ -694,6 +697,14 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
         "pythia": lambda: GPTNeoXConfig(**neox, rotary_pct=0.25, use_parallel_residual=True),
         "neox-sequential": lambda: GPTNeoXConfig(**neox, rotary_pct=1.0, use_parallel_residual=False),
         "neox-dynamic-rope": lambda: GPTNeoXConfig(**neox, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+        "olmo2": lambda: Olmo2Config(**common),
+        # one sliding-window layer, then one global layer: both rotary tables in use (the global one scaled)
+        "olmo3": lambda: Olmo3Config(**common, sliding_window=64, layer_types=["sliding_attention", "full_attention"],
+                                     rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                                      "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                         "rope_theta": 5e5}}),
+        "olmo3-window-8": lambda: Olmo3Config(**common, sliding_window=8,
+                                              layer_types=["sliding_attention", "full_attention"]),
     }[variant]()
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(config).eval()
@@ -707,6 +718,12 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
         assert lm.config.rope_parameters["original_max_position_embeddings"] == (64 if variant == "phi3-longrope" else 12)
     if variant == "phi3-partial-rotary":
         assert lm.model.rotary_emb(ids.float(), ids)[0].shape[-1] == 8  # of the head's 16
+    if variant in ("olmo2", "olmo3"):
+        assert not hasattr(lm.model.layers[0], "input_layernorm")  # its norms come after attention and MLP
+        assert lm.model.layers[0].self_attn.q_norm.weight.shape == (64,)  # over all 4 heads at once
+    if variant == "olmo3":
+        a, b = (lm.model.rotary_emb(ids.float(), ids, kind)[0] for kind in ("sliding_attention", "full_attention"))
+        assert not torch.allclose(a, b)  # two tables
     if variant == "pythia":
         assert lm.gpt_neox.rotary_emb(ids.float(), ids)[0].shape[-1] == 4 and lm.config.use_parallel_residual
         assert lm.lm_head.weight.data_ptr() != lm.gpt_neox.embed_in.weight.data_ptr()  # a head of its own
@@ -732,14 +749,14 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
             assert torch.equal(fast, slow), (with_lora, seed)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3", "gemma3", "phi3", "pythia"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3", "gemma3", "phi3", "pythia", "olmo3"])
 def test_static_decoder_in_bf16_is_as_close_to_the_truth_as_the_model_itself(family, tiny_model_dir):
     """In bf16 the decoder computes its own way (q scaled before the product, softmax read in bf16,
     F.rms_norm, rotary as one addcmul): at every step its logits are as close to a float64 forward
     of the same weights as HF's own bf16 forward is. Norm weights are random, so where each norm
     applies its weight (Llama after the cast back, Gemma 3 before) shows."""
     from transformers import (AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, GPTNeoXConfig, LlamaConfig,
-                              Phi3Config, Qwen3Config)
+                              Olmo3Config, Phi3Config, Qwen3Config)
 
     tok = load_tokenizer(tiny_model_dir)
     common = dict(_LLAMA_LIKE, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
@@ -750,7 +767,9 @@ def test_static_decoder_in_bf16_is_as_close_to_the_truth_as_the_model_itself(fam
                                                  sliding_window_pattern=2),
               "phi3": lambda: Phi3Config(**common, partial_rotary_factor=0.5),
               "pythia": lambda: GPTNeoXConfig(**{k: v for k, v in common.items() if k != "num_key_value_heads"},
-                                              rotary_pct=0.25, use_parallel_residual=True)}[family]()
+                                              rotary_pct=0.25, use_parallel_residual=True),
+              "olmo3": lambda: Olmo3Config(**common, sliding_window=64,
+                                           layer_types=["sliding_attention", "full_attention"])}[family]()
     torch.manual_seed(0)
     truth = AutoModelForCausalLM.from_config(config).double().eval()
     with torch.no_grad():

@@ -1,4 +1,5 @@
-"""Fast rollouts: a preallocated KV cache, and on CUDA a graph per step (GPT-2, Llama, Phi-3, Gemma 3, GPT-NeoX).
+"""Fast rollouts: a preallocated KV cache, and on CUDA a graph per step (GPT-2, Llama, Phi-3, Gemma 3, OLMo 2
+and 3, GPT-NeoX).
 
 Generation is most of a PPO step, and at PPO's batch sizes one decode step of a small model is
 a few hundred tiny kernels: eager PyTorch spends its time launching them. This decoder keeps
@@ -11,8 +12,9 @@ It reuses the model's own modules (embeddings, norms, projections, MLP, LM head,
 adapters on them); only the cached attention and the layout of a block are written here, once
 per family: `_GPT2` (learned positions, fused qkv), `_Llama` (rotary positions, grouped-query
 attention; also Mistral, Qwen2 and Qwen3), `_Phi3` (Llama's, with fused projections and rotary
-positions on part of each head), `_Gemma3` (Llama's, with more norms) and `_NeoX` (Pythia:
-Phi-3's partial rotary, LayerNorm, attention and MLP side by side). `sample` in
+positions on part of each head), `_Gemma3` (Llama's, with more norms), `_Olmo2` (Llama's,
+with norms after attention and MLP instead of before) and `_NeoX` (Pythia: Phi-3's partial
+rotary, LayerNorm, attention and MLP side by side). `sample` in
 rollout.py is the general path (any causal LM, HF's dynamic cache); `supports(lm)` says whether
 this one applies. Under mixed precision (float32 weights, bf16 autocast) it decodes over bf16
 copies of the weights made at each rollout, so the graph casts nothing per token. Imports torch
@@ -32,6 +34,8 @@ LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")  # one block layout (modular
 GEMMA3 = "gemma3_text"  # Gemma 3's text models (270M, 1B; the larger ones' language model)
 PHI3 = "phi3"  # Phi-3 and Phi-3.5 mini and medium, Phi-4-mini: Llama's block with fused projections
 NEOX = "gpt_neox"  # GPT-NeoX: Pythia (the RLHF literature's models), GPT-NeoX-20B, StableLM-alpha, Dolly
+OLMO = ("olmo2", "olmo3")  # AI2's fully open OLMo 2 and 3 (Tulu 3's and OLMo's own RL): norms after, not before
+PER_LAYER_ROPE = (GEMMA3, "olmo3")  # a rotary table per layer type (sliding-window layers, global layers)
 
 
 def _window(cfg) -> int | None:
@@ -44,7 +48,7 @@ def _window(cfg) -> int | None:
 
 
 def supports(lm: nn.Module, max_len: int | None = None) -> bool:
-    """GPT-2, Llama, Phi-3, Gemma 3 or GPT-NeoX layout with the attention and positions this file implements.
+    """GPT-2, Llama, Phi-3, Gemma 3, OLMo or GPT-NeoX layout with the attention and positions this file implements.
 
     Rotary tables are computed once for the whole rollout, so scalings that change with the length
     are declined: dynamic NTK always, and LongRoPE (Phi-3.5, Phi-4-mini) where the rollout reaches
@@ -56,10 +60,10 @@ def supports(lm: nn.Module, max_len: int | None = None) -> bool:
         return (hasattr(base_model(lm), "transformer")
                 and getattr(cfg, "scale_attn_weights", True) and not getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
                 and not getattr(cfg, "reorder_and_upcast_attn", False) and not getattr(cfg, "add_cross_attention", False))
-    if kind in LLAMA_LIKE or kind in (GEMMA3, PHI3):
+    if kind in LLAMA_LIKE or kind in (GEMMA3, PHI3, *OLMO):
         rope = getattr(cfg, "rope_parameters", None) or {}
-        # one rotary table, or (Gemma 3) one per layer type
-        ropes = rope.values() if kind == GEMMA3 else [rope]
+        # one rotary table, or (Gemma 3, OLMo 3) one per layer type
+        ropes = rope.values() if kind in PER_LAYER_ROPE else [rope]
         window = _window(cfg)
         gemma_extras = kind == GEMMA3 and (cfg.final_logit_softcapping is not None or cfg.attn_logit_softcapping
                                            is not None or getattr(cfg, "use_bidirectional_attention", False))
@@ -139,13 +143,13 @@ class _Llama:
 
     def rotary_tables(self, cfg, max_len: int) -> None:
         # cos / sin of every position a rollout reaches, once, by the model's own rotary module
-        # (its scaling types included), in float32 as HF computes them; Gemma 3 has a table for
-        # its sliding-window layers and one for its global layers
+        # (its scaling types included), in float32 as HF computes them; Gemma 3 and OLMo 3 have a
+        # table for their sliding-window layers and one for their global layers
         device = self.embedding.weight.device
         positions = torch.arange(max_len, device=device)[None]
-        self.tables, self.layer_kind = {}, {}  # layer kind (None but for Gemma 3) -> (cos, sin), block -> kind
+        self.tables, self.layer_kind = {}, {}  # layer kind (None but per layer type) -> (cos, sin), block -> kind
         for i, block in enumerate(self.blocks):
-            kind = cfg.layer_types[i] if cfg.model_type == GEMMA3 else None
+            kind = cfg.layer_types[i] if cfg.model_type in PER_LAYER_ROPE else None
             if kind not in self.tables:
                 cos, sin = self.m.rotary_emb(torch.zeros(1, device=device), positions, *([kind] if kind else []))
                 cos, sin = cos[0], sin[0]  # (L, head_dim) each
@@ -168,8 +172,11 @@ class _Llama:
     def attention(self, block: nn.Module) -> nn.Module:
         return block.self_attn
 
+    def attention_input(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return _rms_norm(block.input_layernorm, h)
+
     def qkv(self, block: nn.Module, h: torch.Tensor, rope: dict):
-        attn, x = self.attention(block), _rms_norm(block.input_layernorm, h)
+        attn, x = self.attention(block), self.attention_input(block, h)
         q, k, v = self.heads(attn, x)
         if self.head_norms:
             q, k = _rms_norm(attn.q_norm, q), _rms_norm(attn.k_norm, k)
@@ -199,6 +206,27 @@ class _Gemma3(_Llama):
 
     def mlp(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
         return _rms_norm(block.post_feedforward_layernorm, block.mlp(_rms_norm(block.pre_feedforward_layernorm, h)))
+
+
+class _Olmo2(_Llama):
+    """OLMo 2 and 3: Llama's projections and MLP, with the norms moved: none before attention or
+    the MLP, one after each (on their outputs, before the residual sum), and the query and key
+    norms over the whole projection (all heads at once) before the heads are split. OLMo 3 adds
+    sliding-window layers with a rotary table of their own, as Gemma 3."""
+
+    def attention_input(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return h
+
+    def heads(self, attn: nn.Module, x: torch.Tensor):
+        B, S, _ = x.shape
+        q, k = _rms_norm(attn.q_norm, attn.q_proj(x)), _rms_norm(attn.k_norm, attn.k_proj(x))
+        return (t.view(B, S, -1, self.head_dim) for t in (q, k, attn.v_proj(x)))
+
+    def out(self, block: nn.Module, a: torch.Tensor) -> torch.Tensor:
+        return _rms_norm(block.post_attention_layernorm, block.self_attn.o_proj(a))
+
+    def mlp(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return _rms_norm(block.post_feedforward_layernorm, block.mlp(h))
 
 
 class _Phi3(_Llama):
@@ -247,16 +275,19 @@ class _NeoX(_Llama):
 
 
 LLAMA_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm")
+OLMO_NORMS = ("Olmo2RMSNorm", "Olmo3RMSNorm")
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The model's RMSNorm, computed as HF's module computes it, through F.rms_norm: one fused
     kernel on CUDA for the normalisation where HF's module launches six (cast, square, mean,
-    add, rsqrt, multiply). Llama's weight multiplies after the cast back, Gemma 3's (1 + weight)
-    before it. Any other norm module runs as it is."""
+    add, rsqrt, multiply). Llama's weight multiplies after the cast back, OLMo's weight and Gemma
+    3's (1 + weight) before it. Any other norm module runs as it is."""
     kind = type(norm).__name__
     if kind in LLAMA_NORMS:
         return F.rms_norm(x.float(), x.shape[-1:], eps=norm.variance_epsilon).to(x.dtype) * norm.weight
+    if kind in OLMO_NORMS:
+        return F.rms_norm(x.float(), x.shape[-1:], norm.weight.float(), norm.variance_epsilon).to(x.dtype)
     if kind == "Gemma3RMSNorm":
         return F.rms_norm(x.float(), x.shape[-1:], 1.0 + norm.weight.float(), norm.eps).type_as(x)
     return norm(x)
@@ -299,11 +330,12 @@ class StaticDecoder:
         self.L = prompt_len + max_new_tokens
         if not supports(lm, self.L):
             raise ValueError(f"StaticDecoder supports GPT-2, Llama-family models (Mistral, Qwen2 and Qwen3), "
-                             f"Phi-3, Gemma 3 and GPT-NeoX within their sliding window and their rotary "
+                             f"Phi-3, Gemma 3, OLMo 2 and 3 and GPT-NeoX within their sliding window and their rotary "
                              f"scaling's fixed range, not {type(lm).__name__}")
         self.lm = lm
         self.runner = _Runner(lm)
-        arch = {"gpt2": _GPT2, GEMMA3: _Gemma3, PHI3: _Phi3, NEOX: _NeoX}.get(lm.config.model_type, _Llama)
+        arch = {"gpt2": _GPT2, GEMMA3: _Gemma3, PHI3: _Phi3, NEOX: _NeoX, **dict.fromkeys(OLMO, _Olmo2)}.get(
+            lm.config.model_type, _Llama)
         self.arch = arch(lm, self.L)
         if self.L > self.arch.max_positions:
             raise ValueError(f"prompt {prompt_len} + response {max_new_tokens} tokens exceed the model's "
