@@ -11,8 +11,8 @@
 #                            kernel profile of one more step), then the GPU tests, then ours alone:
 #                            124m under mixed precision (the pipeline's setting), a Llama (either
 #                            decoder) and a Qwen3 of the 124m shape, LoRA on 355m, 124m sampled
-#                            16 episodes at a time, a Phi-3, a Pythia (GPT-NeoX) and an OLMo 2 of
-#                            the 124m shape ('reference': the
+#                            16 episodes at a time, a Phi-3, a Pythia (GPT-NeoX), an OLMo 2 and a
+#                            Gemma 2 of the 124m shape ('reference': the
 #                            runs against the reference alone; GPU_SHAPES="355m" runs one shape
 #                            against it, GPU_RUN_TIMEOUT the seconds each run may take); the device and tests in OUT/gpu.txt,
 #                            the tables in OUT/bench.txt, each run's JSON a line of OUT/runs.jsonl
@@ -91,6 +91,7 @@ run)
         bench ppo_124m_phi3 --shape 124m --family phi3 --no-reference  # fused projections (not yet on a GPU)
         bench ppo_124m_pythia --shape 124m --family pythia --no-reference  # GPT-NeoX as Pythia-160M (not yet on a GPU)
         bench ppo_124m_olmo2 --shape 124m --family olmo2 --no-reference  # norms after, not before (not yet on a GPU)
+        bench ppo_124m_gemma2 --shape 124m --family gemma2 --no-reference  # logit soft-capping (not yet on a GPU)
     }
     # most wanted first, so that a device call cut short still brings back the figures
     if [ "$part" != tests ]; then : > "$out/runs.jsonl"; fi

@@ -13,7 +13,8 @@ trains rank-R adapters instead (the reference is the policy with its adapters of
 not the same work as the reference's full fine-tuning, so its ratio is reported apart. With
 --family llama ours runs a Llama of the shape's size (rotary positions, 4 query heads per
 key/value head, SwiGLU; qwen3 and gemma3 the same with their norms, phi3 with its fused
-projections, olmo2 with its norms after attention and MLP; pythia a GPT-NeoX with Pythia's
+projections, olmo2 with its norms after attention and MLP, gemma2 with Gemma 2's logit
+soft-capping and 4096-token window; pythia a GPT-NeoX with Pythia's
 settings, which at 124m is Pythia-160M's shape)
 and the reference, GPT-2 only, does not run; --generation picks our
 decoder (static: KV cache + CUDA graphs; dynamic: HF's cache). Prints a table, and with --json
@@ -34,8 +35,9 @@ from pathlib import Path
 T0 = time.perf_counter()  # before torch: the progress lines count the imports too
 
 import torch  # noqa: E402
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, Gemma3TextConfig, GPT2Config,  # noqa: E402
-                          GPTNeoXConfig, LlamaConfig, Olmo2Config, Phi3Config, Qwen3Config)
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, Gemma2Config,  # noqa: E402
+                          Gemma3TextConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, Olmo2Config, Phi3Config,
+                          Qwen3Config)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tasks.ppo import lora, static_decode  # noqa: E402
@@ -57,7 +59,7 @@ def progress(what: str) -> None:
 
 
 FAMILIES = {"llama": LlamaConfig, "qwen3": Qwen3Config, "gemma3": Gemma3TextConfig, "phi3": Phi3Config,
-            "olmo2": Olmo2Config, "pythia": GPTNeoXConfig}  # besides GPT-2
+            "olmo2": Olmo2Config, "gemma2": Gemma2Config, "pythia": GPTNeoXConfig}  # besides GPT-2
 
 
 def policy_config(s: dict, family: str):
@@ -72,7 +74,9 @@ def policy_config(s: dict, family: str):
         # Qwen3 and Gemma 3 add their norms, Gemma 3 alternates 5 sliding-window layers (512 tokens,
         # as its 270M and 1B) with a global one; Phi-3 fuses q/k/v and gate/up into one projection each
         head_dim = s["dim"] // s["heads"]
-        extra = {"head_dim": head_dim} if family in ("qwen3", "gemma3") else {}
+        extra = {"head_dim": head_dim} if family in ("qwen3", "gemma3", "gemma2") else {}
+        if family == "gemma2":  # its caps (attention 50, final logits 30) and window (4096) as released
+            extra |= {"query_pre_attn_scalar": head_dim}
         if family == "gemma3":
             extra |= {"query_pre_attn_scalar": head_dim, "sliding_window": 512}
         return FAMILIES[family](

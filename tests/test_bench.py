@@ -24,7 +24,7 @@ def bench():
                                                            (0, "llama", "static", 0), (0, "llama", "dynamic", 0),
                                                            (0, "qwen3", "static", 0), (0, "gemma3", "static", 0),
                                                            (0, "phi3", "static", 0), (0, "pythia", "static", 0),
-                                                           (0, "olmo2", "static", 0)])
+                                                           (0, "olmo2", "static", 0), (0, "gemma2", "static", 0)])
 def test_tiny_shape_runs_on_cpu(bench, tmp_path, capsys, rank, family, generation, chunk):
     out = tmp_path / "out"
     bench.main(["--shape", "tiny", "--no-reference", "--repeats", "1", "--json", "--lora", str(rank),
@@ -41,7 +41,8 @@ def test_tiny_shape_runs_on_cpu(bench, tmp_path, capsys, rank, family, generatio
                       "gemma3": ("Gemma3ForCausalLM", "Gemma3TextForSequenceClassification"),
                       "phi3": ("Phi3ForCausalLM", "Phi3ForSequenceClassification"),
                       "pythia": ("GPTNeoXForCausalLM", "GPTNeoXForSequenceClassification"),
-                      "olmo2": ("Olmo2ForCausalLM", "Olmo2ForSequenceClassification")}[family]
+                      "olmo2": ("Olmo2ForCausalLM", "Olmo2ForSequenceClassification"),
+                      "gemma2": ("Gemma2ForCausalLM", "Gemma2ForSequenceClassification")}[family]
     assert ours["models"] == {"policy": policy, "reward": reward}  # the reward model is of the policy's family
     assert ("LoRA" in ours["system"]) == bool(rank) and (family in ours["system"]) == (family != "gpt2")
     assert ("HF cache" in ours["system"]) == (generation == "dynamic")

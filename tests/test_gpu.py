@@ -6,8 +6,8 @@ Needs torch and transformers only, like the PPO core.
 """
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, Gemma3TextConfig, GPT2Config,
-                          GPTNeoXConfig, LlamaConfig, Olmo3Config, Phi3Config, Qwen3Config)
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, Gemma2Config, Gemma3TextConfig,
+                          GPT2Config, GPTNeoXConfig, LlamaConfig, Olmo3Config, Phi3Config, Qwen3Config)
 
 from tasks.ppo import static_decode
 from tasks.ppo.rollout import PolicyWithValue, sample
@@ -42,8 +42,13 @@ OLMO3 = Olmo3Config(num_hidden_layers=4, hidden_size=256, intermediate_size=512,
                     num_key_value_heads=2, vocab_size=2000, max_position_embeddings=96, sliding_window=96,
                     layer_types=["sliding_attention", "full_attention"] * 2, pad_token_id=0, eos_token_id=1,
                     bos_token_id=1)
+# Gemma 2: Gemma 3's norms but those on query and key heads, attention scores and final logits soft-capped
+GEMMA2 = Gemma2Config(num_hidden_layers=4, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=64, vocab_size=2000, max_position_embeddings=96,
+                      sliding_window=96, attn_logit_softcapping=5.0, final_logit_softcapping=3.0, pad_token_id=0,
+                      eos_token_id=1, bos_token_id=1)
 CONFIGS = {"gpt2": CFG, "llama": LLAMA, "qwen3": QWEN3, "gemma3": GEMMA3, "phi3": PHI3, "pythia": PYTHIA,
-           "olmo3": OLMO3}
+           "olmo3": OLMO3, "gemma2": GEMMA2}
 
 
 def prompts(B, P, seed=0):

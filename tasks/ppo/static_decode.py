@@ -1,5 +1,5 @@
-"""Fast rollouts: a preallocated KV cache, and on CUDA a graph per step (GPT-2, Llama, Phi-3, Gemma 3, OLMo 2
-and 3, GPT-NeoX).
+"""Fast rollouts: a preallocated KV cache, and on CUDA a graph per step (GPT-2, Llama, Phi-3, Gemma 2 and 3,
+OLMo 2 and 3, GPT-NeoX).
 
 Generation is most of a PPO step, and at PPO's batch sizes one decode step of a small model is
 a few hundred tiny kernels: eager PyTorch spends its time launching them. This decoder keeps
@@ -12,7 +12,7 @@ It reuses the model's own modules (embeddings, norms, projections, MLP, LM head,
 adapters on them); only the cached attention and the layout of a block are written here, once
 per family: `_GPT2` (learned positions, fused qkv), `_Llama` (rotary positions, grouped-query
 attention; also Mistral, Qwen2 and Qwen3), `_Phi3` (Llama's, with fused projections and rotary
-positions on part of each head), `_Gemma3` (Llama's, with more norms), `_Olmo2` (Llama's,
+positions on part of each head), `_Gemma` (Llama's, with more norms), `_Olmo2` (Llama's,
 with norms after attention and MLP instead of before) and `_NeoX` (Pythia: Phi-3's partial
 rotary, LayerNorm, attention and MLP side by side). `sample` in
 rollout.py is the general path (any causal LM, HF's dynamic cache); `supports(lm)` says whether
@@ -32,6 +32,7 @@ from tasks.ppo.rollout import base_model, position_ids_from_mask, sample_token
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")  # one block layout (modular copies in transformers)
 GEMMA3 = "gemma3_text"  # Gemma 3's text models (270M, 1B; the larger ones' language model)
+GEMMA2 = "gemma2"  # Gemma 2 (2B, 9B, 27B): Gemma 3's block without query/key norms, with logit soft-capping
 PHI3 = "phi3"  # Phi-3 and Phi-3.5 mini and medium, Phi-4-mini: Llama's block with fused projections
 NEOX = "gpt_neox"  # GPT-NeoX: Pythia (the RLHF literature's models), GPT-NeoX-20B, StableLM-alpha, Dolly
 OLMO = ("olmo2", "olmo3")  # AI2's fully open OLMo 2 and 3 (Tulu 3's and OLMo's own RL): norms after, not before
@@ -60,14 +61,13 @@ def supports(lm: nn.Module, max_len: int | None = None) -> bool:
         return (hasattr(base_model(lm), "transformer")
                 and getattr(cfg, "scale_attn_weights", True) and not getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
                 and not getattr(cfg, "reorder_and_upcast_attn", False) and not getattr(cfg, "add_cross_attention", False))
-    if kind in LLAMA_LIKE or kind in (GEMMA3, PHI3, *OLMO):
+    if kind in LLAMA_LIKE or kind in (GEMMA3, GEMMA2, PHI3, *OLMO):
         rope = getattr(cfg, "rope_parameters", None) or {}
         # one rotary table, or (Gemma 3, OLMo 3) one per layer type
         ropes = rope.values() if kind in PER_LAYER_ROPE else [rope]
         window = _window(cfg)
-        gemma_extras = kind == GEMMA3 and (cfg.final_logit_softcapping is not None or cfg.attn_logit_softcapping
-                                           is not None or getattr(cfg, "use_bidirectional_attention", False))
-        return (hasattr(base_model(lm), "model") and not gemma_extras
+        bidirectional = getattr(cfg, "use_bidirectional_attention", False)  # EmbeddingGemma: not a decoder
+        return (hasattr(base_model(lm), "model") and not bidirectional
                 and all(_fixed_rope(r, max_len) for r in ropes)
                 and (window is None or (max_len is not None and max_len <= window)))
     if kind == NEOX:
@@ -95,6 +95,7 @@ class _GPT2:
         self.scale = None  # SDPA's default, 1 / sqrt(head_dim)
         self.gelu_tanh = cfg.activation_function in ("gelu_new", "gelu_pytorch_tanh")
         self.parallel = False  # attention, then the MLP on its output
+        self.attn_softcap = self.final_softcap = None  # no logit soft-capping
 
     def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return self.tr.wte(ids) + self.tr.wpe(pos)
@@ -130,9 +131,13 @@ class _Llama:
     over each query and key head (`q_norm`, `k_norm`) before the rotation."""
 
     parallel = False  # attention, then the MLP on its output
+    attn_softcap = final_softcap = None  # Gemma 2's (Gemma 3's final one where set): tanh(x / cap) * cap
 
     def __init__(self, lm: nn.Module, max_len: int):
         cfg, self.m = lm.config, base_model(lm).model
+        # Gemma 2 caps its attention scores; Gemma 3's config has the field, which HF's Gemma 3 never reads
+        self.attn_softcap = cfg.attn_logit_softcapping if cfg.model_type == GEMMA2 else None
+        self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
         self.blocks, self.embedding = list(self.m.layers), self.m.embed_tokens
         self.max_positions = cfg.max_position_embeddings
         attn = self.blocks[0].self_attn
@@ -195,11 +200,13 @@ class _Llama:
         return _rms_norm(self.m.norm, h)
 
 
-class _Gemma3(_Llama):
-    """Gemma 3: Llama's attention with Qwen3's query/key head norms, a norm after attention and
-    around the MLP, embeddings scaled by sqrt(hidden) (inside its embedding module) and two
-    rotary tables. Not covered (declined by `supports`): logit soft-capping (Gemma 2's) and
-    bidirectional attention (EmbeddingGemma)."""
+class _Gemma(_Llama):
+    """Gemma 2 and 3: Llama's attention with a norm after it and norms around the MLP, embeddings
+    scaled by sqrt(hidden) (inside their embedding module). Gemma 3 adds Qwen3's query/key head
+    norms and two rotary tables; Gemma 2 soft-caps the attention scores and the final logits
+    (`attn_softcap`, `final_softcap`, which `_blocks` and `_head_logits` apply; Gemma 3 the
+    final logits where its config sets a cap). Not covered
+    (declined by `supports`): bidirectional attention (EmbeddingGemma)."""
 
     def out(self, block: nn.Module, a: torch.Tensor) -> torch.Tensor:
         return _rms_norm(block.post_attention_layernorm, block.self_attn.o_proj(a))
@@ -288,7 +295,7 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x.float(), x.shape[-1:], eps=norm.variance_epsilon).to(x.dtype) * norm.weight
     if kind in OLMO_NORMS:
         return F.rms_norm(x.float(), x.shape[-1:], norm.weight.float(), norm.variance_epsilon).to(x.dtype)
-    if kind == "Gemma3RMSNorm":
+    if kind in ("Gemma2RMSNorm", "Gemma3RMSNorm"):
         return F.rms_norm(x.float(), x.shape[-1:], 1.0 + norm.weight.float(), norm.eps).type_as(x)
     return norm(x)
 
@@ -303,6 +310,11 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
     if r < x.shape[-1]:
         return torch.cat((_rotate(x[..., :r], cos, signed_sin), x[..., r:]), dim=-1)
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
+
+
+def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma 2's logit soft-capping, tanh(x / cap) * cap, as HF computes it; x itself without a cap."""
+    return x if cap is None else torch.tanh(x / cap) * cap
 
 
 class _Runner(nn.Module):
@@ -330,11 +342,12 @@ class StaticDecoder:
         self.L = prompt_len + max_new_tokens
         if not supports(lm, self.L):
             raise ValueError(f"StaticDecoder supports GPT-2, Llama-family models (Mistral, Qwen2 and Qwen3), "
-                             f"Phi-3, Gemma 3, OLMo 2 and 3 and GPT-NeoX within their sliding window and their rotary "
-                             f"scaling's fixed range, not {type(lm).__name__}")
+                             f"Phi-3, Gemma 2 and 3, OLMo 2 and 3 and GPT-NeoX within their sliding window and "
+                             f"their rotary scaling's fixed range, not {type(lm).__name__}")
         self.lm = lm
         self.runner = _Runner(lm)
-        arch = {"gpt2": _GPT2, GEMMA3: _Gemma3, PHI3: _Phi3, NEOX: _NeoX, **dict.fromkeys(OLMO, _Olmo2)}.get(
+        arch = {"gpt2": _GPT2, GEMMA3: _Gemma, GEMMA2: _Gemma, PHI3: _Phi3, NEOX: _NeoX,
+                **dict.fromkeys(OLMO, _Olmo2)}.get(
             lm.config.model_type, _Llama)
         self.arch = arch(lm, self.L)
         if self.L > self.arch.max_positions:
@@ -411,13 +424,19 @@ class StaticDecoder:
                 # whose (batch, head) dims fold into one, so the scale rides on that copy (as
                 # PyTorch's own math attention scales q before the product)
                 q = (q * (arch.scale or D ** -0.5)).reshape(B, arch.n_kv, groups, D)  # kv head's queries side by side
-                scores = (q @ keys.transpose(-1, -2)).masked_fill(blocked, float("-inf"))  # (B, kv_heads, groups, L)
+                scores = _softcap(q @ keys.transpose(-1, -2), arch.attn_softcap)
+                scores = scores.masked_fill(blocked, float("-inf"))  # (B, kv_heads, groups, L)
                 # softmax reads the scores' dtype and accumulates in float32 inside the one kernel
                 a = (torch.softmax(scores, dim=-1) @ values).reshape(B, arch.n_head, 1, D)
             else:
                 if groups > 1:
                     keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
-                a = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, scale=arch.scale)
+                if arch.attn_softcap is None:
+                    a = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, scale=arch.scale)
+                else:  # SDPA has no soft-capping: the prompt's attention as HF's eager attention computes it
+                    scores = _softcap((q @ keys.transpose(-1, -2)) * (arch.scale or D ** -0.5), arch.attn_softcap)
+                    scores = scores.masked_fill(~attn_mask, float("-inf"))
+                    a = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ values
             a = arch.out(block, a.transpose(1, 2).reshape(B, S, -1))
             if arch.parallel:  # GPT-NeoX's parallel residual: the MLP reads the block's input too (HF's order of sums)
                 h = arch.mlp(block, h) + a + h
@@ -428,7 +447,7 @@ class StaticDecoder:
 
     def _head_logits(self, h: torch.Tensor) -> torch.Tensor:
         """(B, D) last hidden states -> (B, V) logits in the compute dtype, through the padded head copy."""
-        return (h.to(self.head.dtype) @ self.head.T)[:, :self.logits.shape[1]]
+        return _softcap((h.to(self.head.dtype) @ self.head.T)[:, :self.logits.shape[1]], self.arch.final_softcap)
 
     @torch.no_grad()
     def refresh_head(self) -> None:
