@@ -643,9 +643,9 @@ _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 
 @pytest.mark.parametrize("variant", ["llama3-rope", "llama-bias-mqa", "qwen2", "mistral", "qwen3", "gemma3",
                                      "phi3", "phi3-partial-rotary", "phi3-longrope", "pythia", "neox-sequential",
-                                     "olmo2", "olmo3", "gemma2", "gemma3-softcap", "mistral-window-8",
+                                     "olmo2", "olmo3", "gemma2", "gemma3-softcap", "smollm3", "mistral-window-8",
                                      "qwen3-window-8", "gemma3-window-8", "gemma2-window-8", "phi3-window-8",
-                                     "phi3-longrope-past", "neox-dynamic-rope", "olmo3-window-8"])
+                                     "phi3-longrope-past", "neox-dynamic-rope", "olmo3-window-8", "smollm3-window-8"])
 def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, tiny_model_dir):
     """Qwen2, Qwen3 (per-head query/key norms), Gemma 3 (those norms, norms around attention and
     MLP, scaled embeddings, a rotary table per layer type, its own attention scale), Mistral
@@ -657,13 +657,15 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
     key norms over all heads at once) and OLMo 3 (those, with a sliding-window layer and a global
     one, a rotary table each), Gemma 2 (Gemma 3's norms but those on query and key heads,
     attention scores and final logits soft-capped, caps small enough here to bite; and Gemma 3
-    with both caps set, of which HF's Gemma 3 applies the final one), each also with LoRA: the static decoder's
+    with both caps set, of which HF's Gemma 3 applies the final one), SmolLM3 (a layer without
+    rotary positions), each also with LoRA: the static decoder's
     logits are the model's at every step, and it samples what HF's sampler samples. A sliding
-    window shorter than the rollout (Mistral's, Phi-3's, or Qwen3's, Gemma's or OLMo 3's local layers),
+    window shorter than the rollout (Mistral's, Phi-3's, or Qwen3's, Gemma's, OLMo 3's or SmolLM3's local layers),
     LongRoPE past the original length (HF switches factors mid-rollout) and rotary scaling that
     changes with the length (dynamic NTK) are left to HF's sampler."""
     from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPTNeoXConfig, LlamaConfig,
-                              MistralConfig, Olmo2Config, Olmo3Config, Phi3Config, Qwen2Config, Qwen3Config)
+                              MistralConfig, Olmo2Config, Olmo3Config, Phi3Config, Qwen2Config, Qwen3Config,
+                              SmolLM3Config)
 
     tok = load_tokenizer(tiny_model_dir)
     common = dict(_LLAMA_LIKE, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
@@ -695,6 +697,9 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
         "gemma2": lambda: Gemma2Config(**common, head_dim=16, sliding_window=64, attn_logit_softcapping=0.5,
                                        final_logit_softcapping=0.2),
         "gemma2-window-8": lambda: Gemma2Config(**common, head_dim=16, sliding_window=8),
+        "smollm3": lambda: SmolLM3Config(**common, no_rope_layers=[1, 0]),  # the second layer NoPE, as every 4th
+        "smollm3-window-8": lambda: SmolLM3Config(**common, no_rope_layers=[1, 0], use_sliding_window=True,
+                                                  sliding_window=8),
         "phi3": lambda: Phi3Config(**common),
         "phi3-partial-rotary": lambda: Phi3Config(**common, partial_rotary_factor=0.5),
         "phi3-longrope": lambda: Phi3Config(**common, **longrope(64)),
@@ -734,6 +739,8 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
     if variant == "pythia":
         assert lm.gpt_neox.rotary_emb(ids.float(), ids)[0].shape[-1] == 4 and lm.config.use_parallel_residual
         assert lm.lm_head.weight.data_ptr() != lm.gpt_neox.embed_in.weight.data_ptr()  # a head of its own
+    if variant == "smollm3":
+        assert [layer.self_attn.use_rope for layer in lm.model.layers] == [1, 0]
     if variant in ("gemma2", "gemma3-softcap"):  # the caps bite: HF's logits without them differ
         capped = lm(input_ids=ids, attention_mask=mask).logits
         assert capped.abs().max() < 0.2 and lm.model.layers[0].self_attn.attn_logit_softcapping == 0.5

@@ -30,7 +30,7 @@ from torch import nn
 
 from tasks.ppo.rollout import base_model, position_ids_from_mask, sample_token
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")  # one block layout (modular copies in transformers)
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "smollm3")  # one block layout (modular copies in transformers)
 GEMMA3 = "gemma3_text"  # Gemma 3's text models (270M, 1B; the larger ones' language model)
 GEMMA2 = "gemma2"  # Gemma 2 (2B, 9B, 27B): Gemma 3's block without query/key norms, with logit soft-capping
 PHI3 = "phi3"  # Phi-3 and Phi-3.5 mini and medium, Phi-4-mini: Llama's block with fused projections
@@ -126,9 +126,10 @@ class _GPT2:
 
 
 class _Llama:
-    """Llama (and Mistral, Qwen2, Qwen3): rotary positions, q/k/v projections with fewer key/value
-    heads than query heads (grouped-query attention), RMSNorm, gated MLP. Qwen3 adds an RMSNorm
-    over each query and key head (`q_norm`, `k_norm`) before the rotation."""
+    """Llama (and Mistral, Qwen2, Qwen3, SmolLM3): rotary positions, q/k/v projections with fewer
+    key/value heads than query heads (grouped-query attention), RMSNorm, gated MLP. Qwen3 adds an
+    RMSNorm over each query and key head (`q_norm`, `k_norm`) before the rotation; SmolLM3 leaves
+    the rotation out of every fourth layer (NoPE: its attention's `use_rope` is off there)."""
 
     parallel = False  # attention, then the MLP on its output
     attn_softcap = final_softcap = None  # Gemma 2's (Gemma 3's final one where set): tanh(x / cap) * cap
@@ -186,6 +187,8 @@ class _Llama:
         if self.head_norms:
             q, k = _rms_norm(attn.q_norm, q), _rms_norm(attn.k_norm, k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if not getattr(attn, "use_rope", True):  # SmolLM3's NoPE layers: no positions at all
+            return q, torch.stack((k, v))
         cos, sin = rope[self.layer_kind[id(block)]]
         # in float32 as HF's (its bf16 q and k meet float32 cos / sin), kept in the projection's dtype
         return _rotate(q, cos, sin).to(q.dtype), torch.stack((_rotate(k, cos, sin).to(k.dtype), v))
@@ -281,7 +284,7 @@ class _NeoX(_Llama):
         return self.m.final_layer_norm(h)
 
 
-LLAMA_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm")
+LLAMA_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm", "SmolLM3RMSNorm")
 OLMO_NORMS = ("Olmo2RMSNorm", "Olmo3RMSNorm")
 
 
@@ -341,7 +344,7 @@ class StaticDecoder:
         self.B, self.P, self.T = batch, prompt_len, max_new_tokens
         self.L = prompt_len + max_new_tokens
         if not supports(lm, self.L):
-            raise ValueError(f"StaticDecoder supports GPT-2, Llama-family models (Mistral, Qwen2 and Qwen3), "
+            raise ValueError(f"StaticDecoder supports GPT-2, Llama-family models (Mistral, Qwen2, Qwen3, SmolLM3), "
                              f"Phi-3, Gemma 2 and 3, OLMo 2 and 3 and GPT-NeoX within their sliding window and "
                              f"their rotary scaling's fixed range, not {type(lm).__name__}")
         self.lm = lm
