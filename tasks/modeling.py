@@ -137,11 +137,32 @@ def load_policy(ref: str | Path, dtype: torch.dtype = torch.float32):
         raise _explain(str(ref), "causal language model", e) from None
 
 
+def reward_head_problem(config) -> str | None:
+    """Why no reward model can start from a model of this config: transformers has no sequence
+    classifier for its architecture (IBM's Granite, say); None where it has one."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    if config.model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        return None
+    return (f"transformers has no sequence-classification model for {type(config).__name__} "
+            f"(model_type {config.model_type!r}), so a reward model cannot start from it with a score head; "
+            "set models.reward to a model that has one and the same tokenizer (a reward model trained elsewhere "
+            "on this vocabulary, or a Llama, Qwen, Gemma, Phi-3 or GPT-2 made with it)")
+
+
 def load_reward(ref: str | Path, pad_token_id: int, dtype: torch.dtype = torch.float32):
     """A sequence classifier with one output: a reward model, or a causal LM given a score head."""
     try:
         model = AutoModelForSequenceClassification.from_pretrained(str(ref), num_labels=1, dtype=dtype)
     except Exception as e:
+        try:  # a model that loads, of an architecture without a sequence classifier: say so, and the way out
+            from transformers import AutoConfig
+
+            problem = reward_head_problem(AutoConfig.from_pretrained(str(ref)))
+        except Exception:
+            problem = None
+        if problem:
+            raise ModelLoadError(f"cannot load reward model {str(ref)!r}: {problem}") from None
         raise _explain(str(ref), "reward model", e) from None
     model.config.pad_token_id = pad_token_id
     return model

@@ -16,9 +16,9 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreT
 
 from tasks import scenario, tracking
 from tasks.config import PipelineConfig, PretrainConfig
-from tasks.modeling import end_of_turn, load_policy, load_tokenizer, save
+from tasks.modeling import end_of_turn, load_policy, load_tokenizer, reward_head_problem, save
 from tasks.ppo.rollout import position_ids_from_mask
-from tasks.stage import stage_main
+from tasks.stage import StageError, stage_main
 from tasks.workspace import RoundState, Workspace
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -72,6 +72,9 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> None:
             if cfg.chat_format is not None:  # a model without a usable chat template stops the round here
                 end_of_turn(tokenizer, cfg.models.policy, cfg.chat_format)
             model = load_policy(cfg.models.policy)
+            problem = None if cfg.models.reward else reward_head_problem(model.config)
+            if problem:  # the reward model starts from this one: said now, before any feedback is collected
+                raise StageError(f"models.policy {cfg.models.policy}: {problem}")
             mlflow.log_param("base_model", cfg.models.policy)
         else:
             lines = scenario.corpus(cfg.pretrain.n_sentences, cfg.pretrain.neutral_rate, cfg.seed)

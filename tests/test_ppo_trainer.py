@@ -643,7 +643,8 @@ _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 
 @pytest.mark.parametrize("variant", ["llama3-rope", "llama-bias-mqa", "qwen2", "mistral", "qwen3", "gemma3",
                                      "phi3", "phi3-partial-rotary", "phi3-longrope", "pythia", "neox-sequential",
-                                     "olmo2", "olmo3", "gemma2", "gemma3-softcap", "smollm3", "mistral-window-8",
+                                     "olmo2", "olmo3", "gemma2", "gemma3-softcap", "smollm3", "granite",
+                                     "mistral-window-8",
                                      "qwen3-window-8", "gemma3-window-8", "gemma2-window-8", "phi3-window-8",
                                      "phi3-longrope-past", "neox-dynamic-rope", "olmo3-window-8", "smollm3-window-8"])
 def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, tiny_model_dir):
@@ -658,13 +659,14 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
     one, a rotary table each), Gemma 2 (Gemma 3's norms but those on query and key heads,
     attention scores and final logits soft-capped, caps small enough here to bite; and Gemma 3
     with both caps set, of which HF's Gemma 3 applies the final one), SmolLM3 (a layer without
-    rotary positions), each also with LoRA: the static decoder's
+    rotary positions), Granite (multipliers on embeddings, residual branches, attention scores
+    and logits), each also with LoRA: the static decoder's
     logits are the model's at every step, and it samples what HF's sampler samples. A sliding
     window shorter than the rollout (Mistral's, Phi-3's, or Qwen3's, Gemma's, OLMo 3's or SmolLM3's local layers),
     LongRoPE past the original length (HF switches factors mid-rollout) and rotary scaling that
     changes with the length (dynamic NTK) are left to HF's sampler."""
-    from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPTNeoXConfig, LlamaConfig,
-                              MistralConfig, Olmo2Config, Olmo3Config, Phi3Config, Qwen2Config, Qwen3Config,
+    from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPTNeoXConfig, GraniteConfig,
+                              LlamaConfig, MistralConfig, Olmo2Config, Olmo3Config, Phi3Config, Qwen2Config, Qwen3Config,
                               SmolLM3Config)
 
     tok = load_tokenizer(tiny_model_dir)
@@ -698,6 +700,9 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
                                        final_logit_softcapping=0.2),
         "gemma2-window-8": lambda: Gemma2Config(**common, head_dim=16, sliding_window=8),
         "smollm3": lambda: SmolLM3Config(**common, no_rope_layers=[1, 0]),  # the second layer NoPE, as every 4th
+        # Granite 3's own multipliers (granite-3.1-2b's: 12, 0.22, 1/64, 8)
+        "granite": lambda: GraniteConfig(**common, embedding_multiplier=12.0, residual_multiplier=0.22,
+                                         attention_multiplier=0.015625, logits_scaling=8.0),
         "smollm3-window-8": lambda: SmolLM3Config(**common, no_rope_layers=[1, 0], use_sliding_window=True,
                                                   sliding_window=8),
         "phi3": lambda: Phi3Config(**common),

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from tasks import rounds, scenario, versioning
 from tasks.config import load_config
 from tasks.evaluate import held_out_feedback
+from tasks.errors import ModelLoadError
 from tasks.modeling import load_policy
 from tasks.prompts import sample_prompts
 from tasks.ppo import lora
@@ -540,6 +541,34 @@ def test_a_reward_model_of_another_tokenizer_is_refused_before_it_trains(tiny_mo
                                          "model \\(the built-in scenario's tiny model\\)"):
         train_reward.run(ws, load_config(None, {**FAST, "models.reward": str(other)}), RoundState())
     assert not ws.reward_model.exists()
+
+
+def test_a_policy_no_reward_model_can_start_from_is_said_before_feedback_is_collected(tiny_model_dir, tmp_path):
+    """IBM's Granite has no sequence classifier in transformers, so the reward model cannot start
+    from it: the round's first stage says so, and what to set, before any feedback is collected;
+    a reward model loaded from such a folder says the same. With models.reward set, it goes on."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    from tasks import pretrain
+    from tasks.modeling import load_reward, load_tokenizer, reward_head_problem, save
+    from tasks.stage import StageError
+    from tasks.workspace import RoundState
+
+    tok = load_tokenizer(tiny_model_dir)
+    granite = save(GraniteForCausalLM(GraniteConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=64, pad_token_id=tok.pad_token_id)), tok, tmp_path / "granite")
+    ws = init_workspace(tmp_path / "ws")
+    with pytest.raises(StageError, match=f"models.policy {granite}: transformers has no sequence-classification "
+                                         "model for GraniteConfig .* set models.reward to a model that has one"):
+        pretrain.run(ws, load_config(None, {**FAST, "models.policy": str(granite)}), RoundState())
+    assert not ws.base_model.exists()
+    with pytest.raises(ModelLoadError, match="cannot load reward model .*no sequence-classification model for Granite"):
+        load_reward(granite, tok.pad_token_id)
+    assert reward_head_problem(load_policy(tiny_model_dir).config) is None  # GPT-2 has one
+    pretrain.run(ws, load_config(None, {**FAST, "models.policy": str(granite), "models.reward": str(tiny_model_dir)}),
+                 RoundState())
+    assert (ws.base_model / "config.json").is_file()
 
 
 def test_reward_model_trains_under_bf16_autocast_and_is_measured_in_float32(tiny_model_dir, tmp_path, capsys):

@@ -65,7 +65,7 @@ class PPOConfig:
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"
     """bf16: the passes run under bf16 autocast over float32 weights (generation over a bf16 copy of them, refreshed each rollout); no: in the weights' own dtype; auto: bf16 on a GPU that has it, no on a CPU"""
     generation: Literal["auto", "static", "dynamic"] = "auto"
-    """static KV cache (+ CUDA graph on GPU) for GPT-2, Llama, Phi-3, Gemma 2 and 3, OLMo and GPT-NeoX (Pythia) models"""
+    """static KV cache (+ CUDA graph on GPU) for GPT-2, Llama, Granite, Phi-3, Gemma 2 and 3, OLMo and GPT-NeoX (Pythia) models"""
     lora_rank: int = 0
     """LoRA rank of the policy's adapters, for models too large to train whole (reference = adapters off); 0 = off"""
     lora_alpha: float = 16.0

@@ -1,5 +1,5 @@
-"""Fast rollouts: a preallocated KV cache, and on CUDA a graph per step (GPT-2, Llama, Phi-3, Gemma 2 and 3,
-OLMo 2 and 3, GPT-NeoX).
+"""Fast rollouts: a preallocated KV cache, and on CUDA a graph per step (GPT-2, Llama, Granite, Phi-3, Gemma 2
+and 3, OLMo 2 and 3, GPT-NeoX).
 
 Generation is most of a PPO step, and at PPO's batch sizes one decode step of a small model is
 a few hundred tiny kernels: eager PyTorch spends its time launching them. This decoder keeps
@@ -12,7 +12,8 @@ It reuses the model's own modules (embeddings, norms, projections, MLP, LM head,
 adapters on them); only the cached attention and the layout of a block are written here, once
 per family: `_GPT2` (learned positions, fused qkv), `_Llama` (rotary positions, grouped-query
 attention; also Mistral, Qwen2 and Qwen3), `_Phi3` (Llama's, with fused projections and rotary
-positions on part of each head), `_Gemma` (Llama's, with more norms), `_Olmo2` (Llama's,
+positions on part of each head), `_Granite` (Llama's, with four scalar multipliers), `_Gemma`
+(Llama's, with more norms), `_Olmo2` (Llama's,
 with norms after attention and MLP instead of before) and `_NeoX` (Pythia: Phi-3's partial
 rotary, LayerNorm, attention and MLP side by side). `sample` in
 rollout.py is the general path (any causal LM, HF's dynamic cache); `supports(lm)` says whether
@@ -34,6 +35,7 @@ LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "smollm3")  # one block layo
 GEMMA3 = "gemma3_text"  # Gemma 3's text models (270M, 1B; the larger ones' language model)
 GEMMA2 = "gemma2"  # Gemma 2 (2B, 9B, 27B): Gemma 3's block without query/key norms, with logit soft-capping
 PHI3 = "phi3"  # Phi-3 and Phi-3.5 mini and medium, Phi-4-mini: Llama's block with fused projections
+GRANITE = "granite"  # IBM Granite 3 (2B, 8B): Llama's block with multipliers on embeddings, residuals and logits
 NEOX = "gpt_neox"  # GPT-NeoX: Pythia (the RLHF literature's models), GPT-NeoX-20B, StableLM-alpha, Dolly
 OLMO = ("olmo2", "olmo3")  # AI2's fully open OLMo 2 and 3 (Tulu 3's and OLMo's own RL): norms after, not before
 PER_LAYER_ROPE = (GEMMA3, "olmo3")  # a rotary table per layer type (sliding-window layers, global layers)
@@ -61,7 +63,7 @@ def supports(lm: nn.Module, max_len: int | None = None) -> bool:
         return (hasattr(base_model(lm), "transformer")
                 and getattr(cfg, "scale_attn_weights", True) and not getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
                 and not getattr(cfg, "reorder_and_upcast_attn", False) and not getattr(cfg, "add_cross_attention", False))
-    if kind in LLAMA_LIKE or kind in (GEMMA3, GEMMA2, PHI3, *OLMO):
+    if kind in LLAMA_LIKE or kind in (GEMMA3, GEMMA2, PHI3, GRANITE, *OLMO):
         rope = getattr(cfg, "rope_parameters", None) or {}
         # one rotary table, or (Gemma 3, OLMo 3) one per layer type
         ropes = rope.values() if kind in PER_LAYER_ROPE else [rope]
@@ -95,7 +97,7 @@ class _GPT2:
         self.scale = None  # SDPA's default, 1 / sqrt(head_dim)
         self.gelu_tanh = cfg.activation_function in ("gelu_new", "gelu_pytorch_tanh")
         self.parallel = False  # attention, then the MLP on its output
-        self.attn_softcap = self.final_softcap = None  # no logit soft-capping
+        self.attn_softcap = None  # no soft-capping of the attention scores
 
     def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return self.tr.wte(ids) + self.tr.wpe(pos)
@@ -123,6 +125,9 @@ class _GPT2:
 
     def norm(self, h: torch.Tensor) -> torch.Tensor:
         return self.tr.ln_f(h)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return x  # the LM head's output as it is
 
 
 class _Llama:
@@ -202,12 +207,34 @@ class _Llama:
     def norm(self, h: torch.Tensor) -> torch.Tensor:
         return _rms_norm(self.m.norm, h)
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The LM head's output as the model returns it: soft-capped by Gemma 2 (and a Gemma 3 that sets a cap)."""
+        return _softcap(x, self.final_softcap)
+
+
+class _Granite(_Llama):
+    """IBM Granite 3: Llama's block with scalar multipliers: on the embeddings, on each attention and
+    MLP output before the residual sum, on the attention scores (its `attention_multiplier`, the
+    attention module's scaling) and a divisor of the logits."""
+
+    def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.m.embed_tokens(ids) * self.m.embedding_multiplier
+
+    def out(self, block: nn.Module, a: torch.Tensor) -> torch.Tensor:
+        return block.self_attn.o_proj(a) * block.residual_multiplier
+
+    def mlp(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return super().mlp(block, h) * block.residual_multiplier
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.m.config.logits_scaling
+
 
 class _Gemma(_Llama):
     """Gemma 2 and 3: Llama's attention with a norm after it and norms around the MLP, embeddings
     scaled by sqrt(hidden) (inside their embedding module). Gemma 3 adds Qwen3's query/key head
     norms and two rotary tables; Gemma 2 soft-caps the attention scores and the final logits
-    (`attn_softcap`, `final_softcap`, which `_blocks` and `_head_logits` apply; Gemma 3 the
+    (`attn_softcap`, `final_softcap`, which `_blocks` and `logits` apply; Gemma 3 the
     final logits where its config sets a cap). Not covered
     (declined by `supports`): bidirectional attention (EmbeddingGemma)."""
 
@@ -284,7 +311,8 @@ class _NeoX(_Llama):
         return self.m.final_layer_norm(h)
 
 
-LLAMA_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm", "SmolLM3RMSNorm")
+LLAMA_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm", "SmolLM3RMSNorm",
+               "GraniteRMSNorm")
 OLMO_NORMS = ("Olmo2RMSNorm", "Olmo3RMSNorm")
 
 
@@ -345,11 +373,11 @@ class StaticDecoder:
         self.L = prompt_len + max_new_tokens
         if not supports(lm, self.L):
             raise ValueError(f"StaticDecoder supports GPT-2, Llama-family models (Mistral, Qwen2, Qwen3, SmolLM3), "
-                             f"Phi-3, Gemma 2 and 3, OLMo 2 and 3 and GPT-NeoX within their sliding window and "
-                             f"their rotary scaling's fixed range, not {type(lm).__name__}")
+                             f"Granite, Phi-3, Gemma 2 and 3, OLMo 2 and 3 and GPT-NeoX within their sliding "
+                             f"window and their rotary scaling's fixed range, not {type(lm).__name__}")
         self.lm = lm
         self.runner = _Runner(lm)
-        arch = {"gpt2": _GPT2, GEMMA3: _Gemma, GEMMA2: _Gemma, PHI3: _Phi3, NEOX: _NeoX,
+        arch = {"gpt2": _GPT2, GEMMA3: _Gemma, GEMMA2: _Gemma, PHI3: _Phi3, GRANITE: _Granite, NEOX: _NeoX,
                 **dict.fromkeys(OLMO, _Olmo2)}.get(
             lm.config.model_type, _Llama)
         self.arch = arch(lm, self.L)
@@ -450,7 +478,7 @@ class StaticDecoder:
 
     def _head_logits(self, h: torch.Tensor) -> torch.Tensor:
         """(B, D) last hidden states -> (B, V) logits in the compute dtype, through the padded head copy."""
-        return _softcap((h.to(self.head.dtype) @ self.head.T)[:, :self.logits.shape[1]], self.arch.final_softcap)
+        return self.arch.logits((h.to(self.head.dtype) @ self.head.T)[:, :self.logits.shape[1]])
 
     @torch.no_grad()
     def refresh_head(self) -> None:
