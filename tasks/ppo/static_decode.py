@@ -11,15 +11,15 @@ rollouts needs no new capture.
 It reuses the model's own modules (embeddings, norms, projections, MLP, LM head, with any LoRA
 adapters on them); only the cached attention and the layout of a block are written here, once
 per family: `_GPT2` (learned positions, fused qkv), `_Llama` (rotary positions, grouped-query
-attention; also Mistral, Qwen2 and Qwen3), `_Phi3` (Llama's, with fused projections and rotary
-positions on part of each head), `_Granite` (Llama's, with four scalar multipliers), `_Gemma`
-(Llama's, with more norms), `_Olmo2` (Llama's,
-with norms after attention and MLP instead of before) and `_NeoX` (Pythia: Phi-3's partial
-rotary, LayerNorm, attention and MLP side by side). `sample` in
-rollout.py is the general path (any causal LM, HF's dynamic cache); `supports(lm)` says whether
-this one applies. Under mixed precision (float32 weights, bf16 autocast) it decodes over bf16
-copies of the weights made at each rollout, so the graph casts nothing per token. Imports torch
-and transformers only.
+attention; also Mistral, Qwen2, Qwen3 and SmolLM3), `_Phi3` (Llama's, with fused projections and
+rotary positions on part of each head), `_Granite` (Llama's, with four scalar multipliers),
+`_Gemma` (Gemma 2 and 3: Llama's, with more norms and soft-capped logits), `_Olmo2` (OLMo 2 and
+3: Llama's, with norms after attention and MLP instead of before) and `_NeoX` (Pythia: Phi-3's
+partial rotary, LayerNorm, attention and MLP side by side). `sample` in rollout.py is the
+general path (any causal LM, HF's dynamic cache); `supports(lm)` says whether this one applies.
+Under mixed precision (float32 weights, bf16 autocast) it decodes over bf16 copies of the
+weights made at each rollout, so the graph casts nothing per token. Imports torch and
+transformers only.
 """
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ PER_LAYER_ROPE = (GEMMA3, "olmo3")  # a rotary table per layer type (sliding-win
 
 
 def _window(cfg) -> int | None:
-    """The sliding-attention window, where a layer has one (Mistral; Gemma 3; Qwen2 and Qwen3 when configured)."""
+    """The sliding-attention window, where a layer has one (Mistral, Phi-3; Gemma 2 and 3, OLMo 3; Qwen2, Qwen3
+    and SmolLM3 when configured)."""
     if cfg.model_type in ("mistral", PHI3):  # every layer
         return getattr(cfg, "sliding_window", None)
     if "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
@@ -51,7 +52,7 @@ def _window(cfg) -> int | None:
 
 
 def supports(lm: nn.Module, max_len: int | None = None) -> bool:
-    """GPT-2, Llama, Phi-3, Gemma 3, OLMo or GPT-NeoX layout with the attention and positions this file implements.
+    """A layout of the families above, with the attention and positions this file implements.
 
     Rotary tables are computed once for the whole rollout, so scalings that change with the length
     are declined: dynamic NTK always, and LongRoPE (Phi-3.5, Phi-4-mini) where the rollout reaches
