@@ -14,9 +14,8 @@ not the same work as the reference's full fine-tuning, so its ratio is reported 
 --family llama ours runs a Llama of the shape's size (rotary positions, 4 query heads per
 key/value head, SwiGLU; qwen3 and gemma3 the same with their norms, phi3 with its fused
 projections, olmo2 with its norms after attention and MLP, gemma2 with Gemma 2's logit
-soft-capping and 4096-token window; pythia a GPT-NeoX with Pythia's
-settings, which at 124m is Pythia-160M's shape)
-and the reference, GPT-2 only, does not run; --generation picks our
+soft-capping and 4096-token window; pythia a GPT-NeoX with Pythia's settings, which at 124m is
+Pythia-160M's shape) and the reference, GPT-2 only, does not run; --generation picks our
 decoder (static: KV cache + CUDA graphs; dynamic: HF's cache). Prints a table, and with --json
 one JSON object; writes ppo_throughput.json into --out (bench/results).
 """

@@ -90,6 +90,9 @@ def _fixed_rope(rope: dict, max_len: int | None) -> bool:
 class _GPT2:
     """GPT-2: learned positions added to the embeddings, one qkv projection, LayerNorm, GELU MLP."""
 
+    parallel = False  # attention, then the MLP on its output
+    attn_softcap = None  # no soft-capping of the attention scores
+
     def __init__(self, lm: nn.Module, max_len: int):
         cfg, self.tr = lm.config, base_model(lm).transformer
         self.blocks, self.embedding, self.max_positions = list(self.tr.h), self.tr.wte, cfg.n_positions
@@ -97,8 +100,6 @@ class _GPT2:
         self.head_dim = cfg.n_embd // cfg.n_head
         self.scale = None  # SDPA's default, 1 / sqrt(head_dim)
         self.gelu_tanh = cfg.activation_function in ("gelu_new", "gelu_pytorch_tanh")
-        self.parallel = False  # attention, then the MLP on its output
-        self.attn_softcap = None  # no soft-capping of the attention scores
 
     def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return self.tr.wte(ids) + self.tr.wpe(pos)
@@ -344,6 +345,11 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
 
 
+# model_type -> the class that lays out its block; every other type `supports` accepts is a Llama's
+ARCHS = {"gpt2": _GPT2, GEMMA3: _Gemma, GEMMA2: _Gemma, PHI3: _Phi3, GRANITE: _Granite, NEOX: _NeoX,
+         **dict.fromkeys(OLMO, _Olmo2)}
+
+
 def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     """Gemma 2's logit soft-capping, tanh(x / cap) * cap, as HF computes it; x itself without a cap."""
     return x if cap is None else torch.tanh(x / cap) * cap
@@ -378,10 +384,7 @@ class StaticDecoder:
                              f"window and their rotary scaling's fixed range, not {type(lm).__name__}")
         self.lm = lm
         self.runner = _Runner(lm)
-        arch = {"gpt2": _GPT2, GEMMA3: _Gemma, GEMMA2: _Gemma, PHI3: _Phi3, GRANITE: _Granite, NEOX: _NeoX,
-                **dict.fromkeys(OLMO, _Olmo2)}.get(
-            lm.config.model_type, _Llama)
-        self.arch = arch(lm, self.L)
+        self.arch = ARCHS.get(lm.config.model_type, _Llama)(lm, self.L)
         if self.L > self.arch.max_positions:
             raise ValueError(f"prompt {prompt_len} + response {max_new_tokens} tokens exceed the model's "
                              f"{self.arch.max_positions} positions")
