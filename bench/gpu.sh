@@ -81,6 +81,8 @@ run)
     ours_alone() {
         # the pipeline's setting: float32 weights under bf16 autocast, generation over bf16 copies
         bench ppo_124m_mixed --shape 124m --mixed --no-reference
+        # a separate critic as the reference's value model (ppo.value_model: reward): the same work as the reference
+        bench ppo_124m_critic --shape 124m --value-model reward --no-reference
         # a Llama of the 124m shape: the graph decoder against HF's cache (the reference runs GPT-2 only)
         bench ppo_124m_llama_static --shape 124m --family llama --generation static --no-reference
         bench ppo_124m_llama_dynamic --shape 124m --family llama --generation dynamic --no-reference

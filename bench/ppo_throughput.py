@@ -8,7 +8,8 @@
 Both sides get random-init GPT-2-shaped models, the same random prompts, a fixed response
 length (no early stop) and the same PPO shape (batch, minibatches, epochs), so the figure does
 not depend on weights. Ours: policy with value head, frozen reference, reward model. The
-reference: TRL 0.29 with a separate value model (its only design). With --lora R our policy
+reference: TRL 0.29 with a separate value model (its only design); --value-model reward gives ours
+one too (a critic of the reward model's shape, trained whole): the same work. With --lora R our policy
 trains rank-R adapters instead (the reference is the policy with its adapters off): less memory,
 not the same work as the reference's full fine-tuning, so its ratio is reported apart. With
 --family llama ours runs a Llama of the shape's size (rotary positions, 4 query heads per
@@ -40,7 +41,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tasks.ppo import lora, static_decode  # noqa: E402
-from tasks.ppo.rollout import PolicyWithValue, sample_token  # noqa: E402
+from tasks.ppo.rollout import Critic, PolicyWithValue, sample_token  # noqa: E402
 from tasks.ppo.trainer import PPOConfig, PPOTrainer  # noqa: E402
 
 SHAPES = {  # the reference README's shapes
@@ -129,21 +130,27 @@ def decode_ops(lm, device: str, autocast_dtype: torch.dtype | None = None) -> di
 
 
 def run_ours(s: dict, device: str, bf16: bool, profile: bool = False, lora_rank: int = 0, family: str = "gpt2",
-             generation: str = "auto", generation_batch: int = 0, mixed: bool = False) -> dict:
+             generation: str = "auto", generation_batch: int = 0, mixed: bool = False,
+             value_model: str = "shared") -> dict:
     torch.manual_seed(0)
     cfg = policy_config(s, family)
     # bf16 weights computed as they are (the reference's setting), or with `mixed` float32 weights
     # under bf16 autocast, as the pipeline runs PPO on a GPU
     dtype = torch.bfloat16 if bf16 and not mixed else torch.float32
     lm = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    if lora_rank:  # adapters in float32 over the bf16 base, as PEFT makes them; no reference copy
-        policy, ref = PolicyWithValue(lora.add_lora(lm, lora_rank, 2.0 * lora_rank)).to(device), None
-    else:
-        policy, ref = PolicyWithValue(lm).to(device), AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device)
     score_cfg = {k: v for k, v in cfg.to_dict().items() if k not in ("id2label", "label2id")}
-    # the reward model of the policy's family and size (a scalar head), as the pipeline makes it
-    reward = AutoModelForSequenceClassification.from_config(type(cfg)(**score_cfg, num_labels=1),
-                                                            dtype=dtype).to(device)
+
+    def classifier():  # the reward model of the policy's family and size (a scalar head), as the pipeline makes it
+        return AutoModelForSequenceClassification.from_config(type(cfg)(**score_cfg, num_labels=1), dtype=dtype)
+
+    # --value-model reward: a critic of the reward model's shape, trained whole (the reference's value model)
+    critic = Critic(classifier()) if value_model == "reward" else None
+    if lora_rank:  # adapters in float32 over the bf16 base, as PEFT makes them; no reference copy
+        policy, ref = PolicyWithValue(lora.add_lora(lm, lora_rank, 2.0 * lora_rank), critic).to(device), None
+    else:
+        policy = PolicyWithValue(lm, critic).to(device)
+        ref = AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device)
+    reward = classifier().to(device)
     progress(f"ours: models built ({type(lm).__name__}, {s['layers']} layers, {s['dim']} dim) on {device}")
     ops = decode_ops(lm, device, torch.bfloat16 if mixed else None)  # before training: the counting step writes into a cache of its own
     g = torch.Generator().manual_seed(1)
@@ -176,9 +183,11 @@ def run_ours(s: dict, device: str, bf16: bool, profile: bool = False, lora_rank:
     gen_fraction = sum(h["perf/gen_fraction"] for h in history) / len(history)
     later = history[1:] or history  # after the first step (CUDA graph capture, allocator warm-up)
     label = ", ".join(x for x in (family if family != "gpt2" else "", f"LoRA {lora_rank}" if lora_rank else "",
-                                   "HF cache" if trainer.decoder is None else "", "mixed" if mixed else "") if x)
+                                   "HF cache" if trainer.decoder is None else "", "mixed" if mixed else "",
+                                   "critic" if critic is not None else "") if x)
     return {"system": f"rlhf-pipeline-ppo{f' ({label})' if label else ''}", "seconds": round(dt, 3),
-            "models": {"policy": type(lm).__name__, "reward": type(reward).__name__},
+            "models": {"policy": type(lm).__name__, "reward": type(reward).__name__,
+                       "value": f"critic: {type(critic.trunk).__name__}" if critic is not None else "policy's trunk"},
             "episodes_per_s": round(s["prompts"] / dt, 2),
             "gen_tokens_per_s": round(s["prompts"] * s["response_len"] / dt, 1),
             "gen_fraction": round(gen_fraction, 3),
@@ -234,6 +243,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="ours with float32 weights under bf16 autocast (ppo.mixed_precision: bf16), as the "
                         "pipeline runs PPO on a GPU; without it ours, like the reference, computes in the "
                         "weights' dtype (bf16 on cuda)")
+    p.add_argument("--value-model", choices=["shared", "reward"], default="shared",
+                   help="ours: a value head on the policy's trunk (ppo.value_model: shared), or a separate critic "
+                        "of the reward model's shape (reward: the reference's design, the same work)")
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
@@ -260,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     bf16 = a.device == "cuda"  # the reference README's GPU figures are bf16
     shape = SHAPES[a.shape]
     ours = max((run_ours(shape, a.device, bf16, a.profile, a.lora, a.family, a.generation, a.generation_batch,
-                         a.mixed)
+                         a.mixed, a.value_model)
                 for _ in range(a.repeats)),
                key=lambda r: r["episodes_per_s"])
     reference = None
@@ -271,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     ratio = round(ours["episodes_per_s"] / reference["episodes_per_s"], 2) if reference else None
     result = {"shape": a.shape, **shape, "device": device, "bf16": bf16, "repeats": a.repeats, "lora_rank": a.lora,
               "family": a.family, "generation": a.generation, "generation_batch": a.generation_batch,
-              "mixed_precision": a.mixed,
+              "mixed_precision": a.mixed, "value_model": a.value_model,
               "ours": ours, "reference": reference,
               # the issue's measure compares the same work: full fine-tuning on both sides
               "ratio": None if a.lora else ratio, "ratio_lora_vs_full": ratio if a.lora else None}

@@ -33,7 +33,7 @@ from tasks import prompts as prompts_, tracking
 from tasks.config import PipelineConfig
 from tasks.modeling import compute_device, encode_prompt, load_policy, load_reward, load_tokenizer, save
 from tasks.ppo import lora
-from tasks.ppo.rollout import PolicyWithValue
+from tasks.ppo.rollout import Critic, PolicyWithValue
 from tasks.ppo.config import RESUMABLE_CHANGES
 from tasks.ppo.trainer import PPOTrainer, autocast_dtype, changed_keys
 from tasks.stage import StageError, stage_main, time_left
@@ -137,7 +137,9 @@ def build_trainer(policy_ref: str, ref_ref: str, reward_ref: str, prompts: list[
     mixed = autocast_dtype(cfg.ppo.mixed_precision, torch.device(device)) is not None
     lm, ref = build_policy(policy_ref, ref_ref, cfg.ppo.lora_rank, cfg.ppo.lora_alpha, seed,
                            frozen_dtype=torch.bfloat16 if mixed else torch.float32)
-    policy = PolicyWithValue(lm).to(device)
+    # ppo.value_model reward: the critic starts as a copy of the reward model and trains whole
+    critic = Critic(load_reward(reward_ref, tokenizer.pad_token_id)) if cfg.ppo.value_model == "reward" else None
+    policy = PolicyWithValue(lm, critic).to(device)
     ref = ref.to(device) if ref is not None else None
     reward = load_reward(reward_ref, tokenizer.pad_token_id).to(device)
     prompt_ids = [encode_prompt(tokenizer, p, chat) for p in prompts]
@@ -266,11 +268,10 @@ def train(ws: Workspace, cfg: PipelineConfig, state: RoundState, policy_ref: str
             from tasks.ppo import sharding
 
             weights = sharding.full_model_state_dict(trainer.policy)
-            if main:  # (the policy's shape only: its reference would be a second whole model, unused)
-                whole = PolicyWithValue(build_policy(policy_ref, str(ws.base_model), cfg.ppo.lora_rank,
-                                                     cfg.ppo.lora_alpha, seed, reference=False)[0])
-                whole.load_state_dict(weights)
-                lm = whole.lm
+            if main:  # (the LM's shape only: its reference would be a second whole model, unused)
+                lm = build_policy(policy_ref, str(ws.base_model), cfg.ppo.lora_rank, cfg.ppo.lora_alpha, seed,
+                                  reference=False)[0]
+                lm.load_state_dict({k.removeprefix("lm."): v for k, v in weights.items() if k.startswith("lm.")})
         if main:
             if any(not torch.isfinite(p).all() for p in lm.parameters()):
                 raise StageError("PPO produced non-finite weights; lower ppo.lr or raise ppo.kl_coef")

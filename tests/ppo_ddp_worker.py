@@ -2,6 +2,7 @@
 2 CPU processes (gloo), DDP or FSDP. Rank 0 writes what the test checks to the JSON file named by
 --out, and the whole final weights beside it (<out>.safetensors)."""
 import argparse
+import copy
 import json
 
 import torch
@@ -12,7 +13,7 @@ from safetensors.torch import save_file
 from tasks import scenario
 from tasks.modeling import load_policy, load_reward, load_tokenizer
 from tasks.ppo import lora
-from tasks.ppo.rollout import PolicyWithValue
+from tasks.ppo.rollout import Critic, PolicyWithValue
 from tasks.ppo.trainer import PPOConfig, PPOTrainer
 
 p = argparse.ArgumentParser()
@@ -23,6 +24,7 @@ p.add_argument("--steps", type=int, default=3)
 p.add_argument("--checkpoint-dir", default=None)
 p.add_argument("--micro-batch", type=int, default=0, help="ppo.micro_batch_size: gradients accumulated")
 p.add_argument("--mixed-precision", default="auto", help="ppo.mixed_precision")
+p.add_argument("--critic", action="store_true", help="ppo.value_model reward: a critic copied from the reward model")
 p.add_argument("--cuda", action="store_true", help="on the GPUs (tests/test_gpu.py); default: CPU processes")
 p.add_argument("--lora-resume", default=None, metavar="DIR",
                help="then, with --fsdp: a LoRA run checkpointing into DIR, killed after step 2 and resumed")
@@ -34,7 +36,10 @@ tok = load_tokenizer(a.model_dir)
 policy = PolicyWithValue(load_policy(a.model_dir)).to(accelerator.device)
 ref = load_policy(a.model_dir).to(accelerator.device)
 reward = load_reward(a.model_dir, tok.pad_token_id).to(accelerator.device)
+if a.critic:  # a copy of the reward model, as the pipeline makes it, in place of the value head
+    policy = PolicyWithValue(policy.lm, Critic(copy.deepcopy(reward)))
 before = torch.cat([p.detach().flatten().clone() for p in policy.parameters()])
+critic_before = {k: v.detach().clone() for k, v in policy.state_dict().items() if k.startswith("critic.")}
 prompts = [tok(p)["input_ids"] for p in scenario.feedback_prompts()]
 cfg = PPOConfig(steps=a.steps, batch_size=16, minibatches=2, epochs=2, checkpoint_every=2 if a.checkpoint_dir else 0,
                 micro_batch_size=a.micro_batch, mixed_precision=a.mixed_precision)
@@ -54,6 +59,8 @@ if accelerator.is_main_process:
     json.dump({"processes": accelerator.num_processes, "backend": str(accelerator.distributed_type),
                "sharded": sharded, "graph": trainer.decoder is not None and trainer.decoder.graph is not None, "steps": [h["step"] for h in history],
                "weights_changed": bool(not torch.equal(before, after)),
+               "critic_changed": a.critic and any(not torch.equal(weights[k].cpu(), v.cpu())
+                                                  for k, v in critic_before.items()),
                # the bf16 copies generation read (mixed precision): of the whole weights, not the shards
                "shadow": {k: list(v.shape) for k, v in (trainer.decoder.shadow if trainer.decoder else {}).items()},
                "shapes": {k: list(v.shape) for k, v in weights.items()},
@@ -62,7 +69,9 @@ if accelerator.is_main_process:
 if not a.fsdp and accelerator.num_processes > 1:  # DDP: every process holds the whole weights; they must be the same everywhere
     flat = torch.cat([p.detach().flatten() for p in trainer.unwrapped.parameters()])
     everyone = accelerator.gather(flat[None])
-    samples = accelerator.gather(trainer.rollout().responses.flatten()[None].float())
+    responses = trainer.rollout().responses  # (B, T): T the longest response, which may differ between processes
+    responses = torch.nn.functional.pad(responses, (0, cfg.max_new_tokens - responses.shape[1]), value=tok.pad_token_id)
+    samples = accelerator.gather(responses.flatten()[None].float())
     if accelerator.is_main_process:
         result = json.load(open(a.out))
         result.update(weights_in_sync=bool(torch.equal(everyone[0], everyone[1])),

@@ -20,15 +20,16 @@ def bench():
     return module
 
 
-@pytest.mark.parametrize("rank,family,generation,chunk", [(0, "gpt2", "auto", 0), (4, "gpt2", "auto", 4),
-                                                           (0, "llama", "static", 0), (0, "llama", "dynamic", 0),
-                                                           (0, "qwen3", "static", 0), (0, "gemma3", "static", 0),
-                                                           (0, "phi3", "static", 0), (0, "pythia", "static", 0),
-                                                           (0, "olmo2", "static", 0), (0, "gemma2", "static", 0)])
-def test_tiny_shape_runs_on_cpu(bench, tmp_path, capsys, rank, family, generation, chunk):
+@pytest.mark.parametrize("rank,family,generation,chunk,value", [
+    (0, "gpt2", "auto", 0, "shared"), (4, "gpt2", "auto", 4, "reward"), (0, "llama", "static", 0, "shared"),
+    (0, "llama", "dynamic", 0, "shared"), (0, "qwen3", "static", 0, "reward"), (0, "gemma3", "static", 0, "shared"),
+    (0, "phi3", "static", 0, "shared"), (0, "pythia", "static", 0, "shared"), (0, "olmo2", "static", 0, "shared"),
+    (0, "gemma2", "static", 0, "shared")])
+def test_tiny_shape_runs_on_cpu(bench, tmp_path, capsys, rank, family, generation, chunk, value):
     out = tmp_path / "out"
     bench.main(["--shape", "tiny", "--no-reference", "--repeats", "1", "--json", "--lora", str(rank),
-                "--family", family, "--generation", generation, "--generation-batch", str(chunk), "--out", str(out)])
+                "--family", family, "--generation", generation, "--generation-batch", str(chunk), "--out", str(out),
+                "--value-model", value])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == json.loads((out / "ppo_throughput.json").read_text())
     ours = printed["ours"]
@@ -43,7 +44,11 @@ def test_tiny_shape_runs_on_cpu(bench, tmp_path, capsys, rank, family, generatio
                       "pythia": ("GPTNeoXForCausalLM", "GPTNeoXForSequenceClassification"),
                       "olmo2": ("Olmo2ForCausalLM", "Olmo2ForSequenceClassification"),
                       "gemma2": ("Gemma2ForCausalLM", "Gemma2ForSequenceClassification")}[family]
-    assert ours["models"] == {"policy": policy, "reward": reward}  # the reward model is of the policy's family
+    # the reward model is of the policy's family; a critic (--value-model reward) is its trunk and score head
+    trunk = {"gpt2": "GPT2Model", "qwen3": "Qwen3Model"}.get(family)
+    assert ours["models"] == {"policy": policy, "reward": reward,
+                              "value": f"critic: {trunk}" if value == "reward" else "policy's trunk"}
+    assert printed["value_model"] == value and ("critic" in ours["system"]) == (value == "reward")
     assert ("LoRA" in ours["system"]) == bool(rank) and (family in ours["system"]) == (family != "gpt2")
     assert ("HF cache" in ours["system"]) == (generation == "dynamic")
     assert ours["episodes_per_s"] > 0 and 0 < ours["gen_fraction"] < 1
@@ -91,6 +96,7 @@ def test_a_failing_reference_is_reported(bench, tmp_path):
     (["--device", "tpu"], "invalid choice"),
     (["--family", "t5"], "invalid choice"),
     (["--generation", "fast"], "invalid choice"),
+    (["--value-model", "separate"], "invalid choice"),
     (["--generation-batch", "3"], "--generation-batch must divide the tiny shape's batch of 8"),
     (["--generation-batch", "-1"], "--generation-batch must divide"),
     (["--family", "llama"], "builds GPT-2 only; add --no-reference"),

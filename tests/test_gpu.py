@@ -4,13 +4,15 @@
 
 Needs torch and transformers only, like the PPO core.
 """
+import copy
+
 import pytest
 import torch
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, Gemma2Config, Gemma3TextConfig,
                           GPT2Config, GPTNeoXConfig, LlamaConfig, Olmo3Config, Phi3Config, Qwen3Config)
 
 from tasks.ppo import static_decode
-from tasks.ppo.rollout import PolicyWithValue, sample
+from tasks.ppo.rollout import Critic, PolicyWithValue, sample
 from tasks.ppo.trainer import PPOConfig, PPOTrainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -97,10 +99,13 @@ def test_graph_sees_weights_updated_in_place_after_capture():
 def test_ppo_on_the_gpu_trains_and_stays_finite(mode, arch):
     torch.manual_seed(0)
     dtype = torch.bfloat16 if mode == "bf16-weights" else torch.float32
-    policy = PolicyWithValue(AutoModelForCausalLM.from_config(CONFIGS[arch], dtype=dtype)).cuda()
+    lm = AutoModelForCausalLM.from_config(CONFIGS[arch], dtype=dtype)
     ref = AutoModelForCausalLM.from_config(CONFIGS[arch], dtype=dtype).cuda()
     reward = AutoModelForSequenceClassification.from_config(GPT2Config(**{**CFG.to_dict(), "num_labels": 1}),
                                                             dtype=dtype).cuda()
+    # the Llama trains with a critic copied from the reward model (ppo.value_model: reward), the rest a value head
+    critic = Critic(copy.deepcopy(reward)) if arch == "llama" else None
+    policy = PolicyWithValue(lm, critic).cuda()
     g = torch.Generator().manual_seed(1)
     prompt_ids = [torch.randint(2, CFG.vocab_size, (n,), generator=g).tolist() for n in (8, 12, 16) * 8]
     # bf16 weights computed as they are, or float32 weights under bf16 autocast (the pipeline's GPU default)
@@ -113,6 +118,8 @@ def test_ppo_on_the_gpu_trains_and_stays_finite(mode, arch):
     history = trainer.train()
     assert len(history) == 3 and all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in history)
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    if critic is not None:
+        assert any(not torch.equal(a, b) for a, b in zip(before[-len(list(critic.parameters())):], critic.parameters()))
     # under autocast the graph decodes over bf16 copies of the float32 weights, refreshed each rollout
     trainer.rollout()
     shadow = trainer.decoder.shadow

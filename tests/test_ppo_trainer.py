@@ -10,8 +10,8 @@ from tasks import scenario
 from tasks.config import load_config
 from tasks.modeling import generate_texts, load_policy, load_reward, load_tokenizer
 from tasks.ppo import core, lora, static_decode
-from tasks.ppo.rollout import (PaddedHead, PolicyWithValue, cat_responses, pad_lm_head, response_forward, reward_scores,
-                               sample)
+from tasks.ppo.rollout import (Critic, PaddedHead, PolicyWithValue, cat_responses, pad_lm_head, position_ids_from_mask,
+                               response_forward, reward_scores, sample)
 from tasks.ppo.trainer import PPOConfig, PPOTrainer
 from tasks.train_policy import build_trainer
 
@@ -167,6 +167,8 @@ def test_ppo_config_rejects_bad_values():
         PPOConfig(kl_estimator="k2")
     with pytest.raises(ValueError, match="ppo.lr must be > 0"):
         PPOConfig(lr=0)
+    with pytest.raises(ValueError, match="ppo.value_model must be 'shared' or 'reward', got 'critic'"):
+        PPOConfig(value_model="critic")
 
 
 def _two_processes(model_dir, out, *args):
@@ -192,7 +194,7 @@ def test_ppo_on_two_processes_ddp_and_fsdp(tiny_model_dir, tmp_path):
     the models are sharded, and the run ends where the DDP run ends (the same batches, the same
     averaged gradients, here without micro-batches); a sharded run killed in step 3
     resumes from step 2's checkpoint to the same weights as the straight one, and so does a LoRA
-    Llama, sharded and DDP, from its adapters-only checkpoint."""
+    Llama, sharded and DDP, from its adapters-only checkpoint. Sharded with a critic, both train."""
     ddp, ddp_weights = _two_processes(tiny_model_dir, tmp_path / "ddp.json", "--micro-batch", "3")
     assert ddp["processes"] == 2 and ddp["backend"] == "DistributedType.MULTI_CPU" and not ddp["sharded"]
     assert ddp["weights_in_sync"] and ddp["weights_changed"] and ddp["own_samples"]
@@ -216,11 +218,15 @@ def test_ppo_on_two_processes_ddp_and_fsdp(tiny_model_dir, tmp_path):
         assert resumed[kind] == dict(checkpoint_trainable_only=True, resumed_steps=[3], resumed_equal=True,
                                      adapters_moved=True), kind
     assert not fsdp["shadow"]  # float32 on CPUs: no bf16 copies
-    # sharded under bf16 autocast: each rollout's decoder reads bf16 copies of the gathered whole weights
+    # sharded under bf16 autocast: each rollout's decoder reads bf16 copies of the gathered whole weights;
+    # with a critic (ppo.value_model reward), sharded as a unit of its own and trained beside the policy
     mixed, _ = _two_processes(tiny_model_dir, tmp_path / "mixed.json", "--fsdp", "--steps", "2",
-                              "--mixed-precision", "bf16")
+                              "--mixed-precision", "bf16", "--critic")
     assert mixed["sharded"] and mixed["weights_changed"] and torch.isfinite(torch.tensor(mixed["scores"])).all()
     assert mixed["shadow"] and all(mixed["shapes"]["lm." + k] == shape for k, shape in mixed["shadow"].items())
+    assert mixed["critic_changed"] and "critic.score.weight" in mixed["shapes"]
+    assert "value_head.weight" not in mixed["shapes"]
+    assert not mixed["shadow"].keys() & {k.removeprefix("lm.") for k in mixed["shapes"] if k.startswith("critic.")}
 
 
 def _two_prompts(tok):
@@ -488,6 +494,108 @@ def test_reward_scores_do_not_depend_on_the_texts_beside_them(tiny_model_dir, ti
     resp = torch.cat([resp, torch.tensor([[tok.eos_token_id]])], 1)
     rollout_score = reward_scores(rm, enc["input_ids"], enc["attention_mask"], resp, torch.ones_like(resp))
     assert torch.allclose(alone, rollout_score, atol=1e-5)
+
+
+def test_a_critic_from_the_reward_model_values_a_whole_response_as_its_score_and_leaves_the_policy_alone(
+        tiny_model_dir, tiny_reward_dir):
+    """ppo.value_model reward: the critic starts as the reward model (its value at a sequence's last
+    token is that model's score, whatever the padding beside it), and the value loss reaches the
+    critic alone, where with a shared trunk it moves the policy's weights too."""
+
+    tok = load_tokenizer(tiny_model_dir)
+    rm = load_reward(tiny_reward_dir, tok.pad_token_id)
+    policy = PolicyWithValue(load_policy(tiny_model_dir), Critic(load_reward(tiny_reward_dir, tok.pad_token_id)))
+    enc = tok(["the doctor said", "the ceo said that"], return_tensors="pt", padding=True)  # left-padded
+    responses = torch.tensor([[10, 11, tok.eos_token_id, tok.pad_token_id], [12, 13, 14, tok.eos_token_id]])
+    mask = core.response_mask(responses, tok.eos_token_id)
+    ids = torch.cat([enc["input_ids"], responses], 1)
+    attention = torch.cat([enc["attention_mask"], mask.long()], 1)
+    _, values = policy(ids, attention, position_ids_from_mask(attention))  # (B, L)
+    last = attention.shape[1] - 1 - attention.flip(1).argmax(1)  # each row's last real token
+    scores = reward_scores(rm, enc["input_ids"], enc["attention_mask"], responses, mask)
+    assert torch.allclose(values[torch.arange(2), last], scores, atol=1e-5)
+    assert not torch.allclose(values[:, -3], values[torch.arange(2), last])  # a value per position, not one
+
+    def gradients(model) -> tuple[bool, bool]:  # (the LM got any, the value function got any)
+        model.zero_grad(set_to_none=True)
+        out = response_forward(model, enc["input_ids"], enc["attention_mask"], responses, mask, 1.0, True)
+        (out["values"] * mask).sum().backward()  # a value loss alone
+        value_params = (model.critic or model.value_head).parameters()
+        return (any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.lm.parameters()),
+                any(p.grad is not None and p.grad.abs().sum() > 0 for p in value_params))
+
+    assert gradients(policy) == (False, True)
+    shared = PolicyWithValue(load_policy(tiny_model_dir))
+    torch.nn.init.normal_(shared.value_head.weight)  # (zero at the start: no gradient into the trunk yet)
+    assert gradients(shared) == (True, True)
+    # the critic is a copy: the reward model itself stays frozen, so sharing it is refused
+    with pytest.raises(ValueError, match="shares weights with the reward model"):
+        PPOTrainer(PolicyWithValue(load_policy(tiny_model_dir), Critic(rm)), load_policy(tiny_model_dir), rm,
+                   [[5, 6]], tok.eos_token_id, tok.pad_token_id, PPOConfig())
+    with pytest.raises(ValueError, match="GPT2LMHeadModel is not a reward model a critic can start from"):
+        Critic(load_policy(tiny_model_dir))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3", "gemma3", "gemma2", "phi3", "pythia", "olmo2", "opt"])
+def test_a_critic_is_made_of_each_familys_reward_model_and_starts_at_its_score(family):
+    """Critic(classifier) finds the trunk and score head of every family the pipeline's reward models
+    come in; its value at each row's last token is exactly the classifier's score (left padding)."""
+    import transformers as T
+
+    small = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=100, pad_token_id=0, num_labels=1)
+    gqa_free = {k: v for k, v in small.items() if k != "num_key_value_heads"}
+    config = {"gpt2": lambda: T.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, pad_token_id=0,
+                                           num_labels=1),
+              "llama": lambda: T.LlamaConfig(**small), "qwen3": lambda: T.Qwen3Config(**small, head_dim=8),
+              "gemma3": lambda: T.Gemma3TextConfig(**small, head_dim=8),
+              "gemma2": lambda: T.Gemma2Config(**small, head_dim=8),
+              "phi3": lambda: T.Phi3Config(**small), "pythia": lambda: T.GPTNeoXConfig(**gqa_free),
+              "olmo2": lambda: T.Olmo2Config(**small),
+              "opt": lambda: T.OPTConfig(**{k: v for k, v in gqa_free.items() if k != "intermediate_size"}, ffn_dim=64,
+                                         word_embed_proj_dim=32)}[family]()
+    torch.manual_seed(0)
+    classifier = T.AutoModelForSequenceClassification.from_config(config).eval()
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        values = Critic(classifier)(ids, mask, position_ids_from_mask(mask))  # (2, 6)
+        scores = classifier(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    assert values.shape == (2, 6) and torch.allclose(values[:, -1], scores[:, 0], atol=1e-6)
+
+
+def test_ppo_with_a_critic_learns_trains_the_critic_and_resumes_exactly(tiny_model_dir, tiny_reward_dir, tmp_path):
+    """The whole loop with ppo.value_model reward: the score rises with KL bounded, the critic
+    moves while the reward model does not, and a run killed after a checkpoint resumes to the same
+    weights (the critic's and its Adam state included)."""
+    trainer, _ = make_trainer(tiny_model_dir, tiny_reward_dir, value_model="reward")
+    critic = trainer.policy.critic
+    assert critic is not None and not hasattr(trainer.policy, "value_head")
+    before = {k: v.clone() for k, v in critic.state_dict().items()}
+    reward_before = {k: v.clone() for k, v in trainer.reward_model.state_dict().items()}
+    history = trainer.train()
+    first = sum(h["objective/scores"] for h in history[:3]) / 3
+    last = sum(h["objective/scores"] for h in history[-5:]) / 5
+    assert last > first + 0.1, (first, last)
+    assert all(h["objective/kl"] < 4 * trainer.cfg.target_kl for h in history)
+    assert history[-1]["policy/entropy"] > 0.05
+    assert history[-1]["val/explained_var"] > 0  # the critic predicts the returns better than their mean
+    assert any(not torch.equal(v, critic.state_dict()[k]) for k, v in before.items())
+    assert all(torch.equal(v, trainer.reward_model.state_dict()[k]) for k, v in reward_before.items())
+
+    runs = {}
+    ckpt = tmp_path / "ckpt"
+    for name, steps, folder in (("straight", 4, None), ("killed", 2, ckpt), ("resumed", 4, ckpt)):
+        runs[name], _ = make_trainer(tiny_model_dir, tiny_reward_dir, folder, steps=steps, checkpoint_every=2,
+                                     batch_size=16, value_model="reward")
+        runs[name].train()
+    assert runs["resumed"].resumed_from == 2
+    for k, v in runs["straight"].policy.state_dict().items():
+        assert torch.equal(v, runs["resumed"].policy.state_dict()[k]), k
+    # a checkpoint of the shared value head is another run's
+    shared, _ = make_trainer(tiny_model_dir, tiny_reward_dir, tmp_path / "ckpt", steps=6, batch_size=16)
+    with pytest.raises(ValueError, match=r"another run's \(ppo\.value_model differ\)"):
+        shared.train()
 
 
 # ---- other architectures: the general paths (HF's sampler and cache), Llama as the example ----

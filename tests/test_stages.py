@@ -78,16 +78,18 @@ def test_dvc_repro_runs_every_stage_on_a_users_model(tiny_qwen3_dir, tmp_path):
     # a second repro with nothing changed does nothing
     assert "Running stage" not in versioning.dvc(ws, "repro").stdout
     # LoRA on 2 processes, FSDP-sharded (PPO alone: its upstream is unchanged): the stage starts itself
-    # twice under torchrun (CPU, gloo), adapters on the base, the base (adapters off) as reference
+    # twice under torchrun (CPU, gloo), adapters on the base, the base (adapters off) as reference;
+    # the value function a critic started from the round's reward model (a Qwen3 classifier), trained whole
     rounds.write_params(ws, load_config(None, {**FAST, "models.policy": str(tiny_qwen3_dir), "ppo.lora_rank": 4,
-                                               "ppo.steps": 4, "ppo.processes": 2, "ppo.fsdp": True}))
+                                               "ppo.steps": 4, "ppo.processes": 2, "ppo.fsdp": True,
+                                               "ppo.value_model": "reward"}))
     out = versioning.dvc(ws, "repro", "train_policy").stdout
     assert "PPO on 2 processes (FSDP, CPU)" in out and "Running stage 'train_reward'" not in out
     ppo_runs = mlflow.search_runs(experiment_names=["rlhf"], filter_string="tags.stage = 'train_policy'",
                                   order_by=["attributes.start_time DESC"], output_format="list")
     params = ppo_runs[0].data.params
     assert params["ppo.reference"] == "base model, adapters off" and ppo_runs[1].data.params["ppo.reference"] == "base model"
-    assert params["ppo.processes"] == "2" and params["ppo.fsdp"] == "True"
+    assert params["ppo.processes"] == "2" and params["ppo.fsdp"] == "True" and params["ppo.value_model"] == "reward"
     # mixed precision: "auto" logged as set, and what it came to on these CPUs
     assert params["ppo.mixed_precision"] == "auto" and params["ppo.autocast"] == "off"
     steps = MlflowClient().get_metric_history(ppo_runs[0].info.run_id, "objective/scores")

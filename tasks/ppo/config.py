@@ -31,7 +31,7 @@ class PPOConfig:
     generation_batch_size: int = 0
     """episodes sampled at once, to bound the KV cache (it grows with them; a multiple of them must make up batch_size); 0 = the whole batch"""
     lr: float = 1e-4
-    """Adam learning rate (policy and value head)"""
+    """Adam learning rate (policy and value function)"""
     max_new_tokens: int = 10
     """longest response, in tokens"""
     temperature: float = 1.0
@@ -54,6 +54,8 @@ class PPOConfig:
     """value clip"""
     vf_coef: float = 0.5
     """value loss weight"""
+    value_model: Literal["shared", "reward"] = "shared"
+    """shared: a value head on the policy's own trunk (one model: the least memory and time); reward: a separate critic started from the round's reward model, as InstructGPT and TRL (the value loss never moves the policy; a second model trained)"""
     whiten_rewards: bool = False
     """whiten per-token rewards before GAE"""
     missing_eos_penalty: float | None = 1.0
@@ -102,5 +104,7 @@ class PPOConfig:
             raise ValueError("ppo.fsdp shards the models over ppo.processes: set ppo.processes to 2 or more")
         if self.mixed_precision not in ("auto", "bf16", "no"):
             raise ValueError(f"ppo.mixed_precision must be 'auto', 'bf16' or 'no', got {self.mixed_precision!r}")
+        if self.value_model not in ("shared", "reward"):
+            raise ValueError(f"ppo.value_model must be 'shared' or 'reward', got {self.value_model!r}")
         if self.generation not in ("auto", "static", "dynamic"):
             raise ValueError(f"ppo.generation must be 'auto', 'static' or 'dynamic', got {self.generation!r}")

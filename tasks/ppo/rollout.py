@@ -16,11 +16,19 @@ from tasks.ppo.core import logprobs_and_entropy
 
 
 class PolicyWithValue(nn.Module):
-    """A causal LM and a scalar value head on its last hidden state (one trunk, two heads)."""
+    """A causal LM and its value function, trained together.
 
-    def __init__(self, lm: nn.Module):
+    By default a scalar value head on the LM's own last hidden state (one trunk, two heads: one
+    model's memory and passes). With `critic` (a Critic: a copy of the reward model, as InstructGPT
+    and TRL start theirs) the values come from that separate model: the value loss never moves the
+    policy's trunk, at the cost of a second trunk's passes, gradients and Adam state.
+    """
+
+    def __init__(self, lm: nn.Module, critic: "Critic | None" = None):
         super().__init__()
-        self.lm = lm
+        self.lm, self.critic = lm, critic
+        if critic is not None:
+            return
         hidden = lm.config.hidden_size if hasattr(lm.config, "hidden_size") else lm.config.n_embd
         # in the dtype of the weights that train (bf16 weights: a bf16 head; LoRA's float32 adapters
         # over a bf16 base: a float32 head)
@@ -30,10 +38,35 @@ class PolicyWithValue(nn.Module):
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
+        shared = self.critic is None
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      output_hidden_states=True, use_cache=False, **_keep(self.lm, logits_to_keep))
-        values = self.value_head(out.hidden_states[-1]).squeeze(-1)  # (B, L)
+                      output_hidden_states=shared, use_cache=False, **_keep(self.lm, logits_to_keep))
+        if shared:
+            values = self.value_head(out.hidden_states[-1]).squeeze(-1)  # (B, L)
+        else:
+            values = self.critic(input_ids, attention_mask, position_ids)  # (B, L)
         return out.logits, values
+
+
+class Critic(nn.Module):
+    """A value model made of a sequence classifier (a reward model): its score head applied to
+    every position's last hidden state, where the classifier reads the last real token's only.
+    Started from the reward model, its value at a sequence's last token is that model's score.
+    """
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        trunk = getattr(classifier, getattr(classifier, "base_model_prefix", ""), None)
+        score = getattr(classifier, "score", None)
+        if not isinstance(trunk, nn.Module) or not isinstance(score, nn.Linear) or score.out_features != 1:
+            raise ValueError(f"{type(classifier).__name__} is not a reward model a critic can start from: it needs "
+                             "a Hugging Face sequence classifier with one output (a trunk and a `score` head)")
+        self.trunk, self.score = trunk, score
+
+    def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False)[0]  # (B, L, H)
+        return self.score(hidden).squeeze(-1)  # (B, L)
 
 
 class PaddedHead(nn.Linear):

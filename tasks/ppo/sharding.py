@@ -56,9 +56,11 @@ def shard(model: nn.Module, device_type: str, world_size: int, inner: tuple[nn.M
 
 
 @contextlib.contextmanager
-def unsharded(model: nn.Module):
-    """Whole weights in every module of `model` for the duration (a rollout), sharded again after."""
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+def unsharded(model: nn.Module, leave: nn.Module | None = None):
+    """Whole weights in every module of `model` but those in `leave` for the duration (a rollout),
+    sharded again after."""
+    left = set(leave.modules()) if leave is not None else set()
+    units = [m for m in model.modules() if isinstance(m, FSDPModule) and m not in left]
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)  # no gather and free per generated token
         unit.unshard()

@@ -52,7 +52,8 @@ class Rollout:
 
 
 class PPOTrainer:
-    """Fine-tunes `policy` (a PolicyWithValue) against `reward_model`, anchored to `ref_lm`.
+    """Fine-tunes `policy` (a PolicyWithValue: the LM and its value head or critic) against
+    `reward_model`, anchored to `ref_lm`.
 
     Prompts are token lists; the reward model must share the policy's tokenizer (the built-in
     scenario and the pipeline's reward stage both ensure it). `ref_lm=None` with a LoRA policy
@@ -76,6 +77,10 @@ class PPOTrainer:
         if ref_lm is None and not lora.is_lora(policy.lm):
             raise ValueError("ref_lm=None needs a LoRA policy (tasks.ppo.lora.add_lora): its adapters off are "
                              "the reference; pass the reference model otherwise")
+        critic = policy.critic
+        if critic is not None and {id(p) for p in critic.parameters()} & {id(p) for p in reward_model.parameters()}:
+            raise ValueError("the critic shares weights with the reward model, which stays frozen: give it a copy "
+                             "of its own (load the reward model twice)")
         self.policy, self.ref_lm, self.reward_model = policy, ref_lm, reward_model
         self.prompts, self.eos_id, self.pad_id, self.cfg = prompts, eos_id, pad_id, cfg
         self.device = torch.device(device)
@@ -97,12 +102,12 @@ class PPOTrainer:
             from tasks.ppo import sharding
 
             n, kind = accelerator.num_processes, accelerator.device.type
-            sharding.shard(policy, kind, n, inner=(policy.lm,))
+            sharding.shard(policy, kind, n, inner=(policy.lm,) + ((policy.critic,) if policy.critic else ()))
             for frozen in (ref_lm, reward_model):
                 if frozen is not None:
                     sharding.shard(frozen, kind, n)
         # fused on a GPU: one kernel for all parameters instead of a dozen per tensor group
-        trainable = [p for p in policy.parameters() if p.requires_grad]  # with LoRA: adapters and value head
+        trainable = [p for p in policy.parameters() if p.requires_grad]  # with LoRA: adapters and value head or critic
         self.optimizer = torch.optim.Adam(trainable, lr=cfg.lr, eps=1e-5, fused=on_gpu or None)
         if accelerator is not None:
             if not fsdp:
@@ -147,7 +152,7 @@ class PPOTrainer:
 
         if self.decoder is not None:
             self.decoder.graph = None  # gathered weights may land at new addresses: capture again
-        return sharding.unsharded(self.policy)
+        return sharding.unsharded(self.policy, leave=self.policy.critic)  # (the critic does not generate)
 
     # -- 1. rollout ---------------------------------------------------------------------------
     def _prompt_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
