@@ -137,8 +137,12 @@ def build_trainer(policy_ref: str, ref_ref: str, reward_ref: str, prompts: list[
     mixed = autocast_dtype(cfg.ppo.mixed_precision, torch.device(device)) is not None
     lm, ref = build_policy(policy_ref, ref_ref, cfg.ppo.lora_rank, cfg.ppo.lora_alpha, seed,
                            frozen_dtype=torch.bfloat16 if mixed else torch.float32)
-    # ppo.value_model reward: the critic starts as a copy of the reward model and trains whole
-    critic = Critic(load_reward(reward_ref, tokenizer.pad_token_id)) if cfg.ppo.value_model == "reward" else None
+    critic = None
+    if cfg.ppo.value_model == "reward":  # the critic starts as a copy of the reward model and trains whole
+        try:
+            critic = Critic(load_reward(reward_ref, tokenizer.pad_token_id))
+        except ValueError as e:
+            raise StageError(f"ppo.value_model is reward, but {e}; set ppo.value_model to shared") from None
     policy = PolicyWithValue(lm, critic).to(device)
     ref = ref.to(device) if ref is not None else None
     reward = load_reward(reward_ref, tokenizer.pad_token_id).to(device)

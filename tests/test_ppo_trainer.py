@@ -564,6 +564,25 @@ def test_a_critic_is_made_of_each_familys_reward_model_and_starts_at_its_score(f
     assert values.shape == (2, 6) and torch.allclose(values[:, -1], scores[:, 0], atol=1e-6)
 
 
+def test_a_reward_model_no_critic_can_start_from_stops_the_stage_saying_what_to_set(tiny_model_dir, tmp_path):
+    """A reward model of the policy's tokenizer whose head is not a `score` (a BERT classifier's
+    `classifier`): with ppo.value_model reward the stage stops with what to set, not a traceback."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from tasks.stage import StageError
+
+    tok = load_tokenizer(tiny_model_dir)
+    folder = tmp_path / "bert-reward"
+    bert = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=64, num_labels=1)
+    BertForSequenceClassification(bert).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    cfg = load_config(None, {**FAST, "ppo.value_model": "reward"})
+    with pytest.raises(StageError, match="ppo.value_model is reward, but BertForSequenceClassification is not a reward "
+                                         "model a critic can start from.*; set ppo.value_model to shared"):
+        build_trainer(str(tiny_model_dir), str(tiny_model_dir), str(folder), scenario.feedback_prompts(), cfg, seed=0)
+
+
 def test_ppo_with_a_critic_learns_trains_the_critic_and_resumes_exactly(tiny_model_dir, tiny_reward_dir, tmp_path):
     """The whole loop with ppo.value_model reward: the score rises with KL bounded, the critic
     moves while the reward model does not, and a run killed after a checkpoint resumes to the same
