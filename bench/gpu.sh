@@ -9,7 +9,8 @@
 #                            on the GPU machine, from the repository root: our PPO against the
 #                            reference on the 124m and 355m shapes, in the same run (124m with a
 #                            kernel profile of one more step), then the GPU tests, then ours alone:
-#                            124m under mixed precision (the pipeline's setting), a Llama (either
+#                            124m under mixed precision (the pipeline's setting), 124m with a
+#                            separate critic (the reference's design), a Llama (either
 #                            decoder) and a Qwen3 of the 124m shape, LoRA on 355m, 124m sampled
 #                            16 episodes at a time, a Phi-3, a Pythia (GPT-NeoX), an OLMo 2 and a
 #                            Gemma 2 of the 124m shape ('reference': the
