@@ -26,7 +26,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from tasks.config import ChatConfig
-from tasks.modeling import ModelLoadError, _explain, made_up, max_positions
+from tasks.modeling import ModelLoadError, _explain, ensure_classifier, made_up, max_positions
 
 
 def check(ref: str) -> None:
@@ -36,6 +36,7 @@ def check(ref: str) -> None:
         config = AutoConfig.from_pretrained(ref)
     except Exception as e:  # a missing folder, an unknown id, no network
         raise _explain(ref, "judge (a reward model)", e) from None
+    ensure_classifier(config)  # a reward model of an architecture transformers has no classifier for, saved here
     heads = [a for a in (config.architectures or []) if a.endswith("ForSequenceClassification")]
     if config.architectures and not heads:
         raise ModelLoadError(f"judge {ref!r} is a {config.architectures[0]}, not a reward model: a judge is a "

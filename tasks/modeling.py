@@ -5,6 +5,7 @@ or `models:/<name>@<alias>`, resolved by tasks.tracking). Errors say which of th
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -138,32 +139,71 @@ def load_policy(ref: str | Path, dtype: torch.dtype = torch.float32):
 
 
 def reward_head_problem(config) -> str | None:
-    """Why no reward model can start from a model of this config: transformers has no sequence
-    classifier for its architecture (IBM's Granite, say); None where it has one."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
-
-    if config.model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+    """Why no reward model can start from a model of this config, None where one can: transformers
+    has a sequence classifier for its architecture, or `ensure_classifier` makes one."""
+    if ensure_classifier(config):
         return None
     return (f"transformers has no sequence-classification model for {type(config).__name__} "
-            f"(model_type {config.model_type!r}), so a reward model cannot start from it with a score head; "
-            "set models.reward to a model that has one and the same tokenizer (a reward model trained elsewhere "
-            "on this vocabulary, or a Llama, Qwen, Gemma, Phi-3 or GPT-2 made with it)")
+            f"(model_type {config.model_type!r}) and no decoder trunk to give a score head to, so a reward model "
+            "cannot start from it; set models.reward to a model that has one and the same tokenizer (a reward "
+            "model trained elsewhere on this vocabulary, or a Llama, Qwen, Gemma, Phi-3 or GPT-2 made with it)")
+
+
+def ensure_classifier(config) -> bool:
+    """Whether AutoModelForSequenceClassification can build a model of this config, making it so
+    where it can: for the decoder-only architectures transformers has a trunk for but no sequence
+    classifier (IBM's Granite, Cohere, OLMoE, LFM2, Gemma 4's text model...), transformers' own
+    GenericForSequenceClassification (the trunk, a linear `score` head, the score read at the last
+    token that is not padding, as Llama's classifier) is made for the architecture and registered
+    in this process. It loads the causal LM's trunk weights as the classifiers transformers ships
+    do, and saves and loads like them, in any process that calls this first (load_reward does)."""
+    from transformers.modeling_layers import GenericForSequenceClassification
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    if type(config) in AutoModelForSequenceClassification._model_mapping:  # transformers' own, or registered here
+        return True
+    if type(config) not in MODEL_MAPPING:
+        return False
+    trunk = MODEL_MAPPING[type(config)]
+    family = next((c for c in trunk.__mro__[1:] if c.__name__.endswith("PreTrainedModel")), None)
+    if (family is None or not trunk.__name__.endswith("Model")  # a multimodal wrapper, not a trunk
+            or "decoder_input_ids" in inspect.signature(trunk.forward).parameters):  # an encoder-decoder pair
+        return False
+    name = trunk.__name__.removesuffix("Model") + "ForSequenceClassification"
+    # the family's name for its trunk (CodeGen's `transformer`), so the causal LM's weights load into it
+    classifier = type(name, (GenericForSequenceClassification, family), {
+        "__module__": __name__, "config_class": type(config), "base_model_prefix": family.base_model_prefix})
+    AutoModelForSequenceClassification.register(type(config), classifier, exist_ok=True)
+    return True
 
 
 def load_reward(ref: str | Path, pad_token_id: int, dtype: torch.dtype = torch.float32):
-    """A sequence classifier with one output: a reward model, or a causal LM given a score head."""
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(ref), num_labels=1, dtype=dtype)
-    except Exception as e:
-        try:  # a model that loads, of an architecture without a sequence classifier: say so, and the way out
-            from transformers import AutoConfig
+    """A sequence classifier with one output: a reward model, or a causal LM given a score head
+    (any decoder-only architecture: see ensure_classifier). Only the score head may start new: a
+    checkpoint whose trunk would not load into the classifier (other weight names) is refused."""
+    from transformers import AutoConfig
 
-            problem = reward_head_problem(AutoConfig.from_pretrained(str(ref)))
-        except Exception:
-            problem = None
-        if problem:
-            raise ModelLoadError(f"cannot load reward model {str(ref)!r}: {problem}") from None
-        raise _explain(str(ref), "reward model", e) from None
+    ref = str(ref)
+    try:
+        config = AutoConfig.from_pretrained(ref)
+    except Exception:
+        config = None  # (not a config transformers reads: from_pretrained below says what it is)
+    problem = reward_head_problem(config) if config is not None else None
+    if problem:
+        raise ModelLoadError(f"cannot load reward model {ref!r}: {problem}")
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(ref, num_labels=1, dtype=dtype,
+                                                                         output_loading_info=True)
+    except Exception as e:
+        raise _explain(ref, "reward model", e) from None
+    head = getattr(model, "score", None)
+    head = {f"score.{n}" for n, _ in head.named_parameters()} if isinstance(head, torch.nn.Module) else set()
+    random_trunk = sorted(set(info["missing_keys"]) - head)
+    if random_trunk:
+        raise ModelLoadError(f"cannot load reward model {ref!r}: {len(random_trunk)} of its trunk's weights are not "
+                             f"in the checkpoint under the names {type(model).__name__} reads (e.g. "
+                             f"{', '.join(random_trunk[:3])}), so they would start random; set models.reward to "
+                             "a model of this tokenizer that loads as a sequence classifier")
     model.config.pad_token_id = pad_token_id
     return model
 

@@ -546,10 +546,11 @@ def test_a_reward_model_of_another_tokenizer_is_refused_before_it_trains(tiny_mo
 
 
 def test_a_policy_no_reward_model_can_start_from_is_said_before_feedback_is_collected(tiny_model_dir, tmp_path):
-    """IBM's Granite has no sequence classifier in transformers, so the reward model cannot start
-    from it: the round's first stage says so, and what to set, before any feedback is collected;
-    a reward model loaded from such a folder says the same. With models.reward set, it goes on."""
-    from transformers import GraniteConfig, GraniteForCausalLM
+    """TrOCR's causal LM (the decoder of an encoder-decoder model) has neither a sequence classifier
+    in transformers nor a decoder trunk of its own to give a score head to, so the reward model
+    cannot start from it: the round's first stage says so, and what to set, before any feedback is
+    collected; a reward model loaded from such a folder says the same. With models.reward set, it goes on."""
+    from transformers import TrOCRConfig, TrOCRForCausalLM
 
     from tasks import pretrain
     from tasks.modeling import load_reward, load_tokenizer, reward_head_problem, save
@@ -557,20 +558,76 @@ def test_a_policy_no_reward_model_can_start_from_is_said_before_feedback_is_coll
     from tasks.workspace import RoundState
 
     tok = load_tokenizer(tiny_model_dir)
-    granite = save(GraniteForCausalLM(GraniteConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=64, pad_token_id=tok.pad_token_id)), tok, tmp_path / "granite")
+    decoder = TrOCRConfig(vocab_size=len(tok), d_model=32, decoder_layers=1, decoder_attention_heads=2,
+                          decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
+    trocr = save(TrOCRForCausalLM(decoder), tok, tmp_path / "trocr")
     ws = init_workspace(tmp_path / "ws")
-    with pytest.raises(StageError, match=f"models.policy {granite}: transformers has no sequence-classification "
-                                         "model for GraniteConfig .* set models.reward to a model that has one"):
-        pretrain.run(ws, load_config(None, {**FAST, "models.policy": str(granite)}), RoundState())
+    with pytest.raises(StageError, match=f"models.policy {trocr}: transformers has no sequence-classification "
+                                         "model for TrOCRConfig .* set models.reward to a model that has one"):
+        pretrain.run(ws, load_config(None, {**FAST, "models.policy": str(trocr)}), RoundState())
     assert not ws.base_model.exists()
-    with pytest.raises(ModelLoadError, match="cannot load reward model .*no sequence-classification model for Granite"):
-        load_reward(granite, tok.pad_token_id)
+    with pytest.raises(ModelLoadError, match="cannot load reward model .*no sequence-classification model for TrOCR"):
+        load_reward(trocr, tok.pad_token_id)
     assert reward_head_problem(load_policy(tiny_model_dir).config) is None  # GPT-2 has one
-    pretrain.run(ws, load_config(None, {**FAST, "models.policy": str(granite), "models.reward": str(tiny_model_dir)}),
+    pretrain.run(ws, load_config(None, {**FAST, "models.policy": str(trocr), "models.reward": str(tiny_model_dir)}),
                  RoundState())
     assert (ws.base_model / "config.json").is_file()
+
+
+@pytest.mark.parametrize("family", ["granite", "cohere2", "olmoe", "gemma4_text", "lfm2", "codegen"])
+def test_a_reward_model_starts_from_a_policy_transformers_has_no_classifier_for(family, tiny_model_dir, tmp_path):
+    """IBM's Granite, Cohere's Command R7B, OLMoE, Gemma 4, LFM2, CodeGen: transformers ships no
+    sequence classifier for them, so transformers' generic one is made for each (their trunk and a
+    score head). The causal LM's trunk loads into it weight for weight (CodeGen's under its own
+    name, `transformer`), only the score head starts new; it scores at the last real token, as the
+    critic reads it; saved, it loads again with the same scores."""
+    import transformers as T
+
+    from tasks.modeling import load_reward, load_tokenizer, save
+    from tasks.ppo.rollout import Critic, position_ids_from_mask
+
+    tok = load_tokenizer(tiny_model_dir)
+    small = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
+    config = {"granite": lambda: T.GraniteConfig(**small), "cohere2": lambda: T.Cohere2Config(**small),
+              "olmoe": lambda: T.OlmoeConfig(**small, num_experts=4, num_experts_per_tok=2),
+              "gemma4_text": lambda: T.Gemma4TextConfig(**small, head_dim=8, vocab_size_per_layer_input=len(tok),
+                                                       hidden_size_per_layer_input=8),
+              "lfm2": lambda: T.Lfm2Config(**small),
+              "codegen": lambda: T.CodeGenConfig(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
+                                                 n_positions=64, pad_token_id=tok.pad_token_id)}[family]()
+    torch.manual_seed(0)
+    lm = T.AutoModelForCausalLM.from_config(config)
+    rm = load_reward(save(lm, tok, tmp_path / "policy"), tok.pad_token_id).eval()
+    assert type(rm).__name__.endswith("ForSequenceClassification")
+    lm_weights, rm_weights = lm.state_dict(), rm.state_dict()
+    assert set(rm_weights) - set(lm_weights) == {"score.weight"}
+    assert all(torch.equal(v, lm_weights[k]) for k, v in rm_weights.items() if k != "score.weight")
+    ids = torch.tensor([[tok.pad_token_id, 5, 6, 7], [8, 9, 10, 11]])
+    mask = (ids != tok.pad_token_id).long()
+    positions = position_ids_from_mask(mask)
+    with torch.no_grad():
+        scores = rm(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, 0]
+        assert torch.allclose(Critic(rm)(ids, mask, positions)[:, -1], scores, atol=1e-5)
+        again = load_reward(save(rm, tok, tmp_path / "reward"), tok.pad_token_id).eval()
+        assert torch.equal(again(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, 0], scores)
+
+
+def test_a_reward_model_whose_trunk_would_start_random_is_refused(tiny_model_dir, tmp_path):
+    """A checkpoint whose weights are not under the names the classifier reads (renamed here) would
+    give a reward model of random weights with a trained-looking name: refused, with the names."""
+    from safetensors.torch import save_file
+
+    from tasks.modeling import load_reward, load_tokenizer, save
+
+    tok = load_tokenizer(tiny_model_dir)
+    folder = save(load_policy(tiny_model_dir), tok, tmp_path / "renamed")
+    weights = load_file(folder / "model.safetensors")
+    save_file({k.replace("transformer.", "decoder."): v.contiguous() for k, v in weights.items()},
+              folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"cannot load reward model .*renamed.*: \d+ of its trunk's weights are "
+                                             r"not in the checkpoint .*transformer\.h\.0\..* would start random"):
+        load_reward(folder, tok.pad_token_id)
 
 
 def test_reward_model_trains_under_bf16_autocast_and_is_measured_in_float32(tiny_model_dir, tmp_path, capsys):
