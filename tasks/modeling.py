@@ -158,9 +158,9 @@ def ensure_classifier(config) -> bool:
     in this process. It loads the causal LM's trunk weights as the classifiers transformers ships
     do, and saves and loads like them, in any process that calls this first (load_reward does)."""
     from transformers.modeling_layers import GenericForSequenceClassification
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, MODEL_MAPPING
 
-    if type(config) in AutoModelForSequenceClassification._model_mapping:  # transformers' own, or registered here
+    if type(config) in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:  # transformers' own, or registered here
         return True
     if type(config) not in MODEL_MAPPING:
         return False
