@@ -138,11 +138,16 @@ def build_trainer(policy_ref: str, ref_ref: str, reward_ref: str, prompts: list[
     lm, ref = build_policy(policy_ref, ref_ref, cfg.ppo.lora_rank, cfg.ppo.lora_alpha, seed,
                            frozen_dtype=torch.bfloat16 if mixed else torch.float32)
     critic = None
-    if cfg.ppo.value_model == "reward":  # the critic starts as a copy of the reward model and trains whole
+    if cfg.ppo.value_model == "reward":  # the critic starts as a copy of the reward model
+        rank = cfg.ppo.lora_rank  # with LoRA: adapters on its trunk too, over frozen weights as the policy's
+        classifier = load_reward(reward_ref, tokenizer.pad_token_id,
+                                 torch.bfloat16 if mixed and rank else torch.float32)
         try:
-            critic = Critic(load_reward(reward_ref, tokenizer.pad_token_id))
+            critic = Critic(classifier)
         except ValueError as e:
             raise StageError(f"ppo.value_model is reward, but {e}; set ppo.value_model to shared") from None
+        if rank:
+            lora.add_critic_lora(classifier, rank, cfg.ppo.lora_alpha, seed)  # in place: into the critic's trunk
     policy = PolicyWithValue(lm, critic).to(device)
     ref = ref.to(device) if ref is not None else None
     reward = load_reward(reward_ref, tokenizer.pad_token_id).to(device)

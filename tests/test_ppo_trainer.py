@@ -390,6 +390,35 @@ def test_lora_run_resumes_with_identical_results(tiny_model_dir, tiny_reward_dir
         _lora_trainer(tiny_model_dir, tiny_reward_dir, steps=2).load_checkpoint(tmp_path / "full")
 
 
+def test_a_lora_run_with_a_critic_gives_the_critic_adapters_too_and_resumes(tiny_model_dir, tiny_reward_dir,
+                                                                              tmp_path):
+    """ppo.lora_rank with ppo.value_model reward (through the stage's build_trainer): the critic's
+    trunk gets adapters as the policy's does, its weights stay frozen and its score head trains,
+    all trainable weights in float32; the checkpoint holds the trainable weights alone and a killed
+    run resumes to the straight one's weights."""
+    common = dict(lora_rank=4, value_model="reward", batch_size=16, minibatches=2, epochs=2, checkpoint_every=2)
+    straight, _ = make_trainer(tiny_model_dir, tiny_reward_dir, steps=4, **common)
+    critic = straight.policy.critic
+    trainable = {n for n, p in critic.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n or n == "score.weight" for n in trainable), sorted(trainable)[:5]
+    assert all(p.dtype == torch.float32 for p in critic.parameters() if p.requires_grad)
+    frozen = {n: p.detach().clone() for n, p in critic.named_parameters() if not p.requires_grad}
+    adapters = {n: p.detach().clone() for n, p in critic.named_parameters() if ".lora_B" in n}
+    straight.train()
+    assert all(torch.equal(v, dict(critic.named_parameters())[n]) for n, v in frozen.items())
+    assert any(not torch.equal(v, dict(critic.named_parameters())[n]) for n, v in adapters.items())
+    make_trainer(tiny_model_dir, tiny_reward_dir, tmp_path, steps=2, **common)[0].train()  # killed after step 2
+    saved = load_file(str(tmp_path / "policy.safetensors"))
+    assert set(saved) == {n for n, p in straight.policy.named_parameters() if p.requires_grad}
+    critic_saved = {k.removeprefix("critic.") for k in saved if k.startswith("critic.")}
+    assert critic_saved == trainable and not critic_saved & frozen.keys()
+    resumed, _ = make_trainer(tiny_model_dir, tiny_reward_dir, tmp_path, steps=4, **common)
+    resumed.train()
+    assert resumed.resumed_from == 2
+    for k, v in straight.policy.state_dict().items():
+        assert torch.equal(v, resumed.policy.state_dict()[k]), k
+
+
 def test_no_reference_model_needs_a_lora_policy(tiny_model_dir, tiny_reward_dir):
     tok = load_tokenizer(tiny_model_dir)
     with pytest.raises(ValueError, match="ref_lm=None needs a LoRA policy"):

@@ -55,7 +55,7 @@ class PPOConfig:
     vf_coef: float = 0.5
     """value loss weight"""
     value_model: Literal["shared", "reward"] = "shared"
-    """shared: a value head on the policy's own trunk (one model: the least memory and time); reward: a separate critic started from the round's reward model, as InstructGPT and TRL (the value loss never moves the policy; a second model trained)"""
+    """shared: a value head on the policy's own trunk (one model: the least memory and time); reward: a separate critic started from the round's reward model, as InstructGPT and TRL (the value loss never moves the policy; a second model trained, with lora_rank its adapters)"""
     whiten_rewards: bool = False
     """whiten per-token rewards before GAE"""
     missing_eos_penalty: float | None = 1.0

@@ -28,6 +28,24 @@ def add_lora(lm: nn.Module, rank: int, alpha: float, seed: int = 0) -> nn.Module
         return get_peft_model(lm, config)
 
 
+def add_critic_lora(classifier: nn.Module, rank: int, alpha: float, seed: int = 0) -> nn.Module:
+    """Fresh adapters on every linear layer of a critic's trunk (a reward model's copy, in place),
+    its `score` head trained whole: a critic for a model too large to train whole costs its frozen
+    weights and a few percent more. The trainable weights are float32 whatever the frozen dtype."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear", exclude_modules=["score"],
+                        lora_dropout=0.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        classifier = inject_adapter_in_model(config, classifier)  # freezes every weight but the adapters'
+    classifier.score.requires_grad_(True)
+    for p in classifier.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return classifier
+
+
 def load_lora(lm: nn.Module, folder: str | Path) -> nn.Module:
     """A PEFT model over `lm` with the trainable adapters saved in `folder` (save_pretrained)."""
     from peft import PeftModel
