@@ -143,8 +143,11 @@ def run_ours(s: dict, device: str, bf16: bool, profile: bool = False, lora_rank:
     def classifier():  # the reward model of the policy's family and size (a scalar head), as the pipeline makes it
         return AutoModelForSequenceClassification.from_config(type(cfg)(**score_cfg, num_labels=1), dtype=dtype)
 
-    # --value-model reward: a critic of the reward model's shape, trained whole (the reference's value model)
-    critic = Critic(classifier()) if value_model == "reward" else None
+    # --value-model reward: a critic of the reward model's shape (the reference's value model), trained
+    # whole, or with --lora adapters on its trunk as the pipeline gives it
+    critic = None
+    if value_model == "reward":
+        critic = Critic(lora.add_critic_lora(classifier(), lora_rank, 2.0 * lora_rank) if lora_rank else classifier())
     if lora_rank:  # adapters in float32 over the bf16 base, as PEFT makes them; no reference copy
         policy, ref = PolicyWithValue(lora.add_lora(lm, lora_rank, 2.0 * lora_rank), critic).to(device), None
     else:
