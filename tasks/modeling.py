@@ -196,8 +196,8 @@ def load_reward(ref: str | Path, pad_token_id: int, dtype: torch.dtype = torch.f
                                                                          output_loading_info=True)
     except Exception as e:
         raise _explain(ref, "reward model", e) from None
-    head = getattr(model, "score", None)
-    head = {f"score.{n}" for n, _ in head.named_parameters()} if isinstance(head, torch.nn.Module) else set()
+    score = getattr(model, "score", None)
+    head = {f"score.{n}" for n, _ in score.named_parameters()} if isinstance(score, torch.nn.Module) else set()
     random_trunk = sorted(set(info["missing_keys"]) - head)
     if random_trunk:
         raise ModelLoadError(f"cannot load reward model {ref!r}: {len(random_trunk)} of its trunk's weights are not "

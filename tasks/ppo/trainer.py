@@ -102,7 +102,7 @@ class PPOTrainer:
             from tasks.ppo import sharding
 
             n, kind = accelerator.num_processes, accelerator.device.type
-            sharding.shard(policy, kind, n, inner=(policy.lm,) + ((policy.critic,) if policy.critic else ()))
+            sharding.shard(policy, kind, n, inner=(policy.lm,) if critic is None else (policy.lm, critic))
             for frozen in (ref_lm, reward_model):
                 if frozen is not None:
                     sharding.shard(frozen, kind, n)
