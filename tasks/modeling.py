@@ -9,7 +9,8 @@ import inspect
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification,
+                          AutoTokenizer)
 
 from tasks.config import ChatConfig
 from tasks.errors import ModelLoadError  # noqa: F401  (raised here; importers catch it from here too)
@@ -118,7 +119,9 @@ def encode_sequence(tokenizer, prompt: str, response: str, chat: ChatConfig | No
 
 
 def max_positions(config) -> int | None:
-    """How many positions (prompt + response tokens) a model config allows; None if it says not."""
+    """How many positions (prompt + response tokens) a model config allows; None if it says not. An
+    image-text model's (a Gemma 3 reward model's) are its language model's."""
+    config = config.get_text_config()
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
@@ -132,10 +135,60 @@ def _device(model) -> torch.device:
 
 
 def load_policy(ref: str | Path, dtype: torch.dtype = torch.float32):
+    """The causal LM of a folder or Hugging Face id; of an image-text model (Gemma 3 from 4B, Gemma 4,
+    Mistral 3, as they are released) its language model alone: see `language_model`."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    ref = str(ref)
     try:
-        return AutoModelForCausalLM.from_pretrained(str(ref), dtype=dtype)
+        config = AutoConfig.from_pretrained(ref)
+    except Exception:
+        config = None  # (not a config transformers reads: from_pretrained below says what it is)
+    # Mistral 3 and other image-text models transformers gives no causal-LM class: loaded as what they are
+    auto = (AutoModelForImageTextToText if config is not None and type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING
+            and type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING else AutoModelForCausalLM)
+    try:
+        model = auto.from_pretrained(ref, dtype=dtype)
     except Exception as e:
-        raise _explain(str(ref), "causal language model", e) from None
+        raise _explain(ref, "causal language model", e) from None
+    return language_model(model, ref)
+
+
+def language_model(model, ref: str = "the model"):
+    """`model` itself where it is a causal LM of text; an image-text model's language model alone, as
+    the causal LM transformers has for its text config (Gemma 4's Gemma4ForCausalLM): the same
+    modules (trunk and LM head, no copy), without the vision (and audio) towers, which RLHF on text
+    never runs. What is saved of it then is that text model: it loads, serves and trains as one."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    text = model.config.get_text_config()
+    if text is model.config:
+        return model
+    lm_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(text), None)
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    if lm_class is None or decoder is model or head is None:
+        raise ModelLoadError(f"cannot load {ref!r} as a causal language model: it is a {type(model).__name__}, and "
+                             f"transformers has no text-only causal LM for its language model "
+                             f"({type(text).__name__}) to train on text; set models.policy to a text model")
+    with torch.device("meta"):  # the shell alone: its trunk and head are the model's own modules
+        lm = lm_class(text)
+    trunk_name = lm.base_model_prefix
+    if type(getattr(lm, trunk_name, None)) is not type(decoder):
+        raise ModelLoadError(f"cannot load {ref!r} as a causal language model: its language model is a "
+                             f"{type(decoder).__name__}, where {lm_class.__name__} holds a "
+                             f"{type(getattr(lm, trunk_name, None)).__name__}; set models.policy to a text model")
+    setattr(lm, trunk_name, decoder)
+    lm.set_output_embeddings(head)
+    left = [n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if t.is_meta]
+    if left:
+        raise ModelLoadError(f"cannot load {ref!r} as a causal language model: {lm_class.__name__} has weights "
+                             f"its {type(model).__name__} does not ({', '.join(left[:3])}); "
+                             "set models.policy to a text model")
+    # tied as they are in the model: the wrapper's config can say so where its text config does not (Mistral 3)
+    text.tie_word_embeddings = head.weight is decoder.get_input_embeddings().weight
+    lm.generation_config = model.generation_config  # its EOS tokens, its sampling defaults
+    return lm.train(model.training)  # (from_pretrained's: eval)
 
 
 def reward_head_problem(config) -> str | None:

@@ -12,7 +12,7 @@ import tempfile
 import mlflow
 import torch
 from tokenizers import ByteLevelBPETokenizer
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from tasks import scenario, tracking
 from tasks.config import PipelineConfig, PretrainConfig
@@ -72,6 +72,12 @@ def run(ws: Workspace, cfg: PipelineConfig, state: RoundState) -> None:
             if cfg.chat_format is not None:  # a model without a usable chat template stops the round here
                 end_of_turn(tokenizer, cfg.models.policy, cfg.chat_format)
             model = load_policy(cfg.models.policy)
+            released = AutoConfig.from_pretrained(cfg.models.policy)
+            if released.model_type != model.config.model_type:  # an image-text model: its language model alone
+                print(f"models.policy {cfg.models.policy} is an image-text model ({released.model_type}): its language "
+                      f"model ({type(model).__name__}) is the base, trained and registered as a text model; "
+                      "the vision and audio towers are left out")
+                mlflow.log_param("base_model_language_model", type(model).__name__)
             problem = None if cfg.models.reward else reward_head_problem(model.config)
             if problem:  # the reward model starts from this one: said now, before any feedback is collected
                 raise StageError(f"models.policy {cfg.models.policy}: {problem}")

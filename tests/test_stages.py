@@ -574,6 +574,80 @@ def test_a_policy_no_reward_model_can_start_from_is_said_before_feedback_is_coll
     assert (ws.base_model / "config.json").is_file()
 
 
+def image_text_model(family: str, vocab: int, pad_id: int):
+    """A tiny random image-text model of `family` as its makers release them (vision tower, projector,
+    language model), its special image tokens the vocabulary's last."""
+    import transformers as T
+
+    text = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=96, pad_token_id=pad_id)
+    special = dict(image_token_index=vocab - 1)
+    if family == "gemma3":
+        config = T.Gemma3Config(text_config={**text, "sliding_window": 32}, mm_tokens_per_image=4,
+                                vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                   num_attention_heads=2, image_size=28, patch_size=14),
+                                boi_token_index=vocab - 2, eoi_token_index=vocab - 3, **special)
+        return T.Gemma3ForConditionalGeneration(config)
+    if family == "gemma4":  # per-layer inputs, a sliding and a global layer of their own head size
+        config = T.Gemma4Config(
+            text_config={**text, "global_head_dim": 32, "vocab_size_per_layer_input": vocab,
+                         "hidden_size_per_layer_input": 16, "sliding_window": 32},
+            vision_config=T.Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=2, head_dim=16).to_dict(),
+            audio_config=None, image_token_id=vocab - 1, boi_token_id=vocab - 2, eoi_token_id=vocab - 3)
+        return T.Gemma4ForConditionalGeneration(config)
+    config = T.Mistral3Config(text_config={**text, "model_type": "mistral"}, **special,
+                              vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64,
+                                                 head_dim=16, num_hidden_layers=1, num_attention_heads=2,
+                                                 image_size=28, patch_size=14))
+    return T.Mistral3ForConditionalGeneration(config)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gemma4", "mistral3"])
+def test_an_image_text_model_is_the_base_as_its_language_model(family, tiny_model_dir, tmp_path, capsys):
+    """Gemma 3 from 4B, Gemma 4 and Mistral 3 are released as image-text models. As models.policy,
+    their language model alone is the base (pretrain says so): on text, the same logits as the whole
+    model; saved and loaded back as that text model, its LM head tied as it was, the vision tower
+    left out; the reward model starts from it. An image-text model with no text-only causal LM for
+    its language model (Qwen2.5-VL) is refused with what to set; positions are the text config's."""
+    import transformers as T
+
+    from tasks import pretrain
+    from tasks.modeling import load_reward, load_tokenizer, max_positions, save
+    from tasks.workspace import RoundState
+
+    tok = load_tokenizer(tiny_model_dir)
+    torch.manual_seed(0)
+    whole = image_text_model(family, len(tok), tok.pad_token_id).eval()
+    folder = save(whole, tok, tmp_path / family)
+    assert max_positions(whole.config) == 96
+    ws = init_workspace(tmp_path / "ws")
+    pretrain.run(ws, load_config(None, {**FAST, "models.policy": str(folder)}), RoundState())
+    text_lm = {"gemma3": "Gemma3ForCausalLM", "gemma4": "Gemma4ForCausalLM", "mistral3": "MistralForCausalLM"}[family]
+    assert (f"models.policy {folder} is an image-text model ({family}): its language model ({text_lm}) is the base"
+            in capsys.readouterr().out)
+    base = T.AutoModelForCausalLM.from_pretrained(ws.base_model).eval()
+    assert type(base).__name__ == text_lm and not any("vision" in k for k in base.state_dict())
+    assert T.AutoConfig.from_pretrained(ws.base_model).architectures == [text_lm]
+    ids = torch.randint(3, len(tok) - 4, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=ids).logits, whole(input_ids=ids).logits)
+        assert torch.equal(load_policy(folder)(input_ids=ids).logits, whole(input_ids=ids).logits)
+    tied = whole.get_output_embeddings().weight is whole.get_input_embeddings().weight
+    assert (base.get_output_embeddings().weight is base.get_input_embeddings().weight) == tied
+    reward = load_reward(ws.base_model, tok.pad_token_id)
+    assert max_positions(reward.config) == 96
+    vl = T.Qwen2_5_VLForConditionalGeneration(T.Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 4], "rope_theta": 1e4}),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64),
+        image_token_id=len(tok) - 1, video_token_id=len(tok) - 2, vision_start_token_id=len(tok) - 3))
+    with pytest.raises(ModelLoadError, match=r"cannot load .*qwen-vl.* as a causal language model: it is a "
+                                             r"Qwen2_5_VLForConditionalGeneration, .*set models.policy to a text model"):
+        load_policy(save(vl, tok, tmp_path / "qwen-vl"))
+
+
 @pytest.mark.parametrize("family", ["granite", "cohere2", "olmoe", "gemma4_text", "lfm2", "codegen"])
 def test_a_reward_model_starts_from_a_policy_transformers_has_no_classifier_for(family, tiny_model_dir, tmp_path):
     """IBM's Granite, Cohere's Command R7B, OLMoE, Gemma 4, LFM2, CodeGen: transformers ships no
