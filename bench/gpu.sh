@@ -12,8 +12,8 @@
 #                            124m under mixed precision (the pipeline's setting), 124m with a
 #                            separate critic (the reference's design), a Llama (either
 #                            decoder) and a Qwen3 of the 124m shape, LoRA on 355m, 124m sampled
-#                            16 episodes at a time, a Phi-3, a Pythia (GPT-NeoX), an OLMo 2 and a
-#                            Gemma 2 of the 124m shape ('reference': the
+#                            16 episodes at a time, a Phi-3, a Pythia (GPT-NeoX), an OLMo 2, a
+#                            Gemma 2 and a Gemma 4 (either decoder) of the 124m shape ('reference': the
 #                            runs against the reference alone; GPU_SHAPES="355m" runs one shape
 #                            against it, GPU_RUN_TIMEOUT the seconds each run may take); the device and tests in OUT/gpu.txt,
 #                            the tables in OUT/bench.txt, each run's JSON a line of OUT/runs.jsonl
@@ -95,6 +95,9 @@ run)
         bench ppo_124m_pythia --shape 124m --family pythia --no-reference  # GPT-NeoX as Pythia-160M (not yet on a GPU)
         bench ppo_124m_olmo2 --shape 124m --family olmo2 --no-reference  # norms after, not before (not yet on a GPU)
         bench ppo_124m_gemma2 --shape 124m --family gemma2 --no-reference  # logit soft-capping (not yet on a GPU)
+        # Gemma 4's language model as E2B is laid out: the graph decoder against HF's cache (not yet on a GPU)
+        bench ppo_124m_gemma4_static --shape 124m --family gemma4 --generation static --no-reference
+        bench ppo_124m_gemma4_dynamic --shape 124m --family gemma4 --generation dynamic --no-reference
     }
     # most wanted first, so that a device call cut short still brings back the issue's figures
     if [ "$part" != tests ]; then : > "$out/runs.jsonl"; fi

@@ -16,7 +16,9 @@ not the same work as the reference's full fine-tuning, so its ratio is reported 
 key/value head, SwiGLU; qwen3 and gemma3 the same with their norms, phi3 with its fused
 projections, olmo2 with its norms after attention and MLP, gemma2 with Gemma 2's logit
 soft-capping and 4096-token window; pythia a GPT-NeoX with Pythia's settings, which at 124m is
-Pythia-160M's shape) and the reference, GPT-2 only, does not run; --generation picks our
+Pythia-160M's shape; gemma4 Gemma 4's language model as its E2B is laid out: per-layer inputs,
+wider global heads, the second half of the layers reading earlier layers' keys and values, its
+reward model transformers' generic classifier) and the reference, GPT-2 only, does not run; --generation picks our
 decoder (static: KV cache + CUDA graphs; dynamic: HF's cache). Prints a table, and with --json
 one JSON object; writes ppo_throughput.json into --out (bench/results).
 """
@@ -36,8 +38,8 @@ T0 = time.perf_counter()  # before torch: the progress lines count the imports t
 
 import torch  # noqa: E402
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, Gemma2Config,  # noqa: E402
-                          Gemma3TextConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, Olmo2Config, Phi3Config,
-                          Qwen3Config)
+                          Gemma3TextConfig, Gemma4TextConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, Olmo2Config,
+                          Phi3Config, Qwen3Config)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tasks.ppo import lora, static_decode  # noqa: E402
@@ -59,7 +61,8 @@ def progress(what: str) -> None:
 
 
 FAMILIES = {"llama": LlamaConfig, "qwen3": Qwen3Config, "gemma3": Gemma3TextConfig, "phi3": Phi3Config,
-            "olmo2": Olmo2Config, "gemma2": Gemma2Config, "pythia": GPTNeoXConfig}  # besides GPT-2
+            "olmo2": Olmo2Config, "gemma2": Gemma2Config, "pythia": GPTNeoXConfig,
+            "gemma4": Gemma4TextConfig}  # besides GPT-2
 
 
 def policy_config(s: dict, family: str):
@@ -74,11 +77,17 @@ def policy_config(s: dict, family: str):
         # Qwen3 and Gemma 3 add their norms, Gemma 3 alternates 5 sliding-window layers (512 tokens,
         # as its 270M and 1B) with a global one; Phi-3 fuses q/k/v and gate/up into one projection each
         head_dim = s["dim"] // s["heads"]
-        extra = {"head_dim": head_dim} if family in ("qwen3", "gemma3", "gemma2") else {}
+        extra = {"head_dim": head_dim} if family in ("qwen3", "gemma3", "gemma2", "gemma4") else {}
         if family == "gemma2":  # its caps (attention 50, final logits 30) and window (4096) as released
             extra |= {"query_pre_attn_scalar": head_dim}
         if family == "gemma3":
             extra |= {"query_pre_attn_scalar": head_dim, "sliding_window": 512}
+        if family == "gemma4":  # as its E2B: global layers (every 6th) with heads twice as wide, per-layer
+            # inputs a sixth of the width, the second half of the layers reading earlier layers' keys and
+            # values (where the first half has a global layer), final logits capped at 30
+            extra |= {"global_head_dim": 2 * head_dim, "sliding_window": 512, "vocab_size_per_layer_input": s["vocab"],
+                      "hidden_size_per_layer_input": s["dim"] // 6, "final_logit_softcapping": 30.0,
+                      "num_kv_shared_layers": s["layers"] // 2 if s["layers"] >= 12 else 0}
         return FAMILIES[family](
             num_hidden_layers=s["layers"], hidden_size=s["dim"], num_attention_heads=s["heads"],
             num_key_value_heads=s["heads"] // 4 if s["heads"] % 4 == 0 else s["heads"],
@@ -139,6 +148,10 @@ def run_ours(s: dict, device: str, bf16: bool, profile: bool = False, lora_rank:
     dtype = torch.bfloat16 if bf16 and not mixed else torch.float32
     lm = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     score_cfg = {k: v for k, v in cfg.to_dict().items() if k not in ("id2label", "label2id")}
+    if family == "gemma4":  # transformers has no classifier for it: the generic one, as the pipeline makes it
+        from tasks.modeling import ensure_classifier
+
+        ensure_classifier(cfg)
 
     def classifier():  # the reward model of the policy's family and size (a scalar head), as the pipeline makes it
         return AutoModelForSequenceClassification.from_config(type(cfg)(**score_cfg, num_labels=1), dtype=dtype)

@@ -24,7 +24,7 @@ def bench():
     (0, "gpt2", "auto", 0, "shared"), (4, "gpt2", "auto", 4, "reward"), (0, "llama", "static", 0, "shared"),
     (0, "llama", "dynamic", 0, "shared"), (0, "qwen3", "static", 0, "reward"), (0, "gemma3", "static", 0, "shared"),
     (0, "phi3", "static", 0, "shared"), (0, "pythia", "static", 0, "shared"), (0, "olmo2", "static", 0, "shared"),
-    (0, "gemma2", "static", 0, "shared")])
+    (0, "gemma2", "static", 0, "shared"), (0, "gemma4", "static", 0, "reward")])
 def test_tiny_shape_runs_on_cpu(bench, tmp_path, capsys, rank, family, generation, chunk, value):
     out = tmp_path / "out"
     bench.main(["--shape", "tiny", "--no-reference", "--repeats", "1", "--json", "--lora", str(rank),
@@ -43,9 +43,10 @@ def test_tiny_shape_runs_on_cpu(bench, tmp_path, capsys, rank, family, generatio
                       "phi3": ("Phi3ForCausalLM", "Phi3ForSequenceClassification"),
                       "pythia": ("GPTNeoXForCausalLM", "GPTNeoXForSequenceClassification"),
                       "olmo2": ("Olmo2ForCausalLM", "Olmo2ForSequenceClassification"),
-                      "gemma2": ("Gemma2ForCausalLM", "Gemma2ForSequenceClassification")}[family]
+                      "gemma2": ("Gemma2ForCausalLM", "Gemma2ForSequenceClassification"),
+                      "gemma4": ("Gemma4ForCausalLM", "Gemma4TextForSequenceClassification")}[family]
     # the reward model is of the policy's family; a critic (--value-model reward) is its trunk and score head
-    trunk = {"gpt2": "GPT2Model", "qwen3": "Qwen3Model"}.get(family)
+    trunk = {"gpt2": "GPT2Model", "qwen3": "Qwen3Model", "gemma4": "Gemma4TextModel"}.get(family)
     assert ours["models"] == {"policy": policy, "reward": reward,
                               "value": f"critic: {trunk}" if value == "reward" else "policy's trunk"}
     assert printed["value_model"] == value and ("critic" in ours["system"]) == (value == "reward")

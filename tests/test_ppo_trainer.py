@@ -802,7 +802,8 @@ _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
                                      "olmo2", "olmo3", "gemma2", "gemma3-softcap", "smollm3", "granite",
                                      "mistral-window-8",
                                      "qwen3-window-8", "gemma3-window-8", "gemma2-window-8", "phi3-window-8",
-                                     "phi3-longrope-past", "neox-dynamic-rope", "olmo3-window-8", "smollm3-window-8"])
+                                     "phi3-longrope-past", "neox-dynamic-rope", "olmo3-window-8", "smollm3-window-8",
+                                     "gemma4", "gemma4-k-eq-v", "gemma4-window-8", "gemma4-experts"])
 def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, tiny_model_dir):
     """Qwen2, Qwen3 (per-head query/key norms), Gemma 3 (those norms, norms around attention and
     MLP, scaled embeddings, a rotary table per layer type, its own attention scale), Mistral
@@ -816,18 +817,25 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
     attention scores and final logits soft-capped, caps small enough here to bite; and Gemma 3
     with both caps set, of which HF's Gemma 3 applies the final one), SmolLM3 (a layer without
     rotary positions), Granite (multipliers on embeddings, residual branches, attention scores
-    and logits), each also with LoRA: the static decoder's
+    and logits), Gemma 4's language model (as its E2B: per-layer inputs, global layers with wider
+    heads and a rotary table of their own, norms on q, k and v, learned layer scalars, the last
+    layers reading the keys and values of the last earlier layer of their type; and as its 31B:
+    the global layers' value the key's projection, one key/value head, capped logits), each also
+    with LoRA: the static decoder's
     logits are the model's at every step, and it samples what HF's sampler samples. A sliding
     window shorter than the rollout (Mistral's, Phi-3's, or Qwen3's, Gemma's, OLMo 3's or SmolLM3's local layers),
     LongRoPE past the original length (HF switches factors mid-rollout) and rotary scaling that
-    changes with the length (dynamic NTK) are left to HF's sampler."""
-    from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPTNeoXConfig, GraniteConfig,
+    changes with the length (dynamic NTK) are left to HF's sampler, as are Gemma 4's experts (26B-A4B)."""
+    from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Gemma4TextConfig, GPTNeoXConfig,
+                              GraniteConfig,
                               LlamaConfig, MistralConfig, Olmo2Config, Olmo3Config, Phi3Config, Qwen2Config, Qwen3Config,
                               SmolLM3Config)
 
     tok = load_tokenizer(tiny_model_dir)
     common = dict(_LLAMA_LIKE, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     neox = {k: v for k, v in common.items() if k != "num_key_value_heads"}
+    gemma4 = dict(common, head_dim=16, global_head_dim=32, sliding_window=64, vocab_size_per_layer_input=len(tok),
+                  hidden_size_per_layer_input=8, layer_types=["sliding_attention", "full_attention"])
 
     def longrope(original: int) -> dict:  # Phi-3.5's scaling: per-frequency factors, short and long
         half = 64 // 4 // 2
@@ -878,6 +886,14 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
                                                                          "rope_theta": 5e5}}),
         "olmo3-window-8": lambda: Olmo3Config(**common, sliding_window=8,
                                               layer_types=["sliding_attention", "full_attention"]),
+        # 4 layers, the last two reading the keys and values of the first two (E2B's last 20 of 35 do)
+        "gemma4": lambda: Gemma4TextConfig(**{**gemma4, "num_hidden_layers": 4,
+                                              "layer_types": gemma4["layer_types"] * 2}, num_kv_shared_layers=2),
+        "gemma4-k-eq-v": lambda: Gemma4TextConfig(**{**gemma4, "hidden_size_per_layer_input": 0}, attention_k_eq_v=True,
+                                                  num_global_key_value_heads=1, final_logit_softcapping=0.5),
+        "gemma4-window-8": lambda: Gemma4TextConfig(**{**gemma4, "sliding_window": 8}),
+        "gemma4-experts": lambda: Gemma4TextConfig(**gemma4, enable_moe_block=True, num_experts=4, top_k_experts=2,
+                                                   moe_intermediate_size=32),
     }[variant]()
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(config).eval()
@@ -905,7 +921,18 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
     if variant in ("gemma2", "gemma3-softcap"):  # the caps bite: HF's logits without them differ
         capped = lm(input_ids=ids, attention_mask=mask).logits
         assert capped.abs().max() < 0.2 and lm.model.layers[0].self_attn.attn_logit_softcapping == 0.5
-    if variant.endswith(("window-8", "-past", "dynamic-rope")):
+    if variant.startswith("gemma4"):
+        with torch.no_grad():  # scalars and norm weights that are not 1, so that where each applies shows
+            for name, t in [*lm.named_buffers(), *lm.named_parameters()]:
+                if name.endswith("layer_scalar") or "norm" in name:
+                    t.add_(torch.randn_like(t) * 0.3)
+    if variant == "gemma4":
+        layers = lm.model.layers
+        assert [layer.self_attn.is_kv_shared_layer for layer in layers] == [False, False, True, True]
+        assert [layer.self_attn.head_dim for layer in layers] == [16, 32, 16, 32] and layers[0].per_layer_input_gate
+    if variant == "gemma4-k-eq-v":
+        assert lm.model.layers[1].self_attn.v_proj is None and lm.model.layers[1].self_attn.k_proj.out_features == 32
+    if variant.endswith(("window-8", "-past", "dynamic-rope", "experts")):
         assert not static_decode.supports(lm, ids.shape[1] + 12)
         with pytest.raises(ValueError, match="StaticDecoder supports"):
             static_decode.StaticDecoder(lm, 2, ids.shape[1], 12)
@@ -927,14 +954,14 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
             assert torch.equal(fast, slow), (with_lora, seed)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3", "gemma3", "gemma2", "phi3", "pythia", "olmo3"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3", "gemma3", "gemma2", "phi3", "pythia", "olmo3", "gemma4"])
 def test_static_decoder_in_bf16_is_as_close_to_the_truth_as_the_model_itself(family, tiny_model_dir):
     """In bf16 the decoder computes its own way (q scaled before the product, softmax read in bf16,
     F.rms_norm, rotary as one addcmul): at every step its logits are as close to a float64 forward
     of the same weights as HF's own bf16 forward is. Norm weights are random, so where each norm
     applies its weight (Llama after the cast back, Gemma 3 before) shows."""
-    from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPT2Config, GPTNeoXConfig,
-                              LlamaConfig, Olmo3Config, Phi3Config, Qwen3Config)
+    from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Gemma4TextConfig, GPT2Config,
+                              GPTNeoXConfig, LlamaConfig, Olmo3Config, Phi3Config, Qwen3Config)
 
     tok = load_tokenizer(tiny_model_dir)
     common = dict(_LLAMA_LIKE, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
@@ -949,7 +976,11 @@ def test_static_decoder_in_bf16_is_as_close_to_the_truth_as_the_model_itself(fam
               "pythia": lambda: GPTNeoXConfig(**{k: v for k, v in common.items() if k != "num_key_value_heads"},
                                               rotary_pct=0.25, use_parallel_residual=True),
               "olmo3": lambda: Olmo3Config(**common, sliding_window=64,
-                                           layer_types=["sliding_attention", "full_attention"])}[family]()
+                                           layer_types=["sliding_attention", "full_attention"]),
+              "gemma4": lambda: Gemma4TextConfig(**{**common, "num_hidden_layers": 4}, head_dim=16, global_head_dim=32,
+                                                 sliding_window=64, vocab_size_per_layer_input=len(tok),
+                                                 hidden_size_per_layer_input=8, num_kv_shared_layers=2,
+                                                 layer_types=["sliding_attention", "full_attention"] * 2)}[family]()
     torch.manual_seed(0)
     # (HF's Gemma 2 in float64 returns NaN on a left-padded row; in float32 it does not, and float32
     # is as good as exact at bf16's scale)
@@ -958,6 +989,9 @@ def test_static_decoder_in_bf16_is_as_close_to_the_truth_as_the_model_itself(fam
         for name, p in truth.named_parameters():
             if "norm" in name or "ln_" in name:
                 p.add_(torch.randn_like(p) * 0.3)
+        for name, b in truth.named_buffers():
+            if name.endswith("layer_scalar"):  # Gemma 4's learned scalars, loaded with the weights
+                b.add_(torch.randn_like(b) * 0.3)
     lm = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
     lm.load_state_dict(truth.state_dict())
     ids, mask = _two_prompts(tok)

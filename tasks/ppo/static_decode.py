@@ -1,5 +1,5 @@
-"""Fast rollouts: a preallocated KV cache, and on CUDA a graph per step (GPT-2, Llama, Granite, Phi-3, Gemma 2
-and 3, OLMo 2 and 3, GPT-NeoX).
+"""Fast rollouts: a preallocated KV cache, and on CUDA a graph per step (GPT-2, Llama, Granite, Phi-3, Gemma 2,
+3 and 4, OLMo 2 and 3, GPT-NeoX).
 
 Generation is most of a PPO step, and at PPO's batch sizes one decode step of a small model is
 a few hundred tiny kernels: eager PyTorch spends its time launching them. This decoder keeps
@@ -13,9 +13,10 @@ adapters on them); only the cached attention and the layout of a block are writt
 per family: `_GPT2` (learned positions, fused qkv), `_Llama` (rotary positions, grouped-query
 attention; also Mistral, Qwen2, Qwen3 and SmolLM3), `_Phi3` (Llama's, with fused projections and
 rotary positions on part of each head), `_Granite` (Llama's, with four scalar multipliers),
-`_Gemma` (Gemma 2 and 3: Llama's, with more norms and soft-capped logits), `_Olmo2` (OLMo 2 and
-3: Llama's, with norms after attention and MLP instead of before) and `_NeoX` (Pythia: Phi-3's
-partial rotary, LayerNorm, attention and MLP side by side). `sample` in rollout.py is the
+`_Gemma` (Gemma 2 and 3: Llama's, with more norms and soft-capped logits), `_Gemma4` (Gemma 3's,
+with head sizes per layer type, per-layer inputs and layers that read earlier layers' keys and
+values), `_Olmo2` (OLMo 2 and 3: Llama's, with norms after attention and MLP instead of before)
+and `_NeoX` (Pythia: Phi-3's partial rotary, LayerNorm, attention and MLP side by side). `sample` in rollout.py is the
 general path (any causal LM, HF's dynamic cache); `supports(lm)` says whether this one applies.
 Under mixed precision (float32 weights, bf16 autocast) it decodes over bf16 copies of the
 weights made at each rollout, so the graph casts nothing per token. Imports torch and
@@ -38,7 +39,8 @@ PHI3 = "phi3"  # Phi-3 and Phi-3.5 mini and medium, Phi-4-mini: Llama's block wi
 GRANITE = "granite"  # IBM Granite 3 (2B, 8B): Llama's block with multipliers on embeddings, residuals and logits
 NEOX = "gpt_neox"  # GPT-NeoX: Pythia (the RLHF literature's models), GPT-NeoX-20B, StableLM-alpha, Dolly
 OLMO = ("olmo2", "olmo3")  # AI2's fully open OLMo 2 and 3 (Tulu 3's and OLMo's own RL): norms after, not before
-PER_LAYER_ROPE = (GEMMA3, "olmo3")  # a rotary table per layer type (sliding-window layers, global layers)
+GEMMA4 = "gemma4_text"  # Gemma 4's language model (E2B, E4B, 31B; the 26B-A4B's experts are not covered)
+PER_LAYER_ROPE = (GEMMA3, GEMMA4, "olmo3")  # a rotary table per layer type (sliding-window layers, global layers)
 
 
 def _window(cfg) -> int | None:
@@ -64,13 +66,15 @@ def supports(lm: nn.Module, max_len: int | None = None) -> bool:
         return (hasattr(base_model(lm), "transformer")
                 and getattr(cfg, "scale_attn_weights", True) and not getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
                 and not getattr(cfg, "reorder_and_upcast_attn", False) and not getattr(cfg, "add_cross_attention", False))
-    if kind in LLAMA_LIKE or kind in (GEMMA3, GEMMA2, PHI3, GRANITE, *OLMO):
+    if kind in LLAMA_LIKE or kind in (GEMMA3, GEMMA2, GEMMA4, PHI3, GRANITE, *OLMO):
         rope = getattr(cfg, "rope_parameters", None) or {}
-        # one rotary table, or (Gemma 3, OLMo 3) one per layer type
+        # one rotary table, or (Gemma 3 and 4, OLMo 3) one per layer type
         ropes = rope.values() if kind in PER_LAYER_ROPE else [rope]
         window = _window(cfg)
-        bidirectional = getattr(cfg, "use_bidirectional_attention", False)  # EmbeddingGemma: not a decoder
-        return (hasattr(base_model(lm), "model") and not bidirectional
+        # EmbeddingGemma's, Gemma 4's "all": not a decoder (Gemma 4's "vision" is causal on text)
+        bidirectional = getattr(cfg, "use_bidirectional_attention", None) in (True, "all")
+        experts = getattr(cfg, "enable_moe_block", False)  # Gemma 4 26B-A4B: routing no graph can hold
+        return (hasattr(base_model(lm), "model") and not bidirectional and not experts
                 and all(_fixed_rope(r, max_len) for r in ropes)
                 and (window is None or (max_len is not None and max_len <= window)))
     if kind == NEOX:
@@ -87,11 +91,23 @@ def _fixed_rope(rope: dict, max_len: int | None) -> bool:
     return kind != "dynamic"
 
 
-class _GPT2:
-    """GPT-2: learned positions added to the embeddings, one qkv projection, LayerNorm, GELU MLP."""
+class _Arch:
+    """What every layout below has unless it says otherwise."""
 
     parallel = False  # attention, then the MLP on its output
-    attn_softcap = None  # no soft-capping of the attention scores
+    attn_softcap = final_softcap = None  # Gemma 2's (Gemma 3's final one where set): tanh(x / cap) * cap
+
+    def kv_layout(self) -> list[tuple[int, int, int]]:
+        """Per layer: key/value heads, head size, and the layer whose cache it reads (itself, but in
+        Gemma 4's layers that reuse an earlier layer's keys and values)."""
+        return [(self.n_kv, self.head_dim, i) for i in range(len(self.blocks))]
+
+    def block_end(self, i: int, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return h  # (Gemma 4 adds its per-layer input and scales the block's output)
+
+
+class _GPT2(_Arch):
+    """GPT-2: learned positions added to the embeddings, one qkv projection, LayerNorm, GELU MLP."""
 
     def __init__(self, lm: nn.Module, max_len: int):
         cfg, self.tr = lm.config, base_model(lm).transformer
@@ -132,14 +148,11 @@ class _GPT2:
         return x  # the LM head's output as it is
 
 
-class _Llama:
+class _Llama(_Arch):
     """Llama (and Mistral, Qwen2, Qwen3, SmolLM3): rotary positions, q/k/v projections with fewer
     key/value heads than query heads (grouped-query attention), RMSNorm, gated MLP. Qwen3 adds an
     RMSNorm over each query and key head (`q_norm`, `k_norm`) before the rotation; SmolLM3 leaves
     the rotation out of every fourth layer (NoPE: its attention's `use_rope` is off there)."""
-
-    parallel = False  # attention, then the MLP on its output
-    attn_softcap = final_softcap = None  # Gemma 2's (Gemma 3's final one where set): tanh(x / cap) * cap
 
     def __init__(self, lm: nn.Module, max_len: int):
         cfg, self.m = lm.config, base_model(lm).model
@@ -247,6 +260,58 @@ class _Gemma(_Llama):
         return _rms_norm(block.post_feedforward_layernorm, block.mlp(_rms_norm(block.pre_feedforward_layernorm, h)))
 
 
+class _Gemma4(_Gemma):
+    """Gemma 4's language model: Gemma 3's block, with per layer type its own head size and key/value
+    heads (the global layers' heads are wider), q and k normed per head and v too (without a
+    scale), attention unscaled (its `scaling`, 1.0), and on the global layers of the larger models
+    the value the key's projection itself (`attention_k_eq_v`: no v_proj). The last layers of the
+    small models (E2B, E4B) compute no keys or values: they read those of the last earlier layer of
+    their type (`kv_layout`: the same cache buffer). Each block then adds a per-layer input (PLE:
+    an embedding of the token per layer, mixed with a projection of the token's embedding; made
+    once per step in `embed`) through a gate, and scales its output by a learned scalar."""
+
+    def __init__(self, lm: nn.Module, max_len: int):
+        cfg, self.m = lm.config, base_model(lm).model
+        self.final_softcap = cfg.final_logit_softcapping
+        self.blocks, self.embedding = list(self.m.layers), self.m.embed_tokens
+        self.max_positions = cfg.max_position_embeddings
+        self.n_head, self.scale = cfg.num_attention_heads, self.blocks[0].self_attn.scaling
+        modes, kinds = cfg.kv_sharing_modes, cfg.layer_types
+        stores = {kinds[i]: i for i, mode in enumerate(modes) if mode == "store"}
+        self.layout = [(cfg.per_layer_config[i].num_key_value_heads, block.self_attn.head_dim,
+                        stores[kinds[i]] if modes[i] == "reuse" else i) for i, block in enumerate(self.blocks)]
+        self.per_layer = None  # (B, S, layers, per-layer size): this step's per-layer inputs
+        self.rotary_tables(cfg, max_len)
+
+    def kv_layout(self) -> list[tuple[int, int, int]]:
+        return self.layout
+
+    def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        h = self.m.embed_tokens(ids)
+        if self.m.hidden_size_per_layer_input:
+            self.per_layer = self.m.project_per_layer_inputs(h, self.m.get_per_layer_inputs(ids, h))
+        return h
+
+    def qkv(self, block: nn.Module, h: torch.Tensor, rope: dict):
+        attn, x = block.self_attn, _rms_norm(block.input_layernorm, h)
+        B, S, _ = x.shape
+        cos, sin = rope[self.layer_kind[id(block)]]
+        q = _rms_norm(attn.q_norm, attn.q_proj(x).view(B, S, -1, attn.head_dim)).transpose(1, 2)
+        q = _rotate(q, cos, sin).to(q.dtype)
+        if attn.is_kv_shared_layer:
+            return q, None  # the keys and values of an earlier layer: kv_layout
+        k = attn.k_proj(x).view(B, S, -1, attn.head_dim)
+        v = attn.v_proj(x).view(B, S, -1, attn.head_dim) if attn.v_proj is not None else k
+        k, v = (_rms_norm(norm, t).transpose(1, 2) for norm, t in ((attn.k_norm, k), (attn.v_norm, v)))
+        return q, torch.stack((_rotate(k, cos, sin).to(k.dtype), v))
+
+    def block_end(self, i: int, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        if self.per_layer is not None:
+            gate = block.act_fn(block.per_layer_input_gate(h)) * self.per_layer[:, :, i]
+            h = h + _rms_norm(block.post_per_layer_input_norm, block.per_layer_projection(gate))
+        return (h.float() * block.layer_scalar.float()).to(h.dtype)  # as HF's in-place multiply computes it
+
+
 class _Olmo2(_Llama):
     """OLMo 2 and 3: Llama's projections and MLP, with the norms moved: none before attention or
     the MLP, one after each (on their outputs, before the residual sum), and the query and key
@@ -330,6 +395,9 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x.float(), x.shape[-1:], norm.weight.float(), norm.variance_epsilon).to(x.dtype)
     if kind in ("Gemma2RMSNorm", "Gemma3RMSNorm"):
         return F.rms_norm(x.float(), x.shape[-1:], 1.0 + norm.weight.float(), norm.eps).type_as(x)
+    if kind == "Gemma4RMSNorm":  # its weight as it is; Gemma 4's value norm has none
+        weight = norm.weight.float() if norm.with_scale else None
+        return F.rms_norm(x.float(), x.shape[-1:], weight, norm.eps).type_as(x)
     return norm(x)
 
 
@@ -346,7 +414,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
 
 
 # model_type -> the class that lays out its block; every other type `supports` accepts is a Llama's
-ARCHS = {"gpt2": _GPT2, GEMMA3: _Gemma, GEMMA2: _Gemma, PHI3: _Phi3, GRANITE: _Granite, NEOX: _NeoX,
+ARCHS = {"gpt2": _GPT2, GEMMA3: _Gemma, GEMMA2: _Gemma, GEMMA4: _Gemma4, PHI3: _Phi3, GRANITE: _Granite, NEOX: _NeoX,
          **dict.fromkeys(OLMO, _Olmo2)}
 
 
@@ -380,7 +448,8 @@ class StaticDecoder:
         self.L = prompt_len + max_new_tokens
         if not supports(lm, self.L):
             raise ValueError(f"StaticDecoder supports GPT-2, Llama-family models (Mistral, Qwen2, Qwen3, SmolLM3), "
-                             f"Granite, Phi-3, Gemma 2 and 3, OLMo 2 and 3 and GPT-NeoX within their sliding "
+                             f"Granite, Phi-3, Gemma 2, 3 and 4 (without experts), OLMo 2 and 3 and GPT-NeoX "
+                             f"within their sliding "
                              f"window and their rotary scaling's fixed range, not {type(lm).__name__}")
         self.lm = lm
         self.runner = _Runner(lm)
@@ -400,9 +469,12 @@ class StaticDecoder:
         # Instead the decoder reads a bf16 copy of the weights, refreshed once per rollout, and
         # runs in bf16 throughout, as over bf16 weights; `shadow` maps names to those copies.
         self.shadow: dict[str, torch.Tensor] = {}
-        shape = (batch, self.arch.n_kv, self.L, self.arch.head_dim)
-        # keys and values of a layer in one buffer (2, B, kv_heads, L, D): one copy writes both
-        self.kv = [torch.zeros((2, *shape), dtype=dtype, device=device) for _ in self.arch.blocks]
+        # keys and values of a layer in one buffer (2, B, kv_heads, L, D): one copy writes both; a
+        # layer that reads an earlier layer's (Gemma 4) holds that layer's buffer and writes nothing
+        self.kv = []
+        for i, (kv_heads, head_dim, source) in enumerate(self.arch.kv_layout()):
+            self.kv.append(self.kv[source] if source != i else
+                           torch.zeros((2, batch, kv_heads, self.L, head_dim), dtype=dtype, device=device))
         self.k, self.v = [kv[0] for kv in self.kv], [kv[1] for kv in self.kv]
         # Per-step state, all in fixed buffers so the captured graph can read and advance it.
         self.mask = torch.zeros(batch, 1, 1, self.L, dtype=torch.bool, device=device)  # True = may attend
@@ -444,9 +516,8 @@ class StaticDecoder:
     def _blocks(self, h: torch.Tensor, pos: torch.Tensor, write, attn_mask: torch.Tensor,
                 decode: bool) -> torch.Tensor:
         """The transformer blocks; `write(layer, kv)` stores new keys and values (2, B, kv_heads, S, D)
-        and returns the keys and values to attend."""
+        (None: the layer reads an earlier layer's) and returns the keys and values to attend."""
         arch = self.arch
-        groups = arch.n_head // arch.n_kv  # query heads per key/value head
         rope = arch.rotary(pos)  # every layer's positions, looked up once
         blocked = ~attn_mask if decode else None  # once per step, not per layer
         for i, block in enumerate(arch.blocks):
@@ -454,11 +525,13 @@ class StaticDecoder:
             B, _, S, D = q.shape
             keys, values = write(i, kv)
             keys, values = keys.to(q.dtype), values.to(q.dtype)
+            kv_heads = keys.shape[1]
+            groups = arch.n_head // kv_heads  # query heads per key/value head
             if decode:  # one query per row: plain matmuls beat a fused attention kernel's launch cost here
                 # q is a strided view of the projection; the matmul needs it copied into a layout
                 # whose (batch, head) dims fold into one, so the scale rides on that copy (as
                 # PyTorch's own math attention scales q before the product)
-                q = (q * (arch.scale or D ** -0.5)).reshape(B, arch.n_kv, groups, D)  # kv head's queries side by side
+                q = (q * (arch.scale or D ** -0.5)).reshape(B, kv_heads, groups, D)  # kv head's queries side by side
                 scores = _softcap(q @ keys.transpose(-1, -2), arch.attn_softcap)
                 scores = scores.masked_fill(blocked, float("-inf"))  # (B, kv_heads, groups, L)
                 # softmax reads the scores' dtype and accumulates in float32 inside the one kernel
@@ -478,6 +551,7 @@ class StaticDecoder:
             else:
                 h = h + a
                 h = h + arch.mlp(block, h)
+            h = arch.block_end(i, block, h)
         return arch.norm(h)
 
     def _head_logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -500,6 +574,8 @@ class StaticDecoder:
         attn_mask = attn_mask | torch.eye(P, dtype=torch.bool, device=real.device)[None, None]
 
         def write(i, kv):
+            if kv is None:  # an earlier layer's, written by it in this pass
+                return self.kv[i][0, :, :, :P], self.kv[i][1, :, :, :P]
             self.kv[i][:, :, :, :P] = kv
             return kv[0], kv[1]
 
@@ -515,7 +591,8 @@ class StaticDecoder:
         self.mask.index_fill_(3, self.col, True)
 
         def write(i, kv):
-            self.kv[i].index_copy_(3, self.col, kv.to(self.kv[i].dtype))
+            if kv is not None:  # None: an earlier layer's, written by it in this step
+                self.kv[i].index_copy_(3, self.col, kv.to(self.kv[i].dtype))
             return self.k[i], self.v[i]
 
         pos = self.pos[:, None]
