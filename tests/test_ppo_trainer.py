@@ -565,10 +565,12 @@ def test_a_critic_from_the_reward_model_values_a_whole_response_as_its_score_and
         Critic(load_policy(tiny_model_dir))
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3", "gemma3", "gemma2", "phi3", "pythia", "olmo2", "opt"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3", "gemma3", "gemma2", "phi3", "pythia", "olmo2", "opt",
+                                    "qwen3_5"])
 def test_a_critic_is_made_of_each_familys_reward_model_and_starts_at_its_score(family):
     """Critic(classifier) finds the trunk and score head of every family the pipeline's reward models
-    come in; its value at each row's last token is exactly the classifier's score (left padding)."""
+    come in; its value at each row's last token is exactly the classifier's score (left padding; also
+    through Qwen3.5's linear-attention layers, whose recurrence the padding must not reach)."""
     import transformers as T
 
     small = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
@@ -582,7 +584,11 @@ def test_a_critic_is_made_of_each_familys_reward_model_and_starts_at_its_score(f
               "phi3": lambda: T.Phi3Config(**small), "pythia": lambda: T.GPTNeoXConfig(**gqa_free),
               "olmo2": lambda: T.Olmo2Config(**small),
               "opt": lambda: T.OPTConfig(**{k: v for k, v in gqa_free.items() if k != "intermediate_size"}, ffn_dim=64,
-                                         word_embed_proj_dim=32)}[family]()
+                                         word_embed_proj_dim=32),
+              "qwen3_5": lambda: T.Qwen3_5TextConfig(**small, head_dim=8, linear_num_key_heads=2,
+                                                     linear_num_value_heads=4, linear_key_head_dim=8,
+                                                     linear_value_head_dim=8,
+                                                     layer_types=["linear_attention", "full_attention"])}[family]()
     torch.manual_seed(0)
     classifier = T.AutoModelForSequenceClassification.from_config(config).eval()
     ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
@@ -591,6 +597,9 @@ def test_a_critic_is_made_of_each_familys_reward_model_and_starts_at_its_score(f
         values = Critic(classifier)(ids, mask, position_ids_from_mask(mask))  # (2, 6)
         scores = classifier(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
     assert values.shape == (2, 6) and torch.allclose(values[:, -1], scores[:, 0], atol=1e-6)
+    with torch.no_grad():  # the padded row scores as it does alone
+        alone = classifier(input_ids=ids[:1, 2:]).logits
+    assert torch.allclose(alone[0], scores[0], atol=1e-5)
 
 
 def test_a_reward_model_no_critic_can_start_from_stops_the_stage_saying_what_to_set(tiny_model_dir, tmp_path):
