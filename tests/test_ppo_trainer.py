@@ -812,7 +812,8 @@ _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
                                      "mistral-window-8",
                                      "qwen3-window-8", "gemma3-window-8", "gemma2-window-8", "phi3-window-8",
                                      "phi3-longrope-past", "neox-dynamic-rope", "olmo3-window-8", "smollm3-window-8",
-                                     "gemma4", "gemma4-k-eq-v", "gemma4-window-8", "gemma4-experts"])
+                                     "gemma4", "gemma4-k-eq-v", "gemma4-window-8", "gemma4-experts",
+                                     "ministral", "ministral3", "ministral3-past-original"])
 def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, tiny_model_dir):
     """Qwen2, Qwen3 (per-head query/key norms), Gemma 3 (those norms, norms around attention and
     MLP, scaled embeddings, a rotary table per layer type, its own attention scale), Mistral
@@ -834,15 +835,23 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
     logits are the model's at every step, and it samples what HF's sampler samples. A sliding
     window shorter than the rollout (Mistral's, Phi-3's, or Qwen3's, Gemma's, OLMo 3's or SmolLM3's local layers),
     LongRoPE past the original length (HF switches factors mid-rollout) and rotary scaling that
-    changes with the length (dynamic NTK) are left to HF's sampler, as are Gemma 4's experts (26B-A4B)."""
+    changes with the length (dynamic NTK) are left to HF's sampler, as are Gemma 4's experts (26B-A4B).
+    Ministral (sliding-window layers) and Ministral 3 (YaRN, its query scale by position, which is 1
+    within the original length: past it, HF's sampler) are Llama's block."""
     from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Gemma4TextConfig, GPTNeoXConfig,
-                              GraniteConfig,
+                              GraniteConfig, Ministral3Config, MinistralConfig,
                               LlamaConfig, MistralConfig, Olmo2Config, Olmo3Config, Phi3Config, Qwen2Config, Qwen3Config,
                               SmolLM3Config)
 
     tok = load_tokenizer(tiny_model_dir)
     common = dict(_LLAMA_LIKE, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     neox = {k: v for k, v in common.items() if k != "num_key_value_heads"}
+    ids, mask = _two_prompts(tok)
+
+    def ministral3(original: int) -> dict:
+        return {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "original_max_position_embeddings": original,
+                "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}
+
     gemma4 = dict(common, head_dim=16, global_head_dim=32, sliding_window=64, vocab_size_per_layer_input=len(tok),
                   hidden_size_per_layer_input=8, layer_types=["sliding_attention", "full_attention"])
 
@@ -903,6 +912,11 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
         "gemma4-window-8": lambda: Gemma4TextConfig(**{**gemma4, "sliding_window": 8}),
         "gemma4-experts": lambda: Gemma4TextConfig(**gemma4, enable_moe_block=True, num_experts=4, top_k_experts=2,
                                                    moe_intermediate_size=32),
+        "ministral": lambda: MinistralConfig(**common, head_dim=16, sliding_window=64,
+                                             layer_types=["sliding_attention", "full_attention"]),
+        # Ministral 3's YaRN and query scale as released, its original length shrunk to the rollout's and past it
+        "ministral3": lambda: Ministral3Config(**common, rope_parameters=ministral3(ids.shape[1] + 12)),
+        "ministral3-past-original": lambda: Ministral3Config(**common, rope_parameters=ministral3(8)),
     }[variant]()
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(config).eval()
@@ -941,7 +955,9 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
         assert [layer.self_attn.head_dim for layer in layers] == [16, 32, 16, 32] and layers[0].per_layer_input_gate
     if variant == "gemma4-k-eq-v":
         assert lm.model.layers[1].self_attn.v_proj is None and lm.model.layers[1].self_attn.k_proj.out_features == 32
-    if variant.endswith(("window-8", "-past", "dynamic-rope", "experts")):
+    if variant == "ministral3":  # past its original length the queries would be scaled: the table's reach
+        assert static_decode.supports(lm, ids.shape[1] + 12) and not static_decode.supports(lm, ids.shape[1] + 13)
+    if variant.endswith(("window-8", "-past", "dynamic-rope", "experts", "-past-original")):
         assert not static_decode.supports(lm, ids.shape[1] + 12)
         with pytest.raises(ValueError, match="StaticDecoder supports"):
             static_decode.StaticDecoder(lm, 2, ids.shape[1], 12)

@@ -32,7 +32,9 @@ from torch import nn
 
 from tasks.ppo.rollout import base_model, position_ids_from_mask, sample_token
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "smollm3")  # one block layout (modular copies in transformers)
+# one block layout (modular copies in transformers); Ministral 3 (the language model of Mistral's 3B, 8B and 14B)
+# scales its queries by position past its original length, which `_fixed_rope` keeps the rollout within
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "ministral", "ministral3")
 GEMMA3 = "gemma3_text"  # Gemma 3's text models (270M, 1B; the larger ones' language model)
 GEMMA2 = "gemma2"  # Gemma 2 (2B, 9B, 27B): Gemma 3's block without query/key norms, with logit soft-capping
 PHI3 = "phi3"  # Phi-3 and Phi-3.5 mini and medium, Phi-4-mini: Llama's block with fused projections
@@ -46,7 +48,7 @@ PER_LAYER_ROPE = (GEMMA3, GEMMA4, "olmo3")  # a rotary table per layer type (sli
 def _window(cfg) -> int | None:
     """The sliding-attention window, where a layer has one (Mistral, Phi-3; Gemma 2 and 3, OLMo 3; Qwen2, Qwen3
     and SmolLM3 when configured)."""
-    if cfg.model_type in ("mistral", PHI3):  # every layer
+    if cfg.model_type in ("mistral", "ministral3", PHI3):  # every layer
         return getattr(cfg, "sliding_window", None)
     if "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
         return getattr(cfg, "sliding_window", None)
@@ -85,7 +87,9 @@ def supports(lm: nn.Module, max_len: int | None = None) -> bool:
 def _fixed_rope(rope: dict, max_len: int | None) -> bool:
     """Whether a rotary scaling gives the same table at every length up to `max_len`."""
     kind = rope.get("rope_type", "default")
-    if kind == "longrope":  # short factors up to the original length, long ones past it
+    # LongRoPE: short factors up to the original length, long ones past it; Ministral 3's query scale
+    # (1 + beta * log(1 + floor(position / original length))): 1 up to the original length
+    if kind == "longrope" or rope.get("llama_4_scaling_beta"):
         original = rope.get("original_max_position_embeddings")
         return max_len is not None and original is not None and max_len <= original
     return kind != "dynamic"
@@ -379,7 +383,7 @@ class _NeoX(_Llama):
 
 
 LLAMA_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm", "SmolLM3RMSNorm",
-               "GraniteRMSNorm")
+               "GraniteRMSNorm", "MinistralRMSNorm", "Ministral3RMSNorm")
 OLMO_NORMS = ("Olmo2RMSNorm", "Olmo3RMSNorm")
 
 
@@ -447,7 +451,8 @@ class StaticDecoder:
         self.B, self.P, self.T = batch, prompt_len, max_new_tokens
         self.L = prompt_len + max_new_tokens
         if not supports(lm, self.L):
-            raise ValueError(f"StaticDecoder supports GPT-2, Llama-family models (Mistral, Qwen2, Qwen3, SmolLM3), "
+            raise ValueError(f"StaticDecoder supports GPT-2, Llama-family models (Mistral, Ministral, Qwen2, Qwen3, "
+                             f"SmolLM3), "
                              f"Granite, Phi-3, Gemma 2, 3 and 4 (without experts), OLMo 2 and 3 and GPT-NeoX "
                              f"within their sliding "
                              f"window and their rotary scaling's fixed range, not {type(lm).__name__}")
