@@ -11,16 +11,16 @@ rollouts needs no new capture.
 It reuses the model's own modules (embeddings, norms, projections, MLP, LM head, with any LoRA
 adapters on them); only the cached attention and the layout of a block are written here, once
 per family: `_GPT2` (learned positions, fused qkv), `_Llama` (rotary positions, grouped-query
-attention; also Mistral, Qwen2, Qwen3 and SmolLM3), `_Phi3` (Llama's, with fused projections and
-rotary positions on part of each head), `_Granite` (Llama's, with four scalar multipliers),
-`_Gemma` (Gemma 2 and 3: Llama's, with more norms and soft-capped logits), `_Gemma4` (Gemma 3's,
-with head sizes per layer type, per-layer inputs and layers that read earlier layers' keys and
-values), `_Olmo2` (OLMo 2 and 3: Llama's, with norms after attention and MLP instead of before)
-and `_NeoX` (Pythia: Phi-3's partial rotary, LayerNorm, attention and MLP side by side). `sample` in rollout.py is the
-general path (any causal LM, HF's dynamic cache); `supports(lm)` says whether this one applies.
-Under mixed precision (float32 weights, bf16 autocast) it decodes over bf16 copies of the
-weights made at each rollout, so the graph casts nothing per token. Imports torch and
-transformers only.
+attention; also Mistral, Ministral, Qwen2, Qwen3 and SmolLM3), `_Phi3` (Llama's, with fused
+projections and rotary positions on part of each head), `_Granite` (Llama's, with four scalar
+multipliers), `_Gemma` (Gemma 2 and 3: Llama's, with more norms and soft-capped logits),
+`_Gemma4` (Gemma 3's, with head sizes per layer type, per-layer inputs and layers that read
+earlier layers' keys and values), `_Olmo2` (OLMo 2 and 3: Llama's, with norms after attention
+and MLP instead of before) and `_NeoX` (Pythia: Phi-3's partial rotary, LayerNorm, attention and
+MLP side by side). `sample` in rollout.py is the general path (any causal LM, HF's dynamic
+cache); `supports(lm)` says whether this one applies. Under mixed precision (float32 weights,
+bf16 autocast) it decodes over bf16 copies of the weights made at each rollout, so the graph
+casts nothing per token. Imports torch and transformers only.
 """
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ class _GPT2(_Arch):
 
 
 class _Llama(_Arch):
-    """Llama (and Mistral, Qwen2, Qwen3, SmolLM3): rotary positions, q/k/v projections with fewer
+    """Llama (and Mistral, Ministral, Qwen2, Qwen3, SmolLM3): rotary positions, q/k/v projections with fewer
     key/value heads than query heads (grouped-query attention), RMSNorm, gated MLP. Qwen3 adds an
     RMSNorm over each query and key head (`q_norm`, `k_norm`) before the rotation; SmolLM3 leaves
     the rotation out of every fourth layer (NoPE: its attention's `use_rope` is off there)."""
@@ -451,11 +451,10 @@ class StaticDecoder:
         self.B, self.P, self.T = batch, prompt_len, max_new_tokens
         self.L = prompt_len + max_new_tokens
         if not supports(lm, self.L):
-            raise ValueError(f"StaticDecoder supports GPT-2, Llama-family models (Mistral, Ministral, Qwen2, Qwen3, "
-                             f"SmolLM3), "
-                             f"Granite, Phi-3, Gemma 2, 3 and 4 (without experts), OLMo 2 and 3 and GPT-NeoX "
-                             f"within their sliding "
-                             f"window and their rotary scaling's fixed range, not {type(lm).__name__}")
+            raise ValueError("StaticDecoder supports GPT-2, Llama-family models (Mistral, Ministral, Qwen2, Qwen3, "
+                             "SmolLM3), Granite, Phi-3, Gemma 2, 3 and 4 (without experts), OLMo 2 and 3 and GPT-NeoX "
+                             "within their sliding window and their rotary scaling's fixed range, "
+                             f"not {type(lm).__name__}")
         self.lm = lm
         self.runner = _Runner(lm)
         self.arch = ARCHS.get(lm.config.model_type, _Llama)(lm, self.L)
