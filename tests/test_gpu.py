@@ -49,11 +49,12 @@ GEMMA2 = Gemma2Config(num_hidden_layers=4, hidden_size=256, intermediate_size=51
                       num_key_value_heads=2, head_dim=64, vocab_size=2000, max_position_embeddings=96,
                       sliding_window=96, attn_logit_softcapping=5.0, final_logit_softcapping=3.0, pad_token_id=0,
                       eos_token_id=1, bos_token_id=1)
-# Gemma 4 as its E2B: per-layer inputs, wider global heads, the last two layers reading earlier layers' keys/values
+# Gemma 4 as its E2B: per-layer inputs, wider global heads, the last two layers reading earlier layers' keys/values;
+# its sliding window (32) shorter than the rollouts (64): the graph's step masks by it
 GEMMA4 = Gemma4TextConfig(num_hidden_layers=4, hidden_size=256, intermediate_size=512, num_attention_heads=4,
                           num_key_value_heads=2, head_dim=64, global_head_dim=128, vocab_size=2000,
                           vocab_size_per_layer_input=2000, hidden_size_per_layer_input=32, max_position_embeddings=96,
-                          sliding_window=96, layer_types=["sliding_attention", "full_attention"] * 2,
+                          sliding_window=32, layer_types=["sliding_attention", "full_attention"] * 2,
                           num_kv_shared_layers=2, final_logit_softcapping=30.0, pad_token_id=0, eos_token_id=1,
                           bos_token_id=1)
 CONFIGS = {"gpt2": CFG, "llama": LLAMA, "qwen3": QWEN3, "gemma3": GEMMA3, "phi3": PHI3, "pythia": PYTHIA,

@@ -813,7 +813,7 @@ _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
                                      "qwen3-window-8", "gemma3-window-8", "gemma2-window-8", "phi3-window-8",
                                      "phi3-longrope-past", "neox-dynamic-rope", "olmo3-window-8", "smollm3-window-8",
                                      "gemma4", "gemma4-k-eq-v", "gemma4-window-8", "gemma4-experts",
-                                     "ministral", "ministral3", "ministral3-past-original"])
+                                     "ministral", "ministral3", "ministral3-past-original", "ministral3-window-8"])
 def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, tiny_model_dir):
     """Qwen2, Qwen3 (per-head query/key norms), Gemma 3 (those norms, norms around attention and
     MLP, scaled embeddings, a rotary table per layer type, its own attention scale), Mistral
@@ -832,10 +832,12 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
     layers reading the keys and values of the last earlier layer of their type; and as its 31B:
     the global layers' value the key's projection, one key/value head, capped logits), each also
     with LoRA: the static decoder's
-    logits are the model's at every step, and it samples what HF's sampler samples. A sliding
-    window shorter than the rollout (Mistral's, Phi-3's, or Qwen3's, Gemma's, OLMo 3's or SmolLM3's local layers),
-    LongRoPE past the original length (HF switches factors mid-rollout) and rotary scaling that
-    changes with the length (dynamic NTK) are left to HF's sampler, as are Gemma 4's experts (26B-A4B).
+    logits are the model's at every step, and it samples what HF's sampler samples; also with a
+    sliding window shorter than the rollout (Mistral's, Ministral 3's and Phi-3's on every layer,
+    Gemma 2's, 3's and 4's and OLMo 3's on their local layers), masked as HF masks it. Qwen3's and
+    SmolLM3's windows (off as released) past their length, LongRoPE past the original length (HF
+    switches factors mid-rollout) and rotary scaling that changes with the length (dynamic NTK)
+    are left to HF's sampler, as are Gemma 4's experts (26B-A4B).
     Ministral (sliding-window layers) and Ministral 3 (YaRN, its query scale by position, which is 1
     within the original length: past it, HF's sampler) are Llama's block."""
     from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Gemma4TextConfig, GPTNeoXConfig,
@@ -917,6 +919,7 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
         # Ministral 3's YaRN and query scale as released, its original length shrunk to the rollout's and past it
         "ministral3": lambda: Ministral3Config(**common, rope_parameters=ministral3(ids.shape[1] + 12)),
         "ministral3-past-original": lambda: Ministral3Config(**common, rope_parameters=ministral3(8)),
+        "ministral3-window-8": lambda: Ministral3Config(**common, sliding_window=8, rope_parameters=ministral3(64)),
     }[variant]()
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(config).eval()
@@ -957,7 +960,8 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
         assert lm.model.layers[1].self_attn.v_proj is None and lm.model.layers[1].self_attn.k_proj.out_features == 32
     if variant == "ministral3":  # past its original length the queries would be scaled: the table's reach
         assert static_decode.supports(lm, ids.shape[1] + 12) and not static_decode.supports(lm, ids.shape[1] + 13)
-    if variant.endswith(("window-8", "-past", "dynamic-rope", "experts", "-past-original")):
+    if variant in ("qwen3-window-8", "smollm3-window-8") or variant.endswith(("-past", "dynamic-rope", "experts",
+                                                                              "-past-original")):
         assert not static_decode.supports(lm, ids.shape[1] + 12)
         with pytest.raises(ValueError, match="StaticDecoder supports"):
             static_decode.StaticDecoder(lm, 2, ids.shape[1], 12)

@@ -43,6 +43,10 @@ NEOX = "gpt_neox"  # GPT-NeoX: Pythia (the RLHF literature's models), GPT-NeoX-2
 OLMO = ("olmo2", "olmo3")  # AI2's fully open OLMo 2 and 3 (Tulu 3's and OLMo's own RL): norms after, not before
 GEMMA4 = "gemma4_text"  # Gemma 4's language model (E2B, E4B, 31B; the 26B-A4B's experts are not covered)
 PER_LAYER_ROPE = (GEMMA3, GEMMA4, "olmo3")  # a rotary table per layer type (sliding-window layers, global layers)
+# whose sliding window the decoder applies (a band over cache columns, as HF's masks): every layer of Mistral,
+# Ministral 3 and Phi-3, the sliding-attention layers of the others; Qwen2's, Qwen3's and SmolLM3's windows
+# (off as released) are declined past their length
+SLIDING = ("mistral", "ministral", "ministral3", PHI3, GEMMA2, GEMMA3, GEMMA4, "olmo3")
 
 
 def _window(cfg) -> int | None:
@@ -55,8 +59,16 @@ def _window(cfg) -> int | None:
     return None
 
 
+def layer_windows(cfg, layers: int) -> list[int | None]:
+    """Each layer's sliding window (None: it attends to every earlier token)."""
+    window, kinds = _window(cfg), getattr(cfg, "layer_types", None)
+    return [window if window is not None and (kinds is None or kinds[i] == "sliding_attention") else None
+            for i in range(layers)]
+
+
 def supports(lm: nn.Module, max_len: int | None = None) -> bool:
-    """A layout of the families above, with the attention and positions this file implements.
+    """A layout of the families above, with the attention and positions this file implements. Sliding
+    windows are applied (`layer_windows`), but Qwen2's, Qwen3's and SmolLM3's, declined past their length.
 
     Rotary tables are computed once for the whole rollout, so scalings that change with the length
     are declined: dynamic NTK always, and LongRoPE (Phi-3.5, Phi-4-mini) where the rollout reaches
@@ -78,7 +90,7 @@ def supports(lm: nn.Module, max_len: int | None = None) -> bool:
         experts = getattr(cfg, "enable_moe_block", False)  # Gemma 4 26B-A4B: routing no graph can hold
         return (hasattr(base_model(lm), "model") and not bidirectional and not experts
                 and all(_fixed_rope(r, max_len) for r in ropes)
-                and (window is None or (max_len is not None and max_len <= window)))
+                and (window is None or kind in SLIDING or (max_len is not None and max_len <= window)))
     if kind == NEOX:
         return hasattr(base_model(lm), "gpt_neox") and _fixed_rope(getattr(cfg, "rope_parameters", None) or {}, max_len)
     return False
@@ -453,8 +465,8 @@ class StaticDecoder:
         if not supports(lm, self.L):
             raise ValueError("StaticDecoder supports GPT-2, Llama-family models (Mistral, Ministral, Qwen2, Qwen3, "
                              "SmolLM3), Granite, Phi-3, Gemma 2, 3 and 4 (without experts), OLMo 2 and 3 and GPT-NeoX "
-                             "within their sliding window and their rotary scaling's fixed range, "
-                             f"not {type(lm).__name__}")
+                             "within their rotary scaling's fixed range (and Qwen2's, Qwen3's and SmolLM3's sliding "
+                             f"window), not {type(lm).__name__}")
         self.lm = lm
         self.runner = _Runner(lm)
         self.arch = ARCHS.get(lm.config.model_type, _Llama)(lm, self.L)
@@ -480,6 +492,10 @@ class StaticDecoder:
             self.kv.append(self.kv[source] if source != i else
                            torch.zeros((2, batch, kv_heads, self.L, head_dim), dtype=dtype, device=device))
         self.k, self.v = [kv[0] for kv in self.kv], [kv[1] for kv in self.kv]
+        # sliding windows shorter than the rollout (wider ones change nothing): a mask of their own
+        self.windows = [w if w is not None and w < self.L else None
+                        for w in layer_windows(lm.config, len(self.arch.blocks))]
+        self.cols = torch.arange(self.L, device=device)
         # Per-step state, all in fixed buffers so the captured graph can read and advance it.
         self.mask = torch.zeros(batch, 1, 1, self.L, dtype=torch.bool, device=device)  # True = may attend
         self.col = torch.zeros(1, dtype=torch.long, device=device)  # cache column of the token fed in
@@ -517,14 +533,15 @@ class StaticDecoder:
                 self.graph = None
             copy.copy_(p)
 
-    def _blocks(self, h: torch.Tensor, pos: torch.Tensor, write, attn_mask: torch.Tensor,
-                decode: bool) -> torch.Tensor:
+    def _blocks(self, h: torch.Tensor, pos: torch.Tensor, write, masks: dict, decode: bool) -> torch.Tensor:
         """The transformer blocks; `write(layer, kv)` stores new keys and values (2, B, kv_heads, S, D)
-        (None: the layer reads an earlier layer's) and returns the keys and values to attend."""
+        (None: the layer reads an earlier layer's) and returns the keys and values to attend;
+        `masks`: what may be attended (True), by sliding window (None: none)."""
         arch = self.arch
         rope = arch.rotary(pos)  # every layer's positions, looked up once
-        blocked = ~attn_mask if decode else None  # once per step, not per layer
+        blocked_by = {w: ~m for w, m in masks.items()} if decode else None  # once per step, not per layer
         for i, block in enumerate(arch.blocks):
+            attn_mask = masks[self.windows[i]]
             q, kv = arch.qkv(block, h, rope)  # (B, heads, S, D) and (2, B, kv_heads, S, D), positions applied
             B, _, S, D = q.shape
             keys, values = write(i, kv)
@@ -537,7 +554,7 @@ class StaticDecoder:
                 # PyTorch's own math attention scales q before the product)
                 q = (q * (arch.scale or D ** -0.5)).reshape(B, kv_heads, groups, D)  # kv head's queries side by side
                 scores = _softcap(q @ keys.transpose(-1, -2), arch.attn_softcap)
-                scores = scores.masked_fill(blocked, float("-inf"))  # (B, kv_heads, groups, L)
+                scores = scores.masked_fill(blocked_by[self.windows[i]], float("-inf"))  # (B, kv_heads, groups, L)
                 # softmax reads the scores' dtype and accumulates in float32 inside the one kernel
                 a = (torch.softmax(scores, dim=-1) @ values).reshape(B, arch.n_head, 1, D)
             else:
@@ -583,7 +600,10 @@ class StaticDecoder:
             self.kv[i][:, :, :, :P] = kv
             return kv[0], kv[1]
 
-        h = self._blocks(self.arch.embed(prompt_ids, pos), pos, write, attn_mask, decode=False)
+        # a sliding window: a query column reaches back fewer than `window` columns (itself included)
+        back = self.cols[:P, None] - self.cols[None, :P]
+        masks = {w: attn_mask if w is None else attn_mask & (back < w) for w in set(self.windows)}
+        h = self._blocks(self.arch.embed(prompt_ids, pos), pos, write, masks, decode=False)
         self.mask.zero_()
         self.mask[:, 0, 0, :P] = real
         self.pos.copy_(real.long().sum(-1))
@@ -600,7 +620,8 @@ class StaticDecoder:
             return self.k[i], self.v[i]
 
         pos = self.pos[:, None]
-        h = self._blocks(self.arch.embed(self.token[:, None], pos), pos, write, self.mask, decode=True)
+        masks = {w: self.mask if w is None else self.mask & (self.col - self.cols < w) for w in set(self.windows)}
+        h = self._blocks(self.arch.embed(self.token[:, None], pos), pos, write, masks, decode=True)
         self.logits.copy_(self._head_logits(h[:, -1]))  # cast to float32 by the copy itself
         self.col.add_(1)
         self.pos.add_(1)
