@@ -809,7 +809,7 @@ _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 @pytest.mark.parametrize("variant", ["llama3-rope", "llama-bias-mqa", "qwen2", "mistral", "qwen3", "gemma3",
                                      "phi3", "phi3-partial-rotary", "phi3-longrope", "pythia", "neox-sequential",
                                      "olmo2", "olmo3", "gemma2", "gemma3-softcap", "smollm3", "granite",
-                                     "mistral-window-8",
+                                     "mistral-window-8", "qwen2-window-8",
                                      "qwen3-window-8", "gemma3-window-8", "gemma2-window-8", "phi3-window-8",
                                      "phi3-longrope-past", "neox-dynamic-rope", "olmo3-window-8", "smollm3-window-8",
                                      "gemma4", "gemma4-k-eq-v", "gemma4-window-8", "gemma4-experts",
@@ -834,10 +834,10 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
     with LoRA: the static decoder's
     logits are the model's at every step, and it samples what HF's sampler samples; also with a
     sliding window shorter than the rollout (Mistral's, Ministral 3's and Phi-3's on every layer,
-    Gemma 2's, 3's and 4's and OLMo 3's on their local layers), masked as HF masks it. Qwen3's and
-    SmolLM3's windows (off as released) past their length, LongRoPE past the original length (HF
-    switches factors mid-rollout) and rotary scaling that changes with the length (dynamic NTK)
-    are left to HF's sampler, as are Gemma 4's experts (26B-A4B).
+    Gemma 2's, 3's and 4's, OLMo 3's, Qwen2's and Qwen3's on their local layers), masked as HF
+    masks it (SmolLM3's, which HF's SmolLM3 leaves unapplied, likewise). LongRoPE past the original
+    length (HF switches factors mid-rollout) and rotary scaling that changes with the length
+    (dynamic NTK) are left to HF's sampler, as are Gemma 4's experts (26B-A4B).
     Ministral (sliding-window layers) and Ministral 3 (YaRN, its query scale by position, which is 1
     within the original length: past it, HF's sampler) are Llama's block."""
     from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Gemma4TextConfig, GPTNeoXConfig,
@@ -874,6 +874,7 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
         "qwen3": lambda: Qwen3Config(**common),
         "mistral-window-8": lambda: MistralConfig(**common, sliding_window=8),
         "qwen3-window-8": lambda: Qwen3Config(**common, use_sliding_window=True, sliding_window=8, max_window_layers=1),
+        "qwen2-window-8": lambda: Qwen2Config(**common, use_sliding_window=True, sliding_window=8, max_window_layers=1),
         # one sliding-window layer, then one global layer: both rotary tables in use
         "gemma3": lambda: Gemma3TextConfig(**common, head_dim=16, sliding_window=64, sliding_window_pattern=2),
         "gemma3-window-8": lambda: Gemma3TextConfig(**common, head_dim=16, sliding_window=8, sliding_window_pattern=2),
@@ -960,8 +961,7 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
         assert lm.model.layers[1].self_attn.v_proj is None and lm.model.layers[1].self_attn.k_proj.out_features == 32
     if variant == "ministral3":  # past its original length the queries would be scaled: the table's reach
         assert static_decode.supports(lm, ids.shape[1] + 12) and not static_decode.supports(lm, ids.shape[1] + 13)
-    if variant in ("qwen3-window-8", "smollm3-window-8") or variant.endswith(("-past", "dynamic-rope", "experts",
-                                                                              "-past-original")):
+    if variant.endswith(("-past", "dynamic-rope", "experts", "-past-original")):
         assert not static_decode.supports(lm, ids.shape[1] + 12)
         with pytest.raises(ValueError, match="StaticDecoder supports"):
             static_decode.StaticDecoder(lm, 2, ids.shape[1], 12)

@@ -43,10 +43,6 @@ NEOX = "gpt_neox"  # GPT-NeoX: Pythia (the RLHF literature's models), GPT-NeoX-2
 OLMO = ("olmo2", "olmo3")  # AI2's fully open OLMo 2 and 3 (Tulu 3's and OLMo's own RL): norms after, not before
 GEMMA4 = "gemma4_text"  # Gemma 4's language model (E2B, E4B, 31B; the 26B-A4B's experts are not covered)
 PER_LAYER_ROPE = (GEMMA3, GEMMA4, "olmo3")  # a rotary table per layer type (sliding-window layers, global layers)
-# whose sliding window the decoder applies (a band over cache columns, as HF's masks): every layer of Mistral,
-# Ministral 3 and Phi-3, the sliding-attention layers of the others; Qwen2's, Qwen3's and SmolLM3's windows
-# (off as released) are declined past their length
-SLIDING = ("mistral", "ministral", "ministral3", PHI3, GEMMA2, GEMMA3, GEMMA4, "olmo3")
 
 
 def _window(cfg) -> int | None:
@@ -60,15 +56,17 @@ def _window(cfg) -> int | None:
 
 
 def layer_windows(cfg, layers: int) -> list[int | None]:
-    """Each layer's sliding window (None: it attends to every earlier token)."""
+    """Each layer's sliding window (None: it attends to every earlier token), which the decoder applies as
+    HF's masks do, a band over the cache's columns: every layer of Mistral, Ministral 3 and Phi-3, the
+    sliding-attention layers (`layer_types`) of the others."""
     window, kinds = _window(cfg), getattr(cfg, "layer_types", None)
     return [window if window is not None and (kinds is None or kinds[i] == "sliding_attention") else None
             for i in range(layers)]
 
 
 def supports(lm: nn.Module, max_len: int | None = None) -> bool:
-    """A layout of the families above, with the attention and positions this file implements. Sliding
-    windows are applied (`layer_windows`), but Qwen2's, Qwen3's and SmolLM3's, declined past their length.
+    """A layout of the families above, with the attention and positions this file implements, their
+    sliding windows applied (`layer_windows`).
 
     Rotary tables are computed once for the whole rollout, so scalings that change with the length
     are declined: dynamic NTK always, and LongRoPE (Phi-3.5, Phi-4-mini) where the rollout reaches
@@ -84,13 +82,11 @@ def supports(lm: nn.Module, max_len: int | None = None) -> bool:
         rope = getattr(cfg, "rope_parameters", None) or {}
         # one rotary table, or (Gemma 3 and 4, OLMo 3) one per layer type
         ropes = rope.values() if kind in PER_LAYER_ROPE else [rope]
-        window = _window(cfg)
         # EmbeddingGemma's, Gemma 4's "all": not a decoder (Gemma 4's "vision" is causal on text)
         bidirectional = getattr(cfg, "use_bidirectional_attention", None) in (True, "all")
         experts = getattr(cfg, "enable_moe_block", False)  # Gemma 4 26B-A4B: routing no graph can hold
         return (hasattr(base_model(lm), "model") and not bidirectional and not experts
-                and all(_fixed_rope(r, max_len) for r in ropes)
-                and (window is None or kind in SLIDING or (max_len is not None and max_len <= window)))
+                and all(_fixed_rope(r, max_len) for r in ropes))
     if kind == NEOX:
         return hasattr(base_model(lm), "gpt_neox") and _fixed_rope(getattr(cfg, "rope_parameters", None) or {}, max_len)
     return False
@@ -465,8 +461,7 @@ class StaticDecoder:
         if not supports(lm, self.L):
             raise ValueError("StaticDecoder supports GPT-2, Llama-family models (Mistral, Ministral, Qwen2, Qwen3, "
                              "SmolLM3), Granite, Phi-3, Gemma 2, 3 and 4 (without experts), OLMo 2 and 3 and GPT-NeoX "
-                             "within their rotary scaling's fixed range (and Qwen2's, Qwen3's and SmolLM3's sliding "
-                             f"window), not {type(lm).__name__}")
+                             f"within their rotary scaling's fixed range, not {type(lm).__name__}")
         self.lm = lm
         self.runner = _Runner(lm)
         self.arch = ARCHS.get(lm.config.model_type, _Llama)(lm, self.L)
