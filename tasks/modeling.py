@@ -166,6 +166,8 @@ def language_model(model, ref: str = "the model"):
     if text is model.config:
         return model
     lm_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(text), None)
+    if lm_class is not None and isinstance(model, lm_class):  # already the text model, under the whole config
+        return model
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     if lm_class is None or decoder is model or head is None:
         raise ModelLoadError(f"cannot load {ref!r} as a causal language model: it is a {type(model).__name__}, and "
