@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification,
                           AutoTokenizer)
 
-from tasks.config import ChatConfig
 from tasks.errors import ModelLoadError  # noqa: F401  (raised here; importers catch it from here too)
+
+if TYPE_CHECKING:  # annotations only: this module imports no pydantic, so the bench on a GPU machine can use it
+    from tasks.config import ChatConfig
 
 
 def _explain(ref: str, kind: str, err: Exception) -> ModelLoadError:

@@ -1112,7 +1112,8 @@ def test_mixed_precision_bf16_trains_on_the_cpu_too(tiny_model_dir, tiny_reward_
 
 def test_the_ppo_core_imports_with_torch_and_transformers_alone():
     """The GPU machine has torch and transformers but no Prefect, MLflow, TRL or pydantic: the PPO
-    core and its benchmark must import without any part of the pipeline (peft only when LoRA is used)."""
+    core and its benchmark must import without any part of the pipeline (peft only when LoRA is used),
+    and the benchmark's Gemma 4 must get its generic reward classifier there (tasks.modeling)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -1125,6 +1126,8 @@ for name in PIPELINE:  # as if not installed: importing fails, find_spec says No
 import tasks.ppo.trainer, tasks.ppo.sharding, tasks.ppo.static_decode, tasks.ppo.lora, tasks.ppo.core
 sys.path.insert(0, "bench"); sys.argv = ["ppo_throughput.py"]
 import ppo_throughput
+from tasks.modeling import ensure_classifier
+assert ensure_classifier(ppo_throughput.policy_config(ppo_throughput.SHAPES["tiny"], "gemma4"))
 print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
