@@ -45,23 +45,17 @@ GEMMA4 = "gemma4_text"  # Gemma 4's language model (E2B, E4B, 31B; the 26B-A4B's
 PER_LAYER_ROPE = (GEMMA3, GEMMA4, "olmo3")  # a rotary table per layer type (sliding-window layers, global layers)
 
 
-def _window(cfg) -> int | None:
-    """The sliding-attention window, where a layer has one (Mistral, Phi-3; Gemma 2 and 3, OLMo 3; Qwen2, Qwen3
-    and SmolLM3 when configured)."""
-    if cfg.model_type in ("mistral", "ministral3", PHI3):  # every layer
-        return getattr(cfg, "sliding_window", None)
-    if "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
-        return getattr(cfg, "sliding_window", None)
-    return None
-
-
 def layer_windows(cfg, layers: int) -> list[int | None]:
     """Each layer's sliding window (None: it attends to every earlier token), which the decoder applies as
-    HF's masks do, a band over the cache's columns: every layer of Mistral, Ministral 3 and Phi-3, the
-    sliding-attention layers (`layer_types`) of the others."""
-    window, kinds = _window(cfg), getattr(cfg, "layer_types", None)
-    return [window if window is not None and (kinds is None or kinds[i] == "sliding_attention") else None
-            for i in range(layers)]
+    HF's masks do, a band over the cache's columns: the sliding-attention layers (`layer_types`: Gemma 2, 3
+    and 4, OLMo 3, Qwen2 and Qwen3 when configured), or where a config names no layer types, every layer of
+    Mistral, Ministral 3 and Phi-3."""
+    window, kinds = getattr(cfg, "sliding_window", None), getattr(cfg, "layer_types", None)
+    if window is None:
+        return [None] * layers
+    if kinds is None:
+        return [window if cfg.model_type in ("mistral", "ministral3", PHI3) else None] * layers
+    return [window if kinds[i] == "sliding_attention" else None for i in range(layers)]
 
 
 def supports(lm: nn.Module, max_len: int | None = None) -> bool:
