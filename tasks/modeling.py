@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification,
-                          AutoTokenizer)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
+                          AutoModelForSequenceClassification, AutoTokenizer)
 
 from tasks.errors import ModelLoadError  # noqa: F401  (raised here; importers catch it from here too)
 
@@ -137,17 +137,21 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _config(ref: str):
+    """The config of a folder or id; None where transformers reads none (from_pretrained then says why)."""
+    try:
+        return AutoConfig.from_pretrained(ref)
+    except Exception:
+        return None
+
+
 def load_policy(ref: str | Path, dtype: torch.dtype = torch.float32):
     """The causal LM of a folder or Hugging Face id; of an image-text model (Gemma 3 from 4B, Gemma 4,
     Mistral 3, as they are released) its language model alone: see `language_model`."""
-    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
     ref = str(ref)
-    try:
-        config = AutoConfig.from_pretrained(ref)
-    except Exception:
-        config = None  # (not a config transformers reads: from_pretrained below says what it is)
+    config = _config(ref)
     # Mistral 3 and other image-text models transformers gives no causal-LM class: loaded as what they are
     auto = (AutoModelForImageTextToText if config is not None and type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING
             and type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING else AutoModelForCausalLM)
@@ -239,13 +243,8 @@ def load_reward(ref: str | Path, pad_token_id: int, dtype: torch.dtype = torch.f
     """A sequence classifier with one output: a reward model, or a causal LM given a score head
     (any decoder-only architecture: see ensure_classifier). Only the score head may start new: a
     checkpoint whose trunk would not load into the classifier (other weight names) is refused."""
-    from transformers import AutoConfig
-
     ref = str(ref)
-    try:
-        config = AutoConfig.from_pretrained(ref)
-    except Exception:
-        config = None  # (not a config transformers reads: from_pretrained below says what it is)
+    config = _config(ref)
     problem = reward_head_problem(config) if config is not None else None
     if problem:
         raise ModelLoadError(f"cannot load reward model {ref!r}: {problem}")
