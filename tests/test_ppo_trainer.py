@@ -924,7 +924,6 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
     }[variant]()
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(config).eval()
-    ids, mask = _two_prompts(tok)
     if variant == "qwen3":
         assert all(hasattr(layer.self_attn, "q_norm") for layer in lm.model.layers)  # what sets Qwen3 apart
     if variant == "gemma3":
