@@ -217,6 +217,23 @@ def test_adaptive_kl_controller_by_hand():
     assert fixed.value == 0.1
 
 
+def test_linear_lr_by_hand_and_as_trls_schedule():
+    """lr at the first iteration, lr / steps at the last; the rates TRL's PPOTrainer takes from
+    transformers' linear schedule (no warm-up), stepped once per iteration."""
+    from transformers import get_linear_schedule_with_warmup
+
+    assert [core.linear_lr(1e-3, i, 4) for i in range(4)] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4], abs=1e-15)
+    assert core.linear_lr(3e-5, 0, 1) == 3e-5
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+    schedule = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=7)
+    trl = []
+    for _ in range(7):
+        trl.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert [core.linear_lr(1e-4, i, 7) for i in range(7)] == pytest.approx(trl, rel=1e-12)
+
+
 # ---- against the loop references, 1e-6 -----------------------------------------------------
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 1.0), (0.9, 0.0)])

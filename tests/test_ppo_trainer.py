@@ -25,6 +25,20 @@ def make_trainer(tiny_model_dir, tiny_reward_dir, checkpoint_dir=None, **overrid
     return trainer, tokenizer
 
 
+class Killed(Exception):
+    pass
+
+
+def train_killed_after(trainer, step: int) -> None:
+    """Train as a run killed in iteration `step + 1` would have: its checkpoints up to `step`
+    written, nothing after (a shorter run would not do: the learning rate decays over the steps)."""
+    def kill(metrics):
+        if metrics["step"] > step:
+            raise Killed
+    with pytest.raises(Killed):
+        trainer.train(on_step=kill)
+
+
 def test_ppo_raises_the_reward_and_keeps_kl_bounded(tiny_model_dir, tiny_reward_dir):
     trainer, tokenizer = make_trainer(tiny_model_dir, tiny_reward_dir)
     before = [p.detach().clone() for p in trainer.policy.lm.parameters()]
@@ -63,9 +77,9 @@ def test_a_policy_or_reward_model_of_another_tokenizer_is_refused_before_any_mod
 def test_killed_run_resumes_with_identical_results(tiny_model_dir, tiny_reward_dir, tmp_path):
     straight, _ = make_trainer(tiny_model_dir, tiny_reward_dir, steps=6, checkpoint_every=3, batch_size=32)
     straight.train()
-    # "killed" after 3 iterations: only the checkpoint survives
-    first, _ = make_trainer(tiny_model_dir, tiny_reward_dir, tmp_path / "ckpt", steps=3, checkpoint_every=3, batch_size=32)
-    first.train()
+    # killed after 3 iterations: only the checkpoint survives
+    first, _ = make_trainer(tiny_model_dir, tiny_reward_dir, tmp_path / "ckpt", steps=6, checkpoint_every=3, batch_size=32)
+    train_killed_after(first, 3)
     resumed, _ = make_trainer(tiny_model_dir, tiny_reward_dir, tmp_path / "ckpt", steps=6, checkpoint_every=3, batch_size=32)
     resumed.train()
     assert resumed.step == 6 and resumed.resumed_from == 3 and straight.resumed_from is None
@@ -89,6 +103,26 @@ def test_killed_run_resumes_with_identical_results(tiny_model_dir, tiny_reward_d
                              batch_size=32, micro_batch_size=3, generation="dynamic")
     longer.train()
     assert longer.resumed_from == 6 and longer.step == 7
+    # the learning rate decays linearly over the steps (ppo.lr_schedule), the resumed run's as the straight one's
+    lr = load_config(None, FAST).ppo.lr
+    assert [h["optimizer/lr"] for h in straight.history] == pytest.approx([lr * (1 - i / 6) for i in range(6)])
+    assert [h["optimizer/lr"] for h in resumed.history] == [h["optimizer/lr"] for h in straight.history]
+    assert longer.history[-1]["optimizer/lr"] == pytest.approx(lr / 7)  # decays over the new length from there
+    # a checkpoint of a constant-rate run (as every one written before schedules) resumes only as one
+    constant, _ = make_trainer(tiny_model_dir, tiny_reward_dir, tmp_path / "ckpt", steps=7, batch_size=32,
+                               lr_schedule="constant")
+    with pytest.raises(ValueError, match=r"\(ppo\.lr_schedule differ\)"):
+        constant.load_checkpoint(tmp_path / "ckpt")
+    state = torch.load(tmp_path / "ckpt" / "trainer.pt", weights_only=True)
+    del state["run"]["ppo"]["lr_schedule"]
+    torch.save(state, tmp_path / "ckpt" / "trainer.pt")
+    constant.load_checkpoint(tmp_path / "ckpt")
+    assert constant.step == 6
+    with pytest.raises(ValueError, match=r"\(ppo\.lr_schedule differ\)"):
+        longer.load_checkpoint(tmp_path / "ckpt")
+    constant.cfg.steps = 8
+    constant.train()
+    assert [h["optimizer/lr"] for h in constant.history[-2:]] == pytest.approx([lr, lr])
 
 
 def test_rollout_logprobs_match_a_full_forward(tiny_model_dir):
@@ -169,6 +203,8 @@ def test_ppo_config_rejects_bad_values():
         PPOConfig(lr=0)
     with pytest.raises(ValueError, match="ppo.value_model must be 'shared' or 'reward', got 'critic'"):
         PPOConfig(value_model="critic")
+    with pytest.raises(ValueError, match="ppo.lr_schedule must be 'linear' or 'constant', got 'cosine'"):
+        PPOConfig(lr_schedule="cosine")
 
 
 def _two_processes(model_dir, out, *args):
@@ -365,9 +401,9 @@ def test_lora_run_resumes_with_identical_results(tiny_model_dir, tiny_reward_dir
     folder again), and resumes to the straight run's weights."""
     straight = _lora_trainer(tiny_model_dir, tiny_reward_dir, steps=4)
     straight.train()
-    first = _lora_trainer(tiny_model_dir, tiny_reward_dir, steps=2, checkpoint_every=2)
+    first = _lora_trainer(tiny_model_dir, tiny_reward_dir, steps=4, checkpoint_every=2)
     first.checkpoint_dir = tmp_path
-    first.train()
+    train_killed_after(first, 2)
     saved = load_file(str(tmp_path / "policy.safetensors"))
     trainable = {n for n, p in first.policy.named_parameters() if p.requires_grad}
     assert set(saved) == trainable
@@ -407,7 +443,7 @@ def test_a_lora_run_with_a_critic_gives_the_critic_adapters_too_and_resumes(tiny
     straight.train()
     assert all(torch.equal(v, dict(critic.named_parameters())[n]) for n, v in frozen.items())
     assert any(not torch.equal(v, dict(critic.named_parameters())[n]) for n, v in adapters.items())
-    make_trainer(tiny_model_dir, tiny_reward_dir, tmp_path, steps=2, **common)[0].train()  # killed after step 2
+    train_killed_after(make_trainer(tiny_model_dir, tiny_reward_dir, tmp_path, steps=4, **common)[0], 2)
     saved = load_file(str(tmp_path / "policy.safetensors"))
     assert set(saved) == {n for n, p in straight.policy.named_parameters() if p.requires_grad}
     critic_saved = {k.removeprefix("critic.") for k in saved if k.startswith("critic.")}
@@ -642,10 +678,13 @@ def test_ppo_with_a_critic_learns_trains_the_critic_and_resumes_exactly(tiny_mod
 
     runs = {}
     ckpt = tmp_path / "ckpt"
-    for name, steps, folder in (("straight", 4, None), ("killed", 2, ckpt), ("resumed", 4, ckpt)):
-        runs[name], _ = make_trainer(tiny_model_dir, tiny_reward_dir, folder, steps=steps, checkpoint_every=2,
+    for name, folder in (("straight", None), ("killed", ckpt), ("resumed", ckpt)):
+        runs[name], _ = make_trainer(tiny_model_dir, tiny_reward_dir, folder, steps=4, checkpoint_every=2,
                                      batch_size=16, value_model="reward")
-        runs[name].train()
+        if name == "killed":
+            train_killed_after(runs[name], 2)
+        else:
+            runs[name].train()
     assert runs["resumed"].resumed_from == 2
     for k, v in runs["straight"].policy.state_dict().items():
         assert torch.equal(v, runs["resumed"].policy.state_dict()[k]), k

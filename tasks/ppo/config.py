@@ -32,6 +32,8 @@ class PPOConfig:
     """episodes sampled at once, to bound the KV cache (it grows with them; a multiple of them must make up batch_size); 0 = the whole batch"""
     lr: float = 1e-4
     """Adam learning rate (policy and value function)"""
+    lr_schedule: Literal["linear", "constant"] = "linear"
+    """linear: lr decays linearly towards 0 over the steps, as in lm-human-preferences and TRL's PPO (a resumed run given more steps decays over its new length from there); constant: lr throughout"""
     max_new_tokens: int = 10
     """longest response, in tokens"""
     temperature: float = 1.0
@@ -67,7 +69,7 @@ class PPOConfig:
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"
     """bf16: the passes run under bf16 autocast over float32 weights (generation over a bf16 copy of them, refreshed each rollout); no: in the weights' own dtype; auto: bf16 on a GPU that has it, no on a CPU"""
     generation: Literal["auto", "static", "dynamic"] = "auto"
-    """static KV cache (+ CUDA graph on GPU) for GPT-2, Llama, Granite, Phi-3, Gemma 2 and 3, OLMo and GPT-NeoX (Pythia) models"""
+    """static KV cache (+ CUDA graph on GPU) for GPT-2, Llama, Qwen, Mistral, Granite, Phi-3, Gemma 2 to 4, OLMo and GPT-NeoX (Pythia) models"""
     lora_rank: int = 0
     """LoRA rank of the policy's adapters, for models too large to train whole (reference = adapters off); 0 = off"""
     lora_alpha: float = 16.0
@@ -106,5 +108,7 @@ class PPOConfig:
             raise ValueError(f"ppo.mixed_precision must be 'auto', 'bf16' or 'no', got {self.mixed_precision!r}")
         if self.value_model not in ("shared", "reward"):
             raise ValueError(f"ppo.value_model must be 'shared' or 'reward', got {self.value_model!r}")
+        if self.lr_schedule not in ("linear", "constant"):
+            raise ValueError(f"ppo.lr_schedule must be 'linear' or 'constant', got {self.lr_schedule!r}")
         if self.generation not in ("auto", "static", "dynamic"):
             raise ValueError(f"ppo.generation must be 'auto', 'static' or 'dynamic', got {self.generation!r}")

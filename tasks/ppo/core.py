@@ -170,6 +170,14 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return 1.0 - masked_var(returns - values, mask, unbiased=False) / var_returns.clamp(min=1e-8)
 
 
+def linear_lr(lr: float, step: int, steps: int) -> float:
+    """The learning rate of PPO iteration `step` (0-based) of `steps`, decayed linearly towards 0:
+    `lr` at the first iteration, lr / steps at the last. lm-human-preferences anneals so
+    (lrnow = lr * (1 - frac)), and TRL's PPOTrainer by its default linear schedule, stepped once
+    per iteration: every minibatch update of an iteration takes that iteration's rate."""
+    return lr * (1.0 - step / steps)
+
+
 class AdaptiveKLController:
     """Ziegler et al. (2019): move the KL coefficient so the measured KL tracks a target.
 

@@ -286,6 +286,9 @@ class PPOTrainer:
             t0 = self._sync()
             ro = self.rollout()
             t_rollout = self._sync() - t0
+            lr = self.learning_rate()
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             train_stats = self.optimize(ro)
             dt = self._sync() - t0
         seq_kl = core.masked_sum(ro.kl, ro.mask, dim=1)  # (B,) nats per sequence
@@ -295,6 +298,7 @@ class PPOTrainer:
             "objective/scores": float(ro.scores.mean()),
             "objective/rlhf_reward": float(ro.scores.mean() - self.kl_ctl.value * seq_kl.mean()),
             "objective/non_score_reward": float(-self.kl_ctl.value * seq_kl.mean()),
+            "optimizer/lr": lr,
             "policy/entropy": float(core.masked_mean(ro.entropy, ro.mask)),
             "val/explained_var": float(core.explained_variance(ro.values, ro.returns, ro.mask)),
             "val/mean": float(core.masked_mean(ro.values, ro.mask)),
@@ -319,6 +323,13 @@ class PPOTrainer:
         metrics["step"] = self.step
         self.history.append(metrics)
         return metrics
+
+    def learning_rate(self) -> float:
+        """This iteration's learning rate (ppo.lr_schedule): a function of the step alone, so a
+        resumed run takes the rate it would have had."""
+        if self.cfg.lr_schedule == "constant":
+            return self.cfg.lr
+        return core.linear_lr(self.cfg.lr, self.step, self.cfg.steps)
 
     def train(self, on_step: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
         if self.checkpoint_dir and (self.checkpoint_dir / self._state_name).exists():
@@ -397,6 +408,8 @@ class PPOTrainer:
         ours, theirs = self.run_key(), state.get("run")
         if theirs is not None and "autocast" not in theirs:  # written before mixed precision: float32 throughout
             theirs = {**theirs, "autocast": "None"}
+        if theirs is not None and "lr_schedule" not in theirs["ppo"]:  # written before schedules: constant
+            theirs = {**theirs, "ppo": {**theirs["ppo"], "lr_schedule": "constant"}}
         if theirs is not None and theirs != ours:  # (checkpoints written before run keys: not checked)
             changed = ", ".join(changed_keys(ours, theirs))
             raise ValueError(f"the checkpoint in {folder} is another run's ({changed} differ): resuming it would "
