@@ -30,8 +30,8 @@ class PPOConfig:
     """episodes per forward/backward pass, to bound memory: the scoring passes and each minibatch's update run in chunks of this size, gradients accumulated (same results); 0 = whole"""
     generation_batch_size: int = 0
     """episodes sampled at once, to bound the KV cache (it grows with them; a multiple of them must make up batch_size); 0 = the whole batch"""
-    lr: float = 1e-4
-    """Adam learning rate (policy and value function)"""
+    lr: float = 2e-4
+    """Adam learning rate (policy and value function), at the first step: lr_schedule says how it goes on"""
     lr_schedule: Literal["linear", "constant"] = "linear"
     """linear: lr decays linearly towards 0 over the steps, as in lm-human-preferences and TRL's PPO (a resumed run given more steps decays over its new length from there); constant: lr throughout"""
     max_new_tokens: int = 10
