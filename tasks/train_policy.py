@@ -265,13 +265,16 @@ def train(ws: Workspace, cfg: PipelineConfig, state: RoundState, policy_ref: str
             if trainer.resumed_from and step == first:
                 print(f"PPO resumed from step {trainer.resumed_from}'s checkpoint", flush=True)
             mlflow.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
-            print(f"ppo step {step:3d}/{cfg.ppo.steps}  score {metrics['objective/scores']:+.3f}  "
+            # the reward model's own score (as evaluation reports it), not the normalized one PPO maximises
+            print(f"ppo step {step:3d}/{cfg.ppo.steps}  score {metrics['objective/raw_scores']:+.3f}  "
                   f"kl {metrics['objective/kl']:.3f}  entropy {metrics['policy/entropy']:.3f}  "
                   f"{time_left(time.monotonic() - start, step - first + 1, cfg.ppo.steps - step)}", flush=True)
 
         history = trainer.train(on_step=log)
         if main:
             mlflow.log_param("ppo.resumed_from_step", trainer.resumed_from or 0)
+            if trainer.score_norm is not None:  # ppo.normalize_scores: the first rollout's mean and std
+                mlflow.log_params({"ppo.score_mean": trainer.score_norm[0], "ppo.score_std": trainer.score_norm[1]})
         lm = trainer.unwrapped.lm
         if trainer.fsdp:  # gather the shards (every process), rebuild the whole model on the first
             from tasks.ppo import sharding

@@ -35,6 +35,7 @@ from tasks.config import ValidateConfig
     ("ppo:\n  mixed_precision: true\n", "ppo.mixed_precision"),
     ("ppo:\n  lr_schedule: cosine\n", "ppo.lr_schedule"),
     ("ppo:\n  lr_schedule: null\n", "ppo.lr_schedule"),
+    ("ppo:\n  normalize_scores: maybe\n", "ppo.normalize_scores"),
     ("reward:\n  mixed_precision: fp16\n", "reward.mixed_precision"),
     ("gates:\n  min_win_rate: 1.5\n", "gates.min_win_rate"),
     ("project: 'has spaces'\n", "project"),

@@ -217,6 +217,12 @@ def test_adaptive_kl_controller_by_hand():
     assert fixed.value == 0.1
 
 
+def test_score_normalizer_by_hand():
+    mean, std = core.score_normalizer(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert (mean, std) == pytest.approx((2.5, math.sqrt(1.25)))
+    assert core.score_normalizer(torch.tensor([0.7, 0.7, 0.7])) == pytest.approx((0.7, 1.0))  # all alike: scale kept
+
+
 def test_linear_lr_by_hand_and_as_trls_schedule():
     """lr at the first iteration, lr / steps at the last; the rates TRL's PPOTrainer takes from
     transformers' linear schedule (no warm-up), stepped once per iteration."""

@@ -60,6 +60,33 @@ def test_ppo_raises_the_reward_and_keeps_kl_bounded(tiny_model_dir, tiny_reward_
     assert scenario.neutral_rate(texts) > scenario.neutral_rate(base) + 0.2
 
 
+def test_normalized_scores_make_ppo_blind_to_the_reward_models_scale(tiny_model_dir, tiny_reward_dir):
+    """ppo.normalize_scores: the first rollout's scores set the mean and std every score is taken
+    by, so a reward model scoring ten times as wide trains the same policy; without, another one."""
+    runs = {}
+    for normalize in (True, False):
+        for scale in (1.0, 10.0):
+            trainer, _ = make_trainer(tiny_model_dir, tiny_reward_dir, steps=2, batch_size=16, minibatches=2,
+                                      epochs=1, normalize_scores=normalize)
+            with torch.no_grad():
+                trainer.reward_model.score.weight.mul_(scale)
+            trainer.train()
+            runs[normalize, scale] = trainer
+    one, ten = runs[True, 1.0], runs[True, 10.0]
+    assert ten.score_norm == pytest.approx((10 * one.score_norm[0], 10 * one.score_norm[1]), rel=1e-5)
+    assert ten.history[0]["objective/raw_scores"] == pytest.approx(ten.score_norm[0], rel=1e-5)
+    # the first rollout's normalized scores have mean 0, less the missing-EOS penalty (1) where no EOS came
+    first = one.history[0]
+    assert first["objective/scores"] == pytest.approx(-(1 - first["response/eos_rate"]), abs=1e-5)
+    assert [h["objective/scores"] for h in ten.history] == pytest.approx([h["objective/scores"] for h in one.history],
+                                                                         abs=1e-4)
+    for k, v in one.policy.state_dict().items():
+        assert torch.allclose(v, ten.policy.state_dict()[k], atol=1e-5), k
+    raw_one, raw_ten = runs[False, 1.0], runs[False, 10.0]
+    assert raw_one.score_norm is None
+    assert any(not torch.allclose(v, raw_ten.policy.state_dict()[k], atol=1e-5) for k, v in raw_one.policy.state_dict().items())
+
+
 def test_a_policy_or_reward_model_of_another_tokenizer_is_refused_before_any_model_loads(tiny_model_dir, tmp_path):
     """The policy a round trains must share the tokenizer of its reference (the base model), and so
     must the reward model: a champion trained from another base model is said to be one."""
@@ -86,6 +113,7 @@ def test_killed_run_resumes_with_identical_results(tiny_model_dir, tiny_reward_d
     for a, b in zip(straight.policy.state_dict().values(), resumed.policy.state_dict().values()):
         assert torch.equal(a, b)
     assert resumed.kl_ctl.value == straight.kl_ctl.value
+    assert resumed.score_norm == straight.score_norm  # the first rollout's, read back, not the resumed one's
     assert [h["objective/scores"] for h in resumed.history] == [h["objective/scores"] for h in straight.history]
     # the checkpoint is that run's: other settings, another seed or other prompts are refused by name...
     other_lr, _ = make_trainer(tiny_model_dir, tiny_reward_dir, tmp_path / "ckpt", steps=9, batch_size=32, lr=5e-5)
@@ -108,17 +136,18 @@ def test_killed_run_resumes_with_identical_results(tiny_model_dir, tiny_reward_d
     assert [h["optimizer/lr"] for h in straight.history] == pytest.approx([lr * (1 - i / 6) for i in range(6)])
     assert [h["optimizer/lr"] for h in resumed.history] == [h["optimizer/lr"] for h in straight.history]
     assert longer.history[-1]["optimizer/lr"] == pytest.approx(lr / 7)  # decays over the new length from there
-    # a checkpoint of a constant-rate run (as every one written before schedules) resumes only as one
+    # a checkpoint written before schedules and score normalization (a constant rate, raw scores)
+    # resumes only as such a run
     constant, _ = make_trainer(tiny_model_dir, tiny_reward_dir, tmp_path / "ckpt", steps=7, batch_size=32,
-                               lr_schedule="constant")
-    with pytest.raises(ValueError, match=r"\(ppo\.lr_schedule differ\)"):
+                               lr_schedule="constant", normalize_scores=False)
+    with pytest.raises(ValueError, match=r"\(ppo\.lr_schedule, ppo\.normalize_scores differ\)"):
         constant.load_checkpoint(tmp_path / "ckpt")
     state = torch.load(tmp_path / "ckpt" / "trainer.pt", weights_only=True)
-    del state["run"]["ppo"]["lr_schedule"]
+    del state["run"]["ppo"]["lr_schedule"], state["run"]["ppo"]["normalize_scores"], state["score_norm"]
     torch.save(state, tmp_path / "ckpt" / "trainer.pt")
     constant.load_checkpoint(tmp_path / "ckpt")
-    assert constant.step == 6
-    with pytest.raises(ValueError, match=r"\(ppo\.lr_schedule differ\)"):
+    assert constant.step == 6 and constant.score_norm is None
+    with pytest.raises(ValueError, match=r"\(ppo\.lr_schedule, ppo\.normalize_scores differ\)"):
         longer.load_checkpoint(tmp_path / "ckpt")
     constant.cfg.steps = 8
     constant.train()

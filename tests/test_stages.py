@@ -69,6 +69,7 @@ def test_dvc_repro_runs_every_stage_on_a_users_model(tiny_qwen3_dir, tmp_path):
     ppo_run = mlflow.search_runs(experiment_names=["rlhf"], filter_string="tags.stage = 'train_policy'",
                                  output_format="list")[0]
     assert ppo_run.data.params["ppo.decoder"] == "static"
+    assert float(ppo_run.data.params["ppo.score_std"]) > 0  # ppo.normalize_scores: the first rollout's
     policy = mlflow.pyfunc.load_model("models:/rlhf-policy/1")
     texts = policy.predict(["the ceo said", "the nurse said"], params={"max_new_tokens": 5, "temperature": 0})
     assert len(texts) == 2 and all(t.startswith(p) for t, p in zip(texts, ["the ceo said", "the nurse said"]))

@@ -60,6 +60,8 @@ class PPOConfig:
     """shared: a value head on the policy's own trunk (one model: the least memory and time); reward: a separate critic started from the round's reward model, as InstructGPT and TRL (the value loss never moves the policy; a second model trained, with lora_rank its adapters)"""
     whiten_rewards: bool = False
     """whiten per-token rewards before GAE"""
+    normalize_scores: bool = True
+    """scale the reward model's scores to mean 0, std 1 over the first rollout (the starting policy's responses), as lm-human-preferences normalizes its reward model: kl_coef, target_kl and missing_eos_penalty then mean the same whatever the reward model's scale"""
     missing_eos_penalty: float | None = 1.0
     """subtracted from the score of a response that never ends"""
     max_grad_norm: float = 1.0

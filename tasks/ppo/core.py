@@ -57,6 +57,15 @@ def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> tor
     return torch.where(response_mask(responses, eos_id).bool(), responses, torch.full_like(responses, pad_id))
 
 
+def score_normalizer(scores: torch.Tensor) -> tuple[float, float]:
+    """(mean, std) that take `scores` to mean 0 and standard deviation 1: lm-human-preferences sets
+    its reward model's gain and bias so on the starting policy's responses (Huang et al., "reward
+    normalization"). A reward model that scores them all alike keeps its scale (std 1): dividing
+    by ~0 would blow every later difference up."""
+    std, mean = torch.std_mean(scores.double(), correction=0)
+    return float(mean), float(std) if std > 1e-6 else 1.0
+
+
 def apply_missing_eos_penalty(scores: torch.Tensor, responses: torch.Tensor, eos_id: int,
                               penalty: float | None) -> torch.Tensor:
     """Subtract `penalty` from the score of every response that never emits EOS (Huang et al. detail 23)."""

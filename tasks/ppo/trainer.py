@@ -40,7 +40,8 @@ class Rollout:
     logprobs: torch.Tensor  # (B, T) log pi_old(token)
     ref_logprobs: torch.Tensor  # (B, T) log pi_ref(token)
     values: torch.Tensor  # (B, T) V_old(state before token)
-    scores: torch.Tensor  # (B,) reward-model score (after the missing-EOS penalty)
+    scores: torch.Tensor  # (B,) reward-model score, normalized (ppo.normalize_scores), after the missing-EOS penalty
+    raw_scores: torch.Tensor  # (B,) the reward model's own score
     kl: torch.Tensor  # (B, T) per-token KL estimate
     rewards: torch.Tensor  # (B, T) -kl_coef * kl, plus the score on the last token
     advantages: torch.Tensor  # (B, T) whitened GAE advantages
@@ -118,6 +119,7 @@ class PPOTrainer:
         if accelerator is not None:
             seed = seed + accelerator.process_index
         self.kl_ctl = core.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+        self.score_norm: tuple[float, float] | None = None  # (mean, std) of the first rollout's scores
         self.step = 0
         self.resumed_from: int | None = None  # the step of the checkpoint train() continued from
         self.rng = random.Random(seed)  # prompt order
@@ -207,7 +209,13 @@ class PPOTrainer:
                 with self._reference() as ref_lm:
                     ref.append(response_forward(ref_lm, *batch, cfg.temperature, False, with_entropy=False))
                 scores.append(reward_scores(self.reward_model, *batch))
-            pol, ref, scores = _cat(pol), _cat(ref), torch.cat(scores)
+            pol, ref, raw_scores = _cat(pol), _cat(ref), torch.cat(scores)
+        scores = raw_scores.float()
+        if cfg.normalize_scores:
+            if self.score_norm is None:  # the first rollout: the starting policy's responses, every process's
+                everyone = self.accelerator.gather(scores) if self.accelerator is not None else scores
+                self.score_norm = core.score_normalizer(everyone)
+            scores = (scores - self.score_norm[0]) / self.score_norm[1]
         scores = core.apply_missing_eos_penalty(scores, responses, self.eos_id, cfg.missing_eos_penalty)
         # -- 3. rewards and advantages --------------------------------------------------------
         kl = core.kl_penalty(pol["logprobs"], ref["logprobs"], cfg.kl_estimator) * mask
@@ -217,7 +225,7 @@ class PPOTrainer:
         advantages, returns = core.compute_gae(rewards, pol["values"], mask, cfg.gamma, cfg.lam)
         advantages = core.masked_whiten(advantages, mask) * mask
         return Rollout(prompt_ids, prompt_mask, responses, mask, pol["logprobs"], ref["logprobs"],
-                       pol["values"] * mask, scores, kl, rewards, advantages, returns, pol["entropy"])
+                       pol["values"] * mask, scores, raw_scores, kl, rewards, advantages, returns, pol["entropy"])
 
     # -- 4. PPO epochs ------------------------------------------------------------------------
     def optimize(self, ro: Rollout) -> dict[str, float]:
@@ -295,7 +303,8 @@ class PPOTrainer:
         metrics = {
             "objective/kl": float(seq_kl.mean()),
             "objective/kl_coef": self.kl_ctl.value,
-            "objective/scores": float(ro.scores.mean()),
+            "objective/scores": float(ro.scores.mean()),  # what PPO maximises: normalized, penalized
+            "objective/raw_scores": float(ro.raw_scores.float().mean()),  # the reward model's
             "objective/rlhf_reward": float(ro.scores.mean() - self.kl_ctl.value * seq_kl.mean()),
             "objective/non_score_reward": float(-self.kl_ctl.value * seq_kl.mean()),
             "optimizer/lr": lr,
@@ -392,7 +401,7 @@ class PPOTrainer:
                           metadata={"contents": "trainable" if lora_only else "all"})
             tmp.replace(folder / "policy.safetensors")
         state = {
-            "step": self.step, "optimizer": optimizer, "kl_ctl": self.kl_ctl.state_dict(),
+            "step": self.step, "optimizer": optimizer, "kl_ctl": self.kl_ctl.state_dict(), "score_norm": self.score_norm,
             "rng": self.rng.getstate(), "generator": self.generator.get_state(), "history": self.history,
             "run": self.run_key(),
         }
@@ -408,8 +417,8 @@ class PPOTrainer:
         ours, theirs = self.run_key(), state.get("run")
         if theirs is not None and "autocast" not in theirs:  # written before mixed precision: float32 throughout
             theirs = {**theirs, "autocast": "None"}
-        if theirs is not None and "lr_schedule" not in theirs["ppo"]:  # written before schedules: constant
-            theirs = {**theirs, "ppo": {**theirs["ppo"], "lr_schedule": "constant"}}
+        if theirs is not None:  # written before learning-rate schedules and score normalization: without them
+            theirs = {**theirs, "ppo": {"lr_schedule": "constant", "normalize_scores": False, **theirs["ppo"]}}
         if theirs is not None and theirs != ours:  # (checkpoints written before run keys: not checked)
             changed = ", ".join(changed_keys(ours, theirs))
             raise ValueError(f"the checkpoint in {folder} is another run's ({changed} differ): resuming it would "
@@ -440,6 +449,7 @@ class PPOTrainer:
             self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
         self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.score_norm = tuple(state["score_norm"]) if state.get("score_norm") is not None else None
         self.rng.setstate(_as_random_state(state["rng"]))
         self.generator.set_state(state["generator"])
         self.history = state["history"]
