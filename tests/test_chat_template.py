@@ -220,17 +220,18 @@ def test_reward_model_ppo_and_evaluation_read_a_chat_pair_alike(tiny_chat_model_
                                        scenario.feedback_prompts(), cfg, seed=0)
     assert trainer.eos_id == tokenizer.convert_tokens_to_ids("<|end|>")
     assert trainer.prompts == [encode_prompt(tokenizer, p, chat=CHAT) for p in scenario.feedback_prompts()]
-    # PPO's score of a rollout is evaluation's score of its decoded reply: the same tokens, the same number
+    # PPO's score of a rollout (the reward model's, before normalization) is evaluation's score of its decoded
+    # reply: the same tokens, the same number
     ro = trainer.rollout()
     prompts, replies, expected = [], [], []
-    for ids, mask, response, score in zip(ro.prompt_ids, ro.prompt_mask, ro.responses, ro.scores):
+    for ids, mask, response, score in zip(ro.prompt_ids, ro.prompt_mask, ro.responses, ro.raw_scores):
         prompt = scenario.feedback_prompts()[trainer.prompts.index(ids[mask.bool()].tolist())]
         reply = tokenizer.decode(response, skip_special_tokens=True)
         ended = response.tolist().index(tokenizer.eos_token_id) if tokenizer.eos_token_id in response else None
         if ended is not None and encode_sequence(tokenizer, prompt, reply, chat=CHAT) == (
                 ids[mask.bool()].tolist() + response[:ended + 1].tolist()):
             prompts.append(prompt), replies.append(reply), expected.append(float(score))
-    assert len(prompts) >= 0.9 * len(ro.scores)
+    assert len(prompts) >= 0.9 * len(ro.raw_scores)
     reward = load_reward(reward_dir, tokenizer.pad_token_id)
     assert torch.allclose(score_texts(reward, tokenizer, prompts, replies, chat=CHAT), torch.tensor(expected),
                           atol=1e-4)
