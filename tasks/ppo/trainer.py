@@ -210,7 +210,7 @@ class PPOTrainer:
                     ref.append(response_forward(ref_lm, *batch, cfg.temperature, False, with_entropy=False))
                 scores.append(reward_scores(self.reward_model, *batch))
             pol, ref, raw_scores = _cat(pol), _cat(ref), torch.cat(scores)
-        scores = raw_scores.float()
+        scores = raw_scores  # (float32: reward_scores casts them)
         if cfg.normalize_scores:
             if self.score_norm is None:  # the first rollout: the starting policy's responses, every process's
                 everyone = self.accelerator.gather(scores) if self.accelerator is not None else scores
@@ -304,7 +304,7 @@ class PPOTrainer:
             "objective/kl": float(seq_kl.mean()),
             "objective/kl_coef": self.kl_ctl.value,
             "objective/scores": float(ro.scores.mean()),  # what PPO maximises: normalized, penalized
-            "objective/raw_scores": float(ro.raw_scores.float().mean()),  # the reward model's
+            "objective/raw_scores": float(ro.raw_scores.mean()),  # the reward model's
             "objective/rlhf_reward": float(ro.scores.mean() - self.kl_ctl.value * seq_kl.mean()),
             "objective/non_score_reward": float(-self.kl_ctl.value * seq_kl.mean()),
             "optimizer/lr": lr,
@@ -415,10 +415,10 @@ class PPOTrainer:
         folder = Path(folder)
         state = torch.load(folder / self._state_name, weights_only=True)
         ours, theirs = self.run_key(), state.get("run")
-        if theirs is not None and "autocast" not in theirs:  # written before mixed precision: float32 throughout
-            theirs = {**theirs, "autocast": "None"}
-        if theirs is not None:  # written before learning-rate schedules and score normalization: without them
-            theirs = {**theirs, "ppo": {"lr_schedule": "constant", "normalize_scores": False, **theirs["ppo"]}}
+        if theirs is not None:  # written before mixed precision (float32 throughout), learning-rate schedules
+            # (a constant rate) or score normalization (raw scores): what they ran without
+            theirs = {"autocast": "None", **theirs,
+                      "ppo": {"lr_schedule": "constant", "normalize_scores": False, **theirs["ppo"]}}
         if theirs is not None and theirs != ours:  # (checkpoints written before run keys: not checked)
             changed = ", ".join(changed_keys(ours, theirs))
             raise ValueError(f"the checkpoint in {folder} is another run's ({changed} differ): resuming it would "
