@@ -776,12 +776,9 @@ def import_file(ws: Workspace, path: Path, fmt: str = "auto", mapping: dict | No
         summary = convert(readable, fmt, mapping, round_, kept, bad, name=path.name)
         summary.map_not_applied = not_applied
         summary.source_file = str(path)
-        source = f"import-{fmt}"
-        if summary.kept:
-            summary.raw_file = str(versioning.add_raw_feedback(ws, kept, round_, source, summary.kept,
-                                                               digest=versioning.file_md5(path)))
         received_dir = ws.root / "data" / "feedback" / "received"
-        received = received_dir / f"{versioning.file_md5(path)[:12]}-{path.name}"
+        md5 = versioning.file_md5(path)
+        received = received_dir / f"{md5[:12]}-{path.name}"
         extra = []
         if not received.exists():  # the file as it came, byte for byte
             received_dir.mkdir(parents=True, exist_ok=True)
@@ -798,8 +795,12 @@ def import_file(ws: Workspace, path: Path, fmt: str = "auto", mapping: dict | No
             if not versioning.committed(ws, quarantine):
                 extra.append(quarantine)
             summary.quarantine_file = str(quarantine)
-        if extra:
-            versioning.add_files(ws, extra, f"data: received {path.name} ({fmt}), {summary.set_aside} rows set aside")
+        message = f"data: received {path.name} ({fmt}), {summary.set_aside} rows set aside"
+        if summary.kept:  # the pairs, then the file as received and the rows set aside: one `dvc add`
+            summary.raw_file = str(versioning.add_raw_feedback(ws, kept, round_, f"import-{fmt}", summary.kept,
+                                                               digest=md5, also=(message, extra) if extra else None))
+        elif extra:
+            versioning.add_files(ws, extra, message)
         versioned = [Path(f) for f in (summary.raw_file, summary.received_file, summary.quarantine_file) if f]
         summary.push_error = versioning.push(ws, *versioned)
     return summary

@@ -2,7 +2,8 @@
 
 We call the `dvc` and `git` command lines (the same commands a user types) rather than
 DVC's Python internals: each call is its own process, so DVC's repository lock and state
-never leak between stages or tests.
+never leak between stages or tests. The one exception only reads: which remotes are set
+(`remotes`, DVC's own config reader, a tenth of the half second `dvc remote list` takes to start).
 """
 from __future__ import annotations
 
@@ -164,7 +165,7 @@ def ensure_repos(ws: Workspace) -> None:
     if not (ws.root / ".dvc").is_dir():
         dvc(ws, "init", "-q")
         fresh = True
-    if not dvc(ws, "remote", "list").stdout.strip():
+    if not remotes(ws):
         dvc(ws, "remote", "add", "-d", "local", DEFAULT_REMOTE)
         fresh = True
     gitignore = ws.root / ".gitignore"
@@ -179,6 +180,17 @@ def ensure_repos(ws: Workspace) -> None:
                              "data/prompts/.gitkeep") if (ws.root / p).exists()]
         git(ws, "add", *setup)
         commit_paths(ws, "workspace: pipeline definition, DVC repository and local remote", setup)
+
+
+def remotes(ws: Workspace) -> list[str]:
+    """The DVC remotes set for the workspace, at every level `dvc remote list` reads (the
+    repository's config, its config.local, your global and system configs)."""
+    from dvc.config import Config, ConfigError
+
+    try:
+        return sorted(Config(dvc_dir=str(ws.root / ".dvc"))["remote"])
+    except ConfigError as e:
+        raise VersioningError(f"DVC's configuration of {ws.root} cannot be read: {e}") from None
 
 
 def commit_paths(ws: Workspace, message: str, paths: list[str]) -> bool:
@@ -203,13 +215,15 @@ def file_md5(path: str | Path) -> str:
 
 
 def add_raw_feedback(ws: Workspace, src: str | Path, round_: int, source: str, n_records: int,
-                     digest: str | None = None) -> Path:
-    """Copy `src` into data/feedback/raw/ under a new immutable name, `dvc add` it, commit the
-    pointer to git and push the data to the remote. The same bytes twice give the same file
-    (nothing is added twice); two writers never clobber each other (lock + unique name)."""
+                     digest: str | None = None, also: tuple[str, list[Path]] | None = None) -> Path:
+    """Copy `src` into data/feedback/raw/ under a new immutable name, `dvc add` it and commit the
+    pointer to git. The same bytes twice give the same file (nothing is added twice); two writers
+    never clobber each other (lock + unique name). `also`: (a commit message, files): other files
+    to version in the same `dvc add` (DVC takes half a second to start), committed after it."""
     digest = (digest or file_md5(src))[:12]  # an import passes the hash of the file as received
     safe_source = "".join(c if c.isalnum() or c in "-_" else "-" for c in source)
     dest = ws.raw_dir / f"round-{round_:04d}-{safe_source}-{digest}.jsonl"
+    message, others = also or ("", [])
     with lock(ws):
         if not dest.exists():
             ws.raw_dir.mkdir(parents=True, exist_ok=True)
@@ -217,15 +231,25 @@ def add_raw_feedback(ws: Workspace, src: str | Path, round_: int, source: str, n
             shutil.copyfile(src, tmp)
             tmp.replace(dest)
         pointer = dest.with_name(dest.name + ".dvc")
-        if not pointer.exists():
-            dvc(ws, "add", str(dest.relative_to(ws.root)))
+        to_add = ([] if pointer.exists() else [dest]) + list(others)
+        if to_add:
+            dvc(ws, "add", *(str(Path(f).relative_to(ws.root)) for f in to_add))
         # committed unless it is already: an attempt that stopped between `dvc add` and the commit
         # (git's index.lock left by a crash) left the pointer uncommitted, and the same file again
         # said "versioned" and committed nothing
-        paths = [str(pointer.relative_to(ws.root)), str((ws.raw_dir / ".gitignore").relative_to(ws.root))]
-        git(ws, "add", *paths)
-        commit_paths(ws, f"data: round {round_} feedback ({source}, {n_records} records)", paths)
+        _commit_pointers(ws, [dest], f"data: round {round_} feedback ({source}, {n_records} records)")
+        if others:
+            _commit_pointers(ws, others, message)
     return dest
+
+
+def _commit_pointers(ws: Workspace, files: list[Path], message: str) -> list[Path]:
+    """Commit the DVC pointers of `files` (and the .gitignore files `dvc add` wrote beside them)."""
+    rel = [str(Path(f).relative_to(ws.root)) for f in files]
+    paths = [r + ".dvc" for r in rel] + sorted({str(Path(r).parent / ".gitignore") for r in rel})
+    git(ws, "add", *paths)
+    commit_paths(ws, message, paths)
+    return [ws.root / (r + ".dvc") for r in rel]
 
 
 def committed(ws: Workspace, data: Path) -> bool:
@@ -239,13 +263,8 @@ def committed(ws: Workspace, data: Path) -> bool:
 def add_files(ws: Workspace, files: list[Path], message: str) -> list[Path]:
     """`dvc add` each file and commit the pointers (files stay where they are); returns the pointers."""
     with lock(ws):
-        rel = [str(Path(f).relative_to(ws.root)) for f in files]
-        dvc(ws, "add", *rel)
-        ignores = {str(Path(r).parent / ".gitignore") for r in rel}
-        paths = [r + ".dvc" for r in rel] + sorted(ignores)
-        git(ws, "add", *paths)
-        commit_paths(ws, message, paths)
-    return [ws.root / (r + ".dvc") for r in rel]
+        dvc(ws, "add", *(str(Path(f).relative_to(ws.root)) for f in files))
+        return _commit_pointers(ws, files, message)
 
 
 def push(ws: Workspace, *data: Path) -> str | None:

@@ -9,6 +9,7 @@ import json
 import lzma
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -130,6 +131,37 @@ def test_an_unreachable_dvc_remote_leaves_the_import_committed_and_said(ws, tmp_
     assert "warning" not in capsys.readouterr().err
 
 
+def test_a_remote_of_your_own_is_kept_and_a_broken_dvc_config_is_said(tmp_path, capsys):
+    """A workspace whose DVC remote you set (in .dvc/config.local, where credentials go) keeps it:
+    no `local` remote is added beside it, and imports push to yours. A .dvc/config DVC cannot parse
+    stops the import before anything is copied, with DVC's reason."""
+    root = tmp_path / "ws"
+    root.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    mine = tmp_path / "my-store"
+    subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "--local", "-d", "mine", str(mine)], cwd=root,
+                   check=True)
+    ws = init_workspace(root)
+    assert versioning.remotes(ws) == ["mine"] and "remote" not in (root / ".dvc" / "config").read_text()
+    good = tmp_path / "pairs.jsonl"
+    good.write_text("".join(json.dumps({"prompt": f"the cook said {i}", "chosen": " they left .",
+                                        "rejected": " he left ."}) + "\n" for i in range(4)))
+    assert main(["import", str(good), "--json", "--workspace", str(root)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    md5 = versioning.file_md5(summary["raw_file"])
+    assert summary["pushed"] is True and (mine / "files" / "md5" / md5[:2] / md5[2:]).exists()
+    (root / ".dvc" / "config").write_text("[core\nremote = mine\n")
+    again = tmp_path / "more.jsonl"
+    again.write_text(good.read_text().replace("cook", "pilot"))
+    assert main(["import", str(again), "--workspace", str(root)]) == 1  # as any git or DVC failure
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: git or DVC failed:\nDVC's configuration of {root} cannot be read: "
+                          "config file error: Invalid line ('[core')")
+    assert "Traceback" not in err and len(versioning.history(ws)) == 1
+    assert not any("more" in p.name for p in (root / "data" / "feedback").rglob("*"))
+
+
 HOLDER = """
 import os, sys
 fd = os.open(sys.argv[1], os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # as git takes its lock
@@ -186,10 +218,9 @@ def test_a_git_lock_a_live_process_holds_is_waited_for_and_never_taken(ws, tmp_p
         holder.stdin.close()
         holder.wait(timeout=30)
     assert not lock.exists()  # its holder removed it, as git does
-    # as a crash after the received file's copy leaves it (before its `dvc add`)
+    # the stopped import left the received file's copy, as a crash before its `dvc add` would
     received = ws.root / "data" / "feedback" / "received" / f"{versioning.file_md5(good)[:12]}-pairs.jsonl"
-    received.parent.mkdir(parents=True)
-    received.write_bytes(good.read_bytes())
+    assert received.read_bytes() == good.read_bytes() and not versioning.committed(ws, received)
     assert main(["import", str(good), "--json", "--workspace", str(ws.root)]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert [c.message for c in versioning.history(ws)] == ["data: round 1 feedback (import-jsonl, 4 records)"]
