@@ -3,7 +3,8 @@
     rlhf run [--rounds N] [--config FILE] [--workspace DIR] [--policy-model ID] [--reward-model ID] [--chat-template]
     rlhf status [--json] [--workspace DIR]
     rlhf gc [--keep N] [--remote] [--dry-run] [--json]
-    rlhf import FILE [FILE ...] [--format auto|jsonl|conversational|csv|parquet|hh-rlhf|label-studio|argilla] [--map prompt=COL,...] [--json]
+    rlhf import FILE [FILE ...] [--format auto|jsonl|conversational|csv|parquet|hh-rlhf|label-studio|argilla]
+                [--map prompt=COL,...] [--json] [--dry-run]
     rlhf data history [--json]        rlhf validate [FILE ...] [--json]
     rlhf label [--pairs N] [--batch-size N] [--timeout S] [--seed N]
     rlhf compare [A B] [--evaluate] [--json]
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exit non-zero when more than this share of rows is set aside (default 0.5, the bound "
                           "refinement rounds put on inbox files)")
     imp.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    imp.add_argument("--dry-run", action="store_true",
+                     help="read and check the files, say what would be kept and set aside and show the first "
+                          "pairs as they would be imported; write nothing (no workspace needed)")
     imp.add_argument("--workspace", type=Path, default=Path("."))
 
     lab = sub.add_parser("label", help="label response pairs in the Prefect UI (the run pauses for a form)")
@@ -268,7 +272,7 @@ def _check_judge_arg(value: str) -> str:
 
 def cmd_import(args) -> int:
     from tasks.importers import MAX_BAD_FRACTION, ImportError_, parse_mapping
-    from tasks.workspace import init_workspace
+    from tasks.workspace import Workspace, init_workspace
 
     if args.max_bad_fraction is None:
         args.max_bad_fraction = MAX_BAD_FRACTION
@@ -279,7 +283,7 @@ def cmd_import(args) -> int:
     except ImportError_ as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    ws = init_workspace(args.workspace)
+    ws = Workspace(args.workspace) if args.dry_run else init_workspace(args.workspace)
     # several files (a dataset's shards, a shell glob): each imported on its own, the others still
     # when one cannot be; the exit code is the worst of theirs
     return max(import_one(ws, path, args, mapping) for path in args.files)
@@ -291,7 +295,7 @@ def import_one(ws, path: Path, args, mapping: dict) -> int:
     try:
         if path.is_dir():
             raise ImportError_(f"{path} is a folder: name its files (rlhf import {path}/*.jsonl)")
-        summary = import_file(ws, path, args.format, mapping)
+        summary = import_file(ws, path, args.format, mapping, dry_run=args.dry_run)
     except ImportError_ as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -299,9 +303,17 @@ def import_one(ws, path: Path, args, mapping: dict) -> int:
     if args.json:
         print(json.dumps({**summary.as_dict(), "failed": problem}))
     else:
-        print(f"{summary.source_file}: format {summary.format}; kept {summary.kept}, set aside {summary.set_aside}")
+        would = "dry run, nothing imported: would keep" if args.dry_run else "kept"
+        print(f"{summary.source_file}: format {summary.format}; {would} {summary.kept}, set aside {summary.set_aside}")
         for reason, n in summary.reasons.most_common():
             print(f"  {n:6d}  {reason}")
+        for row in summary.set_aside_examples or []:
+            print(f"  set aside: line {row['line']}: {'; '.join(row['reasons'])}")
+        if summary.examples:
+            print(f"the first {len(summary.examples)} kept, as they would be imported:")
+            for record in summary.examples:
+                print("  " + "  ".join(f"{k} {_clip(record[k])}" for k in ("prompt", "chosen", "rejected"))
+                      + ("" if record.get("label", "pair") == "pair" else f"  ({record['label']})"))
         if summary.raw_file:
             print(f"versioned as {summary.raw_file}")
         if summary.quarantine_file:
@@ -314,6 +326,11 @@ def import_one(ws, path: Path, args, mapping: dict) -> int:
     if summary.push_error:  # the import stands (committed, in the local cache): said, not failed
         print(f"warning: {summary.push_error}", file=sys.stderr)
     return 1 if problem else 0
+
+
+def _clip(text: str, width: int = 60) -> str:
+    """A text as Python writes it (quotes, \\n), its end cut to `width` characters."""
+    return repr(text if len(text) <= width else text[:width - 3] + "...")
 
 
 def chat_hint(summary, ws) -> str | None:

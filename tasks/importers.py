@@ -60,14 +60,20 @@ class ImportSummary:
     run_together: int = 0  # kept records whose prompt and a response meet with no whitespace between them
     push_error: str | None = None  # why the files were not pushed to the DVC remote (committed all the same)
     map_not_applied: str | None = None  # why the inbox's map was not applied (a format naming its own fields)
+    examples: list[dict] | None = None  # a dry run's first kept records, as the import would write them
+    set_aside_examples: list[dict] | None = None  # a dry run's first rows set aside: line and reasons
 
     def as_dict(self) -> dict:
-        return {"source_file": self.source_file, "format": self.format, "kept": self.kept,
-                "set_aside": self.set_aside, "reasons": dict(self.reasons), "dialogues": self.dialogues,
-                "run_together": self.run_together, "raw_file": self.raw_file,
-                "quarantine_file": self.quarantine_file, "received_file": self.received_file,
-                "pushed": self.push_error is None, "push_error": self.push_error,
-                "map_not_applied": self.map_not_applied}
+        out = {"source_file": self.source_file, "format": self.format, "kept": self.kept,
+               "set_aside": self.set_aside, "reasons": dict(self.reasons), "dialogues": self.dialogues,
+               "run_together": self.run_together, "raw_file": self.raw_file,
+               "quarantine_file": self.quarantine_file, "received_file": self.received_file,
+               "pushed": self.push_error is None, "push_error": self.push_error,
+               "map_not_applied": self.map_not_applied}
+        if self.examples is not None:
+            out |= {"dry_run": True, "pushed": False, "examples": self.examples,
+                    "set_aside_examples": self.set_aside_examples}
+        return out
 
 
 # ---- checks shared by every format --------------------------------------------------------------
@@ -750,13 +756,18 @@ def decompressed(path: Path, scratch: Path | None = None) -> Iterator[Path]:
             raise ImportError_(str(e).replace(str(out), f"{path} (decompressed)")) from None
 
 
+DRY_RUN_EXAMPLES = 3  # kept records a dry run shows
+
+
 def import_file(ws: Workspace, path: Path, fmt: str = "auto", mapping: dict | None = None,
-                round_: int | None = None, map_for_tables: bool = False) -> ImportSummary:
+                round_: int | None = None, map_for_tables: bool = False, dry_run: bool = False) -> ImportSummary:
     """Import one file into the workspace's raw feedback, versioned with DVC. Returns the summary;
     the caller decides the exit code (see `failed`). A --map key the file's format does not read is
     refused; with `map_for_tables` (the inbox's one map for every file it is sent), a file of a
     format that names its own fields (HH-RLHF, Label Studio, Argilla) is read without the map, and
-    the summary's `map_not_applied` says so."""
+    the summary's `map_not_applied` says so. `dry_run`: the file is read and checked all the same,
+    and nothing is written to the workspace (which need not exist); the summary's `examples` holds
+    the first records the import would keep, to check a --map (which response became chosen)."""
     path = Path(path)
     if not path.is_file():
         raise ImportError_(f"{path} does not exist or is not a file")
@@ -764,8 +775,10 @@ def import_file(ws: Workspace, path: Path, fmt: str = "auto", mapping: dict | No
         raise ImportError_(f"unknown format {fmt!r}; use one of auto, {', '.join(FORMATS)}")
     mapping = mapping or {}
     round_ = round_ if round_ is not None else ws.read_state().round
-    (ws.root / ".cache").mkdir(exist_ok=True)  # git-ignored scratch space on the same disk
-    with tempfile.TemporaryDirectory(dir=ws.root / ".cache") as tmp, decompressed(path, Path(tmp)) as readable:
+    scratch = None if dry_run else ws.root / ".cache"  # git-ignored scratch space on the same disk
+    if scratch is not None:
+        scratch.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp, decompressed(path, Path(tmp)) as readable:
         fmt = detect_format(readable, mapping) if fmt == "auto" else fmt
         not_applied = None
         if mapping and map_for_tables and fmt in OWN_FIELDS_FORMATS:
@@ -776,6 +789,13 @@ def import_file(ws: Workspace, path: Path, fmt: str = "auto", mapping: dict | No
         summary = convert(readable, fmt, mapping, round_, kept, bad, name=path.name)
         summary.map_not_applied = not_applied
         summary.source_file = str(path)
+        if dry_run:
+            with open(kept, encoding="utf-8") as f:
+                summary.examples = [json.loads(line) for _, line in zip(range(DRY_RUN_EXAMPLES), f)]
+            with open(bad, encoding="utf-8") as f:
+                rows = (json.loads(line) for _, line in zip(range(DRY_RUN_EXAMPLES), f))
+                summary.set_aside_examples = [{"line": r["line"], "reasons": r["reasons"]} for r in rows]
+            return summary
         received_dir = ws.root / "data" / "feedback" / "received"
         md5 = versioning.file_md5(path)
         received = received_dir / f"{md5[:12]}-{path.name}"

@@ -544,6 +544,57 @@ def test_a_json_array_sets_aside_its_items_that_are_not_objects_by_position(ws, 
         [(2, ["not a JSON object (a int)"], "5"), (4, ["not a JSON object (a list)"], '["x"]')]
 
 
+def test_a_dry_run_shows_what_the_import_would_keep_and_writes_nothing(ws, tmp_path, capsys):
+    """`rlhf import --dry-run` reads and checks a file as the import does and prints the same
+    counts, the rows it would set aside by line, and the first pairs as they would be imported (to
+    see which response a --map makes chosen), and writes nothing: not to a workspace that exists,
+    and no workspace where none does. The import after it keeps the same records."""
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text("question,resp_a,resp_b,winner\n"
+                     "the nurse said, they were late ., she was late .,A\n"
+                     "the pilot said, he left ., they left .,B\n"
+                     "the cook said, they cooked ., he cooked .,tie\n"
+                     "the judge said,, x,A\n")
+    mapping = "prompt=question,a=resp_a,b=resp_b,choice=winner"
+
+    def snapshot():
+        return sorted((str(p.relative_to(ws.root)), p.stat().st_mtime_ns) for p in ws.root.rglob("*") if p.is_file())
+
+    before = snapshot()
+    assert main(["import", str(sheet), "--map", mapping, "--dry-run", "--workspace", str(ws.root)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:5] == [f"{sheet}: format csv; dry run, nothing imported: would keep 3, set aside 1",
+                       "       1  missing or empty field 'chosen'",
+                       "  set aside: line 5: missing or empty field 'chosen'",
+                       "the first 3 kept, as they would be imported:",
+                       "  prompt 'the nurse said'  chosen ' they were late .'  rejected ' she was late .'"]
+    assert out[5] == "  prompt 'the pilot said'  chosen ' they left .'  rejected ' he left .'"  # B won
+    assert out[6] == "  prompt 'the cook said'  chosen ' they cooked .'  rejected ' he cooked .'  (tie)"
+    assert snapshot() == before and versioning.history(ws) == []
+    # --json: the summary's fields, with the examples; a file mostly set aside fails as the import would
+    assert main(["import", str(sheet), "--map", mapping, "--dry-run", "--json", "--max-bad-fraction", "0.2",
+                 "--workspace", str(ws.root)]) == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["dry_run"] is True and summary["raw_file"] is None and summary["pushed"] is False
+    assert summary["failed"] == "1 of 4 rows set aside, more than --max-bad-fraction=0.2"
+    assert summary["set_aside_examples"] == [{"line": 5, "reasons": ["missing or empty field 'chosen'"]}]
+    assert [(r["chosen"], r["label"]) for r in summary["examples"]] == [
+        (" they were late .", "pair"), (" they left .", "pair"), (" they cooked .", "tie")]
+    assert snapshot() == before
+    # no workspace there: none is made; a file it cannot read is the import's error, exit 2
+    nowhere = tmp_path / "no-workspace"
+    assert main(["import", str(sheet), "--map", mapping, "--dry-run", "--workspace", str(nowhere)]) == 0
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    assert main(["import", str(binary), "--dry-run", "--workspace", str(nowhere)]) == 2
+    assert capsys.readouterr().err.startswith("error: ") and not nowhere.exists()
+    # the import itself keeps what the dry run showed
+    assert main(["import", str(sheet), "--map", mapping, "--json", "--workspace", str(ws.root)]) == 0
+    imported = json.loads(capsys.readouterr().out)
+    assert imported["kept"] == 3 and [r["id"] for r in records(imported["raw_file"])] == [
+        r["id"] for r in summary["examples"]]
+
+
 def test_two_responses_and_a_column_saying_which_won_become_pairs(ws, tmp_path, capsys):
     """A spreadsheet's layout (prompt, response A, response B, which was better): --map a=,b=,choice=.
     The choice reads a/1, b/2, tie, skip in any case; anything else is set aside, saying so."""
