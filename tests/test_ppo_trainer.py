@@ -425,6 +425,24 @@ def test_lora_policy_trains_its_adapters_against_itself_with_adapters_off(tiny_m
     assert torch.equal(fast, slow)
 
 
+def test_lora_over_a_bf16_base_without_autocast_trains(tiny_model_dir, tiny_reward_dir):
+    """LoRA's adapters and the value head are float32 over a bf16 base (as bench/ppo_throughput.py
+    --lora builds it, the reference's bf16 weights, no autocast): the head reads the base's bf16
+    hidden states in its own dtype. Before, the first rollout stopped on "mat1 and mat2 must have the
+    same dtype" (the H200 run of 2026-12-04)."""
+    tok = load_tokenizer(tiny_model_dir)
+    policy = PolicyWithValue(lora.add_lora(load_policy(tiny_model_dir).to(torch.bfloat16), rank=4, alpha=8))
+    assert policy.value_head.weight.dtype == torch.float32
+    cfg = PPOConfig(steps=2, batch_size=16, minibatches=2, epochs=1, checkpoint_every=0, mixed_precision="no")
+    prompts = [tok(p)["input_ids"] for p in scenario.feedback_prompts()]
+    reward = load_reward(tiny_reward_dir, tok.pad_token_id, torch.bfloat16)
+    trainer = PPOTrainer(policy, None, reward, prompts, tok.eos_token_id, tok.pad_token_id, cfg, seed=0)
+    head = policy.value_head.weight.detach().clone()
+    history = trainer.train()
+    assert len(history) == 2 and all(math.isfinite(v) for h in history for v in h.values())
+    assert trainer.rollout().values.dtype == torch.float32 and not torch.equal(policy.value_head.weight, head)
+
+
 def test_lora_run_resumes_with_identical_results(tiny_model_dir, tiny_reward_dir, tmp_path):
     """A LoRA checkpoint holds the adapters and the value head only (the base is read from its own
     folder again), and resumes to the straight run's weights."""

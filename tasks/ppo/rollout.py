@@ -41,8 +41,8 @@ class PolicyWithValue(nn.Module):
         shared = self.critic is None
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       output_hidden_states=shared, use_cache=False, **_keep(self.lm, logits_to_keep))
-        if shared:
-            values = self.value_head(out.hidden_states[-1]).squeeze(-1)  # (B, L)
+        if shared:  # (B, L); the head's input in its dtype (LoRA's float32 head over a bf16 base, no autocast)
+            values = self.value_head(out.hidden_states[-1].to(self.value_head.weight.dtype)).squeeze(-1)
         else:
             values = self.critic(input_ids, attention_mask, position_ids)  # (B, L)
         return out.logits, values
