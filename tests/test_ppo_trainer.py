@@ -1042,6 +1042,13 @@ def test_static_decoder_covers_the_llama_family_and_declines_the_rest(variant, t
         layers = lm.model.layers
         assert [layer.self_attn.is_kv_shared_layer for layer in layers] == [False, False, True, True]
         assert [layer.self_attn.head_dim for layer in layers] == [16, 32, 16, 32] and layers[0].per_layer_input_gate
+        # a transformers whose Gemma 4 config has no kv_sharing_modes (5.17, the lent H200's): declined,
+        # so PPO samples it with HF's cache, where the decoder stopped on an AttributeError
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delattr(type(lm.config), "kv_sharing_modes")
+            assert not static_decode.supports(lm, ids.shape[1] + 12)
+            with pytest.raises(ValueError, match="StaticDecoder supports"):
+                static_decode.StaticDecoder(lm, 2, ids.shape[1], 12)
     if variant == "gemma4-k-eq-v":
         assert lm.model.layers[1].self_attn.v_proj is None and lm.model.layers[1].self_attn.k_proj.out_features == 32
     if variant == "ministral3":  # past its original length the queries would be scaled: the table's reach

@@ -79,7 +79,10 @@ def supports(lm: nn.Module, max_len: int | None = None) -> bool:
         # EmbeddingGemma's, Gemma 4's "all": not a decoder (Gemma 4's "vision" is causal on text)
         bidirectional = getattr(cfg, "use_bidirectional_attention", None) in (True, "all")
         experts = getattr(cfg, "enable_moe_block", False)  # Gemma 4 26B-A4B: routing no graph can hold
-        return (hasattr(base_model(lm), "model") and not bidirectional and not experts
+        # Gemma 4's shared keys and values as this file reads them (`kv_sharing_modes`: transformers 5.23;
+        # 5.17's config had no such property, and PPO samples it with HF's cache there)
+        layout = kind != GEMMA4 or hasattr(type(cfg), "kv_sharing_modes")
+        return (hasattr(base_model(lm), "model") and not bidirectional and not experts and layout
                 and all(_fixed_rope(r, max_len) for r in ropes))
     if kind == NEOX:
         return hasattr(base_model(lm), "gpt_neox") and _fixed_rope(getattr(cfg, "rope_parameters", None) or {}, max_len)
