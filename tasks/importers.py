@@ -24,6 +24,7 @@ import tempfile
 from collections import Counter
 from contextlib import contextmanager
 from functools import lru_cache
+from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -756,7 +757,13 @@ def decompressed(path: Path, scratch: Path | None = None) -> Iterator[Path]:
             raise ImportError_(str(e).replace(str(out), f"{path} (decompressed)")) from None
 
 
-DRY_RUN_EXAMPLES = 3  # kept records a dry run shows
+DRY_RUN_EXAMPLES = 3  # kept records and rows set aside a dry run shows
+
+
+def _first_lines(path: Path, n: int) -> list[dict]:
+    """The first `n` lines of a JSON-lines file we wrote, parsed."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in islice(f, n)]
 
 
 def import_file(ws: Workspace, path: Path, fmt: str = "auto", mapping: dict | None = None,
@@ -790,11 +797,9 @@ def import_file(ws: Workspace, path: Path, fmt: str = "auto", mapping: dict | No
         summary.map_not_applied = not_applied
         summary.source_file = str(path)
         if dry_run:
-            with open(kept, encoding="utf-8") as f:
-                summary.examples = [json.loads(line) for _, line in zip(range(DRY_RUN_EXAMPLES), f)]
-            with open(bad, encoding="utf-8") as f:
-                rows = (json.loads(line) for _, line in zip(range(DRY_RUN_EXAMPLES), f))
-                summary.set_aside_examples = [{"line": r["line"], "reasons": r["reasons"]} for r in rows]
+            summary.examples = _first_lines(kept, DRY_RUN_EXAMPLES)
+            summary.set_aside_examples = [{"line": r["line"], "reasons": r["reasons"]}
+                                          for r in _first_lines(bad, DRY_RUN_EXAMPLES)]
             return summary
         received_dir = ws.root / "data" / "feedback" / "received"
         md5 = versioning.file_md5(path)
