@@ -130,8 +130,7 @@ def decode_ops(lm, device: str, autocast_dtype: torch.dtype | None = None) -> di
             dec._step()
 
     with torch.no_grad():
-        dec.refresh_head()
-        dec.refresh_shadow()
+        dec.refresh()
         dec.run(prefill_and_step)  # as sample() runs it: over the bf16 copies under mixed precision
         with sampling:
             sample_token(dec.logits, 1.0, None)

@@ -98,6 +98,31 @@ def test_graph_replay_samples_exactly_what_eager_steps_sample(arch):
     assert (c == b).float().mean() > 0.95
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_decoder_steps_on_the_gpu_give_the_models_logits_in_float32(arch):
+    """The decode step's own kernels on CUDA (the masked softmax; GPT-2's GELU in cuBLASLt's epilogue,
+    the MLP's bias and residual in its output matmul) compute the model's function: in float32 every
+    step's logits are a full forward's (the erf GELU in place of GPT-2's tanh one is ~1e-3 off)."""
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(CONFIGS[arch]).cuda().eval()
+    ids, mask = prompts(8, 16)
+    T = 6
+    dec = static_decode.StaticDecoder(lm, 8, 16, T, use_graph=False)
+    fed = torch.randint(2, CFG.vocab_size, (8, T - 1), device="cuda")
+    with torch.no_grad():
+        dec.refresh()
+        ours = [dec._prefill(ids, mask)]
+        for t in range(T - 1):
+            dec.token.copy_(fed[:, t])
+            dec._step()
+            ours.append(dec.logits.clone())
+        full_ids, full_mask = torch.cat([ids, fed], 1), torch.cat([mask, torch.ones_like(fed)], 1)
+        pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        ref = lm(input_ids=full_ids, attention_mask=full_mask, position_ids=pos).logits[:, 15:15 + T]
+    err = (torch.stack(ours, 1) - ref).abs().max().item()
+    assert err < 1e-4, err
+
+
 def test_graph_sees_weights_updated_in_place_after_capture():
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(CFG).cuda().eval()
@@ -142,8 +167,9 @@ def test_ppo_on_the_gpu_trains_and_stays_finite(mode, arch):
         assert any(not torch.equal(a, b) for a, b in zip(before[-len(list(critic.parameters())):], critic.parameters()))
     # under autocast the graph decodes over bf16 copies of the float32 weights, refreshed each rollout
     trainer.rollout()
-    shadow = trainer.decoder.shadow
-    assert set(shadow) == (set() if mode == "bf16-weights" else {n for n, _ in policy.lm.named_parameters()})
+    shadow, own = trainer.decoder.shadow, trainer.decoder.own  # (own: GPT-2's projections, copied apart)
+    everything = {n for n, p in policy.lm.named_parameters() if id(p) not in own}
+    assert set(shadow) == (set() if mode == "bf16-weights" else everything)
     for name, p in policy.lm.named_parameters():
         if name in shadow:
             assert torch.equal(shadow[name], p.detach().to(torch.bfloat16)), name

@@ -357,7 +357,7 @@ def _assert_decoder_logits_match(lm, tok, T=6):
     ids, mask = _two_prompts(tok)
     dec = static_decode.StaticDecoder(lm, batch=2, prompt_len=ids.shape[1], max_new_tokens=T)
     with torch.no_grad():
-        dec.refresh_head()
+        dec.refresh()
         logits = [dec._prefill(ids, mask)]
         fed = torch.randint(3, lm.config.vocab_size, (2, T - 1), generator=torch.Generator().manual_seed(0))
         for t in range(T - 1):
@@ -371,6 +371,55 @@ def _assert_decoder_logits_match(lm, tok, T=6):
     P = ids.shape[1]
     for t in range(T):
         assert torch.allclose(logits[t], ref[:, P - 1 + t], atol=1e-5), t
+
+
+@pytest.mark.parametrize("variant", ["plain", "erf-gelu", "lora-on-qkv"])
+def test_gpt2_decoder_reads_its_own_copies_of_plain_projections_and_the_modules_of_the_rest(variant, tiny_model_dir):
+    """GPT-2's decoder reads plain projections through its own copies (`_Own`: q, k and v head by
+    head with q scaled; a column of 16s carrying each output projection's bias) and any other
+    through its module: an MLP whose GELU is erf's, a q/k/v projection with LoRA adapters. Every
+    step's logits are the model's; the copies stand for exactly the weights they copy, and follow
+    them; the 16s the output projections read stay where they were put."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    tok = load_tokenizer(tiny_model_dir)
+    lm = load_policy(tiny_model_dir).eval()
+    if variant == "erf-gelu":
+        lm = GPT2LMHeadModel(lm.config.__class__(**{**lm.config.to_dict(), "activation_function": "gelu"})).eval()
+    if variant == "lora-on-qkv":
+        lm = get_peft_model(lm, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)).eval()
+        with torch.no_grad():
+            for name, p in lm.named_parameters():
+                if ".lora_B" in name:
+                    p.add_(torch.randn_like(p) * 0.1)  # adapters that change the output
+    _assert_decoder_logits_match(lm, tok)
+    ids, mask = _two_prompts(tok)
+    dec = static_decode.StaticDecoder(lm, batch=2, prompt_len=ids.shape[1], max_new_tokens=6)
+    dec.sample(ids, mask, 1.0, -1, tok.pad_token_id, torch.Generator().manual_seed(0))  # six steps
+    copied = {n.split("transformer.")[-1] for n, p in lm.named_parameters() if id(p) in dec.own}
+    blocks = range(lm.config.n_layer)
+    qkv = {f"h.{i}.attn.{m}.{w}" for i in blocks for m in ("c_attn", "c_proj") for w in ("weight", "bias")}
+    mlp = {f"h.{i}.mlp.{m}.{w}" for i in blocks for m in ("c_fc", "c_proj") for w in ("weight", "bias")}
+    out = {f"h.{i}.attn.c_proj.{w}" for i in blocks for w in ("weight", "bias")}
+    assert copied == {"plain": qkv | mlp, "erf-gelu": qkv, "lora-on-qkv": mlp | out}[variant]
+    own = dec.arch.own[id(dec.arch.blocks[0])]
+    if own.fc_w is not None:  # the column whose GELU is 16, and the row that turns it into the output bias
+        inner = own.fc_w.shape[0] * 4
+        dec.refresh()
+        assert own.fc_b[inner] == 16 and not own.fc_w[:, inner:].any() and not own.fc_b[inner + 1:].any()
+        assert torch.equal(own.proj_w[inner] * 16, dec.arch.blocks[0].mlp.c_proj.bias)
+        assert not own.proj_w[inner + 1:].any()
+        with torch.no_grad():
+            dec.arch.blocks[0].mlp.c_proj.bias.add_(1.0)  # an update, in place: the next rollout reads it
+        dec.refresh()
+        assert torch.equal(own.proj_w[inner] * 16, dec.arch.blocks[0].mlp.c_proj.bias)
+    if own.out_w is not None:  # after the steps above: the attention output's 16s, and the bias row
+        D, H = dec.arch.head_dim, dec.arch.n_head
+        values_out = dec.arch.values_out.view(2, H, D + 8)
+        assert (values_out[:, 0, D] == 16).all() and not values_out[:, 0, D + 1:].any()
+        assert not values_out[:, 1:, D:].any() and values_out[..., :D].any()
+        assert torch.equal(own.out_w[D] * 16, dec.arch.blocks[0].attn.c_proj.bias)
 
 
 def test_ppo_uses_the_static_decoder_for_gpt2_and_can_be_told_not_to(tiny_model_dir, tiny_reward_dir):
@@ -1119,7 +1168,7 @@ def test_static_decoder_in_bf16_is_as_close_to_the_truth_as_the_model_itself(fam
     T = 6
     dec = static_decode.StaticDecoder(lm, batch=2, prompt_len=ids.shape[1], max_new_tokens=T)
     with torch.no_grad():
-        dec.refresh_head()
+        dec.refresh()
         ours = [dec._prefill(ids, mask)]
         fed = torch.randint(3, len(tok), (2, T - 1), generator=torch.Generator().manual_seed(0))
         for t in range(T - 1):
@@ -1166,7 +1215,9 @@ def test_mixed_precision_decoder_samples_over_bf16_copies_refreshed_each_rollout
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 assert torch.equal(ours, dec.sample(*args, torch.Generator().manual_seed(seed)))
             drawn.append(ours)
-        assert set(dec.shadow) == set(weights)
+        # every float32 weight read in bf16: in the shadow, or (GPT-2's projections) in the decoder's own copies
+        own = {n for n, p in weights.items() if id(p) in dec.own}
+        assert set(dec.shadow) == set(weights) - own and bool(own) == (lm.config.model_type == "gpt2")
         assert all(p is weights[n] and p.dtype == torch.float32 for n, p in lm.named_parameters())
         with torch.no_grad():
             for p in lm.parameters():

@@ -5,13 +5,14 @@ Generation is most of a PPO step, and at PPO's batch sizes one decode step of a 
 a few hundred tiny kernels: eager PyTorch spends its time launching them. This decoder keeps
 the KV cache in fixed buffers (B, kv_heads, P + T, head_dim) per layer, so every decode step has
 the same shapes and addresses; on CUDA it records one step into a CUDA graph once and replays
-it, one launch per token. The weights are read in place, so an optimizer step between
-rollouts needs no new capture.
+it, one launch per token. The weights are read in place (or copied in place at each rollout),
+so an optimizer step between rollouts needs no new capture.
 
 It reuses the model's own modules (embeddings, norms, projections, MLP, LM head, with any LoRA
-adapters on them); only the cached attention and the layout of a block are written here, once
-per family: `_GPT2` (learned positions, fused qkv), `_Llama` (rotary positions, grouped-query
-attention; also Mistral, Ministral, Qwen2, Qwen3 and SmolLM3), `_Phi3` (Llama's, with fused
+adapters on them), but for GPT-2's plain projections, which it reads through copies of its own
+laid out for fewer kernels a token (`_Own`); only the cached attention and the layout of a block
+are written here, once per family: `_GPT2` (learned positions, fused qkv), `_Llama` (rotary
+positions, grouped-query attention; also Mistral, Ministral, Qwen2, Qwen3 and SmolLM3), `_Phi3` (Llama's, with fused
 projections and rotary positions on part of each head), `_Granite` (Llama's, with four scalar
 multipliers), `_Gemma` (Gemma 2 and 3: Llama's, with more norms and soft-capped logits),
 `_Gemma4` (Gemma 3's, with head sizes per layer type, per-layer inputs and layers that read
@@ -29,6 +30,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from tasks.ppo.rollout import base_model, position_ids_from_mask, sample_token
 
@@ -111,12 +113,39 @@ class _Arch:
         Gemma 4's layers that reuse an earlier layer's keys and values)."""
         return [(self.n_kv, self.head_dim, i) for i in range(len(self.blocks))]
 
+    def q_scale(self, block: nn.Module) -> float:
+        """What the attention scores still need multiplying by (1.0 where `qkv` scaled q already)."""
+        return self.scale or self.head_dim ** -0.5
+
+    def attention_values(self, block: nn.Module, p: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """A decode step's attention output (B, 1, heads * head_dim) from its probabilities (B, kv_heads,
+        groups, L) and the values (B, kv_heads, L, D)."""
+        return (p @ values).reshape(p.shape[0], 1, -1)
+
+    def residual_out(self, block: nn.Module, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """h plus the attention's output projection of `a`."""
+        return h + self.out(block, a)
+
+    def residual_mlp(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """h plus the block's MLP of it."""
+        return h + self.mlp(block, h)
+
     def block_end(self, i: int, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
         return h  # (Gemma 4 adds its per-layer input and scales the block's output)
 
+    def own_copies(self, dtype: torch.dtype, batch: int) -> set[int]:
+        """Makes the decoder's own copies of the weights it reads in another layout (GPT-2's, `_Own`), in
+        the compute dtype, for decode steps of `batch` rows; returns the ids of the parameters they
+        stand for. None in the other layouts."""
+        return set()
+
+    def refresh_copies(self) -> None:
+        """Copies the current weights into those copies (at every rollout: the weights train)."""
+
 
 class _GPT2(_Arch):
-    """GPT-2: learned positions added to the embeddings, one qkv projection, LayerNorm, GELU MLP."""
+    """GPT-2: learned positions added to the embeddings, one qkv projection, LayerNorm, GELU MLP; the
+    projections read through the decoder's own copies where they are plain (`_Own`)."""
 
     def __init__(self, lm: nn.Module, max_len: int):
         cfg, self.tr = lm.config, base_model(lm).transformer
@@ -125,6 +154,20 @@ class _GPT2(_Arch):
         self.head_dim = cfg.n_embd // cfg.n_head
         self.scale = None  # SDPA's default, 1 / sqrt(head_dim)
         self.gelu_tanh = cfg.activation_function in ("gelu_new", "gelu_pytorch_tanh")
+        self.own: dict[int, _Own] = {}  # id(block) -> its copies
+
+    def own_copies(self, dtype: torch.dtype, batch: int) -> set[int]:
+        self.own = {id(b): _Own(b, self.n_head, self.head_dim, self.gelu_tanh, dtype) for b in self.blocks}
+        # a decode step's attention output, head by head with 8 columns more, the first of head 0's
+        # 16 (set once: the matmul writes the rest), the others 0 (see `_Own.out_w`)
+        self.values_out = torch.zeros(batch * self.n_head, 1, self.head_dim + 8, dtype=dtype,
+                                      device=self.embedding.weight.device)
+        self.values_out.view(batch, self.n_head, -1)[:, 0, self.head_dim] = 16.0
+        return {id(p) for own in self.own.values() for p in own.stands_for()}
+
+    def refresh_copies(self) -> None:
+        for own in self.own.values():
+            own.refresh()
 
     def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return self.tr.wte(ids) + self.tr.wpe(pos)
@@ -132,17 +175,39 @@ class _GPT2(_Arch):
     def rotary(self, pos: torch.Tensor) -> None:
         return None  # learned positions, added to the embeddings
 
+    def q_scale(self, block: nn.Module) -> float:
+        return 1.0 if self.own[id(block)].qkv_w is not None else self.head_dim ** -0.5
+
     def qkv(self, block: nn.Module, h: torch.Tensor, rope):
         """q (B, heads, S, D) and keys and values together (2, B, heads, S, D): both views of the
         one projection, so the cache takes keys and values in one copy."""
-        attn = block.attn
-        x = attn.c_attn(block.ln_1(h))
+        own, x = self.own[id(block)], block.ln_1(h)
         B, S, _ = x.shape
-        x = x.view(B, S, 3, attn.num_heads, attn.head_dim)  # [q | k | v] along the last dim
-        return x[:, :, 0].transpose(1, 2), x[:, :, 1:].permute(2, 0, 3, 1, 4)
+        if own.qkv_w is None:  # the module's [q | k | v]
+            x = block.attn.c_attn(x).view(B, S, 3, self.n_head, self.head_dim)
+            return x[:, :, 0].transpose(1, 2), x[:, :, 1:].permute(2, 0, 3, 1, 4)
+        x = torch.addmm(own.qkv_b, x.view(B * S, -1), own.qkv_w).view(B, S, self.n_head, 3, self.head_dim)
+        return x[:, :, :, 0].transpose(1, 2), x[:, :, :, 1:].permute(3, 0, 2, 1, 4)
 
     def out(self, block: nn.Module, a: torch.Tensor) -> torch.Tensor:
         return block.attn.c_proj(a)
+
+    def attention_values(self, block: nn.Module, p: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        if self.own[id(block)].out_w is None:
+            return super().attention_values(block, p, values)
+        B, H, D = p.shape[0], self.n_head, self.head_dim  # (GPT-2: as many key/value heads as query heads)
+        torch.bmm(p.view(B * H, 1, -1), values.view(B * H, -1, D), out=self.values_out[..., :D])
+        return self.values_out.view(B, 1, -1)  # (B, 1, H * (D + 8))
+
+    def residual_out(self, block: nn.Module, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        own = self.own[id(block)]
+        if own.out_w is None:
+            return h + self.out(block, a)
+        if a.shape[-1] == self.n_head * self.head_dim:  # the prompt's pass (SDPA's output): the 16s put in
+            a = F.pad(a.view(*a.shape[:-1], self.n_head, self.head_dim), (0, 8))
+            a[..., 0, self.head_dim] = 16.0
+        h.view(-1, h.shape[-1]).addmm_(a.reshape(h.shape[0] * h.shape[1], -1), own.out_w)  # h + a @ W + bias
+        return h
 
     def mlp(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
         mlp, x = block.mlp, block.ln_2(h)
@@ -150,11 +215,102 @@ class _GPT2(_Arch):
             return mlp.c_proj(F.gelu(mlp.c_fc(x), approximate="tanh"))
         return mlp(x)
 
+    def residual_mlp(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        own = self.own[id(block)]
+        if own.fc_w is None:
+            return h + self.mlp(block, h)
+        x = block.ln_2(h)
+        g = _addmm_gelu(own.fc_b, x.view(-1, x.shape[-1]), own.fc_w)  # (B * S, 4E + 8), column 4E is 16
+        h.view(-1, h.shape[-1]).addmm_(g, own.proj_w)  # h + g @ W + 16 * bias / 16, in place
+        return h
+
     def norm(self, h: torch.Tensor) -> torch.Tensor:
         return self.tr.ln_f(h)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return x  # the LM head's output as it is
+
+
+class _Own:
+    """The decoder's copies of one GPT-2 block's plain (Conv1D) projections, laid out so that a step
+    runs four kernels fewer a block. None where that projection has adapters (LoRA), or where the
+    MLP's GELU is not the tanh one: it then runs as the module.
+      qkv:  columns grouped head by head (each head's q, k and v side by side), q's scaled by
+            1 / sqrt(head_dim) (exactly, for GPT-2's heads of 64): a head's query is then a view
+            the scores' matmul reads as it is, with no copy and no scaling;
+      out:  the attention's output projection, with 8 rows more after each head's, the first of
+            head 0's the bias / 16: a decode step's attention output has a 16 there (`values_out`),
+            so the projection adds its bias and the residual in its one matmul (`addmm_`, into the
+            residual stream, a tensor of this step's);
+      fc:   GELU applied by the matmul itself on CUDA (`_addmm_gelu`), and 8 columns more, the
+            first with weight 0 and bias 16, whose GELU is 16 exactly (tanh saturates), the rest 0
+            (8: cuBLAS's fast kernels want aligned widths);
+      proj: 8 rows more, the first the output bias / 16: the MLP's output projection, as `out`.
+    Refreshed from the weights at each rollout; the cast comes before the scaling, so float32
+    weights under mixed precision give the copies their bf16 cast gives."""
+
+    def __init__(self, block: nn.Module, n_head: int, head_dim: int, gelu_tanh: bool, dtype: torch.dtype):
+        self.attn, self.mlp = block.attn, block.mlp
+        self.qkv_w = self.qkv_b = self.out_w = self.fc_w = self.fc_b = self.proj_w = None
+        E, device = self.attn.c_attn.weight.shape[0], self.attn.c_attn.weight.device
+        if type(self.attn.c_attn) is Conv1D:
+            # column (head, part, d) of the copy is column (part, head, d) of c_attn's [q | k | v]
+            self.order = torch.arange(3 * E, device=device).view(3, n_head, head_dim).transpose(0, 1).reshape(-1)
+            self.column_scale = torch.ones(n_head, 3, head_dim, dtype=dtype, device=device)
+            self.column_scale[:, 0] = head_dim ** -0.5
+            self.column_scale = self.column_scale.view(-1)
+            self.qkv_w = torch.empty(E, 3 * E, dtype=dtype, device=device)
+            self.qkv_b = torch.empty(3 * E, dtype=dtype, device=device)
+        if type(self.attn.c_proj) is Conv1D:
+            self.out_w = torch.zeros(n_head * (head_dim + 8), E, dtype=dtype, device=device)
+            self.n_head, self.head_dim = n_head, head_dim
+        if gelu_tanh and type(self.mlp.c_fc) is Conv1D and type(self.mlp.c_proj) is Conv1D:
+            inner = self.mlp.c_fc.weight.shape[1]
+            self.fc_w = torch.zeros(E, inner + 8, dtype=dtype, device=device)
+            self.fc_b = torch.zeros(inner + 8, dtype=dtype, device=device)
+            self.fc_b[inner] = 16.0
+            self.proj_w = torch.zeros(inner + 8, E, dtype=dtype, device=device)
+
+    def stands_for(self) -> list[nn.Parameter]:
+        modules = ([self.attn.c_attn] if self.qkv_w is not None else []) + \
+            ([self.attn.c_proj] if self.out_w is not None else []) + \
+            ([self.mlp.c_fc, self.mlp.c_proj] if self.fc_w is not None else [])
+        return [p for m in modules for p in m.parameters()]
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        if self.qkv_w is not None:
+            self.qkv_w.copy_(self.attn.c_attn.weight[:, self.order]).mul_(self.column_scale)
+            self.qkv_b.copy_(self.attn.c_attn.bias[self.order]).mul_(self.column_scale)
+        if self.out_w is not None:
+            H, D, proj = self.n_head, self.head_dim, self.attn.c_proj
+            self.out_w.view(H, D + 8, -1)[:, :D].copy_(proj.weight.view(H, D, -1))
+            self.out_w[D].copy_(proj.bias).div_(16.0)
+        if self.fc_w is not None:
+            fc, proj = self.mlp.c_fc, self.mlp.c_proj
+            inner = fc.weight.shape[1]
+            self.fc_w[:, :inner].copy_(fc.weight)
+            self.fc_b[:inner].copy_(fc.bias)
+            self.proj_w[:inner].copy_(proj.weight)
+            self.proj_w[inner].copy_(proj.bias).div_(16.0)
+
+
+def _addmm_gelu(bias: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The tanh GELU of bias + x @ w: on CUDA one cuBLASLt kernel, the GELU in its epilogue (in
+    float32, before the rounding to the output's dtype); elsewhere a matmul, then the GELU (the
+    CPU's `_addmm_activation` applies the erf GELU, not GPT-2's)."""
+    if x.is_cuda and hasattr(torch, "_addmm_activation"):
+        return torch._addmm_activation(bias, x, w, use_gelu=True)
+    return F.gelu(torch.addmm(bias, x, w), approximate="tanh")
+
+
+def _masked_softmax(scores: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+    """softmax(scores with -inf where `blocked`) over the last dim, in one kernel on CUDA where
+    PyTorch has the op (the one nn.MultiheadAttention uses; its fused path wants a contiguous mask
+    of the scores' shape and rows of at most 1,024), else a fill, then softmax."""
+    if hasattr(torch, "_masked_softmax"):
+        return torch._masked_softmax(scores, blocked, scores.dim() - 1, 2)
+    return torch.softmax(scores.masked_fill(blocked, float("-inf")), dim=-1)
 
 
 class _Llama(_Arch):
@@ -477,6 +633,9 @@ class StaticDecoder:
         # Instead the decoder reads a bf16 copy of the weights, refreshed once per rollout, and
         # runs in bf16 throughout, as over bf16 weights; `shadow` maps names to those copies.
         self.shadow: dict[str, torch.Tensor] = {}
+        # GPT-2's projections read through the decoder's own copies in the compute dtype (`_Own`):
+        # the shadow leaves those weights out
+        self.own = self.arch.own_copies(dtype, batch)
         # keys and values of a layer in one buffer (2, B, kv_heads, L, D): one copy writes both; a
         # layer that reads an earlier layer's (Gemma 4) holds that layer's buffer and writes nothing
         self.kv = []
@@ -489,7 +648,9 @@ class StaticDecoder:
                         for w in layer_windows(lm.config, len(self.arch.blocks))]
         self.cols = torch.arange(self.L, device=device)
         # Per-step state, all in fixed buffers so the captured graph can read and advance it.
-        self.mask = torch.zeros(batch, 1, 1, self.L, dtype=torch.bool, device=device)  # True = may attend
+        # True = may not attend; one row per query head, in the scores' layout (B, heads, 1, L), as the
+        # one-kernel masked softmax reads it
+        self.blocked = torch.ones(batch, self.arch.n_head, 1, self.L, dtype=torch.bool, device=device)
         self.col = torch.zeros(1, dtype=torch.long, device=device)  # cache column of the token fed in
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)  # its position id per row
         self.token = torch.zeros(batch, dtype=torch.long, device=device)  # the token fed in
@@ -517,7 +678,7 @@ class StaticDecoder:
         if self.autocast_dtype is None:
             return
         for name, p in self.lm.named_parameters():
-            if p.dtype == self.autocast_dtype or not p.is_floating_point():
+            if p.dtype == self.autocast_dtype or not p.is_floating_point() or id(p) in self.own:
                 continue
             copy = self.shadow.get(name)
             if copy is None or copy.shape != p.shape:
@@ -528,42 +689,43 @@ class StaticDecoder:
     def _blocks(self, h: torch.Tensor, pos: torch.Tensor, write, masks: dict, decode: bool) -> torch.Tensor:
         """The transformer blocks; `write(layer, kv)` stores new keys and values (2, B, kv_heads, S, D)
         (None: the layer reads an earlier layer's) and returns the keys and values to attend;
-        `masks`: what may be attended (True), by sliding window (None: none)."""
+        `masks`: by sliding window (None: none), what may be attended (True) in the prompt's pass,
+        what may not (True) in a decode step."""
         arch = self.arch
         rope = arch.rotary(pos)  # every layer's positions, looked up once
-        blocked_by = {w: ~m for w, m in masks.items()} if decode else None  # once per step, not per layer
         for i, block in enumerate(arch.blocks):
             attn_mask = masks[self.windows[i]]
             q, kv = arch.qkv(block, h, rope)  # (B, heads, S, D) and (2, B, kv_heads, S, D), positions applied
             B, _, S, D = q.shape
+            scale = arch.q_scale(block)
             keys, values = write(i, kv)
             keys, values = keys.to(q.dtype), values.to(q.dtype)
             kv_heads = keys.shape[1]
             groups = arch.n_head // kv_heads  # query heads per key/value head
             if decode:  # one query per row: plain matmuls beat a fused attention kernel's launch cost here
-                # q is a strided view of the projection; the matmul needs it copied into a layout
-                # whose (batch, head) dims fold into one, so the scale rides on that copy (as
-                # PyTorch's own math attention scales q before the product)
-                q = (q * (arch.scale or D ** -0.5)).reshape(B, kv_heads, groups, D)  # kv head's queries side by side
-                scores = _softcap(q @ keys.transpose(-1, -2), arch.attn_softcap)
-                scores = scores.masked_fill(blocked_by[self.windows[i]], float("-inf"))  # (B, kv_heads, groups, L)
+                # the matmul needs q in a layout whose (batch, head) dims fold into one: where q is a
+                # strided view of the projection, the scale rides on that copy (as PyTorch's own math
+                # attention scales q before the product); GPT-2's own copies give q scaled and foldable
+                q = q * scale if scale != 1.0 else q
+                q = q.reshape(B, kv_heads, groups, D)  # a kv head's queries side by side
+                scores = _softcap(q @ keys.transpose(-1, -2), arch.attn_softcap)  # (B, kv_heads, groups, L)
                 # softmax reads the scores' dtype and accumulates in float32 inside the one kernel
-                a = (torch.softmax(scores, dim=-1) @ values).reshape(B, arch.n_head, 1, D)
+                p = _masked_softmax(scores.view(B, arch.n_head, 1, -1), masks[self.windows[i]])
+                a = arch.attention_values(block, p.view(scores.shape), values)  # (B, 1, width)
             else:
                 if groups > 1:
                     keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
                 if arch.attn_softcap is None:
-                    a = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, scale=arch.scale)
+                    a = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, scale=scale)
                 else:  # SDPA has no soft-capping: the prompt's attention as HF's eager attention computes it
-                    scores = _softcap((q @ keys.transpose(-1, -2)) * (arch.scale or D ** -0.5), arch.attn_softcap)
+                    scores = _softcap((q @ keys.transpose(-1, -2)) * scale, arch.attn_softcap)
                     scores = scores.masked_fill(~attn_mask, float("-inf"))
                     a = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ values
-            a = arch.out(block, a.transpose(1, 2).reshape(B, S, -1))
+                a = a.transpose(1, 2).reshape(B, S, -1)
             if arch.parallel:  # GPT-NeoX's parallel residual: the MLP reads the block's input too (HF's order of sums)
-                h = arch.mlp(block, h) + a + h
+                h = arch.mlp(block, h) + arch.out(block, a) + h
             else:
-                h = h + a
-                h = h + arch.mlp(block, h)
+                h = arch.residual_mlp(block, arch.residual_out(block, h, a))
             h = arch.block_end(i, block, h)
         return arch.norm(h)
 
@@ -572,9 +734,12 @@ class StaticDecoder:
         return self.arch.logits((h.to(self.head.dtype) @ self.head.T)[:, :self.logits.shape[1]])
 
     @torch.no_grad()
-    def refresh_head(self) -> None:
-        """Copy the LM head's current weights into the padded copy (every rollout: they train)."""
+    def refresh(self) -> None:
+        """Copy the current weights into the decoder's copies (at every rollout: they train): the
+        padded LM head, GPT-2's projections (`_Own`) and, under mixed precision, the shadow."""
         self.head[:self.logits.shape[1]].copy_(self.lm.get_output_embeddings().weight)
+        self.arch.refresh_copies()
+        self.refresh_shadow()
 
     def _prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         """All prompt tokens at once; fills cache columns [0, P) and returns the next-token logits."""
@@ -596,15 +761,15 @@ class StaticDecoder:
         back = self.cols[:P, None] - self.cols[None, :P]
         masks = {w: attn_mask if w is None else attn_mask & (back < w) for w in set(self.windows)}
         h = self._blocks(self.arch.embed(prompt_ids, pos), pos, write, masks, decode=False)
-        self.mask.zero_()
-        self.mask[:, 0, 0, :P] = real
+        self.blocked.fill_(True)
+        self.blocked[..., :P] = ~real[:, None, None, :]
         self.pos.copy_(real.long().sum(-1))
         self.col.fill_(P)
         return self._head_logits(h[:, -1]).float()
 
     def _step(self) -> None:
         """One token per row at column `col`: writes its keys/values, leaves next-token logits in `logits`."""
-        self.mask.index_fill_(3, self.col, True)
+        self.blocked.index_fill_(3, self.col, False)
 
         def write(i, kv):
             if kv is not None:  # None: an earlier layer's, written by it in this step
@@ -612,7 +777,7 @@ class StaticDecoder:
             return self.k[i], self.v[i]
 
         pos = self.pos[:, None]
-        masks = {w: self.mask if w is None else self.mask & (self.col - self.cols < w) for w in set(self.windows)}
+        masks = {w: self.blocked if w is None else self.blocked | (self.col - self.cols >= w) for w in set(self.windows)}
         h = self._blocks(self.arch.embed(self.token[:, None], pos), pos, write, masks, decode=True)
         self.logits.copy_(self._head_logits(h[:, -1]))  # cast to float32 by the copy itself
         self.col.add_(1)
@@ -645,8 +810,7 @@ class StaticDecoder:
         if tuple(prompt_ids.shape) != (self.B, self.P):
             raise ValueError(f"this decoder was built for prompts of shape {(self.B, self.P)}, "
                              f"got {tuple(prompt_ids.shape)}")
-        self.refresh_head()
-        self.refresh_shadow()
+        self.refresh()
         return self.run(self._sample, prompt_ids, prompt_mask, temperature, eos_id, pad_id, generator, check_every)
 
     def run(self, fn, *args):
