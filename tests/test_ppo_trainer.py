@@ -333,6 +333,23 @@ def test_static_decoder_samples_what_the_dynamic_sampler_samples(model, request)
         static_decode.StaticDecoder(lm, 2, dec.arch.max_positions, 1)
 
 
+def test_a_capture_after_a_whole_rollout_stays_inside_the_cache(tiny_model_dir):
+    """Under FSDP the graph is captured again at every rollout (over newly gathered weights), after a
+    rollout that ran to the last column. The steps a capture first runs eagerly start from column 0:
+    from where the rollout left off they wrote past the cache (an index error on the CPU, a
+    device-side assert on CUDA, where this failed on an H200). Runs those steps on the CPU."""
+    tok = load_tokenizer(tiny_model_dir)
+    lm = load_policy(tiny_model_dir).eval()
+    ids, mask = _two_prompts(tok)
+    dec = static_decode.StaticDecoder(lm, batch=2, prompt_len=ids.shape[1], max_new_tokens=8)
+    args = (ids, mask, 1.0, -1, tok.pad_token_id)  # no EOS: every row runs to the last column
+    first = dec.sample(*args, torch.Generator().manual_seed(0))
+    assert first.shape[1] == 8 and int(dec.col) == dec.L - 1
+    with torch.no_grad():
+        dec.run(dec._warm_up)  # what _capture runs before recording
+    assert torch.equal(dec.sample(*args, torch.Generator().manual_seed(0)), first)  # the prefill writes again
+
+
 @pytest.mark.parametrize("model", ["tiny_model_dir", "tiny_llama_dir"])
 def test_generate_texts_through_either_decoder_gives_the_same_texts(model, request):
     """collect, evaluate and serving sample through generate_texts, which takes the static decoder

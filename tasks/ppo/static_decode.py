@@ -783,15 +783,25 @@ class StaticDecoder:
         self.col.add_(1)
         self.pos.add_(1)
 
+    def _warm_up(self) -> None:
+        """Two eager steps before a capture (cuBLAS handles, workspaces), from column 0: they write
+        columns 0 and 1 of the cache, which the prefill writes again. Not from where the last
+        rollout left `col`: a capture after a whole rollout (FSDP captures at every rollout, over
+        the weights it gathers anew) would step past the cache's last column, an index out of range
+        (on CUDA a device-side assert, raised at a later operation)."""
+        self.col.zero_()
+        self.pos.zero_()
+        for _ in range(2):
+            self._step()
+
     def _capture(self) -> None:
-        # Warm up on a side stream (cuBLAS handles, workspaces), then record one step. Capture
-        # writes into the cache like a real step; sample() runs the prefill again after it. Called
-        # inside run(): over the shadow copies, under the decoder's autocast.
+        # Warm up on a side stream, then record one step. Capture writes into the cache like a
+        # real step; sample() runs the prefill again after it. Called inside run(): over the
+        # shadow copies, under the decoder's autocast.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step()
+            self._warm_up()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
