@@ -123,6 +123,45 @@ def test_decoder_steps_on_the_gpu_give_the_models_logits_in_float32(arch):
     assert err < 1e-4, err
 
 
+@pytest.mark.parametrize("arch", CONFIGS)
+def test_decoder_steps_on_the_gpu_in_bf16_are_as_close_to_the_truth_as_the_model(arch):
+    """The CUDA-only forms of the decode step in bf16 (Llama's, OLMo's and Gemma 4's RMSNorms as one
+    kernel with the weight inside; GPT-2's GELU in cuBLASLt's epilogue and biases and residuals in
+    one matmul): at every step the logits are as close to a float64 forward of the same weights as
+    the model's own bf16 forward is. Norm weights random, so where each applies its weight shows."""
+    torch.manual_seed(0)
+    truth_dtype = torch.float32 if arch == "gemma2" else torch.float64  # (HF's Gemma 2 in float64: NaN on padding)
+    truth = AutoModelForCausalLM.from_config(CONFIGS[arch]).to(truth_dtype).cuda().eval()
+    needs_graph_decoder(truth)
+    with torch.no_grad():
+        for name, p in truth.named_parameters():
+            if "norm" in name or "ln_" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+        for name, b in truth.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.add_(torch.randn_like(b) * 0.3)
+    lm = AutoModelForCausalLM.from_config(CONFIGS[arch], dtype=torch.bfloat16).cuda().eval()
+    lm.load_state_dict(truth.state_dict())
+    ids, mask = prompts(8, 16)
+    T = 6
+    dec = static_decode.StaticDecoder(lm, 8, 16, T, use_graph=False)
+    fed = torch.randint(2, CFG.vocab_size, (8, T - 1), device="cuda")
+    with torch.no_grad():
+        dec.refresh()
+        ours = [dec._prefill(ids, mask)]
+        for t in range(T - 1):
+            dec.token.copy_(fed[:, t])
+            dec._step()
+            ours.append(dec.logits.clone())
+        full_ids, full_mask = torch.cat([ids, fed], 1), torch.cat([mask, torch.ones_like(fed)], 1)
+        pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        exact = truth(input_ids=full_ids, attention_mask=full_mask, position_ids=pos).logits[:, 15:15 + T].double()
+        hf = lm(input_ids=full_ids, attention_mask=full_mask, position_ids=pos).logits[:, 15:15 + T].double()
+    ours_err = (torch.stack(ours, 1).double() - exact).abs().max().item()
+    hf_err = (hf - exact).abs().max().item()
+    assert 0 < hf_err < 0.5 and ours_err <= 1.5 * hf_err, (ours_err, hf_err)
+
+
 def test_graph_sees_weights_updated_in_place_after_capture():
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(CFG).cuda().eval()

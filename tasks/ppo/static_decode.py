@@ -376,7 +376,7 @@ class _Llama(_Arch):
             return q, torch.stack((k, v))
         cos, sin = rope[self.layer_kind[id(block)]]
         # in float32 as HF's (its bf16 q and k meet float32 cos / sin), kept in the projection's dtype
-        return _rotate(q, cos, sin).to(q.dtype), torch.stack((_rotate(k, cos, sin).to(k.dtype), v))
+        return _rotate(q, cos, sin), torch.stack((_rotate(k, cos, sin), v))
 
     def out(self, block: nn.Module, a: torch.Tensor) -> torch.Tensor:
         return block.self_attn.o_proj(a)
@@ -462,13 +462,13 @@ class _Gemma4(_Gemma):
         B, S, _ = x.shape
         cos, sin = rope[self.layer_kind[id(block)]]
         q = _rms_norm(attn.q_norm, attn.q_proj(x).view(B, S, -1, attn.head_dim)).transpose(1, 2)
-        q = _rotate(q, cos, sin).to(q.dtype)
+        q = _rotate(q, cos, sin)
         if attn.is_kv_shared_layer:
             return q, None  # the keys and values of an earlier layer: kv_layout
         k = attn.k_proj(x).view(B, S, -1, attn.head_dim)
         v = attn.v_proj(x).view(B, S, -1, attn.head_dim) if attn.v_proj is not None else k
         k, v = (_rms_norm(norm, t).transpose(1, 2) for norm, t in ((attn.k_norm, k), (attn.v_norm, v)))
-        return q, torch.stack((_rotate(k, cos, sin).to(k.dtype), v))
+        return q, torch.stack((_rotate(k, cos, sin), v))
 
     def block_end(self, i: int, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
         if self.per_layer is not None:
@@ -551,9 +551,16 @@ OLMO_NORMS = ("Olmo2RMSNorm", "Olmo3RMSNorm")
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The model's RMSNorm, computed as HF's module computes it, through F.rms_norm: one fused
     kernel on CUDA for the normalisation where HF's module launches six (cast, square, mean,
-    add, rsqrt, multiply). Llama's weight multiplies after the cast back, OLMo's weight and Gemma
-    3's (1 + weight) before it. Any other norm module runs as it is."""
+    add, rsqrt, multiply). Llama's weight multiplies after the cast back, OLMo's, Gemma 4's and
+    Gemma 3's (1 + weight) before it. On CUDA, with a weight of x's dtype, Llama's, OLMo's and Gemma
+    4's norms are one kernel with the weight inside, in float32 before the one rounding: OLMo's and
+    Gemma 4's order; Llama's (cast, then multiply) rounds once less. Any other norm module runs as
+    it is."""
     kind = type(norm).__name__
+    if x.is_cuda and kind in (*LLAMA_NORMS, *OLMO_NORMS, "Gemma4RMSNorm"):
+        weight = norm.weight if kind != "Gemma4RMSNorm" or norm.with_scale else None
+        if weight is None or weight.dtype == x.dtype:
+            return F.rms_norm(x, x.shape[-1:], weight, getattr(norm, "variance_epsilon", None) or norm.eps)
     if kind in LLAMA_NORMS:
         return F.rms_norm(x.float(), x.shape[-1:], eps=norm.variance_epsilon).to(x.dtype) * norm.weight
     if kind in OLMO_NORMS:
@@ -569,13 +576,14 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotary position embedding, as HF's apply_rotary_pos_emb: x * cos + rotate_half(x) * sin, where
     rotate_half(x) = cat(-x2, x1). With the sign folded into the table (signed_sin = cat(-sin1, sin2))
-    that is x * cos + roll(x) * signed_sin: three kernels where HF's form takes five. A table
-    narrower than the head (partial rotary, Phi-4-mini's) rotates the head's first part and passes
-    the rest through, as HF's Phi-3 and GPT-NeoX do."""
+    that is x * cos + roll(x) * signed_sin: three kernels where HF's form takes five, computed in
+    the tables' float32 and written in x's dtype by the last (its `out`: no cast of its own). A
+    table narrower than the head (partial rotary, Phi-4-mini's) rotates the head's first part and
+    passes the rest through, as HF's Phi-3 and GPT-NeoX do."""
     r = cos.shape[-1]
     if r < x.shape[-1]:
         return torch.cat((_rotate(x[..., :r], cos, signed_sin), x[..., r:]), dim=-1)
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin, out=torch.empty_like(x))
 
 
 # model_type -> the class that lays out its block; every other type `supports` accepts is a Llama's
@@ -777,7 +785,8 @@ class StaticDecoder:
             return self.k[i], self.v[i]
 
         pos = self.pos[:, None]
-        masks = {w: self.blocked if w is None else self.blocked | (self.col - self.cols >= w) for w in set(self.windows)}
+        masks = {w: self.blocked if w is None else self.blocked | (self.col - self.cols >= w)
+                 for w in set(self.windows)}
         h = self._blocks(self.arch.embed(self.token[:, None], pos), pos, write, masks, decode=True)
         self.logits.copy_(self._head_logits(h[:, -1]))  # cast to float32 by the copy itself
         self.col.add_(1)
