@@ -113,9 +113,10 @@ class _Arch:
         Gemma 4's layers that reuse an earlier layer's keys and values)."""
         return [(self.n_kv, self.head_dim, i) for i in range(len(self.blocks))]
 
-    def q_scale(self, block: nn.Module) -> float:
-        """What the attention scores still need multiplying by (1.0 where `qkv` scaled q already)."""
-        return self.scale or self.head_dim ** -0.5
+    def q_scale(self, block: nn.Module) -> float | None:
+        """What the attention scores still need multiplying by (None: 1 / sqrt(head size); 1.0 where
+        `qkv` scaled q already)."""
+        return self.scale
 
     def attention_values(self, block: nn.Module, p: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """A decode step's attention output (B, 1, heads * head_dim) from its probabilities (B, kv_heads,
@@ -175,8 +176,8 @@ class _GPT2(_Arch):
     def rotary(self, pos: torch.Tensor) -> None:
         return None  # learned positions, added to the embeddings
 
-    def q_scale(self, block: nn.Module) -> float:
-        return 1.0 if self.own[id(block)].qkv_w is not None else self.head_dim ** -0.5
+    def q_scale(self, block: nn.Module) -> float | None:
+        return 1.0 if self.own[id(block)].qkv_w is not None else None
 
     def qkv(self, block: nn.Module, h: torch.Tensor, rope):
         """q (B, heads, S, D) and keys and values together (2, B, heads, S, D): both views of the
@@ -250,7 +251,7 @@ class _Own:
     weights under mixed precision give the copies their bf16 cast gives."""
 
     def __init__(self, block: nn.Module, n_head: int, head_dim: int, gelu_tanh: bool, dtype: torch.dtype):
-        self.attn, self.mlp = block.attn, block.mlp
+        self.attn, self.mlp, self.n_head, self.head_dim = block.attn, block.mlp, n_head, head_dim
         self.qkv_w = self.qkv_b = self.out_w = self.fc_w = self.fc_b = self.proj_w = None
         E, device = self.attn.c_attn.weight.shape[0], self.attn.c_attn.weight.device
         if type(self.attn.c_attn) is Conv1D:
@@ -263,7 +264,6 @@ class _Own:
             self.qkv_b = torch.empty(3 * E, dtype=dtype, device=device)
         if type(self.attn.c_proj) is Conv1D:
             self.out_w = torch.zeros(n_head * (head_dim + 8), E, dtype=dtype, device=device)
-            self.n_head, self.head_dim = n_head, head_dim
         if gelu_tanh and type(self.mlp.c_fc) is Conv1D and type(self.mlp.c_proj) is Conv1D:
             inner = self.mlp.c_fc.weight.shape[1]
             self.fc_w = torch.zeros(E, inner + 8, dtype=dtype, device=device)
@@ -705,7 +705,7 @@ class StaticDecoder:
             attn_mask = masks[self.windows[i]]
             q, kv = arch.qkv(block, h, rope)  # (B, heads, S, D) and (2, B, kv_heads, S, D), positions applied
             B, _, S, D = q.shape
-            scale = arch.q_scale(block)
+            scale = arch.q_scale(block) or D ** -0.5
             keys, values = write(i, kv)
             keys, values = keys.to(q.dtype), values.to(q.dtype)
             kv_heads = keys.shape[1]
