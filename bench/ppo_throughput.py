@@ -43,7 +43,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tasks.ppo import lora, static_decode  # noqa: E402
-from tasks.ppo.rollout import Critic, PolicyWithValue, sample_token  # noqa: E402
+from tasks.ppo.rollout import Critic, PolicyWithValue, base_model, sample_token  # noqa: E402
 from tasks.ppo.trainer import PPOConfig, PPOTrainer  # noqa: E402
 
 SHAPES = {  # the reference README's shapes
@@ -138,14 +138,8 @@ def decode_ops(lm, device: str, autocast_dtype: torch.dtype | None = None) -> di
     return {"step": sum(step.ops.values()), "sampling": sum(sampling.ops.values())}
 
 
-def run_ours(s: dict, device: str, bf16: bool, profile: bool = False, lora_rank: int = 0, family: str = "gpt2",
-             generation: str = "auto", generation_batch: int = 0, mixed: bool = False,
-             value_model: str = "shared") -> dict:
-    torch.manual_seed(0)
-    cfg = policy_config(s, family)
-    # bf16 weights computed as they are (the reference's setting), or with `mixed` float32 weights
-    # under bf16 autocast, as the pipeline runs PPO on a GPU
-    dtype = torch.bfloat16 if bf16 and not mixed else torch.float32
+def build_models(cfg, dtype: torch.dtype, family: str, lora_rank: int, value_model: str):
+    """(policy with its value head or critic, reference LM or None under LoRA, reward model), random-init."""
     lm = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     score_cfg = {k: v for k, v in cfg.to_dict().items() if k not in ("id2label", "label2id")}
     if family == "gemma4":  # transformers has no classifier for it: the generic one, as the pipeline makes it
@@ -162,11 +156,25 @@ def run_ours(s: dict, device: str, bf16: bool, profile: bool = False, lora_rank:
     if value_model == "reward":
         critic = Critic(lora.add_critic_lora(classifier(), lora_rank, 2.0 * lora_rank) if lora_rank else classifier())
     if lora_rank:  # adapters in float32 over the bf16 base, as PEFT makes them; no reference copy
-        policy, ref = PolicyWithValue(lora.add_lora(lm, lora_rank, 2.0 * lora_rank), critic).to(device), None
+        policy, ref = PolicyWithValue(lora.add_lora(lm, lora_rank, 2.0 * lora_rank), critic), None
     else:
-        policy = PolicyWithValue(lm, critic).to(device)
-        ref = AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device)
-    reward = classifier().to(device)
+        policy = PolicyWithValue(lm, critic)
+        ref = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    reward = classifier()
+    return policy, ref, reward
+
+
+def run_ours(s: dict, device: str, bf16: bool, profile: bool = False, lora_rank: int = 0, family: str = "gpt2",
+             generation: str = "auto", generation_batch: int = 0, mixed: bool = False,
+             value_model: str = "shared") -> dict:
+    torch.manual_seed(0)
+    cfg = policy_config(s, family)
+    # bf16 weights computed as they are (the reference's setting), or with `mixed` float32 weights
+    # under bf16 autocast, as the pipeline runs PPO on a GPU
+    dtype = torch.bfloat16 if bf16 and not mixed else torch.float32
+    with torch.device(device):  # made on the device: 355m's models took 68 s of a GPU call made on its CPU
+        policy, ref, reward = build_models(cfg, dtype, family, lora_rank, value_model)
+    lm, critic = base_model(policy.lm), policy.critic  # (the HF model, with any adapters in it)
     progress(f"ours: models built ({type(lm).__name__}, {s['layers']} layers, {s['dim']} dim) on {device}")
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(2, s["vocab"], (s["prompts"], s["prompt_len"]), generator=g).tolist()
