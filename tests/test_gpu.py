@@ -11,6 +11,7 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, Gemma2Config, Gemma3TextConfig,
                           Gemma4TextConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, Olmo3Config, Phi3Config, Qwen3Config)
 
+from decoding import decoder_logits, forward_logits
 from tasks.ppo import static_decode
 from tasks.ppo.rollout import Critic, PolicyWithValue, sample
 from tasks.ppo.trainer import PPOConfig, PPOTrainer
@@ -109,17 +110,7 @@ def test_decoder_steps_on_the_gpu_give_the_models_logits_in_float32(arch):
     T = 6
     dec = static_decode.StaticDecoder(lm, 8, 16, T, use_graph=False)
     fed = torch.randint(2, CFG.vocab_size, (8, T - 1), device="cuda")
-    with torch.no_grad():
-        dec.refresh()
-        ours = [dec._prefill(ids, mask)]
-        for t in range(T - 1):
-            dec.token.copy_(fed[:, t])
-            dec._step()
-            ours.append(dec.logits.clone())
-        full_ids, full_mask = torch.cat([ids, fed], 1), torch.cat([mask, torch.ones_like(fed)], 1)
-        pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
-        ref = lm(input_ids=full_ids, attention_mask=full_mask, position_ids=pos).logits[:, 15:15 + T]
-    err = (torch.stack(ours, 1) - ref).abs().max().item()
+    err = (decoder_logits(dec, ids, mask, fed) - forward_logits(lm, ids, mask, fed)).abs().max().item()
     assert err < 1e-4, err
 
 
@@ -146,19 +137,9 @@ def test_decoder_steps_on_the_gpu_in_bf16_are_as_close_to_the_truth_as_the_model
     T = 6
     dec = static_decode.StaticDecoder(lm, 8, 16, T, use_graph=False)
     fed = torch.randint(2, CFG.vocab_size, (8, T - 1), device="cuda")
-    with torch.no_grad():
-        dec.refresh()
-        ours = [dec._prefill(ids, mask)]
-        for t in range(T - 1):
-            dec.token.copy_(fed[:, t])
-            dec._step()
-            ours.append(dec.logits.clone())
-        full_ids, full_mask = torch.cat([ids, fed], 1), torch.cat([mask, torch.ones_like(fed)], 1)
-        pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
-        exact = truth(input_ids=full_ids, attention_mask=full_mask, position_ids=pos).logits[:, 15:15 + T].double()
-        hf = lm(input_ids=full_ids, attention_mask=full_mask, position_ids=pos).logits[:, 15:15 + T].double()
-    ours_err = (torch.stack(ours, 1).double() - exact).abs().max().item()
-    hf_err = (hf - exact).abs().max().item()
+    exact = forward_logits(truth, ids, mask, fed).double()
+    ours_err = (decoder_logits(dec, ids, mask, fed).double() - exact).abs().max().item()
+    hf_err = (forward_logits(lm, ids, mask, fed).double() - exact).abs().max().item()
     assert 0 < hf_err < 0.5 and ours_err <= 1.5 * hf_err, (ours_err, hf_err)
 
 

@@ -16,6 +16,7 @@ from tasks.ppo.trainer import PPOConfig, PPOTrainer
 from tasks.train_policy import build_trainer
 
 from conftest import FAST, another_tokenizer
+from decoding import decoder_logits, forward_logits
 
 
 def make_trainer(tiny_model_dir, tiny_reward_dir, checkpoint_dir=None, **overrides):
@@ -373,21 +374,10 @@ def test_static_decoder_logits_match_the_model_at_every_step(model, request):
 def _assert_decoder_logits_match(lm, tok, T=6):
     ids, mask = _two_prompts(tok)
     dec = static_decode.StaticDecoder(lm, batch=2, prompt_len=ids.shape[1], max_new_tokens=T)
-    with torch.no_grad():
-        dec.refresh()
-        logits = [dec._prefill(ids, mask)]
-        fed = torch.randint(3, lm.config.vocab_size, (2, T - 1), generator=torch.Generator().manual_seed(0))
-        for t in range(T - 1):
-            dec.token.copy_(fed[:, t])
-            dec._step()
-            logits.append(dec.logits.clone())
-        full_ids = torch.cat([ids, fed], 1)
-        full_mask = torch.cat([mask, torch.ones_like(fed)], 1)
-        pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
-        ref = lm(input_ids=full_ids, attention_mask=full_mask, position_ids=pos).logits
-    P = ids.shape[1]
+    fed = torch.randint(3, lm.config.vocab_size, (2, T - 1), generator=torch.Generator().manual_seed(0))
+    logits, ref = decoder_logits(dec, ids, mask, fed), forward_logits(lm, ids, mask, fed)
     for t in range(T):
-        assert torch.allclose(logits[t], ref[:, P - 1 + t], atol=1e-5), t
+        assert torch.allclose(logits[:, t], ref[:, t], atol=1e-5), t
 
 
 @pytest.mark.parametrize("variant", ["plain", "erf-gelu", "lora-on-qkv"])
@@ -1184,23 +1174,10 @@ def test_static_decoder_in_bf16_is_as_close_to_the_truth_as_the_model_itself(fam
     ids, mask = _two_prompts(tok)
     T = 6
     dec = static_decode.StaticDecoder(lm, batch=2, prompt_len=ids.shape[1], max_new_tokens=T)
-    with torch.no_grad():
-        dec.refresh()
-        ours = [dec._prefill(ids, mask)]
-        fed = torch.randint(3, len(tok), (2, T - 1), generator=torch.Generator().manual_seed(0))
-        for t in range(T - 1):
-            dec.token.copy_(fed[:, t])
-            dec._step()
-            ours.append(dec.logits.clone())
-        full_ids, full_mask = torch.cat([ids, fed], 1), torch.cat([mask, torch.ones_like(fed)], 1)
-        pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
-        exact = truth(input_ids=full_ids, attention_mask=full_mask, position_ids=pos).logits
-        hf = lm(input_ids=full_ids, attention_mask=full_mask, position_ids=pos).logits.double()
-    P = ids.shape[1]
-    rows = full_mask[:, :P].bool().any(-1)  # both prompts have a real token
-    assert rows.all()
-    ours = torch.stack(ours, 1).double()  # (B, T, V)
-    exact, hf = exact[:, P - 1:P - 1 + T], hf[:, P - 1:P - 1 + T]
+    assert mask.bool().any(-1).all()  # both prompts have a real token
+    fed = torch.randint(3, len(tok), (2, T - 1), generator=torch.Generator().manual_seed(0))
+    ours = decoder_logits(dec, ids, mask, fed).double()  # (B, T, V)
+    exact, hf = forward_logits(truth, ids, mask, fed), forward_logits(lm, ids, mask, fed).double()
     ours_err, hf_err = (ours - exact).abs().max().item(), (hf - exact).abs().max().item()
     assert 0 < hf_err < 0.5  # bf16 rounding is there, and small
     assert ours_err <= 1.5 * hf_err, (ours_err, hf_err)
