@@ -295,6 +295,18 @@ class _Own:
             self.proj_w[inner].copy_(proj.bias).div_(16.0)
 
 
+def _plain_linear(module: nn.Module | None) -> bool:
+    """A torch Linear without bias or adapters (LoRA wraps it in a class of its own)."""
+    return type(module) is nn.Linear and module.bias is None
+
+
+def _add_into(h: torch.Tensor, x: torch.Tensor, linear: nn.Module, alpha: float = 1.0) -> torch.Tensor:
+    """h += alpha * linear(x) in place, one matmul (h: a tensor of this step's, the residual stream);
+    the sum in float32 inside it, rounded once."""
+    h.view(-1, h.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), linear.weight.t(), alpha=alpha)
+    return h
+
+
 def _addmm_gelu(bias: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The tanh GELU of bias + x @ w: on CUDA one cuBLASLt kernel, the GELU in its epilogue (in
     float32, before the rounding to the output's dtype); elsewhere a matmul, then the GELU (the
@@ -384,6 +396,31 @@ class _Llama(_Arch):
     def mlp(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
         return block.mlp(_rms_norm(block.post_attention_layernorm, h))
 
+    # Llama's output projections have no bias and nothing between them and the residual sum: where
+    # they are plain (no adapters), each adds into the residual stream in its one matmul (`_add_into`);
+    # the layouts with norms after them (Gemma, OLMo) or another block (GPT-NeoX) say False
+    fused_residual = True
+
+    def residual_scale(self, block: nn.Module) -> float:
+        return 1.0  # (Granite's residual multiplier)
+
+    def residual_out(self, block: nn.Module, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        o_proj = block.self_attn.o_proj if self.fused_residual else None
+        if _plain_linear(o_proj):
+            return _add_into(h, a, o_proj, self.residual_scale(block))
+        return h + self.out(block, a)
+
+    def residual_mlp(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        down = block.mlp.down_proj if self.fused_residual else None
+        if not _plain_linear(down):
+            return h + self.mlp(block, h)
+        x = _rms_norm(block.post_attention_layernorm, h)
+        return _add_into(h, self.gated(block.mlp, x), down, self.residual_scale(block))
+
+    def gated(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The MLP's input to its down projection, as HF's MLP computes it."""
+        return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+
     def norm(self, h: torch.Tensor) -> torch.Tensor:
         return _rms_norm(self.m.norm, h)
 
@@ -406,6 +443,9 @@ class _Granite(_Llama):
     def mlp(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
         return super().mlp(block, h) * block.residual_multiplier
 
+    def residual_scale(self, block: nn.Module) -> float:
+        return block.residual_multiplier
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return x / self.m.config.logits_scaling
 
@@ -417,6 +457,8 @@ class _Gemma(_Llama):
     (`attn_softcap`, `final_softcap`, which `_blocks` and `logits` apply; Gemma 3 the
     final logits where its config sets a cap). Not covered
     (declined by `supports`): bidirectional attention (EmbeddingGemma)."""
+
+    fused_residual = False  # (a norm after each output projection)
 
     def out(self, block: nn.Module, a: torch.Tensor) -> torch.Tensor:
         return _rms_norm(block.post_attention_layernorm, block.self_attn.o_proj(a))
@@ -483,6 +525,8 @@ class _Olmo2(_Llama):
     norms over the whole projection (all heads at once) before the heads are split. OLMo 3 adds
     sliding-window layers with a rotary table of their own, as Gemma 3."""
 
+    fused_residual = False  # (a norm after each output projection)
+
     def attention_input(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
         return h
 
@@ -500,13 +544,17 @@ class _Olmo2(_Llama):
 
 class _Phi3(_Llama):
     """Phi-3: Llama's block with q, k and v from one projection (`qkv_proj`) and the MLP's gate and
-    up from one (`gate_up_proj`, inside its MLP module, called whole); its rotary table covers the
+    up from one (`gate_up_proj`, `gated`); its rotary table covers the
     first `partial_rotary_factor` of each head (all of it in Phi-3, three quarters in Phi-4-mini),
     which `_rotate` reads. Its residual dropout is a no-op outside training."""
 
     def heads(self, attn: nn.Module, x: torch.Tensor):
         B, S, _ = x.shape
         return attn.qkv_proj(x).view(B, S, -1, self.head_dim).split((self.n_head, self.n_kv, self.n_kv), dim=2)
+
+    def gated(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+        return up * mlp.activation_fn(gate)
 
 
 class _NeoX(_Llama):
@@ -515,6 +563,8 @@ class _NeoX(_Llama):
     Pythia), LayerNorm with biases, a GELU MLP, an LM head of its own. With
     `use_parallel_residual` (Pythia's, GPT-NeoX-20B's) attention and MLP both read the block's
     input and are added to it together. Its dropouts are no-ops outside training."""
+
+    fused_residual = False  # (its own block: attention.dense, a GELU MLP)
 
     def __init__(self, lm: nn.Module, max_len: int):
         cfg, self.m = lm.config, base_model(lm).gpt_neox
