@@ -948,6 +948,29 @@ _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
                    num_key_value_heads=2, max_position_embeddings=128)
 
 
+def test_gemma_norms_read_one_plus_weight_made_at_each_rollout(tiny_model_dir):
+    """Gemma 3's norms scale by 1 + weight, which the decoder makes once per rollout (`_Gemma.rms`):
+    its logits are the model's, and after the norm weights change in place (an optimizer step) the
+    next rollout's are the changed model's."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    tok = load_tokenizer(tiny_model_dir)
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(Gemma3TextConfig(**_LLAMA_LIKE, head_dim=16, vocab_size=len(tok),
+                                                           pad_token_id=tok.pad_token_id)).eval()
+    ids, mask = _two_prompts(tok)
+    dec = static_decode.StaticDecoder(lm, batch=2, prompt_len=ids.shape[1], max_new_tokens=4)
+    assert len(dec.arch.one_plus) == 2 * (4 + 2) + 1  # a layer: 4 around attention and MLP, q's and k's; the last
+    fed = torch.randint(3, len(tok), (2, 3), generator=torch.Generator().manual_seed(0))
+    for update in range(2):
+        ours, hf = decoder_logits(dec, ids, mask, fed), forward_logits(lm, ids, mask, fed)
+        assert torch.allclose(ours, hf, atol=1e-5), update
+        with torch.no_grad():
+            for name, p in lm.named_parameters():
+                if "norm" in name:
+                    p.add_(torch.randn_like(p) * 0.3)
+
+
 @pytest.mark.parametrize("variant", ["llama3-rope", "llama-bias-mqa", "qwen2", "mistral", "qwen3", "gemma3",
                                      "phi3", "phi3-partial-rotary", "phi3-longrope", "pythia", "neox-sequential",
                                      "olmo2", "olmo3", "gemma2", "gemma3-softcap", "smollm3", "granite",

@@ -376,13 +376,13 @@ class _Llama(_Arch):
         return block.self_attn
 
     def attention_input(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        return _rms_norm(block.input_layernorm, h)
+        return self.rms(block.input_layernorm, h)
 
     def qkv(self, block: nn.Module, h: torch.Tensor, rope: dict):
         attn, x = self.attention(block), self.attention_input(block, h)
         q, k, v = self.heads(attn, x)
         if self.head_norms:
-            q, k = _rms_norm(attn.q_norm, q), _rms_norm(attn.k_norm, k)
+            q, k = self.rms(attn.q_norm, q), self.rms(attn.k_norm, k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if not getattr(attn, "use_rope", True):  # SmolLM3's NoPE layers: no positions at all
             return q, torch.stack((k, v))
@@ -394,7 +394,7 @@ class _Llama(_Arch):
         return block.self_attn.o_proj(a)
 
     def mlp(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        return block.mlp(_rms_norm(block.post_attention_layernorm, h))
+        return block.mlp(self.rms(block.post_attention_layernorm, h))
 
     # Llama's output projections have no bias and nothing between them and the residual sum: where
     # they are plain (no adapters), each adds into the residual stream in its one matmul (`_add_into`);
@@ -414,7 +414,7 @@ class _Llama(_Arch):
         down = block.mlp.down_proj if self.fused_residual else None
         if not _plain_linear(down):
             return h + self.mlp(block, h)
-        x = _rms_norm(block.post_attention_layernorm, h)
+        x = self.rms(block.post_attention_layernorm, h)
         return _add_into(h, self.gated(block.mlp, x), down, self.residual_scale(block))
 
     def gated(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -422,7 +422,10 @@ class _Llama(_Arch):
         return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
 
     def norm(self, h: torch.Tensor) -> torch.Tensor:
-        return _rms_norm(self.m.norm, h)
+        return self.rms(self.m.norm, h)
+
+    def rms(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return _rms_norm(norm, x)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The LM head's output as the model returns it: soft-capped by Gemma 2 (and a Gemma 3 that sets a cap)."""
@@ -455,16 +458,34 @@ class _Gemma(_Llama):
     scaled by sqrt(hidden) (inside their embedding module). Gemma 3 adds Qwen3's query/key head
     norms and two rotary tables; Gemma 2 soft-caps the attention scores and the final logits
     (`attn_softcap`, `final_softcap`, which `_blocks` and `logits` apply; Gemma 3 the
-    final logits where its config sets a cap). Not covered
-    (declined by `supports`): bidirectional attention (EmbeddingGemma)."""
+    final logits where its config sets a cap). Their norms' 1 + weight is made once per rollout
+    (`rms`). Not covered (declined by `supports`): bidirectional attention (EmbeddingGemma)."""
 
     fused_residual = False  # (a norm after each output projection)
 
+    def own_copies(self, dtype: torch.dtype, batch: int) -> set[int]:
+        # Gemma 2's and 3's norms scale by 1 + weight in float32: made once per rollout, not at every
+        # norm of every token (two kernels each); the weight cast first, as the decoder reads it
+        self.dtype = dtype
+        self.one_plus = {id(m): (m, torch.empty(m.weight.shape, dtype=torch.float32, device=m.weight.device))
+                         for m in self.m.modules() if type(m).__name__ in GEMMA_NORMS}
+        return set()
+
+    def refresh_copies(self) -> None:
+        with torch.no_grad():
+            for norm, weight in self.one_plus.values():
+                weight.copy_(norm.weight.to(self.dtype)).add_(1.0)
+
+    def rms(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if id(norm) not in self.one_plus:  # (Gemma 4's)
+            return _rms_norm(norm, x)
+        return F.rms_norm(x.float(), x.shape[-1:], self.one_plus[id(norm)][1], norm.eps).type_as(x)
+
     def out(self, block: nn.Module, a: torch.Tensor) -> torch.Tensor:
-        return _rms_norm(block.post_attention_layernorm, block.self_attn.o_proj(a))
+        return self.rms(block.post_attention_layernorm, block.self_attn.o_proj(a))
 
     def mlp(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        return _rms_norm(block.post_feedforward_layernorm, block.mlp(_rms_norm(block.pre_feedforward_layernorm, h)))
+        return self.rms(block.post_feedforward_layernorm, block.mlp(self.rms(block.pre_feedforward_layernorm, h)))
 
 
 class _Gemma4(_Gemma):
@@ -500,22 +521,22 @@ class _Gemma4(_Gemma):
         return h
 
     def qkv(self, block: nn.Module, h: torch.Tensor, rope: dict):
-        attn, x = block.self_attn, _rms_norm(block.input_layernorm, h)
+        attn, x = block.self_attn, self.rms(block.input_layernorm, h)
         B, S, _ = x.shape
         cos, sin = rope[self.layer_kind[id(block)]]
-        q = _rms_norm(attn.q_norm, attn.q_proj(x).view(B, S, -1, attn.head_dim)).transpose(1, 2)
+        q = self.rms(attn.q_norm, attn.q_proj(x).view(B, S, -1, attn.head_dim)).transpose(1, 2)
         q = _rotate(q, cos, sin)
         if attn.is_kv_shared_layer:
             return q, None  # the keys and values of an earlier layer: kv_layout
         k = attn.k_proj(x).view(B, S, -1, attn.head_dim)
         v = attn.v_proj(x).view(B, S, -1, attn.head_dim) if attn.v_proj is not None else k
-        k, v = (_rms_norm(norm, t).transpose(1, 2) for norm, t in ((attn.k_norm, k), (attn.v_norm, v)))
+        k, v = (self.rms(norm, t).transpose(1, 2) for norm, t in ((attn.k_norm, k), (attn.v_norm, v)))
         return q, torch.stack((_rotate(k, cos, sin), v))
 
     def block_end(self, i: int, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
         if self.per_layer is not None:
             gate = block.act_fn(block.per_layer_input_gate(h)) * self.per_layer[:, :, i]
-            h = h + _rms_norm(block.post_per_layer_input_norm, block.per_layer_projection(gate))
+            h = h + self.rms(block.post_per_layer_input_norm, block.per_layer_projection(gate))
         return (h.float() * block.layer_scalar.float()).to(h.dtype)  # as HF's in-place multiply computes it
 
 
@@ -532,14 +553,14 @@ class _Olmo2(_Llama):
 
     def heads(self, attn: nn.Module, x: torch.Tensor):
         B, S, _ = x.shape
-        q, k = _rms_norm(attn.q_norm, attn.q_proj(x)), _rms_norm(attn.k_norm, attn.k_proj(x))
+        q, k = self.rms(attn.q_norm, attn.q_proj(x)), self.rms(attn.k_norm, attn.k_proj(x))
         return (t.view(B, S, -1, self.head_dim) for t in (q, k, attn.v_proj(x)))
 
     def out(self, block: nn.Module, a: torch.Tensor) -> torch.Tensor:
-        return _rms_norm(block.post_attention_layernorm, block.self_attn.o_proj(a))
+        return self.rms(block.post_attention_layernorm, block.self_attn.o_proj(a))
 
     def mlp(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        return _rms_norm(block.post_feedforward_layernorm, block.mlp(h))
+        return self.rms(block.post_feedforward_layernorm, block.mlp(h))
 
 
 class _Phi3(_Llama):
@@ -596,6 +617,7 @@ class _NeoX(_Llama):
 LLAMA_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm", "SmolLM3RMSNorm",
                "GraniteRMSNorm", "MinistralRMSNorm", "Ministral3RMSNorm")
 OLMO_NORMS = ("Olmo2RMSNorm", "Olmo3RMSNorm")
+GEMMA_NORMS = ("Gemma2RMSNorm", "Gemma3RMSNorm")
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -615,7 +637,7 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x.float(), x.shape[-1:], eps=norm.variance_epsilon).to(x.dtype) * norm.weight
     if kind in OLMO_NORMS:
         return F.rms_norm(x.float(), x.shape[-1:], norm.weight.float(), norm.variance_epsilon).to(x.dtype)
-    if kind in ("Gemma2RMSNorm", "Gemma3RMSNorm"):
+    if kind in GEMMA_NORMS:
         return F.rms_norm(x.float(), x.shape[-1:], 1.0 + norm.weight.float(), norm.eps).type_as(x)
     if kind == "Gemma4RMSNorm":  # its weight as it is; Gemma 4's value norm has none
         weight = norm.weight.float() if norm.with_scale else None
