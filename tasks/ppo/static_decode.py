@@ -141,7 +141,8 @@ class _Arch:
         return set()
 
     def refresh_copies(self) -> None:
-        """Copies the current weights into those copies (at every rollout: the weights train)."""
+        """Copies the current weights into those copies (at every rollout: the weights train; called
+        by `StaticDecoder.refresh`, under no_grad)."""
 
 
 class _GPT2(_Arch):
@@ -158,7 +159,13 @@ class _GPT2(_Arch):
         self.own: dict[int, _Own] = {}  # id(block) -> its copies
 
     def own_copies(self, dtype: torch.dtype, batch: int) -> set[int]:
-        self.own = {id(b): _Own(b, self.n_head, self.head_dim, self.gelu_tanh, dtype) for b in self.blocks}
+        H, D, device = self.n_head, self.head_dim, self.embedding.weight.device
+        # the qkv copies' layout, the same in every block: column (head, part, d) of a copy is column
+        # (part, head, d) of c_attn's [q | k | v], and q's columns scaled by 1 / sqrt(head_dim)
+        order = torch.arange(3 * H * D, device=device).view(3, H, D).transpose(0, 1).reshape(-1)
+        column_scale = torch.ones(H, 3, D, dtype=dtype, device=device)
+        column_scale[:, 0] = D ** -0.5
+        self.own = {id(b): _Own(b, H, D, self.gelu_tanh, dtype, order, column_scale.view(-1)) for b in self.blocks}
         # a decode step's attention output, head by head with 8 columns more, the first of head 0's
         # 16 (set once: the matmul writes the rest), the others 0 (see `_Own.out_w`)
         self.values_out = torch.zeros(batch * self.n_head, 1, self.head_dim + 8, dtype=dtype,
@@ -250,16 +257,13 @@ class _Own:
     Refreshed from the weights at each rollout; the cast comes before the scaling, so float32
     weights under mixed precision give the copies their bf16 cast gives."""
 
-    def __init__(self, block: nn.Module, n_head: int, head_dim: int, gelu_tanh: bool, dtype: torch.dtype):
+    def __init__(self, block: nn.Module, n_head: int, head_dim: int, gelu_tanh: bool, dtype: torch.dtype,
+                 order: torch.Tensor, column_scale: torch.Tensor):
         self.attn, self.mlp, self.n_head, self.head_dim = block.attn, block.mlp, n_head, head_dim
+        self.order, self.column_scale = order, column_scale  # the qkv layout (`_GPT2.own_copies`)
         self.qkv_w = self.qkv_b = self.out_w = self.fc_w = self.fc_b = self.proj_w = None
         E, device = self.attn.c_attn.weight.shape[0], self.attn.c_attn.weight.device
         if type(self.attn.c_attn) is Conv1D:
-            # column (head, part, d) of the copy is column (part, head, d) of c_attn's [q | k | v]
-            self.order = torch.arange(3 * E, device=device).view(3, n_head, head_dim).transpose(0, 1).reshape(-1)
-            self.column_scale = torch.ones(n_head, 3, head_dim, dtype=dtype, device=device)
-            self.column_scale[:, 0] = head_dim ** -0.5
-            self.column_scale = self.column_scale.view(-1)
             self.qkv_w = torch.empty(E, 3 * E, dtype=dtype, device=device)
             self.qkv_b = torch.empty(3 * E, dtype=dtype, device=device)
         if type(self.attn.c_proj) is Conv1D:
@@ -277,8 +281,7 @@ class _Own:
             ([self.mlp.c_fc, self.mlp.c_proj] if self.fc_w is not None else [])
         return [p for m in modules for p in m.parameters()]
 
-    @torch.no_grad()
-    def refresh(self) -> None:
+    def refresh(self) -> None:  # (under StaticDecoder.refresh's no_grad)
         if self.qkv_w is not None:
             self.qkv_w.copy_(self.attn.c_attn.weight[:, self.order]).mul_(self.column_scale)
             self.qkv_b.copy_(self.attn.c_attn.bias[self.order]).mul_(self.column_scale)
@@ -472,9 +475,8 @@ class _Gemma(_Llama):
         return set()
 
     def refresh_copies(self) -> None:
-        with torch.no_grad():
-            for norm, weight in self.one_plus.values():
-                weight.copy_(norm.weight.to(self.dtype)).add_(1.0)
+        for norm, weight in self.one_plus.values():
+            weight.copy_(norm.weight.to(self.dtype)).add_(1.0)
 
     def rms(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if id(norm) not in self.one_plus:  # (Gemma 4's)
